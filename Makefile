@@ -1,0 +1,98 @@
+# coreset-ext: make demo | make test | make bench | make gpu-check | make wheel
+#
+# `make test` and `make demo` set everything up on a fresh machine: a virtual environment in
+# .venv (unless VENV names another), torch==2.13.0 unless an importable torch is already there,
+# the test and training dependencies, and the compiled extension.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+DEPS := numpy scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+# The nvcc syntax check compiles csrc/cuda/*.cu against the headers of a CUDA build of torch: the
+# CPU build lacks c10/cuda's generated headers. Only the headers are unpacked from its wheel.
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HEADERS := .cache/cuda-torch-headers
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+NVCC_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+
+# make gpu-check runs with the machine's own python (no network there), writes results here.
+GPU_PY ?= python3
+RESULTS_DIR ?= benchmarks/results/latest
+
+.PHONY: help venv build test test-cpu test-triton nvcc-check demo bench gpu-check wheel clean
+
+help:
+	@echo "make demo       set up, then train, score, select and evaluate on the embedded digits data"
+	@echo "make test       set up, build, run the tests (Triton in the interpreter) and the nvcc check"
+	@echo "make bench      run the benchmarks on this machine, write benchmarks/results/<device>.{json,md}"
+	@echo "make gpu-check  on a CUDA machine: build with CUDA, run every test and the GPU benchmarks"
+	@echo "make wheel      build a wheel (CUDA when available) into dist/"
+
+$(PY):
+	python3 -m venv $(VENV)
+
+venv: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm" 2>/dev/null \
+	  || $(PIP) install -q $(TRITON_SPEC) $(DEPS)
+
+build: venv
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: build test-cpu test-triton nvcc-check
+	@echo "make test: all passed"
+
+test-cpu: build
+	$(PY) -m pytest -q -m "not cuda and not triton" tests
+
+# Triton kernels run on the CPU through Triton's interpreter.
+test-triton: build
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "triton and not cuda" tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no Triton tests collected"; else exit $$rc; fi
+
+nvcc-check: venv
+	@if [ -z "$(NVCC)" ]; then echo "nvcc-check: SKIPPED, nvcc not found"; exit 0; fi; \
+	if [ ! -f $(CUDA_HEADERS)/torch/include/c10/cuda/impl/cuda_cmake_macros.h ]; then \
+	  mkdir -p .cache/wheels $(CUDA_HEADERS); \
+	  $(PIP) download -q --no-deps --only-binary=:all: -d .cache/wheels $(CUDA_TORCH_SPEC); \
+	  unzip -q -o .cache/wheels/torch-*.whl 'torch/include/*' -d $(CUDA_HEADERS); \
+	fi; \
+	pyinc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	mkdir -p build/nvcc-check; \
+	for f in csrc/cuda/*.cu; do \
+	  echo "nvcc -c $$f"; \
+	  $(NVCC) -c $$f -o build/nvcc-check/$$(basename $$f .cu).o -std=c++20 --expt-relaxed-constexpr \
+	    $(NVCC_ARCH) -D_GLIBCXX_USE_CXX11_ABI=1 -Xcompiler -fPIC \
+	    -I$(CUDA_HEADERS)/torch/include -I$(CUDA_HEADERS)/torch/include/torch/csrc/api/include \
+	    -I$$pyinc -w || exit 1; \
+	done; echo "nvcc-check: every csrc/cuda/*.cu compiled"
+
+demo: build
+	$(PY) -m coreset_ext demo --out runs/demo
+
+bench: build
+	$(PY) benchmarks/run.py --out benchmarks/results
+
+gpu-check:
+	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
+	  $(GPU_PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	$(GPU_PY) -m coreset_ext info
+	mkdir -p $(RESULTS_DIR)
+	$(GPU_PY) -m pytest -q -m "not triton" tests --junitxml=$(RESULTS_DIR)/tests-gpu.xml
+	TRITON_INTERPRET=1 $(GPU_PY) -m pytest -q -m "triton and not cuda" tests
+	$(GPU_PY) benchmarks/run.py --out $(RESULTS_DIR) --gpu
+
+wheel: venv
+	$(PY) tools/build_wheel.py
+
+clean:
+	rm -rf build dist *.egg-info coreset_ext/_C*.so .pytest_cache

@@ -1,0 +1,19 @@
+"""coreset-ext: fused kernels and selectors for data-efficient contrastive learning.
+
+    import coreset_ext as cx
+    tracker = cx.ScoreTracker(len(dataset))      # per-example scores, accumulated in the loop
+    cx.ops.score_scatter_add_(buf, index, vals)  # the op behind it
+
+`python -m coreset_ext info` shows which backend serves each op on this machine.
+"""
+
+from coreset_ext import _backend
+
+__version__ = "0.1.0"
+
+_backend.load_extension()  # registers the compiled ops, or warns once how to build them
+
+from coreset_ext import ops, reference  # noqa: E402
+from coreset_ext.scores import ScoreTracker  # noqa: E402
+
+__all__ = ["ScoreTracker", "ops", "reference", "__version__"]

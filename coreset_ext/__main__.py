@@ -1,0 +1,3 @@
+from coreset_ext.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""The pure-PyTorch contract of every op: CPU fallback, test oracle and benchmark baseline.
+
+Each function states its formula. Every backend (Triton, CUDA, C++) must agree with these. They
+run in the dtype they are given (tests call them in float64) and never hold more than one
+`chunk_size`-row block of an N x N (or N x K) matrix; where gradients flow, each block is
+recomputed in the backward pass (activation checkpointing), so memory stays O(N * chunk_size).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Norms are clamped below by EPS before dividing. 1e-6 is representable in fp16 (whose smallest
+# subnormal is 6e-8), unlike F.normalize's default 1e-12, so all-zero rows give zeros, not NaN.
+EPS = 1e-6
+CHUNK_SIZE = 1024
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x_i / max(||x_i||_2, EPS), row-wise."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def pair_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c_i = <a_i, b_i> / (max(||a_i||, EPS) * max(||b_i||, EPS)) for rows a_i, b_i; shape [B]."""
+    return (normalize(a) * normalize(b)).sum(dim=-1)
+
+
+def _nt_xent_chunk(z: torch.Tensor, start: int, size: int, temperature: float) -> torch.Tensor:
+    """Per-row NT-Xent losses of rows z[start:start+size] against all 2B rows of z."""
+    n = z.shape[0]
+    half = n // 2
+    rows = z[start : start + size]
+    c = rows.shape[0]
+    logits = rows @ z.T / temperature  # [c, 2B]: the only block of the 2B x 2B matrix held
+    ar = torch.arange(c, device=z.device)
+    self_col = start + ar
+    logits = logits.index_put((ar, self_col), torch.tensor(float("-inf"), dtype=z.dtype, device=z.device))
+    pos_col = (self_col + half) % n
+    return torch.logsumexp(logits, dim=1) - logits[ar, pos_col]
+
+
+def nt_xent_rows(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, normalize_input: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row SimCLR NT-Xent losses [2B] and positive-pair cosines [B].
+
+    With z = [z1; z2] (2B rows, each normalised when `normalize_input`), s_ij = <z_i, z_j> and
+    p(i) = (i + B) mod 2B the row's other view:
+
+        loss_i = -s_{i,p(i)} / t + log sum_{j != i} exp(s_ij / t)
+        cos_i  = pair_cosine(z1, z2)_i   (always a cosine, whatever `normalize_input`)
+    """
+    z = torch.cat([z1, z2], dim=0)
+    if normalize_input:
+        z = normalize(z)
+    parts = []
+    for start in range(0, z.shape[0], chunk_size):
+        if torch.is_grad_enabled() and z.requires_grad:
+            parts.append(checkpoint(_nt_xent_chunk, z, start, chunk_size, temperature,
+                                    use_reentrant=False))
+        else:
+            parts.append(_nt_xent_chunk(z, start, chunk_size, temperature))
+    with torch.no_grad():
+        cos = pair_cosine(z1.detach(), z2.detach())
+    return torch.cat(parts), cos
+
+
+def reduce_loss(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    """'mean' and 'sum' over rows; 'none' returns the rows."""
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "none":
+        return rows
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, normalize_input: bool = True,
+    reduction: str = "mean", chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """SimCLR NT-Xent over the 2B rows [z1; z2], reduced over rows (see `nt_xent_rows`)."""
+    rows, _ = nt_xent_rows(z1, z2, temperature, normalize_input=normalize_input, chunk_size=chunk_size)
+    return reduce_loss(rows, reduction)
+
+
+def info_nce_queue_rows(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2, *,
+    normalize_input: bool = True, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row MoCo InfoNCE losses [B] and positive cosines [B].
+
+    q [B, d] receives gradients; k [B, d] and queue [K, d] (negatives, one per row) do not.
+    With all three normalised when `normalize_input`:
+
+        loss_i = -<q_i, k_i>/t + log( exp(<q_i, k_i>/t) + sum_j exp(<q_i, queue_j>/t) )
+        cos_i  = pair_cosine(q, k)_i
+    """
+    k = k.detach()
+    queue = queue.detach()
+    if normalize_input:
+        q, k, queue = normalize(q), normalize(k), normalize(queue)
+    pos = (q * k).sum(dim=1) / temperature
+
+    def block(qc: torch.Tensor, pc: torch.Tensor) -> torch.Tensor:
+        neg = qc @ queue.T / temperature  # [c, K]
+        return torch.logsumexp(torch.cat([pc[:, None], neg], dim=1), dim=1) - pc
+
+    parts = []
+    for s in range(0, q.shape[0], chunk_size):
+        qc, pc = q[s : s + chunk_size], pos[s : s + chunk_size]
+        if torch.is_grad_enabled() and q.requires_grad:
+            parts.append(checkpoint(block, qc, pc, use_reentrant=False))
+        else:
+            parts.append(block(qc, pc))
+    with torch.no_grad():
+        cos = pair_cosine(q.detach(), k)
+    return torch.cat(parts), cos
+
+
+def info_nce_queue(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2, *,
+    normalize_input: bool = True, reduction: str = "mean", chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """MoCo InfoNCE against a negative queue, reduced over rows (see `info_nce_queue_rows`)."""
+    rows, _ = info_nce_queue_rows(q, k, queue, temperature, normalize_input=normalize_input,
+                                  chunk_size=chunk_size)
+    return reduce_loss(rows, reduction)
+
+
+def score_scatter_add_(scores: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """scores[index[i]] += values[i] for every i, in place; duplicate indices are summed.
+
+    (`scores[index] += values` would keep only one of the duplicates: a bug this op exists to avoid.)
+    """
+    return scores.index_add_(0, index.long(), values.to(scores.dtype))
+
+
+def kmeans_assign(
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row of x: (labels [n] int64, distance [n]).
+
+    euclidean: label_i = argmin_c ||x_i - c||^2, distance_i = that squared distance (clamped >= 0);
+    cosine:    label_i = argmax_c <x_i/|x_i|, c/|c|>, distance_i = 1 - that cosine.
+    Ties go to the lowest centroid index.
+    """
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    labels, dist = [], []
+    if metric == "cosine":
+        cn = normalize(centroids)
+        for s in range(0, x.shape[0], chunk_size):
+            sim = normalize(x[s : s + chunk_size]) @ cn.T
+            best, idx = sim.max(dim=1)
+            labels.append(idx)
+            dist.append(1 - best)
+    else:
+        c2 = (centroids * centroids).sum(dim=1)
+        for s in range(0, x.shape[0], chunk_size):
+            xc = x[s : s + chunk_size]
+            d2 = (xc * xc).sum(dim=1, keepdim=True) - 2 * xc @ centroids.T + c2
+            best, idx = d2.min(dim=1)
+            labels.append(idx)
+            dist.append(best.clamp_min(0))
+    return torch.cat(labels), torch.cat(dist)
+
+
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cluster sums [k, d] (float32 or the input's wider dtype) and counts [k] int64:
+
+        sums_c = sum_{i: labels_i = c} x_i,   counts_c = |{i: labels_i = c}|
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(k, x.shape[1], dtype=acc, device=x.device).index_add_(0, labels, x.to(acc))
+    counts = torch.bincount(labels, minlength=k)
+    return sums, counts

@@ -1,0 +1,28 @@
+// The op schemas of coreset_ext, in one place. Kernels register their implementations from
+// csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu with TORCH_LIBRARY_IMPL; fake kernels and
+// autograd formulas are registered from Python (coreset_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "build_info.h"
+
+extern "C" {
+// _C is imported for its side effect of registering the ops below; it has no Python functions.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace coreset_ext {
+
+std::string build_info() { return kBuildInfo; }
+
+TORCH_LIBRARY(coreset_ext, m) {
+  m.def("build_info() -> str", &build_info);
+  // scores[index[i]] += values[i] for every i; duplicates are summed. Bounds are checked by the
+  // kernels themselves (CPU: error before any write; CUDA: out-of-range entries are skipped).
+  m.def("score_scatter_add_(Tensor(a!) scores, Tensor index, Tensor values, bool deterministic) -> ()");
+}
+
+}  // namespace coreset_ext
