@@ -23,6 +23,11 @@ TORCH_LIBRARY(coreset_ext, m) {
   // scores[index[i]] += values[i] for every i; duplicates are summed. Bounds are checked by the
   // kernels themselves (CPU: error before any write; CUDA: out-of-range entries are skipped).
   m.def("score_scatter_add_(Tensor(a!) scores, Tensor index, Tensor values, bool deterministic) -> ()");
+  // ---- kmeans (issue 4) ----
+  // Per-cluster sums [k, d] (float32; float64 for float64 x) and counts [k] int64 of the rows of
+  // x grouped by labels (int64). Deterministic, no float atomics. Bounds checked by the kernels
+  // (CPU: error before any write; CUDA: out-of-range labels are never read or written).
+  m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor, Tensor)");
 }
 
 }  // namespace coreset_ext

@@ -1,0 +1,371 @@
+"""KMeans: Lloyd's algorithm on the GPU or CPU, with scikit-learn's interface and torch tensors.
+
+One Lloyd iteration is `ops.kmeans_assign` (fused nearest-centroid search, never the n x k matrix)
+followed by `ops.kmeans_update` (deterministic per-cluster sums), so a fit is reproducible bit for
+bit from its seed. With `batch_size`, a CPU tensor is streamed through the device chunk by chunk:
+the same full Lloyd iterations, for data larger than device memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from coreset_ext import ops, reference
+
+__all__ = ["KMeans"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must have a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
+    return x
+
+
+class KMeans:
+    """k-means clustering (Lloyd) with scikit-learn's shape: `fit`, `predict`, `fit_predict`, `transform`.
+
+    Args:
+        n_clusters: number of clusters k (1 <= k <= n_samples).
+        metric: "euclidean" (squared distances, centroids are means) or "cosine" (spherical k-means:
+            points and centroids are normalised, assignment by largest cosine, distance 1 - cosine).
+        init: "k-means++" (greedy, 2 + int(ln k) candidates per round, as scikit-learn), "random"
+            (k distinct points), or initial centroids of shape [k, d] (tensor or array).
+        n_init: number of runs from different seeds; the run of lowest inertia is kept (1 when
+            `init` is an array).
+        max_iter, tol: Lloyd stops after `max_iter` iterations, when the labels stop changing, or
+            when the squared centroid shift summed over clusters is <= tol * (mean per-feature
+            variance of x), as in scikit-learn.
+        seed: same seed (and same data, device, dtype) -> bit-identical result. None draws one
+            from torch's global generator.
+        batch_size: if set, the data stays where it is (e.g. CPU) and is streamed to `device` in
+            chunks of this many rows each iteration: exact full Lloyd, not mini-batch.
+        device: where to compute; None means x's device.
+        verbose: show progress (iteration, inertia, centroid shift).
+        init_sample_size: k-means++ seeds from a random sample of this many points; "auto" uses
+            min(n, max(50_000, 100 * k)); None uses every point.
+
+    Attributes (torch tensors on the device x came from; CPU for numpy input):
+        cluster_centers_ [k, d] float32, labels_ [n] int64, inertia_ (float: sum of squared
+        distances, or of 1 - cosine), n_iter_ (int).
+
+    Empty clusters: when an iteration leaves a cluster empty, it is re-seeded with the point
+    farthest from its own centroid (scikit-learn's rule; the farthest points go to the empty
+    clusters in index order, and are removed from the clusters they came from).
+
+    Float64 input is clustered in float32; float16/bfloat16 are kept for the assignment (float32
+    accumulation) and the centroids are float32.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> x = torch.cat([torch.randn(50, 2) + 10, torch.randn(50, 2) - 10])
+        >>> km = cx.KMeans(n_clusters=2, seed=0).fit(x)
+        >>> sorted(torch.bincount(km.labels_).tolist())
+        [50, 50]
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        *,
+        metric: str = "euclidean",
+        init="k-means++",
+        n_init: int = 1,
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+        init_sample_size: int | str | None = "auto",
+    ) -> None:
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
+            raise ValueError(f"n_clusters must be an int >= 1, got {n_clusters!r}")
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+        if isinstance(init, str) and init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++', 'random' or an array [k, d], got {init!r}")
+        if not isinstance(n_init, (int, np.integer)) or n_init < 1:
+            raise ValueError(f"n_init must be an int >= 1, got {n_init!r}")
+        if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
+        if not (init_sample_size in (None, "auto") or
+                (isinstance(init_sample_size, (int, np.integer)) and init_sample_size >= 1)):
+            raise ValueError(f"init_sample_size must be 'auto', None or an int >= 1, got {init_sample_size!r}")
+        self.n_clusters = int(n_clusters)
+        self.metric = metric
+        self.init = init
+        self.n_init = int(n_init)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.seed = seed
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.device = None if device is None else torch.device(device)
+        self.verbose = bool(verbose)
+        self.init_sample_size = init_sample_size
+
+    # ---------------------------------------------------------------- data plumbing
+
+    def _prepare(self, x) -> torch.Tensor:
+        """x as a tensor of a clustering dtype, on the device it will be stored on during the fit."""
+        x = _as_tensor(x, "x")
+        if x.dtype == torch.float64:
+            x = x.float()
+        device = self._device_ if hasattr(self, "_device_") else (self.device or x.device)
+        if self.batch_size is None:
+            if x.device != device:
+                x = x.to(device)
+            if self.metric == "cosine":
+                x = _normalize_rows(x)  # once per fit, not per iteration
+        return x
+
+    def _chunks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start row, rows on the compute device, normalised for cosine) for every chunk of x."""
+        n = x.shape[0]
+        step = n if self.batch_size is None else self.batch_size
+        for s in range(0, max(n, 1), max(step, 1)):
+            xc = x[s : s + step]
+            if xc.device != self._device_:
+                xc = xc.to(self._device_, non_blocking=True)
+            if self.metric == "cosine" and self.batch_size is not None:
+                xc = _normalize_rows(xc)  # streamed chunks arrive raw (in-memory x was normalised once)
+            yield s, xc
+
+    def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool):
+        """One assignment pass over x (and the update sums when `update`).
+
+        Returns labels [n] and distances [n] on x's device, sums [k, d] and counts [k] on the
+        compute device (None without update), and the inertia as a float64 device scalar.
+        """
+        k = self.n_clusters
+        whole = self.batch_size is None
+        labels = dist = sums = counts = None
+        if not whole:
+            labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+            dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        inertia = torch.zeros((), dtype=torch.float64, device=self._device_)
+        for s, xc in self._chunks(x):
+            lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
+            inertia += dst.sum(dtype=torch.float64)
+            if update:
+                sc, cc = ops.kmeans_update(xc, lab, k)
+                # chunk sums are added in chunk order: deterministic
+                sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
+            if whole:
+                labels, dist = lab, dst
+            else:
+                labels[s : s + xc.shape[0]].copy_(lab)
+                dist[s : s + xc.shape[0]].copy_(dst)
+        return labels, dist, sums, counts, inertia
+
+    def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x[idx] as float32 rows on the compute device (normalised for cosine)."""
+        rows = x[idx.to(x.device)].to(self._device_, torch.float32)
+        return reference.normalize(rows) if self.metric == "cosine" else rows
+
+    # ---------------------------------------------------------------- initialisation
+
+    def _init_centers(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, k = x.shape[0], self.n_clusters
+        if self.init == "random":
+            return self._rows(x, torch.randperm(n, generator=gen)[:k])
+        size = n if self.init_sample_size is None else (
+            min(n, max(50_000, 100 * k)) if self.init_sample_size == "auto" else min(n, int(self.init_sample_size)))
+        idx = torch.arange(n) if size == n else torch.randperm(n, generator=gen)[:size].sort().values
+        return kmeans_plusplus(self._rows(x, idx), k, gen)
+
+    def _user_centers(self, d: int) -> torch.Tensor:
+        init = _as_tensor(self.init, "init")
+        if tuple(init.shape) != (self.n_clusters, d):
+            raise ValueError(f"init must have shape (n_clusters, n_features) = {(self.n_clusters, d)}, "
+                             f"got {tuple(init.shape)}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init contains NaN or Inf")
+        c = init.to(self._device_, torch.float32)
+        return reference.normalize(c) if self.metric == "cosine" else c
+
+    # ---------------------------------------------------------------- Lloyd
+
+    def _new_centers(self, x, centers, labels, dist, sums, counts):
+        """Centroids from the sums, after re-seeding empty clusters with the farthest points."""
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:
+            far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
+            pts = self._rows(x, far)
+            old = labels[far].to(self._device_)
+            sums, counts = sums.clone(), counts.clone()
+            for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
+                sums[old[j]] -= pts[j]
+                counts[old[j]] -= 1
+                sums[c] = pts[j]
+                counts[c] = 1
+        filled = (counts > 0)[:, None]
+        if self.metric == "cosine":
+            new = reference.normalize(sums.float())
+        else:
+            new = sums.float() / counts.clamp_min(1)[:, None].float()
+        # a cluster emptied by giving its only point away keeps its previous centroid
+        return torch.where(filled, new, centers)
+
+    def _lloyd(self, x, centers, tol, run):
+        bar = None
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_iter, desc=f"KMeans run {run}", leave=True)
+        labels_old = None
+        strict = False
+        it = 0
+        for it in range(self.max_iter):
+            labels, dist, sums, counts, inertia = self._pass(x, centers, update=True)
+            new = self._new_centers(x, centers, labels, dist, sums, counts)
+            shift = float(((new - centers) ** 2).sum())
+            centers = new
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(inertia=f"{float(inertia):.6g}", shift=f"{shift:.3g}")
+            if labels_old is not None and torch.equal(labels, labels_old):
+                strict = True  # labels unchanged: the centroids cannot move any more
+                break
+            if shift <= tol:
+                break
+            labels_old = labels
+        if not strict:
+            # assign against the final centroids so labels_ and inertia_ match cluster_centers_
+            labels, dist, _, _, inertia = self._pass(x, centers, update=False)
+        if bar is not None:
+            bar.close()
+        return centers, labels, float(inertia), it + 1
+
+    def _tol(self, x: torch.Tensor) -> float:
+        """tol * mean per-feature variance of x, checking on the way that x is finite."""
+        total = sq = None
+        for _, chunk in self._chunks(x):
+            for b in range(0, chunk.shape[0], 65536):  # bounded float64 temporaries
+                xf = chunk[b : b + 65536].double()
+                if not bool(torch.isfinite(xf).all()):
+                    raise ValueError("x contains NaN or Inf")
+                s, s2 = xf.sum(dim=0), (xf * xf).sum(dim=0)
+                total, sq = (s, s2) if total is None else (total + s, sq + s2)
+        n = x.shape[0]
+        mean = total / n
+        var = (sq / n - mean * mean).clamp_min(0)
+        return float(var.mean()) * self.tol
+
+    # ---------------------------------------------------------------- public API
+
+    def fit(self, x, y=None) -> "KMeans":
+        """Clusters x [n, d] (tensor or array). Returns self."""
+        x = _as_tensor(x, "x")
+        source_device = x.device
+        self._device_ = self.device or x.device
+        x = self._prepare(x)
+        n, d = x.shape
+        if self.n_clusters > n:
+            raise ValueError(f"n_clusters = {self.n_clusters} is larger than the number of samples n = {n}")
+        tol = self._tol(x)
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        gen = torch.Generator().manual_seed(int(seed))
+        user = not isinstance(self.init, str)
+        best = None
+        for run in range(1 if user else self.n_init):
+            centers = self._user_centers(d) if user else self._init_centers(x, gen)
+            result = self._lloyd(x, centers, tol, run)
+            if best is None or result[2] < best[2]:
+                best = result
+        centers, labels, inertia, n_iter = best
+        self.cluster_centers_ = centers.to(source_device)
+        self.labels_ = labels.to(source_device)
+        self.inertia_ = inertia
+        self.n_iter_ = n_iter
+        self._source_device_ = source_device
+        return self
+
+    def _check_fitted(self, x) -> torch.Tensor:
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this KMeans is not fitted yet: call fit first")
+        x = _as_tensor(x, "x")
+        if x.shape[1] != self.cluster_centers_.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} features but the model was fitted on {self.cluster_centers_.shape[1]}")
+        return x
+
+    def predict(self, x) -> torch.Tensor:
+        """Index of the nearest centroid of every row of x: int64 [n], on x's device."""
+        x = self._check_fitted(x)
+        source = x.device
+        x = self._prepare(x)
+        labels, _, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
+        return labels.to(source)
+
+    def fit_predict(self, x, y=None) -> torch.Tensor:
+        """fit(x), then labels_."""
+        return self.fit(x).labels_
+
+    def transform(self, x) -> torch.Tensor:
+        """Distance of every row of x to every centroid: float32 [n, k] on x's device.
+
+        euclidean: euclidean distances (not squared, like scikit-learn); cosine: 1 - cosine.
+        """
+        x = self._check_fitted(x)
+        source = x.device
+        x = self._prepare(x)
+        c = self.cluster_centers_.to(self._device_, torch.float32)
+        out = torch.empty(x.shape[0], self.n_clusters, dtype=torch.float32, device=source)
+        rows = self.batch_size or 65536
+        for s in range(0, x.shape[0], rows):
+            xc = x[s : s + rows].to(self._device_, torch.float32)
+            if self.metric == "cosine":
+                block = 1 - reference.normalize(xc) @ reference.normalize(c).T
+            else:
+                block = torch.cdist(xc, c)
+            out[s : s + xc.shape[0]] = block.to(source)
+        return out
+
+
+def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows divided by max(norm, EPS), norms taken in float32, result in x's dtype (no float32 copy)."""
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(reference.EPS)
+    return x / norm[:, None].to(x.dtype)
+
+
+def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding on x's device: k rows of x [m, d] (float32) as initial centroids.
+
+    As scikit-learn: the first centre is uniform; each next one is the best (lowest resulting
+    potential) of 2 + int(ln k) candidates drawn with probability proportional to the squared
+    distance to the nearest centre so far. Random numbers come from the CPU generator `gen`, so a
+    seed gives the same draws on every device.
+    """
+    m, d = x.shape
+    dev = x.device
+    trials = 2 + int(math.log(k))
+    x_sq = (x * x).sum(dim=1)
+    centers = torch.empty(k, d, dtype=x.dtype, device=dev)
+    first = torch.randint(m, (1,), generator=gen).to(dev)
+    centers[0] = x[first[0]]
+    closest = (x_sq - 2 * x @ centers[0] + x_sq[first[0]]).clamp_min(0)
+    for c in range(1, k):
+        r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev)
+        cum = torch.cumsum(closest, dim=0, dtype=torch.float64)
+        cand = torch.searchsorted(cum, r * cum[-1]).clamp_max(m - 1)
+        dc = (x_sq[None, :] - 2 * x[cand] @ x.T + x_sq[cand][:, None]).clamp_min(0)  # [trials, m]
+        dc = torch.minimum(dc, closest[None, :])
+        best = torch.argmin(dc.sum(dim=1, dtype=torch.float64))
+        centers[c] = x[cand[best]]
+        closest = dc[best]
+    return centers

@@ -1,0 +1,84 @@
+// k-means update on the CPU: per-cluster sums of the rows of x and counts.
+//
+// Deterministic whatever the thread count: a counting sort groups the row indices by label (in
+// ascending row order), then the clusters are summed in parallel, each by one thread walking its
+// rows in that order, accumulating in double and rounding once. Labels are checked before any
+// write, so an out-of-range label raises and nothing is written out of bounds.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+namespace coreset_ext {
+
+template <typename scalar_t, typename out_t>
+static void kmeans_update_kernel(const scalar_t* x, int64_t n, int64_t d, const int64_t* order,
+                                 const int64_t* offsets, int64_t k, out_t* sums) {
+  // Small problems run on one thread: a parallel region costs more than it saves (and much more
+  // on an oversubscribed machine). parallel_for runs inline when k <= grain.
+  const int64_t grain = n * d < (int64_t(1) << 18) ? k : 1;
+  at::parallel_for(0, k, grain, [&](int64_t c0, int64_t c1) {
+    std::vector<double> acc(d);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t p = offsets[c]; p < offsets[c + 1]; ++p) {
+        const scalar_t* row = x + order[p] * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
+      }
+      out_t* out = sums + c * d;
+      for (int64_t j = 0; j < d; ++j) out[j] = static_cast<out_t>(acc[j]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& labels,
+                                                     int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && labels.device().is_cpu(),
+              "kmeans_update: x and labels must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, "kmeans_update: x must be 2-D, got ", x.sizes());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x.size(0),
+              "kmeans_update: labels must be 1-D with one entry per row of x, got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "kmeans_update: labels must be int64");
+  TORCH_CHECK(k >= 1, "kmeans_update: k must be >= 1, got ", k);
+  const int64_t n = x.size(0);
+  const int64_t d = x.size(1);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor lab = labels.contiguous();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+
+  // Counting sort: offsets[c] .. offsets[c+1] index the rows of cluster c, in row order.
+  at::Tensor counts = at::zeros({k}, labels.options());
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = lp[i];
+    TORCH_CHECK_INDEX(c >= 0 && c < k, "kmeans_update: labels[", i, "] = ", c,
+                      " is out of range for k = ", k);
+    ++cnt[c];
+  }
+  std::vector<int64_t> offsets(k + 1, 0);
+  for (int64_t c = 0; c < k; ++c) offsets[c + 1] = offsets[c] + cnt[c];
+  std::vector<int64_t> order(n);
+  {
+    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
+    for (int64_t i = 0; i < n; ++i) order[next[lp[i]]++] = i;
+  }
+
+  const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor sums = at::empty({k, d}, x.options().dtype(out_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kmeans_update_cpu", [&] {
+    if (out_type == at::kDouble) {
+      kmeans_update_kernel<scalar_t, double>(xc.data_ptr<scalar_t>(), n, d, order.data(),
+                                             offsets.data(), k, sums.data_ptr<double>());
+    } else {
+      kmeans_update_kernel<scalar_t, float>(xc.data_ptr<scalar_t>(), n, d, order.data(),
+                                            offsets.data(), k, sums.data_ptr<float>());
+    }
+  });
+  return {sums, counts};
+}
+
+TORCH_LIBRARY_IMPL(coreset_ext, CPU, m) { m.impl("kmeans_update", &kmeans_update_cpu); }
+
+}  // namespace coreset_ext

@@ -1,0 +1,417 @@
+"""kmeans_assign, kmeans_update and KMeans against float64 brute force, the reference and scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import coreset_ext as cx
+from coreset_ext import ops, reference
+from coreset_ext.cluster import kmeans_plusplus
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _data(n, d, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(device, dtype)
+
+
+def _blobs(n, k, d, seed=0, spread=20.0, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * spread
+    truth = torch.randint(k, (n,), generator=g)
+    return centers[truth] + std * torch.randn(n, d, generator=g), truth
+
+
+def _check_assign(x, c, labels, dist, metric, tol):
+    """Labels are a nearest centroid in float64 (ties within `tol` aside); distances match."""
+    n, k = x.shape[0], c.shape[0]
+    assert labels.dtype == torch.int64 and dist.dtype == torch.float32
+    assert labels.shape == (n,) and dist.shape == (n,)
+    labels, dist = labels.cpu(), dist.cpu().double()
+    assert bool(((labels >= 0) & (labels < k)).all())
+    x64, c64 = x.cpu().double(), c.cpu().double()
+    if metric == "euclidean":
+        full = torch.cdist(x64, c64) ** 2
+        best = full.min(dim=1).values
+        chosen = full.gather(1, labels[:, None]).squeeze(1)
+        scale = (x64 * x64).sum(1) + (c64 * c64).sum(1).max()
+        assert bool((chosen - best <= tol * scale).all())
+        assert bool(((dist - chosen).abs() <= tol * scale).all())
+    else:
+        sim = reference.normalize(x64) @ reference.normalize(c64).T
+        best = sim.max(dim=1).values
+        chosen = sim.gather(1, labels[:, None]).squeeze(1)
+        assert bool((best - chosen <= tol).all())
+        assert bool(((dist - (1 - chosen)).abs() <= tol).all())
+
+
+# ------------------------------------------------------------------------- kmeans_assign
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(257, 37, 19), (1000, 5, 128), (3, 3, 1)])
+def test_assign_cpu_matches_float64(metric, n, k, d):
+    x, c = _data(n, d, 1), _data(k, d, 2)
+    labels, dist = ops.kmeans_assign(x, c, metric=metric)
+    _check_assign(x, c, labels, dist, metric, 1e-5)
+
+
+def _first_nearest(x, c, metric):
+    """Lowest index attaining the float64 optimum (exact for the small-integer data used here)."""
+    if metric == "euclidean":
+        score = torch.cdist(x.double(), c.double()) ** 2
+    else:
+        score = -(reference.normalize(x.double()) @ reference.normalize(c.double()).T)
+    best = score.min(dim=1, keepdim=True).values
+    idx = torch.arange(c.shape[0]).expand_as(score)
+    return torch.where((score - best).abs() <= 1e-9, idx, c.shape[0]).min(dim=1).values
+
+
+def _int_data(n, d, seed):
+    # small integers: every product and sum is exact in fp32, so ties are exact ties
+    return torch.randint(-2, 3, (n, d), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_assign_noncontiguous_and_ties():
+    x = _int_data(40, 64, 3).T  # [64, 40], strided
+    c = _int_data(6, 40, 4)
+    c[3] = c[1]  # exact duplicate: the lower index must win
+    labels, dist = ops.kmeans_assign(x, c)
+    _check_assign(x, c, labels, dist, "euclidean", 1e-6)
+    assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
+    assert not bool((labels == 3).any())
+
+
+def test_assign_validation():
+    x, c = _data(10, 4), _data(3, 4)
+    with pytest.raises(ValueError, match="metric"):
+        ops.kmeans_assign(x, c, metric="manhattan")
+    with pytest.raises(ValueError, match="x"):
+        ops.kmeans_assign(x[0], c)
+    with pytest.raises(ValueError, match="x"):
+        ops.kmeans_assign(x.long(), c)
+    with pytest.raises(ValueError, match="centroids"):
+        ops.kmeans_assign(x, c[:, :3])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(70, 37, 19), (33, 40, 200), (5, 1, 16)])
+def test_assign_triton_interpreter(metric, n, k, d):
+    if not _triton_cpu_ok():
+        pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
+    x, c = _data(n, d, 5), _data(k, d, 6)
+    labels, dist = ops.kmeans_assign(x, c, metric=metric, backend="triton")
+    _check_assign(x, c, labels, dist, metric, 1e-5)
+
+
+@pytest.mark.triton
+def test_assign_triton_interpreter_ties_and_strides():
+    if not _triton_cpu_ok():
+        pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
+    x = _int_data(48, 50, 7).T  # [50, 48] strided
+    c = _int_data(40, 48, 8)
+    c[35] = c[2]  # duplicate in another centroid tile: the lower index wins across tiles
+    c[20] = c[4]  # and within a tile
+    labels, dist = ops.kmeans_assign(x, c, backend="triton")
+    _check_assign(x, c, labels, dist, "euclidean", 1e-6)
+    assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
+    assert not bool(((labels == 35) | (labels == 20)).any())
+
+
+def _triton_cpu_ok() -> bool:
+    from coreset_ext import _backend
+
+    return _backend.why_unavailable("triton", "cpu") is None
+
+
+# ------------------------------------------------------------------------- kmeans_update
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_update_matches_reference(dtype):
+    n, d, k = 500, 17, 11
+    x = _data(n, d, 9, dtype=dtype)
+    labels = torch.randint(k - 1, (n,), generator=torch.Generator().manual_seed(1))  # cluster k-1 empty
+    sums, counts = ops.kmeans_update(x, labels, k)
+    ref_sums, ref_counts = reference.kmeans_update(x.double(), labels, k)
+    assert sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert sums.shape == (k, d) and counts.dtype == torch.int64
+    assert torch.equal(counts, ref_counts)
+    assert counts[k - 1] == 0 and bool((sums[k - 1] == 0).all())
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_update_deterministic_and_noncontiguous():
+    x = _data(64, 300, 10).T  # [300, 64] strided
+    labels = torch.randint(7, (300,), generator=torch.Generator().manual_seed(2))
+    a, ca = ops.kmeans_update(x, labels, 7)
+    b, cb = ops.kmeans_update(x.contiguous(), labels.int(), 7)
+    assert torch.equal(a, b) and torch.equal(ca, cb)
+
+
+def test_update_bounds():
+    x = _data(20, 3)
+    labels = torch.zeros(20, dtype=torch.int64)
+    labels[5] = 4
+    with pytest.raises(ValueError, match="labels"):
+        ops.kmeans_update(x, labels, 4)
+    labels[5] = -1
+    with pytest.raises(ValueError, match="labels"):
+        ops.kmeans_update(x, labels, 4)
+    with pytest.raises(ValueError, match="k"):
+        ops.kmeans_update(x, labels.clamp_min(0), 0)
+    with pytest.raises(ValueError, match="labels"):
+        ops.kmeans_update(x, labels[:5], 4)
+    # the kernel itself refuses out-of-range labels (no out-of-bounds write) when called directly
+    with pytest.raises((IndexError, RuntimeError)):
+        torch.ops.coreset_ext.kmeans_update(x, labels, 4)
+
+
+# ------------------------------------------------------------------------- opcheck, compile
+
+def test_opcheck_cpu():
+    x, c = _data(50, 8, 11), _data(6, 8, 12)
+    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "euclidean", "reference"))
+    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "cosine", "reference"))
+    labels = torch.randint(6, (50,), generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(torch.ops.coreset_ext.kmeans_update.default, (x, labels, 6))
+
+
+def test_compile_cpu():
+    x, c = _data(300, 8, 13), _data(6, 8, 14)
+
+    def step(x, c):
+        labels, dist = ops.kmeans_assign(x, c)
+        sums, counts = ops.kmeans_update(x, labels, 6)
+        return labels, dist, sums / counts.clamp_min(1)[:, None]
+
+    got = torch.compile(step, fullgraph=True)(x, c)
+    want = step(x, c)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------------- KMeans
+
+def test_inertia_matches_sklearn_same_init():
+    sk = pytest.importorskip("sklearn.cluster")
+    x, _ = _blobs(2000, 10, 8, seed=1, spread=3.0, std=1.0)
+    c0 = x[torch.randperm(2000, generator=torch.Generator().manual_seed(4))[:10]].clone()
+    ours = cx.KMeans(10, init=c0, max_iter=50, tol=1e-4).fit(x)
+    ref = sk.KMeans(10, init=c0.numpy(), n_init=1, max_iter=50, tol=1e-4, algorithm="lloyd").fit(x.numpy())
+    assert abs(ours.inertia_ - ref.inertia_) <= 0.01 * ref.inertia_
+    # and the reported inertia is the inertia of the returned labels and centres
+    again = ((x.double() - ours.cluster_centers_.double()[ours.labels_]) ** 2).sum()
+    assert abs(float(again) - ours.inertia_) <= 1e-4 * ours.inertia_
+
+
+def test_same_seed_bit_identical():
+    x = _data(1500, 12, 15)
+    a = cx.KMeans(9, seed=3, n_init=2).fit(x)
+    b = cx.KMeans(9, seed=3, n_init=2).fit(x)
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_)
+    assert torch.equal(a.labels_, b.labels_)
+    assert a.inertia_ == b.inertia_ and a.n_iter_ == b.n_iter_
+    c = cx.KMeans(9, seed=4, n_init=2).fit(x)
+    assert not torch.equal(a.cluster_centers_, c.cluster_centers_)
+
+
+def test_blobs_recovered():
+    metrics = pytest.importorskip("sklearn.metrics")
+    x, truth = _blobs(3000, 8, 16, seed=2)
+    km = cx.KMeans(8, n_init=3, seed=0).fit(x)
+    assert metrics.adjusted_rand_score(truth.numpy(), km.labels_.numpy()) >= 0.99
+    assert km.labels_.dtype == torch.int64 and km.cluster_centers_.shape == (8, 16)
+    assert torch.equal(km.predict(x), km.labels_)
+    assert torch.equal(km.fit_predict(x), km.labels_)
+
+
+def test_random_init():
+    x, _ = _blobs(500, 5, 6, seed=8)
+    km = cx.KMeans(5, init="random", seed=1, max_iter=100).fit(x)
+    again = ((x.double() - km.cluster_centers_.double()[km.labels_]) ** 2).sum()
+    assert abs(float(again) - km.inertia_) <= 1e-4 * km.inertia_
+    assert 1 <= km.n_iter_ <= 100
+
+
+def test_cosine_spherical():
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(5)
+    dirs = reference.normalize(torch.randn(6, 32, generator=g))
+    truth = torch.randint(6, (1200,), generator=g)
+    scale = torch.rand(1200, 1, generator=g) * 10 + 0.1  # lengths must not matter
+    x = (dirs[truth] + 0.05 * torch.randn(1200, 32, generator=g)) * scale
+    km = cx.KMeans(6, metric="cosine", n_init=3, seed=1).fit(x)
+    assert metrics.adjusted_rand_score(truth.numpy(), km.labels_.numpy()) >= 0.99
+    torch.testing.assert_close(km.cluster_centers_.norm(dim=1), torch.ones(6))
+    dist = km.transform(x)
+    assert dist.shape == (1200, 6)
+    torch.testing.assert_close(dist.argmin(dim=1), km.labels_)
+    cos = reference.normalize(x.double()) @ km.cluster_centers_.double().T
+    torch.testing.assert_close(dist.double(), 1 - cos, rtol=0, atol=1e-5)
+    inertia = float((1 - cos.max(dim=1).values).sum())
+    assert abs(inertia - km.inertia_) <= 1e-4 * max(inertia, 1.0)
+
+
+def test_transform_and_numpy_input():
+    x, _ = _blobs(400, 4, 5, seed=3)
+    km = cx.KMeans(4, seed=0).fit(x.numpy())
+    assert isinstance(km.labels_, torch.Tensor) and isinstance(km.cluster_centers_, torch.Tensor)
+    dist = km.transform(x)
+    # float32 distances by the matmul expansion (as scikit-learn): absolute error ~1e-3 here
+    torch.testing.assert_close(dist.double(), torch.cdist(x.double(), km.cluster_centers_.double()),
+                               rtol=1e-4, atol=2e-3)
+    assert torch.equal(km.predict(x.numpy()), km.labels_)
+
+
+def test_empty_cluster_reseeded_from_farthest_point():
+    x, _ = _blobs(300, 3, 4, seed=4, spread=5.0)
+    init = x[:4].clone()
+    init[2] = 1e4  # no point comes near it: empty after the first assignment
+    km = cx.KMeans(4, init=init, max_iter=1).fit(x)
+    # the rule: it takes the point farthest from its assigned centroid
+    labels0, dist0 = reference.kmeans_assign(x.double(), init.double())
+    far = int(torch.argmax(dist0))
+    torch.testing.assert_close(km.cluster_centers_[2], x[far])
+    # and the full fit ends with every cluster in use
+    km = cx.KMeans(4, init=init, max_iter=100).fit(x)
+    assert bool((torch.bincount(km.labels_, minlength=4) > 0).all())
+
+
+def test_duplicate_points_more_clusters_than_distinct():
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
+    km = cx.KMeans(3, seed=0).fit(x)  # only 2 distinct points: must not crash or produce NaN
+    assert bool(torch.isfinite(km.cluster_centers_).all())
+    assert km.inertia_ == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_batch_size_equals_in_memory(metric):
+    x = _data(1000, 10, 17)
+    a = cx.KMeans(7, metric=metric, seed=5).fit(x)
+    b = cx.KMeans(7, metric=metric, seed=5, batch_size=97).fit(x)
+    assert torch.equal(a.labels_, b.labels_)
+    assert a.n_iter_ == b.n_iter_
+    torch.testing.assert_close(a.cluster_centers_, b.cluster_centers_, rtol=1e-5, atol=1e-6)
+    assert abs(a.inertia_ - b.inertia_) <= 1e-5 * a.inertia_
+    assert torch.equal(b.predict(x), a.labels_)
+
+
+def test_kmeans_plusplus_picks_rows():
+    x = _data(200, 6, 18)
+    c = kmeans_plusplus(x, 10, torch.Generator().manual_seed(0))
+    assert bool((c[:, None, :] == x[None, :, :]).all(dim=2).any(dim=1).all())
+    assert len({tuple(r.tolist()) for r in c}) == 10
+
+
+def test_verbose(capsys):
+    x = _data(200, 4, 19)
+    cx.KMeans(3, seed=0, verbose=True, max_iter=3).fit(x)
+    err = capsys.readouterr().err
+    assert "inertia" in err and "shift" in err
+
+
+def test_bad_inputs():
+    x = _data(20, 3)
+    with pytest.raises(ValueError, match="n_clusters"):
+        cx.KMeans(0)
+    with pytest.raises(ValueError, match="n_clusters"):
+        cx.KMeans(21).fit(x)
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2).fit(x[:, 0])
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2).fit(x.long())
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2).fit(np.arange(12).reshape(4, 3))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2).fit(bad)
+    bad[3, 1] = float("inf")
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2, batch_size=7).fit(bad)
+    with pytest.raises(ValueError, match="init"):
+        cx.KMeans(2, init=torch.zeros(3, 3)).fit(x)
+    with pytest.raises(ValueError, match="init"):
+        cx.KMeans(2, init="kmeans")
+    with pytest.raises(ValueError, match="metric"):
+        cx.KMeans(2, metric="l1")
+    with pytest.raises(ValueError, match="batch_size"):
+        cx.KMeans(2, batch_size=0)
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2).fit(x).predict(x[:, :2])
+
+
+# ------------------------------------------------------------------------- GPU
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n,k,d", [(5000, 1000, 128), (777, 37, 19), (300, 50, 200)])
+def test_assign_cuda(dtype, metric, n, k, d):
+    x, c = _data(n, d, 20, dtype, "cuda"), _data(k, d, 21, torch.float32, "cuda")
+    labels, dist = ops.kmeans_assign(x, c, metric=metric)
+    assert ops._backend.select_backend("kmeans_assign", x.device) == "triton"
+    # compare with the centroids as the kernel sees them (rounded to x's dtype)
+    cr = c.to(dtype) if metric == "euclidean" else reference.normalize(c).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    _check_assign(x.float(), cr.float(), labels, dist, metric, tol)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_update_cuda(dtype):
+    n, d, k = 100_000, 130, 97
+    x = _data(n, d, 22, dtype, "cuda")
+    g = torch.Generator().manual_seed(6)
+    labels = torch.cat([torch.zeros(60_000, dtype=torch.int64),  # one giant cluster
+                        torch.randint(k - 1, (n - 60_000,), generator=g)]).cuda()
+    sums, counts = ops.kmeans_update(x, labels, k)
+    ref_sums, ref_counts = reference.kmeans_update(x.double(), labels, k)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-4, atol=1e-3)
+    again = ops.kmeans_update(x, labels, k)
+    assert torch.equal(sums, again[0]) and torch.equal(counts, again[1])
+    with pytest.raises(ValueError, match="labels"):
+        ops.kmeans_update(x, labels + 1, k)
+
+
+@pytest.mark.cuda
+@cuda
+def test_opcheck_and_compile_cuda():
+    x, c = _data(300, 32, 23, device="cuda"), _data(20, 32, 24, device="cuda")
+    labels = torch.randint(20, (300,), device="cuda")
+    torch.library.opcheck(torch.ops.coreset_ext.kmeans_update.default, (x, labels, 20))
+    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "euclidean", "triton"))
+
+    def step(x, c):
+        labels, dist = ops.kmeans_assign(x, c)
+        return ops.kmeans_update(x, labels, 20)
+
+    got, want = torch.compile(step, fullgraph=True)(x, c), step(x, c)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_cuda_seed_stream_and_sklearn(metric):
+    x, truth = _blobs(20_000, 20, 32, seed=7)
+    a = cx.KMeans(20, metric=metric, seed=2, device="cuda").fit(x)
+    b = cx.KMeans(20, metric=metric, seed=2, device="cuda").fit(x.cuda())
+    assert a.labels_.device.type == "cpu" and b.labels_.device.type == "cuda"
+    assert torch.equal(a.labels_, b.labels_.cpu())
+    assert torch.equal(a.cluster_centers_, b.cluster_centers_.cpu())
+    s = cx.KMeans(20, metric=metric, seed=2, device="cuda", batch_size=3001).fit(x)
+    assert torch.equal(s.labels_, a.labels_)
+    torch.testing.assert_close(s.cluster_centers_, a.cluster_centers_, rtol=1e-5, atol=1e-5)
+    if metric == "euclidean":
+        sk = pytest.importorskip("sklearn.cluster")
+        c0 = x[:20].clone()
+        ours = cx.KMeans(20, init=c0, max_iter=30, device="cuda").fit(x)
+        ref = sk.KMeans(20, init=c0.numpy(), n_init=1, max_iter=30, algorithm="lloyd").fit(x.numpy())
+        assert abs(ours.inertia_ - ref.inertia_) <= 0.01 * ref.inertia_
