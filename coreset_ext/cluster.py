@@ -163,7 +163,8 @@ class KMeans:
             lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
             inertia += dst.sum(dtype=torch.float64)
             if update:
-                sc, cc = ops.kmeans_update(xc, lab, k)
+                # labels come from kmeans_assign, so in range: skip the wrapper's host-side check
+                sc, cc = torch.ops.coreset_ext.kmeans_update(xc, lab, k)
                 # chunk sums are added in chunk order: deterministic
                 sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
             if whole:
@@ -256,12 +257,13 @@ class KMeans:
         """tol * mean per-feature variance of x, checking on the way that x is finite."""
         total = sq = None
         for _, chunk in self._chunks(x):
-            for b in range(0, chunk.shape[0], 65536):  # bounded float64 temporaries
+            for b in range(0, chunk.shape[0], 65536):  # float64 temporaries stay bounded
                 xf = chunk[b : b + 65536].double()
-                if not bool(torch.isfinite(xf).all()):
-                    raise ValueError("x contains NaN or Inf")
                 s, s2 = xf.sum(dim=0), (xf * xf).sum(dim=0)
                 total, sq = (s, s2) if total is None else (total + s, sq + s2)
+        if not bool(torch.isfinite(total).all() & torch.isfinite(sq).all()):
+            # NaN/Inf in x make the sums non-finite (the converse needs |x| > 1e150: no false alarm)
+            raise ValueError("x contains NaN or Inf")
         n = x.shape[0]
         mean = total / n
         var = (sq / n - mean * mean).clamp_min(0)

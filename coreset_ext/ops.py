@@ -122,13 +122,13 @@ __all__ += ["kmeans_assign", "kmeans_update"]
 
 _KMEANS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KMEANS_METRICS = ("euclidean", "cosine")
-# Rows per block of the CPU assignment: block x k scores stay in cache (measured on 2 cores,
-# d = 128, k = 100: 2048 rows beat 256 and 16384).
-_KMEANS_CPU_ROWS = 2048
+# Rows per block of the PyTorch assignment path (no _C, or a GPU without Triton): bounds the
+# block x k score matrix.
+_KMEANS_CPU_ROWS = 4096
 
 
 def _kmeans_assign_torch(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked matmul + argmin in plain PyTorch: the CPU path (and the GPU path without Triton).
+    """Chunked matmul + argmin in plain PyTorch: the path without _C (or on a GPU without Triton).
 
     Same formulas as `reference.kmeans_assign`, but one fused addmm per block
     (||c||^2 - 2 x.c) and ||x||^2 added only to the winning score, so a block costs one pass over
@@ -167,6 +167,12 @@ def _kmeans_assign_op(
         from coreset_ext.triton_kernels import kmeans as tk
 
         return tk.kmeans_assign(x, centroids, metric == "cosine")
+    if backend == "cpp":
+        xw = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        c = centroids.to(xw.dtype)
+        if metric == "cosine":
+            c = reference.normalize(c)
+        return torch.ops.coreset_ext.kmeans_assign_cpu(xw, c, metric == "cosine")
     return _kmeans_assign_torch(x, centroids, metric)
 
 
@@ -176,8 +182,9 @@ def _(x, centroids, metric, backend):
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
-# CPU: the chunked PyTorch path above (reported as "reference": it is plain PyTorch).
-_backend.register_op("kmeans_assign", gpu=("triton",), cpu=())
+# CPU: C++ blocks of rows in parallel, one single-threaded GEMM each (kmeans_assign_cpu.cpp);
+# without _C, the chunked PyTorch path above (reported as "reference": it is plain PyTorch).
+_backend.register_op("kmeans_assign", gpu=("triton",), cpu=("cpp",))
 
 
 def kmeans_assign(
@@ -188,9 +195,10 @@ def kmeans_assign(
     euclidean: distance = squared euclidean distance to the nearest centroid; cosine: the centroid
     of largest cosine similarity, distance = 1 - that cosine. Ties go to the lowest index. Never
     materialises the n x k matrix beyond one block. `x` [n, d] float32/float16/bfloat16 (float64 on
-    the PyTorch path), `centroids` [k, d] any float dtype on the same device. On the GPU a Triton
-    kernel serves (fp32 accumulation; fp32 inputs use exact fp32 products unless
-    `torch.backends.cuda.matmul.allow_tf32`); on the CPU a chunked matmul + argmin.
+    the CPU), `centroids` [k, d] any float dtype on the same device. On the GPU a Triton kernel
+    serves (fp32 accumulation; fp32 inputs use exact fp32 products unless
+    `torch.backends.cuda.matmul.allow_tf32`); on the CPU a C++ kernel (blocks of rows in
+    parallel, one GEMM + argmin each; fp16/bf16 computed in float32).
 
     Example:
         >>> import torch, coreset_ext as cx

@@ -28,6 +28,9 @@ TORCH_LIBRARY(coreset_ext, m) {
   // x grouped by labels (int64). Deterministic, no float atomics. Bounds checked by the kernels
   // (CPU: error before any write; CUDA: out-of-range labels are never read or written).
   m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor, Tensor)");
+  // CPU backend of the Python custom op coreset_ext::kmeans_assign (ops.py): x float32/float64,
+  // centroids prepared by the caller (normalised for cosine). -> (labels int64, distance float32).
+  m.def("kmeans_assign_cpu(Tensor x, Tensor centroids, bool cosine) -> (Tensor, Tensor)");
 }
 
 }  // namespace coreset_ext

@@ -50,12 +50,20 @@ def _check_assign(x, c, labels, dist, metric, tol):
 
 # ------------------------------------------------------------------------- kmeans_assign
 
+@pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("n,k,d", [(257, 37, 19), (1000, 5, 128), (3, 3, 1)])
-def test_assign_cpu_matches_float64(metric, n, k, d):
+def test_assign_cpu_matches_float64(metric, n, k, d, backend):
     x, c = _data(n, d, 1), _data(k, d, 2)
-    labels, dist = ops.kmeans_assign(x, c, metric=metric)
+    labels, dist = ops.kmeans_assign(x, c, metric=metric, backend=backend)
     _check_assign(x, c, labels, dist, metric, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_assign_cpu_dtypes(dtype):
+    x, c = _data(300, 24, 1, dtype), _data(13, 24, 2)
+    labels, dist = ops.kmeans_assign(x, c)
+    _check_assign(x.float(), c, labels, dist, "euclidean", 1e-5)
 
 
 def _first_nearest(x, c, metric):
@@ -78,10 +86,11 @@ def test_assign_noncontiguous_and_ties():
     x = _int_data(40, 64, 3).T  # [64, 40], strided
     c = _int_data(6, 40, 4)
     c[3] = c[1]  # exact duplicate: the lower index must win
-    labels, dist = ops.kmeans_assign(x, c)
-    _check_assign(x, c, labels, dist, "euclidean", 1e-6)
-    assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
-    assert not bool((labels == 3).any())
+    for backend in (None, "reference"):
+        labels, dist = ops.kmeans_assign(x, c, backend=backend)
+        _check_assign(x, c, labels, dist, "euclidean", 1e-6)
+        assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
+        assert not bool((labels == 3).any())
 
 
 def test_assign_validation():
@@ -173,8 +182,9 @@ def test_update_bounds():
 
 def test_opcheck_cpu():
     x, c = _data(50, 8, 11), _data(6, 8, 12)
-    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "euclidean", "reference"))
-    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "cosine", "reference"))
+    for backend in (ops._backend.select_backend("kmeans_assign", x.device), "reference"):
+        for metric in ("euclidean", "cosine"):
+            torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, metric, backend))
     labels = torch.randint(6, (50,), generator=torch.Generator().manual_seed(3))
     torch.library.opcheck(torch.ops.coreset_ext.kmeans_update.default, (x, labels, 6))
 

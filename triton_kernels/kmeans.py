@@ -37,6 +37,8 @@ def _kmeans_assign_kernel(
     mask_n = offs_n < n
     offs_d0 = tl.arange(0, BLOCK_D)
 
+    # defined before the loops so it is loop-carried (Triton scoping), overwritten below
+    x_sq = tl.zeros([BLOCK_N], tl.float32)
     if ONE_D_TILE:
         # d fits in one tile: load the points once and reuse them for every centroid tile.
         mask_d0 = offs_d0 < D
@@ -56,7 +58,7 @@ def _kmeans_assign_kernel(
                              mask=mask_k[None, :] & mask_d0[:, None], other=0.0)
             acc = tl.dot(x_tile, c_tile, acc, input_precision=PRECISION)
         else:
-            x_sq = tl.zeros([BLOCK_N], tl.float32)  # recomputed per centroid tile: 1/BLOCK_K extra
+            x_sq_acc = tl.zeros([BLOCK_N], tl.float32)  # recomputed per centroid tile: 1/BLOCK_K extra
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + offs_d0
                 mask_d = offs_d < D
@@ -65,8 +67,9 @@ def _kmeans_assign_kernel(
                 ct = tl.load(c_ptr + offs_k[None, :] * stride_cn + offs_d[:, None] * stride_cd,
                              mask=mask_k[None, :] & mask_d[:, None], other=0.0)
                 xtf = xt.to(tl.float32)
-                x_sq += tl.sum(xtf * xtf, axis=1)
+                x_sq_acc += tl.sum(xtf * xtf, axis=1)
                 acc = tl.dot(xt, ct, acc, input_precision=PRECISION)
+            x_sq = x_sq_acc
         if COSINE:
             score = -acc
         else:

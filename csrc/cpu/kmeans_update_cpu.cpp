@@ -1,34 +1,49 @@
 // k-means update on the CPU: per-cluster sums of the rows of x and counts.
 //
-// Deterministic whatever the thread count: a counting sort groups the row indices by label (in
-// ascending row order), then the clusters are summed in parallel, each by one thread walking its
-// rows in that order, accumulating in double and rounding once. Labels are checked before any
-// write, so an out-of-range label raises and nothing is written out of bounds.
+// Deterministic whatever the thread count: the rows are cut into a fixed number of contiguous
+// ranges (a function of n only, never of the threads); each range is summed in row order into
+// its own double-precision [k, d] buffer, in parallel, and the buffers are then added in range
+// order. x is read once, sequentially. Labels are checked before any write, so an out-of-range
+// label raises and nothing is written out of bounds.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace coreset_ext {
 
+constexpr int64_t kMaxRanges = 16;       // partial buffers: kMaxRanges * k * d doubles at most
+constexpr int64_t kMinRowsPerRange = 4096;
+
 template <typename scalar_t, typename out_t>
-static void kmeans_update_kernel(const scalar_t* x, int64_t n, int64_t d, const int64_t* order,
-                                 const int64_t* offsets, int64_t k, out_t* sums) {
-  // Small problems run on one thread: a parallel region costs more than it saves (and much more
-  // on an oversubscribed machine). parallel_for runs inline when k <= grain.
-  const int64_t grain = n * d < (int64_t(1) << 18) ? k : 1;
-  at::parallel_for(0, k, grain, [&](int64_t c0, int64_t c1) {
-    std::vector<double> acc(d);
-    for (int64_t c = c0; c < c1; ++c) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t p = offsets[c]; p < offsets[c + 1]; ++p) {
-        const scalar_t* row = x + order[p] * d;
+static void kmeans_update_kernel(const scalar_t* x, int64_t n, int64_t d, const int64_t* labels,
+                                 int64_t k, out_t* sums) {
+  const int64_t ranges = std::max<int64_t>(1, std::min(kMaxRanges, n / kMinRowsPerRange));
+  const int64_t per = (n + ranges - 1) / ranges;
+  std::vector<double> partial(static_cast<size_t>(ranges * k * d), 0.0);
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      double* buf = partial.data() + r * k * d;
+      const int64_t end = std::min(n, (r + 1) * per);
+      for (int64_t i = r * per; i < end; ++i) {
+        double* acc = buf + labels[i] * d;
+        const scalar_t* row = x + i * d;
         for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
       }
-      out_t* out = sums + c * d;
-      for (int64_t j = 0; j < d; ++j) out[j] = static_cast<out_t>(acc[j]);
+    }
+  });
+  // merge in range order; small problems on one thread (a parallel region costs more)
+  const int64_t grain = k * d < (int64_t(1) << 16) ? k : 1;
+  at::parallel_for(0, k, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t j = 0; j < d; ++j) {
+        double s = 0.0;
+        for (int64_t r = 0; r < ranges; ++r) s += partial[(r * k + c) * d + j];
+        sums[c * d + j] = static_cast<out_t>(s);
+      }
     }
   });
 }
@@ -48,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const 
   const at::Tensor lab = labels.contiguous();
   const int64_t* lp = lab.data_ptr<int64_t>();
 
-  // Counting sort: offsets[c] .. offsets[c+1] index the rows of cluster c, in row order.
+  // counts, checking every label before anything is written
   at::Tensor counts = at::zeros({k}, labels.options());
   int64_t* cnt = counts.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
@@ -57,23 +72,16 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const 
                       " is out of range for k = ", k);
     ++cnt[c];
   }
-  std::vector<int64_t> offsets(k + 1, 0);
-  for (int64_t c = 0; c < k; ++c) offsets[c + 1] = offsets[c] + cnt[c];
-  std::vector<int64_t> order(n);
-  {
-    std::vector<int64_t> next(offsets.begin(), offsets.end() - 1);
-    for (int64_t i = 0; i < n; ++i) order[next[lp[i]]++] = i;
-  }
 
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sums = at::empty({k, d}, x.options().dtype(out_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kmeans_update_cpu", [&] {
     if (out_type == at::kDouble) {
-      kmeans_update_kernel<scalar_t, double>(xc.data_ptr<scalar_t>(), n, d, order.data(),
-                                             offsets.data(), k, sums.data_ptr<double>());
+      kmeans_update_kernel<scalar_t, double>(xc.data_ptr<scalar_t>(), n, d, lp, k,
+                                             sums.data_ptr<double>());
     } else {
-      kmeans_update_kernel<scalar_t, float>(xc.data_ptr<scalar_t>(), n, d, order.data(),
-                                            offsets.data(), k, sums.data_ptr<float>());
+      kmeans_update_kernel<scalar_t, float>(xc.data_ptr<scalar_t>(), n, d, lp, k,
+                                            sums.data_ptr<float>());
     }
   });
   return {sums, counts};

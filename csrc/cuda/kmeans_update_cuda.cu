@@ -41,6 +41,7 @@ __global__ void kmeans_partial_kernel(const scalar_t* __restrict__ x, int64_t d,
   const int64_t start = offsets[c] + (chunk - chunk_offsets[c]) * kChunk;
   const int64_t stop = min(start + kChunk, offsets[c + 1]);
   acc_t sum = 0;
+#pragma unroll 4
   for (int64_t p = start; p < stop; ++p) {
     sum += static_cast<acc_t>(x[order[p] * d + f]);
   }
@@ -75,15 +76,21 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x, const
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sums = at::empty({k, d}, x.options().dtype(out_type));
 
-  auto sorted = at::sort(labels, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  // Narrow keys make the radix sort cheaper (int16: 2 byte passes instead of 8). Out-of-range
+  // labels become -1 first so that narrowing cannot wrap them into [0, k).
+  const auto key_type = k < 32767 ? at::kShort : (k < (int64_t(1) << 31) - 1 ? at::kInt : at::kLong);
+  const at::Tensor valid = labels.ge(0).logical_and(labels.lt(k));
+  const at::Tensor keys = at::where(valid, labels, at::full({}, -1, labels.options())).to(key_type);
+  auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor sorted_labels = std::get<0>(sorted).contiguous();
   const at::Tensor order = std::get<1>(sorted).contiguous();
-  const at::Tensor bounds = at::arange(k + 1, labels.options());
+  const at::Tensor bounds = at::arange(k + 1, keys.options());
   // offsets[c] = #labels < c: cluster c occupies sorted positions offsets[c] .. offsets[c+1].
-  const at::Tensor offsets = at::searchsorted(sorted_labels, bounds).contiguous();
+  const at::Tensor offsets = at::searchsorted(sorted_labels, bounds).to(at::kLong).contiguous();
   const at::Tensor counts = offsets.slice(0, 1) - offsets.slice(0, 0, k);
   const at::Tensor chunks = at::floor_divide(counts + (kChunk - 1), kChunk);
-  const at::Tensor chunk_offsets = at::cat({at::zeros({1}, labels.options()), at::cumsum(chunks, 0)}).contiguous();
+  const at::Tensor chunk_offsets =
+      at::cat({at::zeros({1}, offsets.options()), at::cumsum(chunks, 0)}).contiguous();
   // at most n / kChunk + k chunks (each cluster's last chunk may be partial)
   const int64_t max_chunks = n / kChunk + k;
   if (n == 0 || d == 0) {
