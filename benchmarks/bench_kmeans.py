@@ -143,7 +143,7 @@ def test_kmeans_seeding_cpu(benchmark):
     x, _ = _problem(n, d, k, "cpu", torch.float32)
     measure(benchmark, lambda: kmeans_plusplus(x, k, torch.Generator().manual_seed(0)),
             op="kmeans_seed", impl="coreset_ext", size=dict(n=n, d=d, k=k), device="cpu",
-            dtype=torch.float32, rounds=3, warmup=1)
+            dtype=torch.float32, rounds=2, warmup=0)
 
 
 def test_kmeans_seeding_cpu_sklearn(benchmark):
@@ -153,7 +153,7 @@ def test_kmeans_seeding_cpu_sklearn(benchmark):
     xn = x.numpy()
     measure(benchmark, lambda: skc.kmeans_plusplus(xn, k, random_state=0),
             op="kmeans_seed", impl="scikit-learn", size=dict(n=n, d=d, k=k), device="cpu",
-            dtype=torch.float32, rounds=3, warmup=1)
+            dtype=torch.float32, rounds=2, warmup=0)
 
 
 # ------------------------------------------------------------------------------ GPU
@@ -238,8 +238,6 @@ def test_kmeans_step_gpu(benchmark, n):
 
     measure(benchmark, step, op="kmeans_step", impl="coreset_ext", size=dict(n=n, d=d, k=k),
             device="cuda", dtype=dtype, floor_s=floor_seconds(flops=2 * n * k * d, dtype=dtype))
-    labels, _ = ops.kmeans_assign(x, c0)
-    benchmark.extra_info["assign_only_note"] = "see kmeans_assign row"
 
 
 @pytest.mark.cuda

@@ -187,6 +187,12 @@ def _(x, centroids, metric, backend):
 _backend.register_op("kmeans_assign", gpu=("triton",), cpu=("cpp",))
 
 
+@torch.compiler.assume_constant_result
+def _kmeans_assign_backend(device_type: str, requested: str | None) -> str:
+    # a constant for torch.compile: the registry's cached probes are not traced
+    return _backend.select_backend("kmeans_assign", torch.device(device_type), requested)
+
+
 def kmeans_assign(
     x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +224,7 @@ def kmeans_assign(
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one centroid")
     _check_same_device(x=x, centroids=centroids)
-    chosen = _backend.select_backend("kmeans_assign", x.device, backend)
+    chosen = _kmeans_assign_backend(x.device.type, backend)
     if chosen == "triton" and x.dtype == torch.float64:
         if backend is not None:
             raise ValueError("x is float64, which the Triton kernel does not take (use float32)")
