@@ -30,7 +30,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name} must have a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
-    return x
+    return x.detach()  # clustering is not differentiated through
 
 
 class KMeans:

@@ -268,6 +268,7 @@ def test_cosine_spherical():
 def test_transform_and_numpy_input():
     x, _ = _blobs(400, 4, 5, seed=3)
     km = cx.KMeans(4, seed=0).fit(x.numpy())
+    assert torch.equal(cx.KMeans(4, seed=0).fit(x.clone().requires_grad_()).labels_, km.labels_)
     assert isinstance(km.labels_, torch.Tensor) and isinstance(km.cluster_centers_, torch.Tensor)
     dist = km.transform(x)
     # float32 distances by the matmul expansion (as scikit-learn): absolute error ~1e-3 here
