@@ -259,10 +259,12 @@ class KMeans:
         variance non-finite, so that is the finiteness check too.
         """
         if self.tol == 0:
-            # as scikit-learn: no variance needed; a NaN/Inf makes the float64 total non-finite
-            total = sum(float(chunk.sum(dtype=torch.float64)) for _, chunk in self._chunks(x))
-            if not math.isfinite(total):
-                raise ValueError("x contains NaN or Inf")
+            # as scikit-learn: no variance needed, only the finiteness check. A NaN/Inf makes the
+            # (fast, float32) sum non-finite; a non-finite sum of finite values (overflow) is
+            # told apart by the exact check.
+            for _, chunk in self._chunks(x):
+                if not math.isfinite(float(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+                    raise ValueError("x contains NaN or Inf")
             return 0.0
         count, mean, m2 = 0, None, None
         for _, chunk in self._chunks(x):

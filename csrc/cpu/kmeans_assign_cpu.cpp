@@ -36,7 +36,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const at::Tensor xc = x.contiguous();
   const at::Tensor c = centroids.to(x.scalar_type()).contiguous();
   const at::Tensor ct = c.t().contiguous();
-  const at::Tensor c_sq = cosine ? at::zeros({k}, c.options()) : (c * c).sum(1);
+  // ||c||^2 is added in the argmin loop (no bias pass over the scores); zero for cosine
+  const at::Tensor c_sq = cosine ? at::zeros({k}, c.options()) : (c * c).sum(1).contiguous();
   const double alpha = cosine ? -1.0 : -2.0;
   at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor dist = at::empty({n}, x.options().dtype(at::kFloat));
@@ -45,21 +46,28 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "kmeans_assign_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* csp = c_sq.data_ptr<scalar_t>();
+    const scalar_t a = static_cast<scalar_t>(alpha);
     // at least ~4 Mflop per task: below that a parallel region costs more than it saves
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kRowsPerBlock * k * d));
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      // one score buffer per task, reused by its blocks (a fresh 512 x k tensor per block costs
+      // page faults)
+      at::Tensor dots = at::empty({kRowsPerBlock, k}, xc.options());
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t s = b * kRowsPerBlock;
         const int64_t e = std::min(n, s + kRowsPerBlock);
-        const at::Tensor scores = at::addmm(c_sq, xc.slice(0, s, e), ct, 1.0, alpha).contiguous();
-        const scalar_t* sp = scores.data_ptr<scalar_t>();
+        at::Tensor out = dots.narrow(0, 0, e - s);
+        at::mm_out(out, xc.slice(0, s, e), ct);
+        const scalar_t* sp = out.data_ptr<scalar_t>();
         for (int64_t i = s; i < e; ++i) {
           const scalar_t* row = sp + (i - s) * k;
           scalar_t best = std::numeric_limits<scalar_t>::infinity();
           int64_t arg = 0;
           for (int64_t j = 0; j < k; ++j) {
-            if (row[j] < best) {  // strict: the first minimum stays
-              best = row[j];
+            const scalar_t v = csp[j] + a * row[j];
+            if (v < best) {  // strict: the first minimum stays
+              best = v;
               arg = j;
             }
           }
@@ -73,14 +81,14 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
           for (; j < d; ++j) part[0] += xi[j] * xi[j];
           const scalar_t x_sq = ((part[0] + part[1]) + (part[2] + part[3])) +
                                 ((part[4] + part[5]) + (part[6] + part[7]));
-          double out;
+          double out_d;
           if (cosine) {
-            out = 1.0 + static_cast<double>(best) / std::max(std::sqrt(static_cast<double>(x_sq)), kEps);
+            out_d = 1.0 + static_cast<double>(best) / std::max(std::sqrt(static_cast<double>(x_sq)), kEps);
           } else {
-            out = std::max(static_cast<double>(best) + static_cast<double>(x_sq), 0.0);
+            out_d = std::max(static_cast<double>(best) + static_cast<double>(x_sq), 0.0);
           }
           lab[i] = arg;
-          dst[i] = static_cast<float>(out);
+          dst[i] = static_cast<float>(out_d);
         }
       }
     });
