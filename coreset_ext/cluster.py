@@ -159,10 +159,15 @@ class KMeans:
             labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
             dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         for s, xc in self._chunks(x):
-            lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
+            fused = ops._kmeans_lloyd_step_cpu(xc, centers, self.metric) if update else None
+            if fused is not None:  # CPU: assignment and sums in one pass over the rows
+                lab, dst, sc, cc = fused
+            else:
+                lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
             if update:
-                # labels come from kmeans_assign, so in range: skip the wrapper's host-side check
-                sc, cc = torch.ops.coreset_ext.kmeans_update(xc, lab, k)
+                if fused is None:
+                    # labels come from kmeans_assign, so in range: skip the wrapper's host check
+                    sc, cc = torch.ops.coreset_ext.kmeans_update(xc, lab, k)
                 # chunk sums are added in chunk order: deterministic
                 sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
             if whole:

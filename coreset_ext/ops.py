@@ -232,6 +232,18 @@ def kmeans_assign(
     return _kmeans_assign_op(x, centroids, metric, chosen)
 
 
+def _kmeans_lloyd_step_cpu(x: torch.Tensor, centroids: torch.Tensor, metric: str):
+    """One fused assignment + update pass on the CPU (C++), or None where it does not apply
+    (no _C, not a float32/float64 CPU tensor): callers then use kmeans_assign + kmeans_update,
+    which give the same labels, distances and sums. Inputs are trusted (KMeans validated them)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or not _backend.has_extension():
+        return None
+    c = centroids.to(x.dtype)
+    if metric == "cosine":
+        c = reference.normalize(c)
+    return torch.ops.coreset_ext.kmeans_lloyd_step_cpu(x, c, metric == "cosine")
+
+
 def _kmeans_update_reference_impl(x, labels, k):
     # index_add_ and bincount check bounds themselves, so a call that bypasses the wrapper
     # cannot write out of bounds either.

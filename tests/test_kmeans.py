@@ -160,6 +160,19 @@ def test_update_deterministic_and_noncontiguous():
     assert torch.equal(a, b) and torch.equal(ca, cb)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("n", [300, 20_000])
+def test_fused_cpu_step_equals_assign_then_update(metric, n):
+    x, c = _data(n, 33, 30), _data(17, 33, 31)
+    fused = ops._kmeans_lloyd_step_cpu(x, c, metric)
+    if fused is None:
+        pytest.skip("coreset_ext._C not built")
+    labels, dist = ops.kmeans_assign(x, c, metric=metric)
+    sums, counts = ops.kmeans_update(x, labels, 17)
+    for got, want in zip(fused, (labels, dist, sums, counts)):
+        assert torch.equal(got, want)
+
+
 def test_update_bounds():
     x = _data(20, 3)
     labels = torch.zeros(20, dtype=torch.int64)
