@@ -17,3 +17,8 @@ from coreset_ext import ops, reference  # noqa: E402
 from coreset_ext.scores import ScoreTracker  # noqa: E402
 
 __all__ = ["ScoreTracker", "ops", "reference", "__version__"]
+
+# Fused contrastive loss modules (issue 3)
+from coreset_ext import nn  # noqa: E402
+
+__all__ += ["nn"]

@@ -180,3 +180,107 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
     sums = torch.zeros(k, x.shape[1], dtype=acc, device=x.device).index_add_(0, labels, x.to(acc))
     counts = torch.bincount(labels, minlength=k)
     return sums, counts
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive losses: exact, chunked backward passes (the CPU backend of ops.nt_xent,
+# ops.info_nce_queue and ops.pair_cosine). The forward functions above stay the oracle: tests check
+# these formulas against autograd through them in float64.
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_backward(x: torch.Tensor, grad_zhat: torch.Tensor) -> torch.Tensor:
+    """Gradient through zhat = x / max(||x||, EPS): above EPS, (g - zhat <g, zhat>) / ||x||;
+    at or below it the clamp is a constant, so g / EPS."""
+    n = x.norm(dim=-1, keepdim=True)
+    c = n.clamp_min(EPS)
+    zhat = x / c
+    proj = (grad_zhat * zhat).sum(dim=-1, keepdim=True)
+    return torch.where(n > EPS, (grad_zhat - zhat * proj) / c, grad_zhat / c)
+
+
+def nt_xent_lse(z1: torch.Tensor, z2: torch.Tensor, rows: torch.Tensor, temperature: float, *,
+                normalize_input: bool = True) -> torch.Tensor:
+    """Per-row log-sum-exp of the NT-Xent denominators, recovered from the per-row losses:
+    lse_i = loss_i + s_{i,p(i)} / t."""
+    z = torch.cat([z1, z2], dim=0)
+    if normalize_input:
+        z = normalize(z)
+    pos = (z * z.roll(z1.shape[0], dims=0)).sum(dim=1) / temperature
+    return rows + pos
+
+
+def nt_xent_rows_backward(
+    grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
+    normalize_input: bool = True, lse: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of sum_i g_i loss_i (see `nt_xent_rows`) with respect to z1 and z2.
+
+    With p_ij = exp(s_ij / t - lse_i) (zero on the diagonal) and p(i) the other view:
+
+        dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ]
+
+    then through the normalisation. s is symmetric, so p_ji = exp(s_ij / t - lse_j): each chunk of
+    rows needs only its own [chunk, 2B] block.
+    """
+    x = torch.cat([z1, z2], dim=0)
+    z = normalize(x) if normalize_input else x
+    n, half = z.shape[0], z1.shape[0]
+    if lse is None:
+        rows, _ = nt_xent_rows(z1, z2, temperature, normalize_input=normalize_input, chunk_size=chunk_size)
+        lse = nt_xent_lse(z1, z2, rows, temperature, normalize_input=normalize_input)
+    g = grad_rows.to(z.dtype)
+    lse = lse.to(z.dtype)
+    parts = []
+    for s in range(0, n, chunk_size):
+        zc = z[s : s + chunk_size]
+        c = zc.shape[0]
+        logits = zc @ z.T / temperature
+        w = g[s : s + c, None] * torch.exp(logits - lse[s : s + c, None]) + g[None, :] * torch.exp(logits - lse[None, :])
+        ar = torch.arange(c, device=z.device)
+        w[ar, s + ar] = 0
+        pc = (torch.arange(s, s + c, device=z.device) + half) % n
+        parts.append((w @ z - (g[s : s + c] + g[pc])[:, None] * z[pc]) / temperature)
+    gz = torch.cat(parts)
+    gx = normalize_backward(x, gz) if normalize_input else gz
+    return gx[:half], gx[half:]
+
+
+def info_nce_queue_lse(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, temperature: float, *,
+                       normalize_input: bool = True) -> torch.Tensor:
+    """lse_i = loss_i + <q_i, k_i> / t (normalised when `normalize_input`)."""
+    if normalize_input:
+        q, k = normalize(q), normalize(k)
+    return rows + (q * k).sum(dim=1) / temperature
+
+
+def info_nce_queue_rows_backward(
+    grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *,
+    normalize_input: bool = True, lse: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Gradient of sum_i g_i loss_i (see `info_nce_queue_rows`) with respect to q:
+
+        dL/dqhat_i = (g_i / t) [ sum_j p_ij queuehat_j + (p_pos,i - 1) khat_i ],
+        p_ij = exp(<qhat_i, queuehat_j>/t - lse_i),  p_pos,i = exp(<qhat_i, khat_i>/t - lse_i)
+    """
+    if lse is None:
+        rows, _ = info_nce_queue_rows(q, k, queue, temperature, normalize_input=normalize_input,
+                                      chunk_size=chunk_size)
+        lse = info_nce_queue_lse(q, k, rows, temperature, normalize_input=normalize_input)
+    qh, kh, quh = (normalize(q), normalize(k), normalize(queue)) if normalize_input else (q, k, queue)
+    g = grad_rows.to(qh.dtype)
+    lse = lse.to(qh.dtype)
+    p_pos = torch.exp((qh * kh).sum(dim=1) / temperature - lse)
+    parts = []
+    for s in range(0, q.shape[0], chunk_size):
+        p = torch.exp(qh[s : s + chunk_size] @ quh.T / temperature - lse[s : s + chunk_size, None])
+        parts.append(p @ quh)
+    gz = (torch.cat(parts) + (p_pos - 1)[:, None] * kh) * (g / temperature)[:, None]
+    return normalize_backward(q, gz) if normalize_input else gz
+
+
+def pair_cosine_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of sum_i g_i pair_cosine(a, b)_i: dc/dahat = bhat, dc/dbhat = ahat, then through
+    the normalisations."""
+    g = grad.to(a.dtype)[:, None]
+    return normalize_backward(a, g * normalize(b)), normalize_backward(b, g * normalize(a))
