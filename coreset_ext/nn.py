@@ -80,7 +80,10 @@ class MoCoLoss(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None, return_cos: bool = False):
-        out = ops.info_nce_queue(q, k, self.queue, self.temperature, normalize=self.normalize,
+        # The backward pass reads the queue, and enqueue_ is about to overwrite part of it in place:
+        # give the loss a snapshot when gradients will flow (what MoCo's reference code does too).
+        queue = self.queue.clone() if torch.is_grad_enabled() and q.requires_grad else self.queue
+        out = ops.info_nce_queue(q, k, queue, self.temperature, normalize=self.normalize,
                                  reduction=self.reduction, index=index, scores=scores, return_cos=return_cos)
         self.enqueue_(k)
         return out

@@ -195,7 +195,8 @@ def _nt_xent_rows_backward_op(
     acc = _acc_dtype(z1)
     g1, g2 = reference.nt_xent_rows_backward(grad_rows.to(acc), z1.to(acc), z2.to(acc), temperature,
                                             normalize_input=normalize, lse=lse.to(acc))
-    return g1.to(z1.dtype), g2.to(z2.dtype)
+    # g1 and g2 are views of one buffer; a custom op's outputs must not alias each other.
+    return g1.to(z1.dtype, copy=True), g2.to(z2.dtype, copy=True)
 
 
 @_nt_xent_rows_backward_op.register_fake
