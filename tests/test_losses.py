@@ -308,8 +308,8 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", nan_empty_like)
 
 
-def _check_nt_xent_triton(b, d, t, normalize=True, dtype=torch.float32, tol=1e-4, seed=0):
-    z1, z2 = views(b, d, seed=seed)
+def _check_nt_xent_triton(b, d, t, normalize=True, dtype=torch.float32, tol=1e-4, seed=0, correlated=True):
+    z1, z2 = views(b, d, seed=seed, correlated=correlated)
     if not normalize:
         z1, z2 = z1 / (2 * math.sqrt(d)), z2 / (2 * math.sqrt(d))
     g = torch.rand(2 * b, dtype=torch.float64) + 0.1
@@ -337,7 +337,9 @@ def test_triton_nt_xent_sizes(b, d, poison):
 @pytest.mark.parametrize("t", [0.01, 1.0])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_triton_nt_xent_temperatures(t, normalize, poison):
-    _check_nt_xent_triton(37, 64, t, normalize=normalize, seed=11)
+    # Independent views: with correlated ones at t = 0.01 every loss is ~1e-10, a difference of
+    # two logits near 100 that no fp32 computation resolves.
+    _check_nt_xent_triton(37, 64, t, normalize=normalize, seed=11, correlated=False)
 
 
 @pytest.mark.triton

@@ -180,8 +180,10 @@ def _nt_xent_bwd_kernel(
         u = tl.where(valid, u, float("-inf"))  # exp2 -> 0 there, and no overflow on the diagonal
         w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
         if NORMALIZE:
-            w = w * rc[None, :]  # so that w @ x_c = sum_j w_ij zhat_j
-        acc += tl.dot(w.to(xc.dtype), xc, input_precision=PRECISION)
+            # Normalise the column tile itself (|zhat| <= 1 fits any dtype); folding r_j into w
+            # instead overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
+            xc = (xc.to(tl.float32) * rc[:, None]).to(X.dtype.element_ty)
+        acc += tl.dot(w.to(X.dtype.element_ty), xc, input_precision=PRECISION)
     prow = (rows + half) % N
     xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
                  mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -358,9 +360,9 @@ def _moco_bwd_partial_kernel(
             rc = tl.load(RQU + cols, mask=cmask, other=0.0)
             s = s * rc[None, :]
         p = tl.exp2(tl.where(cmask[None, :], s * a_r[:, None], float("-inf")) - lse_r[:, None])
-        if NORMALIZE:
-            p = p * rc[None, :]
-        acc += tl.dot(p.to(xc.dtype), xc, input_precision=PRECISION)
+        if NORMALIZE:  # normalised tile, not p * r_j: see _nt_xent_bwd_kernel
+            xc = (xc.to(tl.float32) * rc[:, None]).to(QU.dtype.element_ty)
+        acc += tl.dot(p.to(QU.dtype.element_ty), xc, input_precision=PRECISION)
     base = (pid_s * B + rows).to(tl.int64)[:, None] * d + dc[None, :]
     tl.store(PART + base, acc, mask=rmask[:, None] & dmask[None, :])
 
