@@ -136,12 +136,15 @@ _register_losses("pair_cosine", gpu=("triton",), cpu=("reference",))
 
 _LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
+_TRITON_MAX_D = 256  # = triton_kernels.contrastive.MAX_D (not imported: Triton may be absent)
 
 
 def _loss_backend(op: str, x: torch.Tensor, requested: str) -> str:
-    """The backend actually run: Triton has no float64 path, so float64 goes to the reference."""
+    """The backend actually run: Triton has no float64 path, so float64 goes to the reference, and
+    its tiles are sized for d <= 256 (projection heads), so wider inputs do too unless Triton was
+    requested by name."""
     chosen = _backend.select_backend(op, x.device, requested or None)
-    if chosen == "triton" and x.dtype == torch.float64:
+    if chosen == "triton" and (x.dtype == torch.float64 or (not requested and x.shape[-1] > _TRITON_MAX_D)):
         return "reference"
     return chosen
 

@@ -39,16 +39,24 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _tiles(d: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for row/column tiles of a [*, d] operand."""
+# Widest feature dimension the tiles below are sized for; ops.py sends wider inputs to the
+# reference unless Triton is requested explicitly.
+MAX_D = 256
+
+
+def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
+
+    Sized so that the pipelined column tiles plus the row tile fit H100 shared memory in fp32
+    (e.g. d = 128: 3 x 64 x 128 x 4 B + 64 x 128 x 4 B = 128 KiB)."""
     if _interpreting() or device.type != "cuda":
-        return 32, 32, 4  # small tiles: several tiles and ragged edges even at tiny test sizes
+        return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = _block_d(d)
     if bd <= 128:
-        return 64, 64, 4
+        return 64, 64, 4, 3
     if bd <= 256:
-        return 32, 64, 4
-    return 16, 32, 4
+        return 32, 64, 4, 2
+    return 16, 32, 4, 1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -150,8 +158,13 @@ def _nt_xent_bwd_kernel(
     # dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ],
     # p_ij = exp(s_ij/t - lse_i). s is symmetric, so p_ji = exp(s_ij/t - lse_j) comes from the same
     # tile with the column's lse: each program owns its rows' gradient, no atomics.
+    # The positive column j = p(i) is left out of the tiles and added in fp32 at the end as
+    # (g_i (p_i,p(i) - 1) + g_p(i) (p_p(i),i - 1)) zhat_p(i): when the positive dominates (p -> 1,
+    # low temperatures, late training) the two terms nearly cancel, and rounding the weight and
+    # zhat_p(i) to bf16 inside the tile product would leave an error of the size of the terms.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
+    prow = (rows + half) % N
     dc = tl.arange(0, BLOCK_D)
     dmask = dc < d
     xr = tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
@@ -176,7 +189,7 @@ def _nt_xent_bwd_kernel(
             rc = tl.load(R + cols, mask=cmask, other=0.0)
             s = s * rc[None, :]
         u = s * a_r[:, None]
-        valid = cmask[None, :] & (cols[None, :] != rows[:, None])
+        valid = cmask[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != prow[:, None])
         u = tl.where(valid, u, float("-inf"))  # exp2 -> 0 there, and no overflow on the diagonal
         w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
         if NORMALIZE:
@@ -184,14 +197,18 @@ def _nt_xent_bwd_kernel(
             # instead overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
             xc = (xc.to(tl.float32) * rc[:, None]).to(X.dtype.element_ty)
         acc += tl.dot(w.to(X.dtype.element_ty), xc, input_precision=PRECISION)
-    prow = (rows + half) % N
     xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
                  mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     g_p = tl.load(G + prow, mask=rmask, other=0.0)
+    lse_p = tl.load(LSE + prow, mask=rmask, other=0.0)
     if NORMALIZE:
         rp = tl.load(R + prow, mask=rmask, other=0.0)
         xp = xp * rp[:, None]
-    gz = (acc - (g_r + g_p)[:, None] * xp) * inv_t
+        pos = tl.sum(xr.to(tl.float32) * rr[:, None] * xp, axis=1) * inv_t
+    else:
+        pos = tl.sum(xr.to(tl.float32) * xp, axis=1) * inv_t
+    coef = g_r * (tl.exp(pos - lse_r * 0.6931471805599453) - 1.0) + g_p * (tl.exp(pos - lse_p) - 1.0)
+    gz = (acc + coef[:, None] * xp) * inv_t
     if NORMALIZE:
         gz = _normalize_backward(xr.to(tl.float32), rr, gz, eps)
     tl.store(GX + rows.to(tl.int64)[:, None] * gx_stride + dc[None, :], gz.to(GX.dtype.element_ty),
@@ -216,11 +233,11 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     loss = torch.empty(n, device=x.device, dtype=torch.float32)
     lse = torch.empty(n, device=x.device, dtype=torch.float32)
     cos = torch.empty(half, device=x.device, dtype=torch.float32)
-    bm, bn, nw = _tiles(d, x.device)
+    bm, bn, nw, ns = _tiles(d, x.device)
     _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](
         x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature,
         NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d),
-        PRECISION=_precision(x.dtype), num_warps=nw,
+        PRECISION=_precision(x.dtype), num_warps=nw, num_stages=ns,
     )
     return loss, lse, cos, r
 
@@ -232,11 +249,11 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
     r = row_rnorm(x, eps) if rnorm is None else rnorm
     g = grad_rows.to(torch.float32).contiguous()
     gx = torch.empty_like(x)
-    bm, bn, nw = _tiles(d, x.device)
+    bm, bn, nw, ns = _tiles(d, x.device)
     _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](
         x, r, lse, g, gx, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps,
         NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d),
-        PRECISION=_precision(x.dtype), num_warps=nw,
+        PRECISION=_precision(x.dtype), num_warps=nw, num_stages=ns,
     )
     return gx
 
@@ -410,7 +427,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     b, d = q.shape
     kq = queue.shape[0]
     rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
-    bm, bn, nw = _tiles(d, q.device)
+    bm, bn, nw, ns = _tiles(d, q.device)
     n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
@@ -418,7 +435,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     _moco_fwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
         q, rq, queue, rqu, m_part, l_part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
         k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), num_warps=nw,
+        PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
     )
     loss = torch.empty(b, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, device=q.device, dtype=torch.float32)
@@ -435,14 +452,14 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     b, d = q.shape
     kq = queue.shape[0]
     rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
-    bm, bn, nw = _tiles(d, q.device)
+    bm, bn, nw, ns = _tiles(d, q.device)
     n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
     part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
     _moco_bwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
         q, rq, queue, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
         k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        PRECISION=_precision(q.dtype), num_warps=nw,
+        PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
     )
     g = grad_rows.to(torch.float32).contiguous()
     gq = torch.empty_like(q)
