@@ -582,3 +582,39 @@ def test_triton_dominant_positive_fp16(poison):
     # measured in the interpreter: 7e-4 (fp16 input rounding); 9e-2 when the positive went through
     # the fp16 tile product
     assert rel(a.grad.cpu(), r1) < 5e-3
+
+
+# The Triton checks above, on the GPU (make gpu-check runs cuda-marked tests without the
+# interpreter, where the triton-marked ones are excluded).
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("b,d", [(1, 3), (3, 64), (37, 100), (130, 64), (1000, 256)])
+def test_gpu_triton_odd_sizes(b, d):
+    _check_nt_xent_triton(b, d, 0.5, seed=b)
+    _check_nt_xent_triton(b, d, 0.01, normalize=False, seed=b, correlated=False)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_triton_small_paths():
+    test_triton_nt_xent_fp16_and_noncontiguous(None)
+    test_triton_scores_duplicates(None)
+    test_triton_zero_rows(None)
+    test_triton_dominant_positive_fp16(None)
+    for b, kq, d in [(1, 5, 3), (37, 100, 100), (70, 257, 16)]:
+        test_triton_info_nce_queue(b, kq, d, 0.01, None)
+    for b, d in [(1, 3), (37, 100), (130, 64)]:
+        test_triton_pair_cosine(b, d, None)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_opcheck():
+    z1, z2 = views(5, 6, dtype=torch.float32, seed=2, device=TRITON_DEV)
+    z1.requires_grad_()
+    torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows.default, (z1, z2, 0.5, True, "triton"))
+    queue = torch.randn(9, 6, device=TRITON_DEV)
+    torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows.default, (z1, z2, queue, 0.2, True, "triton"))
+    torch.library.opcheck(torch.ops.coreset_ext.pair_cosine.default, (z1, z2, "triton"))
