@@ -618,3 +618,26 @@ def test_triton_opcheck():
     queue = torch.randn(9, 6, device=TRITON_DEV)
     torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows.default, (z1, z2, queue, 0.2, True, "triton"))
     torch.library.opcheck(torch.ops.coreset_ext.pair_cosine.default, (z1, z2, "triton"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the autotuned kernels for real")
+def test_triton_autotuned_launch(monkeypatch, poison):
+    """The autotuned NT-Xent launches (GPU, d <= 128) through the interpreter: every config runs,
+    and the one picked last in the list (128 x 128 tiles) produces the checked result."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
+    for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
+        timings = iter(range(100, 0, -1))  # each config "faster" than the previous one
+
+        def fake_bench(kernel_call, quantiles, timings=timings):
+            kernel_call()
+            t = float(next(timings))
+            return [t, t, t]
+
+        monkeypatch.setattr(tuned, "_do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    _check_nt_xent_triton(70, 64, 0.3, seed=5)
+    assert contrastive._nt_xent_fwd_tuned.best_config.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128}

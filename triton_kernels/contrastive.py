@@ -225,6 +225,24 @@ def _normalize_backward(x, r, gz, eps):
     return tl.where((nrm > eps)[:, None], (gz - zh * proj[:, None]) * r[:, None], gz * r[:, None])
 
 
+# On the GPU, for d <= 128, the NT-Xent kernels pick their tiles by autotuning (once per N, d and
+# dtype; configs that exceed shared memory are skipped by the autotuner). The fixed `_tiles` choice
+# serves wider d, the interpreter, and CORESET_EXT_NO_AUTOTUNE=1.
+_NT_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2))
+]
+_nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_fwd_kernel)
+_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_bwd_kernel)
+
+
+def _autotune(x: torch.Tensor) -> bool:
+    import os
+
+    return (x.device.type == "cuda" and not _interpreting() and _block_d(x.shape[1]) <= 128
+            and os.environ.get("CORESET_EXT_NO_AUTOTUNE") != "1")
+
+
 def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
     """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B], rnorm [2B]), fp32."""
     n, d = x.shape
@@ -233,12 +251,14 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     loss = torch.empty(n, device=x.device, dtype=torch.float32)
     lse = torch.empty(n, device=x.device, dtype=torch.float32)
     cos = torch.empty(half, device=x.device, dtype=torch.float32)
-    bm, bn, nw, ns = _tiles(d, x.device)
-    _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](
-        x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature,
-        NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d),
-        PRECISION=_precision(x.dtype), num_warps=nw, num_stages=ns,
-    )
+    args = (x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature)
+    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    if _autotune(x):
+        _nt_xent_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
+    else:
+        bm, bn, nw, ns = _tiles(d, x.device)
+        _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                                   num_stages=ns, **const)
     return loss, lse, cos, r
 
 
@@ -249,12 +269,14 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
     r = row_rnorm(x, eps) if rnorm is None else rnorm
     g = grad_rows.to(torch.float32).contiguous()
     gx = torch.empty_like(x)
-    bm, bn, nw, ns = _tiles(d, x.device)
-    _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](
-        x, r, lse, g, gx, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps,
-        NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(d),
-        PRECISION=_precision(x.dtype), num_warps=nw, num_stages=ns,
-    )
+    args = (x, r, lse, g, gx, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps)
+    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    if _autotune(x):
+        _nt_xent_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
+    else:
+        bm, bn, nw, ns = _tiles(d, x.device)
+        _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                                   num_stages=ns, **const)
     return gx
 
 
