@@ -460,12 +460,15 @@ def test_triton_zero_rows(poison):
 # ---- GPU -------------------------------------------------------------------------------------
 
 
-def _gpu_check(b, d, dtype, t=0.2, backward=True):
+def _gpu_check(b, d, dtype, t=0.2, correlated=True):
     """Our error vs float64 must be within the DESIGN.md budget: fp32 < 1e-4; bf16 within twice
-    the error of the plain-PyTorch reference run in bf16 itself."""
+    the error of the plain-PyTorch reference run in bf16 itself (plus 1e-4: fp32 rounding where
+    that error is zero, e.g. B = 1 whose loss is exactly 0)."""
     g = torch.Generator(device="cuda").manual_seed(b)
     z1 = torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
-    z2 = z1 + 0.7 * torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    z2 = torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    if correlated:
+        z2 = z1 + 0.7 * z2
     a64, c64 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     ref_rows, _ = reference.nt_xent_rows(a64, c64, t)
     ref_rows.mean().backward()
@@ -482,7 +485,7 @@ def _gpu_check(b, d, dtype, t=0.2, backward=True):
     base_rows.float().mean().backward()
     base_l = rel(base_rows.detach(), ref_rows.detach())
     base_g = rel(torch.cat([ab.grad, cb.grad]), ref_grad)
-    assert ours_l <= 2 * base_l + 1e-5 and ours_g <= 2 * base_g + 1e-5, (ours_l, base_l, ours_g, base_g)
+    assert ours_l <= 2 * base_l + 1e-4 and ours_g <= 2 * base_g + 1e-4, (ours_l, base_l, ours_g, base_g)
 
 
 @pytest.mark.cuda
@@ -497,7 +500,9 @@ def test_gpu_nt_xent(b, dtype):
 @needs_cuda
 @pytest.mark.parametrize("t", [0.01, 1.0])
 def test_gpu_nt_xent_temperature_bf16(t):
-    _gpu_check(4096, 128, torch.bfloat16, t=t)
+    # independent views: correlated ones at t = 0.01 have losses ~1e-20 (see the interpreter test)
+    _gpu_check(4096, 128, torch.bfloat16, t=t, correlated=False)
+    _gpu_check(4096, 128, torch.float32, t=t, correlated=False)
 
 
 @pytest.mark.cuda
@@ -542,8 +547,8 @@ def test_gpu_info_nce_queue(b, dtype):
         qb = q.to(dtype).requires_grad_()
         base, _ = reference.info_nce_queue_rows(qb, k.to(dtype), queue.to(dtype), t)
         base.float().mean().backward()
-        assert ours_l <= 2 * rel(base.detach(), ref_rows.detach()) + 1e-5
-        assert ours_g <= 2 * rel(qb.grad, q64.grad) + 1e-5
+        assert ours_l <= 2 * rel(base.detach(), ref_rows.detach()) + 1e-4
+        assert ours_g <= 2 * rel(qb.grad, q64.grad) + 1e-4
 
 
 @pytest.mark.cuda
