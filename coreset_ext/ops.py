@@ -129,10 +129,9 @@ import math  # noqa: E402
 
 __all__ += ["nt_xent", "info_nce_queue", "pair_cosine"]
 
-_register_losses = _backend.register_op
-_register_losses("nt_xent", gpu=("triton",), cpu=("reference",))
-_register_losses("info_nce_queue", gpu=("triton",), cpu=("reference",))
-_register_losses("pair_cosine", gpu=("triton",), cpu=("reference",))
+_backend.register_op("nt_xent", gpu=("triton",), cpu=("reference",))
+_backend.register_op("info_nce_queue", gpu=("triton",), cpu=("reference",))
+_backend.register_op("pair_cosine", gpu=("triton",), cpu=("reference",))
 
 _LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
