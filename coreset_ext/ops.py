@@ -96,15 +96,20 @@ def score_scatter_add_(
     if index.shape[0] != values.shape[0]:
         raise ValueError(f"index has {index.shape[0]} entries but values has {values.shape[0]}")
     _check_same_device(scores=scores, index=index, values=values)
-    if not _is_compiling() and index.numel():
-        lo, hi = torch.aminmax(index)
-        lo, hi = int(lo), int(hi)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    # The C++ CPU kernel checks every index before its first write and raises; the CUDA kernel can
+    # only skip bad entries, so on the GPU (eager) the range is checked here, at one host sync.
+    cpu_checks_itself = scores.device.type == "cpu" and _backend.has_extension()
+    if not cpu_checks_itself and not _is_compiling() and index.numel():
+        lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= scores.shape[0]:
             bad = lo if lo < 0 else hi
             raise ValueError(f"index contains {bad}, out of range for scores of size {scores.shape[0]}")
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.ops.coreset_ext.score_scatter_add_(scores, index, values, bool(deterministic))
+    try:
+        torch.ops.coreset_ext.score_scatter_add_(scores, index, values, bool(deterministic))
+    except IndexError as exc:
+        raise ValueError(str(exc).split("\n")[0]) from None
     return scores
 
 
