@@ -98,10 +98,10 @@ def score_scatter_add_(
     _check_same_device(scores=scores, index=index, values=values)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    # The C++ CPU kernel checks every index before its first write and raises; the CUDA kernel can
-    # only skip bad entries, so on the GPU (eager) the range is checked here, at one host sync.
-    cpu_checks_itself = scores.device.type == "cpu" and _backend.has_extension()
-    if not cpu_checks_itself and not _is_compiling() and index.numel():
+    # Checked here (one host sync on the GPU) so the error names the value. The kernels check
+    # again themselves (CPU: raises before the first write; CUDA: skips bad entries), which is
+    # what protects calls made past this wrapper and compiled graphs, where this check is traced out.
+    if not _is_compiling() and index.numel():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= scores.shape[0]:
             bad = lo if lo < 0 else hi
