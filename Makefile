@@ -81,6 +81,7 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/run.py --out benchmarks/results
+	$(PY) benchmarks/readme.py
 
 gpu-check:
 	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \

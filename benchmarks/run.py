@@ -1,8 +1,8 @@
 """Runs the benchmark suites and writes the results table: `make bench` (and `make gpu-check`).
 
-    python benchmarks/run.py --out benchmarks/results [--gpu] [-k EXPR] [--quick]
+    python benchmarks/run.py --out benchmarks/results [--gpu | --cpu] [-k EXPR] [--quick]
 
-Writes, for this machine's device (the GPU with --gpu, else the CPU):
+Benchmarks the CPU, and the GPU where there is one (--gpu or --cpu: only that). Writes, per device:
   <device>.json  every measurement: op, impl, size, pass, dtype, median and spread, peak memory,
                  ratios to the eager baseline and to each peer, fraction of the hardware floor;
                  plus device name, versions and commit;
@@ -218,10 +218,33 @@ def regressions_against(rows: list[dict], committed: Path) -> list[str]:
     return out
 
 
+def run_device(gpu: bool, out: Path, expr: str | None, quick: bool) -> int:
+    env = environment(gpu)
+    name = slug(env["device"])
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_json, events = Path(tmp) / "bench.json", Path(tmp) / "events.jsonl"
+        rc = run_pytest(bench_json, events, gpu, expr, quick)
+        rows = collect(bench_json, events)
+    if not rows:
+        print("no benchmark results were collected", file=sys.stderr)
+        return rc or 1
+    regs = regressions_against(rows, COMMITTED / f"{name}.json")
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    (out / f"{name}.md").write_text(markdown(rows, env, regs))
+    plot(rows, env, out / f"{name}.png")
+    print(f"wrote {out / name}.{{json,md,png}}: {len(rows)} measurements")
+    for r in regs:
+        print("REGRESSION", r)
+    # a failed benchmark fails the run; an out-of-memory one is a recorded result (it skips)
+    return rc if rc not in (0, 5) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=COMMITTED)
-    p.add_argument("--gpu", action="store_true", help="benchmark the CUDA device (default: the CPU)")
+    p.add_argument("--gpu", action="store_true", help="only the CUDA device")
+    p.add_argument("--cpu", action="store_true", help="only the CPU")
     p.add_argument("-k", dest="expr", help="pytest -k expression selecting benchmarks")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
     args = p.parse_args(argv)
@@ -229,25 +252,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.gpu and not torch.cuda.is_available():
         p.error("--gpu given but no CUDA GPU is visible")
-    env = environment(args.gpu)
-    name = slug(env["device"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        bench_json, events = Path(tmp) / "bench.json", Path(tmp) / "events.jsonl"
-        rc = run_pytest(bench_json, events, args.gpu, args.expr, args.quick)
-        rows = collect(bench_json, events)
-    if not rows:
-        print("no benchmark results were collected", file=sys.stderr)
-        return rc or 1
-    regs = regressions_against(rows, COMMITTED / f"{name}.json")
-    (args.out / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    (args.out / f"{name}.md").write_text(markdown(rows, env, regs))
-    plot(rows, env, args.out / f"{name}.png")
-    print(f"wrote {args.out / name}.{{json,md,png}}: {len(rows)} measurements")
-    for r in regs:
-        print("REGRESSION", r)
-    # failed benchmarks (not OOM: those skip) make the run fail
-    return rc if rc not in (0, 5) else 0
+    # default: the CPU always, and the GPU where there is one
+    targets = [True] if args.gpu else [False] if args.cpu else [False] + ([True] if torch.cuda.is_available() else [])
+    rc = 0
+    for gpu in targets:
+        rc = run_device(gpu, args.out, args.expr, args.quick) or rc
+    return rc
 
 
 if __name__ == "__main__":
