@@ -202,8 +202,19 @@ def _check_groups(name: str, g, rows: int, of: str) -> None:
         raise ValueError(f"{name} has {g.shape[0]} labels but {of} has {rows} rows")
 
 
+# The automatic choice per device, made once at import: torch.compile cannot trace the probing
+# that select_backend does (module lookups, environment), but it can read this dict.
+_SIM_AUTO_BACKEND = {
+    (op, dev): _backend.select_backend(op, torch.device(dev))
+    for op in ("cosine_rowsum", "cosine_topk") for dev in ("cpu", "cuda")
+}
+
+
 def _similarity_backend(op: str, x: torch.Tensor, m: int, backend: str | None) -> str:
-    chosen = _backend.select_backend(op, x.device, backend)
+    if backend is None:
+        chosen = _SIM_AUTO_BACKEND.get((op, x.device.type), "reference")
+    else:
+        chosen = _backend.select_backend(op, x.device, backend)
     if chosen == "triton" and max(x.shape[0], m) >= 2**31 - 1:
         raise ValueError("x and y may have at most 2**31 - 2 rows for the Triton kernels (int32 indices)")
     if chosen == "triton" and x.dtype == torch.float64:

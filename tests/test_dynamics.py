@@ -130,3 +130,15 @@ def test_errors():
     with pytest.raises(ValueError, match="num_samples"):
         TrainingDynamics(0)
     assert dyn.steps == 0  # nothing was recorded by the rejected calls
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dynamics_cuda_match_loop(deterministic):
+    n = 31
+    seq = _sequence(n, c=5, steps=10, b=12, seed=2)
+    dyn = TrainingDynamics(n, el2n_epochs=2, device="cuda", deterministic=deterministic)
+    for logits, targets, index, epoch in seq:
+        dyn.update(logits.cuda(), targets.cuda(), index.cuda(), epoch=epoch)
+    _check(dyn.to("cpu"), n, seq, 2)

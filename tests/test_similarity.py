@@ -162,6 +162,24 @@ def test_topk_triton_ties_keep_lowest_index():
     assert i.tolist() == [[1, 6, 11, 16]]
 
 
+@triton_only
+def test_compile_fullgraph_over_triton_path(monkeypatch):
+    """The automatic Triton choice (as on a GPU) traces under torch.compile: the op is opaque and
+    its fake kernel gives the shapes, so the interpreter runs only at run time."""
+    _triton_here()
+    for op in ("cosine_rowsum", "cosine_topk"):
+        monkeypatch.setitem(ops._SIM_AUTO_BACKEND, (op, "cpu"), "triton")
+    x, _, gx, _ = _data(40, 16, seed=12, groups=3)
+
+    @torch.compile(fullgraph=True)
+    def f(x, g):
+        return ops.cosine_rowsum(x, groups=g) + 1, ops.cosine_topk(x, 4)[1]
+
+    r, i = f(x, gx)
+    assert rel_err(r - 1, brute_rowsum(x, gx=gx)) < 1e-5
+    assert torch.equal(i, brute_topk(x, 4)[1])
+
+
 # ---------------------------------------------------------------------------------- CUDA
 
 cuda = pytest.mark.cuda

@@ -130,7 +130,7 @@ def cosine_rowsum(
         HAS_GROUPS=groups is not None, EXCLUDE_SELF=bool(exclude_self), **cfg,
     )
     if perm is not None:
-        out = torch.empty_like(out).index_copy_(0, perm, out)
+        out = out[torch.argsort(perm)]  # back to x's row order (a gather: deterministic)
     return out
 
 
