@@ -2,7 +2,8 @@
 
 GPU sizes (n = 50k and 1M for the row sum, 100k and 1M for top-k; d = 128, k = 50) run only on
 CUDA; the CPU runs a small size so that the suite stays quick. Floor: 2 * n^2 * d flops at the
-TF32 rate (float32 inputs). Peers: none installs as a small wheel for these ops (faiss-gpu does
+TF32 rate (float32 inputs; the eager baselines run their matmuls in TF32 too). At n = 1M each
+eager call takes seconds, so those sizes time 3 rounds after 1 warm-up. Peers: none installs as a small wheel for these ops (faiss-gpu does
 not), so the baselines are the reference (eager) and, for the row sum, its chunk under
 torch.compile.
 """
@@ -29,6 +30,16 @@ TOPK_SIZES = [
     pytest.param(("cuda", 100_000), id="cuda-n100k", marks=pytest.mark.cuda),
     pytest.param(("cuda", 1_000_000), id="cuda-n1M", marks=pytest.mark.cuda),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _tf32_matmuls():
+    """The Triton kernels multiply float32 in TF32; let the eager baselines' matmuls do the same,
+    so that both are measured against the same (TF32) floor."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
 
 
 def _setup(case):

@@ -70,15 +70,13 @@ def class_budgets(sizes: Sequence[int] | torch.Tensor, fraction: float) -> torch
     exact = sizes.double() * fraction
     base = torch.floor(exact + _FLOOR_SLACK).long().clamp(max=sizes)
     frac = torch.where(base < sizes, exact - base.double(), torch.full_like(exact, -1.0))
+    # 0 <= remainder <= the number of classes with a positive fractional part: sum of floors
+    # <= f*N + K*slack < n + 1/2 + K*slack, and n - sum of floors rounds the sum of the parts.
     remainder = n - int(base.sum())
-    if remainder > 0:
-        # Largest fractional part first, lower class index on ties (stable sort).
-        order = torch.sort(frac, descending=True, stable=True).indices
-        order = order[base[order] < sizes[order]][:remainder]
-        base[order] += 1
-    elif remainder < 0:  # only through the slack above: take back from the smallest parts
-        order = torch.sort(frac.masked_fill(base == 0, float("inf")), stable=True).indices[:-remainder]
-        base[order] -= 1
+    # Largest fractional part first, lower class index on ties (stable sort).
+    order = torch.sort(frac, descending=True, stable=True).indices
+    order = order[base[order] < sizes[order]][:remainder]
+    base[order] += 1
     assert int(base.sum()) == n and bool((base <= sizes).all())
     return base
 
