@@ -163,6 +163,16 @@ def test_topk_triton_ties_keep_lowest_index():
 
 
 @triton_only
+def test_opcheck_triton_path():
+    _triton_here()
+    x, y, gx, gy = _data(19, 16, seed=6, groups=3, m=23)
+    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, None, gx, None, 0.0, True, "triton"))
+    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, y, gx, gy, 0.1, False, "triton"))
+    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, None, 4, True, "triton"))
+    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, y, 4, False, "triton"))
+
+
+@triton_only
 def test_compile_fullgraph_over_triton_path(monkeypatch):
     """The automatic Triton choice (as on a GPU) traces under torch.compile: the op is opaque and
     its fake kernel gives the shapes, so the interpreter runs only at run time."""

@@ -99,7 +99,8 @@ def cosine_rowsum(
     cfg = _launch_config(x.device, d)
     bm = cfg["BLOCK_M"]
     nblocks = triton.cdiv(n, bm)
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    # Poisoned, so that an element the kernel failed to write shows as NaN (O(n): free).
+    out = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
     if n == 0:
         return out
     perm = None
@@ -203,8 +204,9 @@ def cosine_topk(
     n, d = x.shape
     m = y.shape[0]
     cfg = _launch_config(x.device, d)
-    vals = torch.empty(n, k, dtype=torch.float32, device=x.device)
-    idxs = torch.empty(n, k, dtype=torch.int32, device=x.device)
+    # Poisoned (NaN, -1), so that a slot the kernel failed to write shows.
+    vals = torch.full((n, k), float("nan"), dtype=torch.float32, device=x.device)
+    idxs = torch.full((n, k), -1, dtype=torch.int32, device=x.device)
     if n == 0:
         return vals, idxs.long()
     _cosine_topk_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
