@@ -17,3 +17,8 @@ from coreset_ext import ops, reference  # noqa: E402
 from coreset_ext.scores import ScoreTracker  # noqa: E402
 
 __all__ = ["ScoreTracker", "ops", "reference", "__version__"]
+
+# --- similarity family / training dynamics (SAS, ELFS) ---
+from coreset_ext.scores import TrainingDynamics  # noqa: E402
+
+__all__ += ["TrainingDynamics"]
