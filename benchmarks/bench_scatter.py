@@ -14,6 +14,7 @@ BUFFERS = [50_000, 1_000_000, 10_000_000]
 def impls(scores, index, values):
     return {
         "coreset_ext": lambda: cx.ops.score_scatter_add_(scores, index, values),
+        "coreset_ext_unvalidated": lambda: cx.ops.score_scatter_add_(scores, index, values, validate=False),
         "coreset_ext_deterministic": lambda: cx.ops.score_scatter_add_(scores, index, values, deterministic=True),
         "index_add_": lambda: scores.index_add_(0, index, values),
         "scatter_add_": lambda: scores.scatter_add_(0, index, values),
@@ -21,7 +22,7 @@ def impls(scores, index, values):
     }
 
 
-@pytest.mark.parametrize("impl", ["coreset_ext", "coreset_ext_deterministic", "index_add_", "scatter_add_", "index_put_"])
+@pytest.mark.parametrize("impl", ["coreset_ext", "coreset_ext_unvalidated", "coreset_ext_deterministic", "index_add_", "scatter_add_", "index_put_"])
 @pytest.mark.parametrize("indices", ["unique", "duplicate"])
 @pytest.mark.parametrize("n", BUFFERS)
 @pytest.mark.parametrize("device", devices())
