@@ -1,8 +1,8 @@
 """Per-example score accumulation during training.
 
 `ScoreTracker` keeps, for each named metric, a running sum and a count per example of the data
-set, updated in place through `ops.score_scatter_add_` (duplicates summed, fused-friendly, no host
-synchronisation when `nan="ignore"`). It saves atomically to a non-pickle `.npz` file holding the
+set, updated in place through `ops.score_scatter_add_` (duplicates summed; one host
+synchronisation per update, for the checks). It saves atomically to a non-pickle `.npz` file holding the
 buffers and a JSON metadata record.
 """
 
@@ -85,9 +85,9 @@ class ScoreTracker:
         num_samples: size of the data set; valid indices are 0 .. num_samples - 1.
         metrics: names of the scores to track (default: ("css",), the positive-pair cosine).
         device: where the buffers live (put them where the values are produced).
-        nan: what to do with NaN/Inf values: "error" (default; raises ValueError, costs one host
-            synchronisation per update), "skip" (drops those entries; also synchronises), or
-            "ignore" (adds them as they are; no synchronisation).
+        nan: what to do with NaN/Inf values: "error" (default; raises ValueError), "skip" (drops
+            those entries), or "ignore" (adds them as they are). Each update checks the index range
+            and the values before writing anything, at one host synchronisation.
         fingerprint: optional string identifying the data set, stored with saves and checked on load.
         deterministic: passed to the scatter op (None: follow torch's deterministic-algorithms flag).
 
@@ -146,21 +146,33 @@ class ScoreTracker:
                 raise ValueError(f"{name} must be a 1-D tensor, got {ops._describe(v)}")
             if v.shape[0] != index.shape[0]:
                 raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
-            idx = index
-            if self.nan != "ignore":
+        if index.numel() == 0:
+            return
+        # Everything is checked before anything is written, at one host synchronisation: the index
+        # range and, unless nan="ignore", each metric's count of non-finite values.
+        stats = list(torch.aminmax(index))
+        if self.nan != "ignore":
+            stats += [(~torch.isfinite(v)).sum() for v in values.values()]
+        lo, hi, *nonfinite = torch.stack([t.long() for t in stats]).tolist()
+        if lo < 0 or hi >= self.num_samples:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"index contains {bad}, out of range for {self.num_samples} examples")
+        if self.nan == "error":
+            for (name, v), count in zip(values.items(), nonfinite):
+                if count:
+                    pos = int((~torch.isfinite(v)).nonzero()[0, 0])
+                    raise ValueError(
+                        f"{name} has a non-finite value {v[pos].item()} at position {pos} "
+                        f"(example {int(index[pos])}); pass nan='skip' to drop such entries"
+                    )
+        for i, (name, v) in enumerate(values.items()):
+            idx, v = index, v.detach()
+            if self.nan == "skip" and nonfinite[i]:
                 finite = torch.isfinite(v)
-                if not bool(finite.all()):
-                    if self.nan == "error":
-                        bad = int((~finite).nonzero()[0, 0])
-                        raise ValueError(
-                            f"{name} has a non-finite value {v[bad].item()} at position {bad} "
-                            f"(example {int(index[bad])}); pass nan='skip' to drop such entries"
-                        )
-                    idx, v = index[finite], v[finite]
-            v = v.detach()
-            ops.score_scatter_add_(self.sums[name], idx, v, deterministic=self.deterministic)
+                idx, v = index[finite], v[finite]
+            ops.score_scatter_add_(self.sums[name], idx, v, deterministic=self.deterministic, validate=False)
             ops.score_scatter_add_(self.counts[name], idx, torch.ones_like(v, dtype=torch.float32),
-                                   deterministic=self.deterministic)
+                                   deterministic=self.deterministic, validate=False)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """Per-example mean of each metric over the times the example was seen (NaN if never)."""
