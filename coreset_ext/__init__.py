@@ -17,3 +17,8 @@ from coreset_ext import ops, reference  # noqa: E402
 from coreset_ext.scores import ScoreTracker  # noqa: E402
 
 __all__ = ["ScoreTracker", "ops", "reference", "__version__"]
+
+# --- main job (issue 5): selection API --------------------------------------------------------
+from coreset_ext.select import Selection, select  # noqa: E402
+
+__all__ += ["Selection", "select"]
