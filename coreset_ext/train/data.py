@@ -19,7 +19,7 @@ Example:
     >>> train = load_dataset("digits", split="train")
     >>> index, x, y = train[0]
     >>> x.shape, len(train)
-    (torch.Size([1, 8, 8]), 1437)
+    (torch.Size([1, 8, 8]), 1438)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Example:
     >>> ds = load_dataset("digits")
     >>> result = Trainer(TrainConfig(method="simclr", epochs=1, progress=False), ds).fit()
     >>> result.scores().shape
-    torch.Size([1437])
+    torch.Size([1438])
 """
 
 from __future__ import annotations
