@@ -109,7 +109,6 @@ def _cmd_select(args: argparse.Namespace) -> int:
     if args.by_class:
         from coreset_ext.train.data import load_dataset
 
-        cfg = run["config"]
         labels = load_dataset(args.data, split="train", data_dir=args.data_dir).labels
     opts = _options(args.option)
     sel = select(args.method, fraction=args.fraction, budget=args.budget, scores=run.get("scores"),

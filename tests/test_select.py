@@ -131,5 +131,10 @@ def test_registry_accepts_new_methods(pool):
     def every_other(budget, *, n, **_):
         return torch.arange(0, n, 2)[:budget]
 
-    assert "every_other_test" in available_methods()
-    assert cx.select("every_other_test", budget=4, **pool).indices.tolist() == [0, 2, 4, 6]
+    try:
+        assert "every_other_test" in available_methods()
+        assert cx.select("every_other_test", budget=4, **pool).indices.tolist() == [0, 2, 4, 6]
+    finally:
+        from coreset_ext.select import registry
+
+        registry._METHODS.pop("every_other_test")

@@ -73,7 +73,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 def train_from_scratch(train_ds: ArrayDataset, index: torch.Tensor, test_ds: ArrayDataset, *, seed: int = 0,
-                       steps: int = 100, batch_size: int = 64, lr: float = 3e-3, width: int = 8,
+                       steps: int = 200, batch_size: int = 64, lr: float = 1e-2, width: int = 8,
                        device: str | torch.device = "cpu") -> float:
     """Test accuracy of a small network trained from scratch on `train_ds[index]` only (fixed step count)."""
     torch.manual_seed(seed)

@@ -78,7 +78,7 @@ def load_run(run_dir: str | Path) -> dict:
 
 def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds: ArrayDataset,
                      test_ds: ArrayDataset, features: dict | None, device: str | torch.device = "cpu",
-                     scratch_steps: int = 100) -> float:
+                     scratch_steps: int = 200) -> float:
     """Test accuracy of `evaluator` ("probe" on frozen features, "scratch" on images) trained on `index`."""
     if evaluator == "probe":
         if features is None:
@@ -94,7 +94,7 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
                  trainers: tuple[str, ...] = ("simclr", "moco"), train_options: dict | None = None,
                  methods: list[MethodSpec] | None = None, fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5),
                  seeds: tuple[int, ...] = (0, 1, 2), evaluators: tuple[str, ...] = ("probe", "scratch"),
-                 probe_run: str = "simclr", scratch_steps: int = 100, device: str = "auto",
+                 probe_run: str = "simclr", scratch_steps: int = 200, device: str = "auto",
                  progress: bool = True, log=print) -> dict:
     """Trains each of `trainers` with CSS scores, selects every fraction with every method and seed,
     evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plot.
@@ -152,7 +152,7 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
 def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | None, data: str = "digits",
                         data_dir: str | None = None, evaluators: tuple[str, ...] = ("probe",),
                         seeds: tuple[int, ...] = (0, 1, 2), random_baseline: bool = True,
-                        device: str = "auto", scratch_steps: int = 100) -> list[dict]:
+                        device: str = "auto", scratch_steps: int = 200) -> list[dict]:
     """Evaluates saved selections (and, by default, random subsets of the same sizes) over seeds."""
     dev = resolve_device(device)
     train_ds = load_dataset(data, split="train", data_dir=data_dir)
