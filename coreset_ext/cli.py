@@ -69,10 +69,10 @@ def _options(pairs: list[str]) -> dict:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100", "folder", "tensor"],
-                   help="data source (default: digits, shipped with scikit-learn)")
+                   help="data source (digits ships with scikit-learn)")
     p.add_argument("--data-dir", default=None,
                    help="directory (cifar10/100 in torchvision's python format, image folder) or .pt/.npz file")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
 
 
 def _train_config(args: argparse.Namespace, method: str):
@@ -170,7 +170,7 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--temperature", type=float, default=None, help="default: 0.5 SimCLR, 0.2 MoCo")
+    p.add_argument("--temperature", type=float, default=None, help="None: 0.5 for SimCLR, 0.2 for MoCo")
     p.add_argument("--queue-size", type=int, default=1024, help="MoCo negatives queue")
     p.add_argument("--css-on", default="projection", choices=["projection", "backbone"],
                    help="embedding whose positive-pair cosine is the CSS score")

@@ -37,6 +37,7 @@ def test_train_select_evaluate(tmp_path, capsys):
 
 
 def test_demo_writes_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("coreset_ext.cluster")  # prototypes and balanced_random per cluster use KMeans
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--fractions", "0.1,0.5", "--seeds", "2",
                  "--evaluator", "probe", "--no-progress"]) == 0

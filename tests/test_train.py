@@ -133,3 +133,15 @@ def test_seeded_runs_are_reproducible_and_bad_config_is_rejected():
         TrainConfig(method="byol")
     with pytest.raises(ValueError, match="css_on"):
         TrainConfig(css_on="logits")
+
+
+def test_image_folder_with_class_subdirectories(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(2)
+    for cls, count in (("cat", 2), ("dog", 3)):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "train" / cls / f"{i}.png")
+    ds = load_dataset("folder", data_dir=tmp_path, image_size=8)
+    assert len(ds) == 5 and ds.sample_shape == (3, 8, 8) and ds.labels.tolist() == [0, 0, 1, 1, 1]
+    assert ds.num_classes == 2 and ds.data.dtype == torch.uint8
