@@ -35,9 +35,9 @@ class NTXentLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None,
-                scores: torch.Tensor | None = None, return_cos: bool = False):
+                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True):
         return ops.nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                           index=index, scores=scores, return_cos=return_cos)
+                           index=index, scores=scores, return_cos=return_cos, validate=validate)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
@@ -79,12 +79,13 @@ class MoCoLoss(torch.nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None,
-                scores: torch.Tensor | None = None, return_cos: bool = False):
+                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True):
         # The backward pass reads the queue, and enqueue_ is about to overwrite part of it in place:
         # give the loss a snapshot when gradients will flow (what MoCo's reference code does too).
         queue = self.queue.clone() if torch.is_grad_enabled() and q.requires_grad else self.queue
         out = ops.info_nce_queue(q, k, queue, self.temperature, normalize=self.normalize,
-                                 reduction=self.reduction, index=index, scores=scores, return_cos=return_cos)
+                                 reduction=self.reduction, index=index, scores=scores, return_cos=return_cos,
+                                 validate=validate)
         self.enqueue_(k)
         return out
 

@@ -183,6 +183,87 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
 
 
 # --------------------------------------------------------------------------------------------
+# cosine_rowsum / cosine_topk (similarity family: SAS row sums, ELFS k-NN pairs)
+# --------------------------------------------------------------------------------------------
+
+
+def _similarity_inputs(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-normalised x and y (y = x when None) in the accumulation dtype: float64 stays float64,
+    everything else is computed in float32."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xn = normalize(x.to(acc))
+    yn = xn if y is None else normalize(y.to(acc))
+    return xn, yn
+
+
+def cosine_rowsum(
+    x: torch.Tensor, y: torch.Tensor | None = None, *, clamp_min: float = 0.0, groups: torch.Tensor | None = None,
+    y_groups: torch.Tensor | None = None, exclude_self: bool = False, chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Clamped cosine row sums, [n] (float32, or float64 for float64 input):
+
+        r_i = sum_{j in J(i)} max(cos(x_i, y_j), clamp_min)
+
+    with cos as in `pair_cosine` (norms clamped below by EPS) and y = x when None. J(i) is every
+    row of y; with `groups` (a label per row of x) and `y_groups` (per row of y; defaults to
+    `groups` when y is None), only the j with y_groups[j] == groups[i]; with `exclude_self`
+    (y is x), j == i is left out.
+    """
+    xn, yn = _similarity_inputs(x, y)
+    if groups is not None and y_groups is None:
+        y_groups = groups
+    parts = []
+    for s in range(0, xn.shape[0], chunk_size):
+        sim = (xn[s : s + chunk_size] @ yn.T).clamp_min(clamp_min)  # [c, m]: one block of rows
+        if groups is not None:
+            sim = sim.masked_fill(groups[s : s + chunk_size, None] != y_groups[None, :], 0.0)
+        if exclude_self:
+            ar = torch.arange(sim.shape[0], device=sim.device)
+            sim[ar, s + ar] = 0.0
+        parts.append(sim.sum(dim=1))
+    return torch.cat(parts) if parts else xn.new_zeros(0)
+
+
+def cosine_topk(
+    x: torch.Tensor, k: int, *, y: torch.Tensor | None = None, exclude_self: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k rows of y (y = x when None) most cosine-similar to each row of x:
+    (values [n, k] float32 (float64 for float64 input), indices [n, k] int64).
+
+    Each row is ordered by similarity descending; equal similarities by ascending index of y, so
+    when several rows of y tie at the k-th value the lowest indices are kept. With `exclude_self`
+    (only when y is None), j == i is never returned.
+    """
+    xn, yn = _similarity_inputs(x, y)
+    vals, idxs = [], []
+    for s in range(0, xn.shape[0], chunk_size):
+        sim = xn[s : s + chunk_size] @ yn.T  # [c, m]: one block of rows
+        if exclude_self and y is None:
+            ar = torch.arange(sim.shape[0], device=sim.device)
+            sim[ar, s + ar] = float("-inf")
+        v, i = torch.topk(sim, k, dim=1)
+        # torch.topk does not say which of several equal values at the k-th place it keeps. Rows
+        # with more copies of their k-th value than were returned are redone with a stable sort,
+        # which keeps the lowest indices (rare: ties need exactly equal similarities).
+        kth = v[:, -1:]
+        tied = (sim == kth).sum(dim=1) > (v == kth).sum(dim=1)
+        if bool(tied.any()):
+            rows = tied.nonzero()[:, 0]
+            sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+            v[rows], i[rows] = sv[:, :k], si[:, :k]
+        # Order within the row: value descending, then index ascending.
+        i, order = torch.sort(i, dim=1)
+        v = v.gather(1, order)
+        v, order = torch.sort(v, dim=1, descending=True, stable=True)
+        vals.append(v)
+        idxs.append(i.gather(1, order))
+    if not vals:
+        return xn.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=x.device)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+# --------------------------------------------------------------------------------------------
 # Contrastive losses: exact, chunked backward passes (the CPU backend of ops.nt_xent,
 # ops.info_nce_queue and ops.pair_cosine). The forward functions above stay the oracle: tests check
 # these formulas against autograd through them in float64.
