@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
-DEPS := numpy scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
+DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -42,7 +42,9 @@ $(PY):
 
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm" 2>/dev/null \
+	@# numpy 2.4 breaks Triton 3.6's interpreter (loops with runtime bounds), hence the pin.
+	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm, numpy; \
+	  assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null \
 	  || $(PIP) install -q $(TRITON_SPEC) $(DEPS)
 
 build: venv
