@@ -59,9 +59,10 @@ def environment(gpu: bool) -> dict:
     except ImportError:
         env["triton"] = None
     try:
-        env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        env["commit"] = "unknown"
+        env["commit"] = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                                stderr=subprocess.DEVNULL).strip()
+    except Exception:  # a copy of the tree without .git (e.g. a remote GPU machine)
+        env["commit"] = os.environ.get("CORESET_EXT_COMMIT", "unknown")
     import coreset_ext
 
     env["coreset_ext"] = coreset_ext.__version__
@@ -116,7 +117,12 @@ def collect(bench_json: Path, events: Path) -> list[dict]:
                              "dtype": ev.get("dtype"), "device": ev.get("device"), "oom": True,
                              "median_s": None, "iqr_s": None, "min_s": None, "rounds": 0,
                              "peak_mem_bytes": None, "floor_s": ev.get("floor_s")})
-    # ratios: how many times faster ours is than each other implementation of the same case
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Per case: how many times faster ours is than each other implementation; floor fractions."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(key_of(r), []).append(r)
@@ -130,7 +136,6 @@ def collect(bench_json: Path, events: Path) -> list[dict]:
             t = ours[0]["median_s"]
             ours[0]["speedup_vs"] = {r["impl"]: (r["median_s"] / t if r["median_s"] else "OOM")
                                      for r in group if r["impl"] != "coreset_ext"}
-    return rows
 
 
 def fmt_time(s: float | None) -> str:
@@ -218,10 +223,39 @@ def regressions_against(rows: list[dict], committed: Path) -> list[str]:
     return out
 
 
-def run_device(gpu: bool, out: Path, expr: str | None, quick: bool) -> int:
-    env = environment(gpu)
+def write_results(rows: list[dict], env: dict, out: Path, plot_png: bool = True) -> str:
     name = slug(env["device"])
     out.mkdir(parents=True, exist_ok=True)
+    regs = regressions_against(rows, COMMITTED / f"{name}.json")
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    (out / f"{name}.md").write_text(markdown(rows, env, regs))
+    if plot_png:
+        plot(rows, env, out / f"{name}.png")
+    print(f"wrote {out / name}.{{json,md{',png' if plot_png else ''}}}: {len(rows)} measurements")
+    for r in regs:
+        print("REGRESSION", r)
+    return name
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Combines result files of one device (e.g. several partial GPU runs) into one table."""
+    rows, env = [], None
+    for path in paths:
+        data = json.loads(path.read_text())
+        if env is not None and data["environment"]["device"] != env["device"]:
+            raise SystemExit(f"{path} is from {data['environment']['device']}, not {env['device']}")
+        env = data["environment"]
+        rows += data["results"]
+    for r in rows:  # ratios and floors are recomputed over the combined rows
+        r.pop("speedup_vs", None)
+        r.pop("floor_fraction", None)
+    add_ratios(rows)
+    write_results(rows, env, out)
+    return 0
+
+
+def run_device(gpu: bool, out: Path, expr: str | None, quick: bool, plot_png: bool = True) -> int:
+    env = environment(gpu)
     with tempfile.TemporaryDirectory() as tmp:
         bench_json, events = Path(tmp) / "bench.json", Path(tmp) / "events.jsonl"
         rc = run_pytest(bench_json, events, gpu, expr, quick)
@@ -229,13 +263,7 @@ def run_device(gpu: bool, out: Path, expr: str | None, quick: bool) -> int:
     if not rows:
         print("no benchmark results were collected", file=sys.stderr)
         return rc or 1
-    regs = regressions_against(rows, COMMITTED / f"{name}.json")
-    (out / f"{name}.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    (out / f"{name}.md").write_text(markdown(rows, env, regs))
-    plot(rows, env, out / f"{name}.png")
-    print(f"wrote {out / name}.{{json,md,png}}: {len(rows)} measurements")
-    for r in regs:
-        print("REGRESSION", r)
+    write_results(rows, env, out, plot_png)
     # a failed benchmark fails the run; an out-of-memory one is a recorded result (it skips)
     return rc if rc not in (0, 5) else 0
 
@@ -247,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="only the CPU")
     p.add_argument("-k", dest="expr", help="pytest -k expression selecting benchmarks")
     p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                   help="combine result files of one device into one table (no benchmarking)")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     import torch
 
     if args.gpu and not torch.cuda.is_available():
@@ -256,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [True] if args.gpu else [False] if args.cpu else [False] + ([True] if torch.cuda.is_available() else [])
     rc = 0
     for gpu in targets:
-        rc = run_device(gpu, args.out, args.expr, args.quick) or rc
+        rc = run_device(gpu, args.out, args.expr, args.quick, not args.no_plot) or rc
     return rc
 
 
