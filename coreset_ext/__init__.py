@@ -22,3 +22,8 @@ __all__ = ["ScoreTracker", "ops", "reference", "__version__"]
 from coreset_ext.scores import TrainingDynamics  # noqa: E402
 
 __all__ += ["TrainingDynamics"]
+
+# --- main job (issue 5): selection API --------------------------------------------------------
+from coreset_ext.select import Selection, select  # noqa: E402
+
+__all__ += ["Selection", "select"]
