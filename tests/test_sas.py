@@ -206,3 +206,47 @@ def test_load_embeddings(tmp_path, gen):
         load_embeddings(str(tmp_path / "e.npy"), dataset_size=8)
     with pytest.raises(ValueError, match="key"):
         load_embeddings(str(tmp_path / "e.npz"), key="test")
+
+
+def test_ssl_protocol_trains_on_the_subset_and_probes_on_the_full_set():
+    from coreset_ext.select import Selection
+    from coreset_ext.train import TrainConfig, Trainer, load_dataset
+    from coreset_ext.train.evaluate import evaluate_ssl, extract_features, linear_probe, ssl_probe_accuracy
+
+    tr, te = load_dataset("digits"), load_dataset("digits", split="test")
+    opts = {"epochs": 1, "width": 4, "batch_size": 32, "device": "cpu"}
+    idx = torch.randperm(len(tr), generator=torch.Generator().manual_seed(1))[:40]
+    acc = ssl_probe_accuracy(tr, idx, te, seed=2, train_options=opts, probe_steps=50)
+    # The same thing by hand: the trainer on the 40 examples only, the probe on all 1438.
+    sub = ArrayDataset(tr.data[idx], tr.labels[idx], name=tr.name, num_classes=tr.num_classes)
+    enc = Trainer(TrainConfig(seed=2, progress=False, **opts), sub).fit().model.encoder
+    ref = linear_probe(extract_features(enc, tr), tr.labels, extract_features(enc, te), te.labels, seed=2, steps=50,
+                       num_classes=10)
+    assert acc == ref
+    with pytest.raises(ValueError, match="index"):
+        ssl_probe_accuracy(tr, torch.tensor([3]), te, train_options=opts)
+    with pytest.raises(ValueError, match="index"):
+        ssl_probe_accuracy(tr, torch.tensor([3, 3, 4]), te, train_options=opts)
+    sel = Selection(indices=idx, method="sas", dataset_size=len(tr), fingerprint=tr.fingerprint)
+    rows = evaluate_ssl([sel], seeds=(0,), train_options=opts)
+    assert [(r["method"], r["budget"], r["evaluator"]) for r in rows] == [("sas", 40, "ssl"), ("random", 40, "ssl")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_selector_inputs_feed_the_methods(tmp_path):
+    from coreset_ext.train import load_dataset
+    from coreset_ext.train.embed import selector_inputs
+
+    ds = load_dataset("digits")
+    ds = ArrayDataset(ds.data[:120], ds.labels[:120], name=ds.name, num_classes=10)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", ds.sample_shape, width=4)
+    out = selector_inputs(model, ds, tmp_path, n_clusters=5, seeds=(0,))
+    e = out["embeddings"]
+    assert e.shape == (120, model.encoder.out_dim)
+    for kind in ("pseudo", "labels"):
+        path = out["files"][(kind, 0)]
+        method = "elfs" if kind == "pseudo" else "aum"
+        from_file = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels, dynamics=path, beta=0.1)
+        computed = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels, n_clusters=5, beta=0.1)
+        assert torch.equal(from_file.indices, computed.indices)

@@ -62,7 +62,7 @@ from coreset_ext.select import pruning
 from coreset_ext.select.pseudo_labels import pseudo_labels as make_pseudo_labels
 from coreset_ext.select.registry import register_method, require
 
-__all__ = ["choose_beta", "coverage", "dynamics_for", "hardness"]
+__all__ = ["choose_beta", "coverage", "dynamics_for", "hardness", "pseudo_labels_for"]
 
 BETA_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # 0.0 .. 0.5
 VARIANTS = ("double_end", "ccs")
@@ -105,6 +105,14 @@ def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int =
     key = ("dyn", _digest(embeddings.float()), _digest(targets.long()), seed, epochs, hidden, el2n_epochs)
     return _memo(key, lambda: train_proxy_classifier(embeddings, targets, epochs=epochs, hidden=hidden,
                                                      el2n_epochs=el2n_epochs, seed=seed))
+
+
+def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method: str = "kmeans", seed: int = 0,
+                      **options) -> torch.Tensor:
+    """`pseudo_labels.pseudo_labels`, memoised in-process like `dynamics_for`."""
+    e = embeddings.float()
+    return _memo(("pl", _digest(e), n_clusters, method, options, seed),
+                 lambda: make_pseudo_labels(e, n_clusters, method=method, seed=seed, **options))
 
 
 def hardness(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
@@ -187,9 +195,7 @@ def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int
         dyn = _load_dynamics(dynamics, n)
     else:
         e = require("embeddings", embeddings, "elfs").float()
-        opts = dict(deep_cluster or {})
-        targets = _memo(("pl", _digest(e), n_clusters, pseudo_labels, opts, seed),
-                        lambda: make_pseudo_labels(e, n_clusters, method=pseudo_labels, seed=seed, **opts))
+        targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
         dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
     s = hardness(dyn, score)
     idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid)

@@ -29,7 +29,7 @@ from coreset_ext.scores import load_npz
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
 
-__all__ = ["proxy_embeddings", "load_embeddings"]
+__all__ = ["proxy_embeddings", "load_embeddings", "selector_inputs"]
 
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -113,3 +113,42 @@ def load_embeddings(path: str, *, key: str = "train", dataset_size: int | None =
     if dataset_size is not None and x.shape[0] != dataset_size:
         raise ValueError(f"path: {p} has {x.shape[0]} rows but the data set has {dataset_size} examples")
     return x.float()
+
+
+def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m: int = 1,
+                    augment: AugmentFn | str | None = None, n_clusters: int = 10, seeds: tuple[int, ...] = (0,),
+                    device: str | torch.device = "cpu") -> dict:
+    """Everything SAS, ELFS and the dynamics baselines need from a trained model, computed once.
+
+    Returns {"embeddings": proxy embeddings [N, D] (`proxy_embeddings`, the clean examples by
+    default), "dynamics": {("pseudo" | "labels", seed): TrainingDynamics}}. The dynamics are those
+    `cx.select("elfs" | "aum" | "forgetting" | "el2n" | "ccs", embeddings=<these embeddings>,
+    labels=..., seed=seed, n_clusters=n_clusters)` compute with their default proxy options: they
+    land in the selectors' in-process cache, so those calls reuse them. With `out_dir`, writes
+    proxy_embeddings.npz and dynamics_<kind>_seed<seed>.npz (loadable through the methods'
+    `dynamics=` option) and adds their paths under "files".
+    """
+    from coreset_ext.scores import save_npz
+    from coreset_ext.select.elfs import dynamics_for, pseudo_labels_for
+
+    emb = proxy_embeddings(model, train_ds, m, augment=augment, device=device)
+    out = {"embeddings": emb, "dynamics": {}, "files": {}}
+    for seed in seeds:
+        out["dynamics"][("pseudo", seed)] = dynamics_for(emb, pseudo_labels_for(emb, n_clusters, seed=seed), seed=seed)
+        if train_ds.has_labels and bool((train_ds.labels >= 0).all()):
+            out["dynamics"][("labels", seed)] = dynamics_for(emb, train_ds.labels, seed=seed)
+    if out_dir is not None:
+        from pathlib import Path
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_npz(out_dir / "proxy_embeddings.npz", {"train": emb.numpy()},
+                 {"kind": "Embeddings", "which": "proxy", "m": m, "dataset_size": len(train_ds),
+                  "fingerprint": train_ds.fingerprint})
+        out["files"]["embeddings"] = str(out_dir / "proxy_embeddings.npz")
+        for (kind, seed), dyn in out["dynamics"].items():
+            path = out_dir / f"dynamics_{kind}_seed{seed}.npz"
+            dyn.fingerprint = train_ds.fingerprint
+            dyn.save(path)
+            out["files"][(kind, seed)] = str(path)
+    return out
