@@ -3,7 +3,7 @@
 SAS (METHODS.md, method 2) measures how alike two examples' augmentations are through a proxy
 contrastive model: each example's embedding is the mean of its m views' L2-normalised
 embeddings. With `augment=None` the one "view" is the clean example (the identity augmentation),
-which is what the demo uses: it equals the pipeline's frozen features, so it costs nothing extra.
+which is what the demo uses: the pipeline's frozen features, L2-normalised, at no extra cost.
 
 Example:
     >>> import torch
@@ -13,7 +13,7 @@ Example:
     >>> ds = load_dataset("digits")
     >>> model = build_model("small_cnn", ds.sample_shape, width=8)
     >>> proxy_embeddings(model, ds, m=2, seed=0).shape
-    torch.Size([1437, 16])
+    torch.Size([1438, 16])
 """
 
 from __future__ import annotations
