@@ -103,8 +103,10 @@ def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int =
     from coreset_ext.train.proxy import train_proxy_classifier
 
     key = ("dyn", _digest(embeddings.float()), _digest(targets.long()), seed, epochs, hidden, el2n_epochs)
-    return _memo(key, lambda: train_proxy_classifier(embeddings, targets, epochs=epochs, hidden=hidden,
-                                                     el2n_epochs=el2n_epochs, seed=seed))
+    # Trained where the embeddings live (the GPU at scale); the dynamics come back on the CPU.
+    return _memo(key, lambda: train_proxy_classifier(embeddings, targets.to(embeddings.device), epochs=epochs,
+                                                     hidden=hidden, el2n_epochs=el2n_epochs, seed=seed,
+                                                     device=embeddings.device))
 
 
 def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method: str = "kmeans", seed: int = 0,
