@@ -159,7 +159,8 @@ def test_bad_inputs(gen):
 
 
 def _tiny_images(gen, n=10):
-    return ArrayDataset(torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen), name="digits/x")
+    return ArrayDataset(torch.rand(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen),
+                        name="digits/x")
 
 
 def test_proxy_embeddings_shape_determinism_and_mean_of_views(gen):

@@ -40,7 +40,7 @@ METHODS = ("kmeans", "deep_cluster")
 
 def _check(embeddings, n_clusters) -> torch.Tensor:
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
-        raise ValueError(f"embeddings must be a 2-D float tensor [N, D], got {getattr(embeddings, 'shape', embeddings)!r}")
+        raise ValueError(f"embeddings must be a 2-D float tensor [N, D], got {ops._describe(embeddings)}")
     n = embeddings.shape[0]
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 2 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be an int in 2 .. {n} (pseudo-labels need two classes), got {n_clusters!r}")
