@@ -17,7 +17,8 @@ from coreset_ext.train.proxy import train_proxy_classifier
 
 
 def _blobs(gen, per=30, k=3, d=6):
-    centres = 6.0 * torch.randn(k, d, generator=gen)
+    # Orthogonal centres far from the origin: separated in angle too, as the cosine metric needs.
+    centres = 8.0 * torch.eye(d)[:k]
     x = torch.cat([centres[c] + torch.randn(per, d, generator=gen) for c in range(k)])
     return x, torch.arange(k).repeat_interleave(per)
 
