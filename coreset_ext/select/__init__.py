@@ -12,3 +12,6 @@ from coreset_ext.select.selection import Selection
 from coreset_ext.select import balanced_random, css, kcenter, prototypes, random  # noqa: E402,F401
 
 __all__ = ["Selection", "available_methods", "register_method", "select"]
+
+# --- SAS and ELFS selectors and the dynamics baselines (issues 6 and 7) ---
+from coreset_ext.select import elfs, sas  # noqa: E402,F401

@@ -183,3 +183,69 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------ SSL data efficiency (SAS; issue 6)
+def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: ArrayDataset, *, seed: int = 0,
+                       train_options: dict | None = None, probe_steps: int = 200,
+                       device: str | torch.device = "auto") -> float:
+    """SAS's protocol for one subset: contrastive training (the trainer, SimCLR unless `train_options`
+    say otherwise) on `train_ds[index]` only, then a linear probe on the frozen backbone features of
+    the FULL labelled training set, scored on `test_ds`. `seed` seeds the training and the probe.
+
+    Example:
+        >>> from coreset_ext.train import load_dataset
+        >>> tr, te = load_dataset("digits"), load_dataset("digits", split="test")
+        >>> acc = ssl_probe_accuracy(tr, torch.arange(64), te, train_options={"epochs": 1, "width": 8})
+        >>> 0.0 <= acc <= 1.0
+        True
+    """
+    from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
+
+    index = torch.as_tensor(index).long().cpu()
+    if index.dim() != 1 or index.numel() < 2:
+        raise ValueError(f"index: contrastive training needs at least 2 examples, got {index.numel()}")
+    if bool((index < 0).any()) or bool((index >= len(train_ds)).any()) or torch.unique(index).numel() != index.numel():
+        raise ValueError(f"index: must hold distinct indices in [0, {len(train_ds)})")
+    if not train_ds.has_labels or not test_ds.has_labels:
+        raise ValueError("train_ds/test_ds: the linear probe needs labelled training and test sets")
+    opts = {"progress": False, **(train_options or {}), "seed": seed}
+    if "device" not in opts:
+        opts["device"] = str(device)
+    dev = resolve_device(opts["device"])
+    subset = ArrayDataset(train_ds.data[index], train_ds.labels[index], name=train_ds.name,
+                          num_classes=train_ds.num_classes)
+    encoder = Trainer(TrainConfig(**opts), subset).fit().model.encoder
+    feats_tr = extract_features(encoder, train_ds, device=dev)
+    feats_te = extract_features(encoder, test_ds, device=dev)
+    return linear_probe(feats_tr, train_ds.labels, feats_te, test_ds.labels, seed=seed, steps=probe_steps,
+                        num_classes=max(train_ds.num_classes, test_ds.num_classes), device=dev)
+
+
+def evaluate_ssl(selections: list, *, data: str = "digits", data_dir: str | None = None,
+                 seeds: tuple[int, ...] = (0, 1, 2), random_baseline: bool = True, train_options: dict | None = None,
+                 device: str = "auto") -> list[dict]:
+    """`ssl_probe_accuracy` for every Selection (and, by default, random subsets of the same sizes, a
+    fresh one per seed) over seeds: rows with evaluator "ssl", ready for `write_results`."""
+    from coreset_ext.select import select
+    from coreset_ext.train.data import load_dataset
+
+    train_ds = load_dataset(data, split="train", data_dir=data_dir)
+    test_ds = load_dataset(data, split="test", data_dir=data_dir)
+    jobs = []
+    for sel in selections:
+        sel._check_dataset(train_ds)
+        jobs.append((sel.method, sel))
+    if random_baseline:
+        jobs += [("random", b) for b in sorted({len(s) for s in selections})]
+    rows = []
+    for name, item in jobs:
+        for seed in seeds:
+            if isinstance(item, int):
+                budget, idx = item, select("random", budget=item, dataset_size=len(train_ds), seed=seed).indices
+            else:
+                budget, idx = len(item), item.indices
+            acc = ssl_probe_accuracy(train_ds, idx, test_ds, seed=seed, train_options=train_options, device=device)
+            rows.append({"method": name, "fraction": round(budget / len(train_ds), 4), "budget": budget,
+                         "evaluator": "ssl", "seed": seed, "accuracy": acc})
+    return rows
