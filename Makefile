@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
-DEPS := numpy scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
+DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -42,7 +42,9 @@ $(PY):
 
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
-	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm" 2>/dev/null \
+	@# numpy 2.4 breaks Triton 3.6's interpreter (loops with runtime bounds), hence the pin.
+	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm, numpy; \
+	  assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null \
 	  || $(PIP) install -q $(TRITON_SPEC) $(DEPS)
 
 build: venv
@@ -56,7 +58,7 @@ test-cpu: build
 
 # Triton kernels run on the CPU through Triton's interpreter.
 test-triton: build
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "triton and not cuda" tests; rc=$$?; \
+	rc=0; TRITON_INTERPRET=1 $(PY) -m pytest -q -m "triton and not cuda" tests || rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no Triton tests collected"; else exit $$rc; fi
 
 nvcc-check: venv
@@ -81,15 +83,19 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/run.py --out benchmarks/results
+	$(PY) benchmarks/readme.py
 
+# On the GPU machine: CUDA build, every test (GPU-only ones included; the Triton tests on the GPU,
+# then once more in the interpreter as CI runs them), then the GPU benchmarks. BENCH_ARGS=--quick
+# shortens the benchmark rounds.
 gpu-check:
 	FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$${TORCH_CUDA_ARCH_LIST:-9.0}" \
 	  $(GPU_PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
-	$(GPU_PY) -m coreset_ext info
 	mkdir -p $(RESULTS_DIR)
-	$(GPU_PY) -m pytest -q -m "not triton" tests --junitxml=$(RESULTS_DIR)/tests-gpu.xml
+	$(GPU_PY) -m coreset_ext info | tee $(RESULTS_DIR)/info.txt
+	$(GPU_PY) -m pytest -q -m "not triton or cuda" tests --junitxml=$(RESULTS_DIR)/tests-gpu.xml
 	TRITON_INTERPRET=1 $(GPU_PY) -m pytest -q -m "triton and not cuda" tests
-	$(GPU_PY) benchmarks/run.py --out $(RESULTS_DIR) --gpu
+	$(GPU_PY) benchmarks/run.py --out $(RESULTS_DIR) --gpu $(BENCH_ARGS)
 
 wheel: venv
 	$(PY) tools/build_wheel.py

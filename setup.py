@@ -52,9 +52,10 @@ def _want_cuda() -> tuple[bool, str]:
 
 def _git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        return "unknown"
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:  # a copy of the tree without .git
+        return os.environ.get("CORESET_EXT_COMMIT", "unknown")
 
 
 def _write_build_info(info: dict) -> Path:

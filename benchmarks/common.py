@@ -8,6 +8,9 @@ the eager baseline (impl "eager") and to peers, and the fraction of the floor.
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -71,7 +74,13 @@ def measure(
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) - base
         return result
     except torch.OutOfMemoryError:
+        # pytest-benchmark keeps no record of a skipped test, so the OOM goes to an event log
+        # that benchmarks/run.py reads: out-of-memory is a result, not a crash.
         benchmark.extra_info["oom"] = True
+        log = os.environ.get("CORESET_BENCH_EVENTS")
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(benchmark.extra_info) + "\n")
         if device.type == "cuda":
             torch.cuda.empty_cache()
         pytest.skip(f"{op}/{impl} {size}: out of memory (recorded)")

@@ -18,6 +18,21 @@ from coreset_ext.scores import ScoreTracker  # noqa: E402
 
 __all__ = ["ScoreTracker", "ops", "reference", "__version__"]
 
+# --- similarity family / training dynamics (SAS, ELFS) ---
+from coreset_ext.scores import TrainingDynamics  # noqa: E402
+
+__all__ += ["TrainingDynamics"]
+
+# --- main job (issue 5): selection API --------------------------------------------------------
+from coreset_ext.select import Selection, select  # noqa: E402
+
+__all__ += ["Selection", "select"]
+
+# --- fused contrastive losses (issue 3): loss modules ----------------------------------------
+from coreset_ext import nn  # noqa: E402
+
+__all__ += ["nn"]
+
 # ---- kmeans (issue 4) ----
 from coreset_ext.cluster import KMeans  # noqa: E402
 

@@ -180,3 +180,188 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
     sums = torch.zeros(k, x.shape[1], dtype=acc, device=x.device).index_add_(0, labels, x.to(acc))
     counts = torch.bincount(labels, minlength=k)
     return sums, counts
+
+
+# --------------------------------------------------------------------------------------------
+# cosine_rowsum / cosine_topk (similarity family: SAS row sums, ELFS k-NN pairs)
+# --------------------------------------------------------------------------------------------
+
+
+def _similarity_inputs(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-normalised x and y (y = x when None) in the accumulation dtype: float64 stays float64,
+    everything else is computed in float32."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xn = normalize(x.to(acc))
+    yn = xn if y is None else normalize(y.to(acc))
+    return xn, yn
+
+
+def cosine_rowsum(
+    x: torch.Tensor, y: torch.Tensor | None = None, *, clamp_min: float = 0.0, groups: torch.Tensor | None = None,
+    y_groups: torch.Tensor | None = None, exclude_self: bool = False, chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Clamped cosine row sums, [n] (float32, or float64 for float64 input):
+
+        r_i = sum_{j in J(i)} max(cos(x_i, y_j), clamp_min)
+
+    with cos as in `pair_cosine` (norms clamped below by EPS) and y = x when None. J(i) is every
+    row of y; with `groups` (a label per row of x) and `y_groups` (per row of y; defaults to
+    `groups` when y is None), only the j with y_groups[j] == groups[i]; with `exclude_self`
+    (y is x), j == i is left out.
+    """
+    xn, yn = _similarity_inputs(x, y)
+    if groups is not None and y_groups is None:
+        y_groups = groups
+    parts = []
+    for s in range(0, xn.shape[0], chunk_size):
+        sim = (xn[s : s + chunk_size] @ yn.T).clamp_min(clamp_min)  # [c, m]: one block of rows
+        if groups is not None:
+            sim = sim.masked_fill(groups[s : s + chunk_size, None] != y_groups[None, :], 0.0)
+        if exclude_self:
+            ar = torch.arange(sim.shape[0], device=sim.device)
+            sim[ar, s + ar] = 0.0
+        parts.append(sim.sum(dim=1))
+    return torch.cat(parts) if parts else xn.new_zeros(0)
+
+
+def cosine_topk(
+    x: torch.Tensor, k: int, *, y: torch.Tensor | None = None, exclude_self: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k rows of y (y = x when None) most cosine-similar to each row of x:
+    (values [n, k] float32 (float64 for float64 input), indices [n, k] int64).
+
+    Each row is ordered by similarity descending; equal similarities by ascending index of y, so
+    when several rows of y tie at the k-th value the lowest indices are kept. With `exclude_self`
+    (only when y is None), j == i is never returned.
+    """
+    xn, yn = _similarity_inputs(x, y)
+    vals, idxs = [], []
+    for s in range(0, xn.shape[0], chunk_size):
+        sim = xn[s : s + chunk_size] @ yn.T  # [c, m]: one block of rows
+        if exclude_self and y is None:
+            ar = torch.arange(sim.shape[0], device=sim.device)
+            sim[ar, s + ar] = float("-inf")
+        v, i = torch.topk(sim, k, dim=1)
+        # torch.topk does not say which of several equal values at the k-th place it keeps. Rows
+        # with more copies of their k-th value than were returned are redone with a stable sort,
+        # which keeps the lowest indices (rare: ties need exactly equal similarities).
+        kth = v[:, -1:]
+        tied = (sim == kth).sum(dim=1) > (v == kth).sum(dim=1)
+        if bool(tied.any()):
+            rows = tied.nonzero()[:, 0]
+            sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+            v[rows], i[rows] = sv[:, :k], si[:, :k]
+        # Order within the row: value descending, then index ascending.
+        i, order = torch.sort(i, dim=1)
+        v = v.gather(1, order)
+        v, order = torch.sort(v, dim=1, descending=True, stable=True)
+        vals.append(v)
+        idxs.append(i.gather(1, order))
+    if not vals:
+        return xn.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=x.device)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive losses: exact, chunked backward passes (the CPU backend of ops.nt_xent,
+# ops.info_nce_queue and ops.pair_cosine). The forward functions above stay the oracle: tests check
+# these formulas against autograd through them in float64.
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_backward(x: torch.Tensor, grad_zhat: torch.Tensor) -> torch.Tensor:
+    """Gradient through zhat = x / max(||x||, EPS): above EPS, (g - zhat <g, zhat>) / ||x||;
+    at or below it the clamp is a constant, so g / EPS."""
+    n = x.norm(dim=-1, keepdim=True)
+    c = n.clamp_min(EPS)
+    zhat = x / c
+    proj = (grad_zhat * zhat).sum(dim=-1, keepdim=True)
+    return torch.where(n > EPS, (grad_zhat - zhat * proj) / c, grad_zhat / c)
+
+
+def nt_xent_lse(z1: torch.Tensor, z2: torch.Tensor, rows: torch.Tensor, temperature: float, *,
+                normalize_input: bool = True) -> torch.Tensor:
+    """Per-row log-sum-exp of the NT-Xent denominators, recovered from the per-row losses:
+    lse_i = loss_i + s_{i,p(i)} / t."""
+    z = torch.cat([z1, z2], dim=0)
+    if normalize_input:
+        z = normalize(z)
+    pos = (z * z.roll(z1.shape[0], dims=0)).sum(dim=1) / temperature
+    return rows + pos
+
+
+def nt_xent_rows_backward(
+    grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, temperature: float, *,
+    normalize_input: bool = True, lse: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of sum_i g_i loss_i (see `nt_xent_rows`) with respect to z1 and z2.
+
+    With p_ij = exp(s_ij / t - lse_i) (zero on the diagonal) and p(i) the other view:
+
+        dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ]
+
+    then through the normalisation. s is symmetric, so p_ji = exp(s_ij / t - lse_j): each chunk of
+    rows needs only its own [chunk, 2B] block.
+    """
+    x = torch.cat([z1, z2], dim=0)
+    z = normalize(x) if normalize_input else x
+    n, half = z.shape[0], z1.shape[0]
+    if lse is None:
+        rows, _ = nt_xent_rows(z1, z2, temperature, normalize_input=normalize_input, chunk_size=chunk_size)
+        lse = nt_xent_lse(z1, z2, rows, temperature, normalize_input=normalize_input)
+    g = grad_rows.to(z.dtype)
+    lse = lse.to(z.dtype)
+    parts = []
+    for s in range(0, n, chunk_size):
+        zc = z[s : s + chunk_size]
+        c = zc.shape[0]
+        logits = zc @ z.T / temperature
+        w = g[s : s + c, None] * torch.exp(logits - lse[s : s + c, None]) + g[None, :] * torch.exp(logits - lse[None, :])
+        ar = torch.arange(c, device=z.device)
+        w[ar, s + ar] = 0
+        pc = (torch.arange(s, s + c, device=z.device) + half) % n
+        parts.append((w @ z - (g[s : s + c] + g[pc])[:, None] * z[pc]) / temperature)
+    gz = torch.cat(parts)
+    gx = normalize_backward(x, gz) if normalize_input else gz
+    return gx[:half], gx[half:]
+
+
+def info_nce_queue_lse(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, temperature: float, *,
+                       normalize_input: bool = True) -> torch.Tensor:
+    """lse_i = loss_i + <q_i, k_i> / t (normalised when `normalize_input`)."""
+    if normalize_input:
+        q, k = normalize(q), normalize(k)
+    return rows + (q * k).sum(dim=1) / temperature
+
+
+def info_nce_queue_rows_backward(
+    grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *,
+    normalize_input: bool = True, lse: torch.Tensor | None = None, chunk_size: int = CHUNK_SIZE,
+) -> torch.Tensor:
+    """Gradient of sum_i g_i loss_i (see `info_nce_queue_rows`) with respect to q:
+
+        dL/dqhat_i = (g_i / t) [ sum_j p_ij queuehat_j + (p_pos,i - 1) khat_i ],
+        p_ij = exp(<qhat_i, queuehat_j>/t - lse_i),  p_pos,i = exp(<qhat_i, khat_i>/t - lse_i)
+    """
+    if lse is None:
+        rows, _ = info_nce_queue_rows(q, k, queue, temperature, normalize_input=normalize_input,
+                                      chunk_size=chunk_size)
+        lse = info_nce_queue_lse(q, k, rows, temperature, normalize_input=normalize_input)
+    qh, kh, quh = (normalize(q), normalize(k), normalize(queue)) if normalize_input else (q, k, queue)
+    g = grad_rows.to(qh.dtype)
+    lse = lse.to(qh.dtype)
+    p_pos = torch.exp((qh * kh).sum(dim=1) / temperature - lse)
+    parts = []
+    for s in range(0, q.shape[0], chunk_size):
+        p = torch.exp(qh[s : s + chunk_size] @ quh.T / temperature - lse[s : s + chunk_size, None])
+        parts.append(p @ quh)
+    gz = (torch.cat(parts) + (p_pos - 1)[:, None] * kh) * (g / temperature)[:, None]
+    return normalize_backward(q, gz) if normalize_input else gz
+
+
+def pair_cosine_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of sum_i g_i pair_cosine(a, b)_i: dc/dahat = bhat, dc/dbhat = ahat, then through
+    the normalisations."""
+    g = grad.to(a.dtype)[:, None]
+    return normalize_backward(a, g * normalize(b)), normalize_backward(b, g * normalize(a))

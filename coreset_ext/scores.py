@@ -1,8 +1,8 @@
 """Per-example score accumulation during training.
 
 `ScoreTracker` keeps, for each named metric, a running sum and a count per example of the data
-set, updated in place through `ops.score_scatter_add_` (duplicates summed, fused-friendly, no host
-synchronisation when `nan="ignore"`). It saves atomically to a non-pickle `.npz` file holding the
+set, updated in place through `ops.score_scatter_add_` (duplicates summed; one host
+synchronisation per update, for the checks). It saves atomically to a non-pickle `.npz` file holding the
 buffers and a JSON metadata record.
 """
 
@@ -85,9 +85,9 @@ class ScoreTracker:
         num_samples: size of the data set; valid indices are 0 .. num_samples - 1.
         metrics: names of the scores to track (default: ("css",), the positive-pair cosine).
         device: where the buffers live (put them where the values are produced).
-        nan: what to do with NaN/Inf values: "error" (default; raises ValueError, costs one host
-            synchronisation per update), "skip" (drops those entries; also synchronises), or
-            "ignore" (adds them as they are; no synchronisation).
+        nan: what to do with NaN/Inf values: "error" (default; raises ValueError), "skip" (drops
+            those entries), or "ignore" (adds them as they are). Each update checks the index range
+            and the values before writing anything, at one host synchronisation.
         fingerprint: optional string identifying the data set, stored with saves and checked on load.
         deterministic: passed to the scatter op (None: follow torch's deterministic-algorithms flag).
 
@@ -146,21 +146,33 @@ class ScoreTracker:
                 raise ValueError(f"{name} must be a 1-D tensor, got {ops._describe(v)}")
             if v.shape[0] != index.shape[0]:
                 raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
-            idx = index
-            if self.nan != "ignore":
+        if index.numel() == 0:
+            return
+        # Everything is checked before anything is written, at one host synchronisation: the index
+        # range and, unless nan="ignore", each metric's count of non-finite values.
+        stats = list(torch.aminmax(index))
+        if self.nan != "ignore":
+            stats += [(~torch.isfinite(v)).sum() for v in values.values()]
+        lo, hi, *nonfinite = torch.stack([t.long() for t in stats]).tolist()
+        if lo < 0 or hi >= self.num_samples:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"index contains {bad}, out of range for {self.num_samples} examples")
+        if self.nan == "error":
+            for (name, v), count in zip(values.items(), nonfinite):
+                if count:
+                    pos = int((~torch.isfinite(v)).nonzero()[0, 0])
+                    raise ValueError(
+                        f"{name} has a non-finite value {v[pos].item()} at position {pos} "
+                        f"(example {int(index[pos])}); pass nan='skip' to drop such entries"
+                    )
+        for i, (name, v) in enumerate(values.items()):
+            idx, v = index, v.detach()
+            if self.nan == "skip" and nonfinite[i]:
                 finite = torch.isfinite(v)
-                if not bool(finite.all()):
-                    if self.nan == "error":
-                        bad = int((~finite).nonzero()[0, 0])
-                        raise ValueError(
-                            f"{name} has a non-finite value {v[bad].item()} at position {bad} "
-                            f"(example {int(index[bad])}); pass nan='skip' to drop such entries"
-                        )
-                    idx, v = index[finite], v[finite]
-            v = v.detach()
-            ops.score_scatter_add_(self.sums[name], idx, v, deterministic=self.deterministic)
+                idx, v = index[finite], v[finite]
+            ops.score_scatter_add_(self.sums[name], idx, v, deterministic=self.deterministic, validate=False)
             ops.score_scatter_add_(self.counts[name], idx, torch.ones_like(v, dtype=torch.float32),
-                                   deterministic=self.deterministic)
+                                   deterministic=self.deterministic, validate=False)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """Per-example mean of each metric over the times the example was seen (NaN if never)."""
@@ -238,3 +250,234 @@ class ScoreTracker:
         tracker = cls(meta["num_samples"], meta["metrics"], device=device, fingerprint=meta.get("fingerprint"))
         tracker.load_state_dict({"meta": meta, **arrays})
         return tracker
+
+
+# --------------------------------------------------------------------------------------------
+# TrainingDynamics: AUM, forgetting events and EL2N of a classifier, per example (ELFS)
+# --------------------------------------------------------------------------------------------
+
+_NEVER_SEEN, _WAS_WRONG, _WAS_RIGHT = -1, 0, 1
+
+
+class TrainingDynamics:
+    """Per-example training dynamics of a classifier, accumulated on the device step by step.
+
+    Each `update(logits, targets, index, epoch=e)` takes a batch's logits [B, C], its (pseudo-)
+    labels [B] and the examples' data set indices [B], with p = softmax(logits) in float32:
+
+    - AUM: margin_i = p(y_i) - max_{c != y_i} p(c), summed over the steps that saw i (`aum()`).
+    - Forgetting: i is correct when its logit for y_i is strictly above every other logit
+      (a tie counts as wrong). A forgetting event is a correct -> incorrect transition between
+      two consecutive sightings of i; the last correctness is kept per example, starting at
+      "never seen". Examples seen but never correct are "never learned" (`forgetting()`).
+    - EL2N: ||p - onehot(y_i)||_2, accumulated only while `epoch < el2n_epochs`, averaged.
+
+    Everything is a scatter-add through `ops.score_scatter_add_` (duplicates summed) or a
+    gather/scatter of the per-example state: no Python loop over examples. An example that
+    appears twice in one batch is taken as seen twice, in batch order. Saves atomically to .npz
+    like `ScoreTracker`.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> dyn = cx.TrainingDynamics(10, el2n_epochs=1)
+        >>> for epoch in range(2):
+        ...     index = torch.randperm(10)[:4]
+        ...     dyn.update(torch.randn(4, 3), torch.randint(0, 3, (4,)), index, epoch=epoch)
+        >>> dyn.aum().shape, dyn.steps
+        (torch.Size([10]), 2)
+    """
+
+    _SUMS = ("aum_sum", "seen", "forget_events", "correct_count", "el2n_sum", "el2n_count")
+
+    def __init__(
+        self, num_samples: int, *, el2n_epochs: int = 10, device: torch.device | str | None = None,
+        fingerprint: str | None = None, deterministic: bool | None = None,
+    ) -> None:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        if not isinstance(el2n_epochs, int) or isinstance(el2n_epochs, bool) or el2n_epochs < 0:
+            raise ValueError(f"el2n_epochs must be a non-negative int, got {el2n_epochs!r}")
+        self.num_samples = num_samples
+        self.el2n_epochs = el2n_epochs
+        self.fingerprint = fingerprint
+        self.deterministic = deterministic
+        self.steps = 0
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.buffers = {k: torch.zeros(num_samples, dtype=torch.float32, device=device) for k in self._SUMS}
+        self.last_correct = torch.full((num_samples,), _NEVER_SEEN, dtype=torch.int8, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.last_correct.device
+
+    def _add(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        ops.score_scatter_add_(self.buffers[name], index, values.float(), deterministic=self.deterministic)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, *, epoch: int) -> None:
+        """Records one step: logits [B, C], targets [B] in [0, C), index [B] in [0, num_samples)."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
+            raise ValueError(f"logits must be a 2-D float tensor [B, C], got {ops._describe(logits)}")
+        b, c = logits.shape
+        if c < 2:
+            raise ValueError(f"logits needs at least 2 classes (columns), got {c}")
+        if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"targets must be a 1-D int32 or int64 tensor, got {ops._describe(targets)}")
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be a 1-D int32 or int64 tensor, got {ops._describe(index)}")
+        if targets.shape[0] != b or index.shape[0] != b:
+            raise ValueError(f"logits has {b} rows, targets {targets.shape[0]} and index {index.shape[0]}: they must match")
+        for name, t in (("logits", logits), ("targets", targets), ("index", index)):
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the dynamics' buffers are on {self.device}")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        if b == 0:
+            self.steps += 1
+            return
+        # One host synchronisation checks every value of the batch.
+        bad = torch.stack([(targets < 0).any() | (targets >= c).any(), ~torch.isfinite(logits).all(),
+                           (index < 0).any() | (index >= self.num_samples).any()])
+        if bool(bad.any()):
+            which = ["targets out of range [0, %d)" % c, "logits has NaN or Inf",
+                     "index out of range [0, %d)" % self.num_samples]
+            raise ValueError("; ".join(w for w, f in zip(which, bad.tolist()) if f))
+        index = index.long()
+        targets = targets.long()
+        logits = logits.detach().float()
+        p = torch.softmax(logits, dim=1)
+        p_y = p.gather(1, targets[:, None])[:, 0]
+        p_other = p.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+        logit_y = logits.gather(1, targets[:, None])[:, 0]
+        correct = logit_y > logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+        ones = torch.ones(b, dtype=torch.float32, device=self.device)
+        self._add("aum_sum", index, p_y - p_other)
+        self._add("seen", index, ones)
+        self._add("correct_count", index, correct.float())
+        if epoch < self.el2n_epochs:
+            onehot = torch.nn.functional.one_hot(targets, c).float()
+            self._add("el2n_sum", index, (p - onehot).norm(dim=1))
+            self._add("el2n_count", index, ones)
+        # Forgetting: each sighting's previous state is the stored one for the first occurrence
+        # of an example in this batch, else its previous occurrence in the batch.
+        order = torch.sort(index, stable=True).indices
+        idx_s, cor_s = index[order], correct[order].to(torch.int8)
+        first = torch.ones(b, dtype=torch.bool, device=self.device)
+        first[1:] = idx_s[1:] != idx_s[:-1]
+        prev = torch.where(first, self.last_correct[idx_s], torch.roll(cor_s, 1))
+        self._add("forget_events", idx_s, ((prev == _WAS_RIGHT) & (cor_s == _WAS_WRONG)).float())
+        last = torch.ones(b, dtype=torch.bool, device=self.device)
+        last[:-1] = idx_s[:-1] != idx_s[1:]
+        self.last_correct[idx_s[last]] = cor_s[last]  # unique indices: a deterministic write
+        self.steps += 1
+
+    def _require_steps(self) -> None:
+        if self.steps == 0:
+            raise ValueError("no steps recorded: call update() during training before reading the dynamics")
+
+    def _unseen_nan(self, values: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return torch.where(count > 0, values, torch.full_like(values, float("nan")))
+
+    def aum(self, reduction: str = "sum") -> torch.Tensor:
+        """Per-example AUM [N]: the margins summed over steps ("sum", default) or their mean
+        ("mean"); NaN for examples never seen. Low AUM = hard (likely mislabelled)."""
+        self._require_steps()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        s, n = self.buffers["aum_sum"], self.buffers["seen"]
+        return self._unseen_nan(s if reduction == "sum" else s / n.clamp_min(1), n)
+
+    def forgetting(self, *, never_learned: float | None = float("inf")) -> torch.Tensor:
+        """Per-example forgetting events [N]; NaN for examples never seen. Examples seen but never
+        correct get `never_learned` (default +inf: the most forgettable, as in Toneva et al.);
+        None leaves their count (0)."""
+        self._require_steps()
+        events, n = self.buffers["forget_events"].clone(), self.buffers["seen"]
+        if never_learned is not None:
+            events = torch.where(self.never_learned(), torch.full_like(events, float(never_learned)), events)
+        return self._unseen_nan(events, n)
+
+    def never_learned(self) -> torch.Tensor:
+        """Bool [N]: examples seen at least once and never classified correctly."""
+        self._require_steps()
+        return (self.buffers["seen"] > 0) & (self.buffers["correct_count"] == 0)
+
+    def el2n(self) -> torch.Tensor:
+        """Per-example mean EL2N [N] over the steps with epoch < el2n_epochs; NaN where none."""
+        self._require_steps()
+        s, n = self.buffers["el2n_sum"], self.buffers["el2n_count"]
+        return self._unseen_nan(s / n.clamp_min(1), n)
+
+    def counts(self) -> torch.Tensor:
+        """How many times each example was seen [N] (float32)."""
+        return self.buffers["seen"].clone()
+
+    def to(self, device: torch.device | str) -> "TrainingDynamics":
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self.last_correct = self.last_correct.to(device)
+        return self
+
+    def _meta(self) -> dict:
+        return {
+            "kind": "TrainingDynamics",
+            "format_version": FORMAT_VERSION,
+            "library_version": _library_version(),
+            "num_samples": self.num_samples,
+            "el2n_epochs": self.el2n_epochs,
+            "steps": self.steps,
+            "fingerprint": self.fingerprint,
+        }
+
+    def state_dict(self) -> dict:
+        state = {"meta": self._meta(), "last_correct": self.last_correct.detach().cpu().clone()}
+        for k in self._SUMS:
+            state[k] = self.buffers[k].detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        meta = state["meta"]
+        if meta.get("kind") != "TrainingDynamics":
+            raise ValueError(f"the state is not TrainingDynamics (kind={meta.get('kind')!r})")
+        if meta["num_samples"] != self.num_samples:
+            raise ValueError(
+                f"num_samples: the state holds dynamics of {meta['num_samples']} examples but this one has "
+                f"{self.num_samples}"
+            )
+        if meta["el2n_epochs"] != self.el2n_epochs:
+            raise ValueError(f"el2n_epochs: the state used {meta['el2n_epochs']}, this one {self.el2n_epochs}")
+        if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
+            raise ValueError(
+                f"fingerprint: the state was written for data set {meta['fingerprint']!r}, "
+                f"these dynamics are for {self.fingerprint!r}"
+            )
+        for k in self._SUMS:
+            self.buffers[k].copy_(torch.as_tensor(state[k]))
+        self.last_correct.copy_(torch.as_tensor(state["last_correct"]))
+        self.steps = int(meta["steps"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically writes the dynamics to `path` (.npz: buffers plus JSON metadata, no pickle)."""
+        state = self.state_dict()
+        meta = state.pop("meta")
+        save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, num_samples: int | None = None, device: torch.device | str | None = None,
+        fingerprint: str | None = None,
+    ) -> "TrainingDynamics":
+        """Reads dynamics saved by `save`. `num_samples`/`fingerprint`, if given, must match the file."""
+        arrays, meta = load_npz(path)
+        if meta.get("kind") != "TrainingDynamics":
+            raise ValueError(f"{path} is not a TrainingDynamics file (kind={meta.get('kind')!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
+        if num_samples is not None and num_samples != meta["num_samples"]:
+            raise ValueError(
+                f"num_samples: {path} holds dynamics of {meta['num_samples']} examples, not {num_samples}"
+            )
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
+        dyn = cls(meta["num_samples"], el2n_epochs=meta["el2n_epochs"], device=device,
+                  fingerprint=meta.get("fingerprint"))
+        dyn.load_state_dict({"meta": meta, **arrays})
+        return dyn

@@ -1,0 +1,17 @@
+"""Selection methods: one module per method, a registry, and the `Selection` result type.
+
+    import coreset_ext as cx
+    sel = cx.select("css", fraction=0.3, scores=tracker.mean()["css"])
+    sel.save("css30.npz"); subset = sel.subset(train_set)
+"""
+
+from coreset_ext.select.registry import available_methods, register_method, select
+from coreset_ext.select.selection import Selection
+
+# Importing the method modules registers them.
+from coreset_ext.select import balanced_random, css, kcenter, prototypes, random  # noqa: E402,F401
+
+__all__ = ["Selection", "available_methods", "register_method", "select"]
+
+# --- SAS and ELFS selectors and the dynamics baselines (issues 6 and 7) ---
+from coreset_ext.select import elfs, sas  # noqa: E402,F401

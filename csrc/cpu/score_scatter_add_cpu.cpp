@@ -12,8 +12,8 @@ static void scatter_add_kernel(float* scores, int64_t n, const index_t* index,
                                const value_t* values, int64_t m) {
   for (int64_t i = 0; i < m; ++i) {
     const int64_t j = static_cast<int64_t>(index[i]);
-    TORCH_CHECK_INDEX(j >= 0 && j < n, "score_scatter_add_: index[", i, "] = ", j,
-                      " is out of range for scores of size ", n);
+    TORCH_CHECK_INDEX(j >= 0 && j < n, "index contains ", j, ", out of range for scores of size ", n,
+                      " (at position ", i, ")");
   }
   for (int64_t i = 0; i < m; ++i) {
     scores[index[i]] += static_cast<float>(values[i]);

@@ -1,0 +1,63 @@
+"""`balanced_random`: random examples spread evenly over classes (labels) or k-means clusters (embeddings).
+
+Each group gets an equal share of the budget (`allocation="equal"`, the default; groups too small
+to fill their share pass the rest on to the others) or a share proportional to its size
+(`allocation="proportional"`, largest remainders); the members are drawn at random within groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coreset_ext.select.registry import register_method
+
+
+def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor:
+    k = sizes.numel()
+    if allocation == "proportional":
+        exact = sizes.double() * budget / sizes.sum()
+        take = exact.floor().long()
+        rest = budget - int(take.sum())
+        order = torch.sort(exact - take, descending=True, stable=True).indices
+        take[order[:rest]] += 1
+        return take
+    if allocation != "equal":
+        raise ValueError(f"allocation must be 'equal' or 'proportional', got {allocation!r}")
+    take = torch.zeros(k, dtype=torch.long)
+    left = budget
+    while left > 0:  # water-filling: share what is left among groups that still have members
+        open_ = (take < sizes).nonzero().flatten()
+        share, extra = divmod(left, open_.numel())
+        add = torch.full((open_.numel(),), share, dtype=torch.long)
+        add[:extra] += 1
+        add = torch.minimum(add, sizes[open_] - take[open_])
+        take[open_] += add
+        left -= int(add.sum())
+    return take
+
+
+@register_method("balanced_random")
+def balanced_random(budget: int, *, n: int, labels=None, embeddings=None, seed: int = 0, by: str | None = None,
+                    n_clusters: int = 10, allocation: str = "equal", **_) -> torch.Tensor:
+    by = by or ("class" if labels is not None else "cluster")
+    if by == "class":
+        if labels is None:
+            raise ValueError("labels: balanced_random by='class' needs labels, got None")
+        groups = labels.long().cpu()
+    elif by == "cluster":
+        if embeddings is None:
+            raise ValueError("embeddings: balanced_random by='cluster' needs embeddings, got None")
+        from coreset_ext.cluster import KMeans
+
+        groups = torch.as_tensor(KMeans(n_clusters, seed=seed).fit(embeddings.float()).labels_).long().cpu()
+    else:
+        raise ValueError(f"by must be 'class' or 'cluster', got {by!r}")
+    uniq, inv = torch.unique(groups, return_inverse=True)
+    sizes = torch.bincount(inv, minlength=uniq.numel())
+    take = _allocate(sizes, budget, allocation)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(uniq.numel()):
+        members = (inv == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(members.numel(), generator=g)[: int(take[c])]])
+    return torch.cat(chosen)

@@ -1,0 +1,24 @@
+"""`css`: the examples with the lowest contrastive similarity score (METHODS.md, method 1).
+
+Scores are each example's mean positive-pair cosine over training (`ScoreTracker.mean()["css"]`);
+low means the model found its two views hard to pull together. `order="highest"` keeps the easiest
+instead (an ablation). Ties are broken by index (a stable sort), so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coreset_ext.select.registry import register_method, require
+
+
+@register_method("css")
+def css(budget: int, *, n: int, scores=None, order: str = "lowest", **_) -> tuple[torch.Tensor, torch.Tensor]:
+    s = require("scores", scores, "css").float()
+    if order not in ("lowest", "highest"):
+        raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")
+    bad = ~torch.isfinite(s)
+    if bool(bad.any()):
+        raise ValueError(f"scores: {int(bad.sum())} of {n} examples have no finite score (never seen in training?)")
+    idx = torch.sort(s, descending=(order == "highest"), stable=True).indices[:budget]
+    return idx, s

@@ -1,0 +1,252 @@
+"""`elfs` (label-free, METHODS.md method 3) and the supervised dynamics baselines `aum`, `forgetting`,
+`el2n`, `ccs`.
+
+ELFS: pseudo-labels (k-means on the embeddings, cosine metric, `n_clusters` K; or
+`pseudo_labels="deep_cluster"`, see `pseudo_labels.py`) -> a proxy classifier trained on them
+(`train.proxy.train_proxy_classifier`: linear or MLP on the frozen embeddings) records
+`TrainingDynamics` -> AUM (low = hard) -> double-end pruning (`variant="double_end"`, default:
+drop the hardest floor(beta N), keep the next n) or CCS (`variant="ccs"`: drop the hardest
+floor(beta N), spread n over `strata` equal-width AUM strata).
+
+The supervised baselines read the same dynamics of a proxy trained on the ground-truth labels
+(or a `dynamics` file the user trained, e.g. on images) and keep the n hardest:
+- `aum`: lowest AUM first (ties: lower index);
+- `forgetting`: most forgetting events first, never-learned examples counted as infinitely
+  forgettable (Toneva et al.); ties, which are common (many examples are never forgotten), go to
+  the lower AUM, then the lower index;
+- `el2n`: highest mean EL2N over the first `el2n_epochs` epochs first (ties: lower index);
+- `ccs`: CCS on the AUM, with the hard cutoff beta (given, or chosen as below).
+
+Choosing beta (`beta=None`, the default of `elfs` and `ccs`). For every beta on the grid
+(0, 0.05, .., 0.5, or `beta_grid`; those with floor(beta N) + n > N are skipped) the candidate
+subset S is built, and its coverage of the pool is measured:
+
+    coverage(S) = mean over all N examples j of max_{i in S} cos(e_j, e_i)
+
+(`ops.cosine_topk(e, 1, y=e[S])`: streamed, O(N |S| d), never N x N). The beta of largest
+coverage wins (ties: the smaller beta). Why this criterion: double-end pruning exists because
+keeping only the hardest examples leaves the dense, easy regions of the data uncovered (Zheng et
+al.'s coverage argument behind CCS and ELFS), while keeping only the easiest leaves the boundaries
+uncovered; coverage measures exactly that trade-off, needs no labels, does not depend on the
+pseudo-labels being right (a pseudo-label agreement criterion would: k-means cells are linearly
+separable, so it rewards keeping the boundary examples, i.e. beta = 0, whatever their real
+labels), and costs one streamed nearest-neighbour pass per grid point. It is a proxy: it does not
+know the downstream task, and its winner is not guaranteed to be the accuracy-best beta.
+`choose_beta` returns the whole table so a user can see the trade-off.
+
+Dynamics are computed inside the method from `embeddings` (+ `labels` for the supervised
+baselines), and memoised in-process per (embeddings, targets, proxy options, seed), so a sweep
+over fractions trains each proxy once. `dynamics="path.npz"` (a saved `TrainingDynamics`) uses
+the user's dynamics instead (its number of examples must be N). `seed` seeds the pseudo-labels,
+the proxy and CCS's sampling.
+
+Example:
+    >>> import torch, coreset_ext as cx
+    >>> e = torch.cat([torch.randn(100, 8) + 3, torch.randn(100, 8) - 3])
+    >>> len(cx.select("elfs", fraction=0.3, embeddings=e, n_clusters=2, beta=0.1, proxy_epochs=3))
+    60
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import OrderedDict
+
+import torch
+
+from coreset_ext import ops
+from coreset_ext.scores import TrainingDynamics
+from coreset_ext.select import pruning
+from coreset_ext.select.pseudo_labels import pseudo_labels as make_pseudo_labels
+from coreset_ext.select.registry import register_method, require
+
+__all__ = ["choose_beta", "coverage", "dynamics_for", "hardness", "pseudo_labels_for"]
+
+BETA_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # 0.0 .. 0.5
+VARIANTS = ("double_end", "ccs")
+SCORES = ("aum", "forgetting", "el2n")
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+# ---------------------------------------------------------------------------------- dynamics
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _memo(key: tuple, make):
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = make()
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _load_dynamics(path, n: int) -> TrainingDynamics:
+    if not isinstance(path, str):
+        raise ValueError(f"dynamics must be the path of a saved TrainingDynamics (.npz), got {type(path).__name__}")
+    dyn = TrainingDynamics.load(path)
+    if dyn.num_samples != n:
+        raise ValueError(f"dynamics: {path} holds dynamics of {dyn.num_samples} examples, but the data set has {n}")
+    return dyn
+
+
+def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int = 0, epochs: int = 20,
+                 hidden: int = 0, el2n_epochs: int = 2) -> TrainingDynamics:
+    """The proxy classifier's dynamics on (embeddings, targets), memoised in-process (read-only use)."""
+    from coreset_ext.train.proxy import train_proxy_classifier
+
+    key = ("dyn", _digest(embeddings.float()), _digest(targets.long()), seed, epochs, hidden, el2n_epochs)
+    # Trained where the embeddings live (the GPU at scale); the dynamics come back on the CPU.
+    return _memo(key, lambda: train_proxy_classifier(embeddings, targets.to(embeddings.device), epochs=epochs,
+                                                     hidden=hidden, el2n_epochs=el2n_epochs, seed=seed,
+                                                     device=embeddings.device))
+
+
+def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method: str = "kmeans", seed: int = 0,
+                      **options) -> torch.Tensor:
+    """`pseudo_labels.pseudo_labels`, memoised in-process like `dynamics_for`."""
+    e = embeddings.float()
+    return _memo(("pl", _digest(e), n_clusters, method, options, seed),
+                 lambda: make_pseudo_labels(e, n_clusters, method=method, seed=seed, **options))
+
+
+def hardness(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
+    """Per-example scores [N] float64, ascending = hardest first, finite (as the pruning functions need):
+    AUM; minus the forgetting events (never-learned examples: one more than the most forgotten);
+    minus EL2N. Raises ValueError for examples the dynamics never saw."""
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if score == "aum":
+        s = dyn.aum().double()
+    elif score == "el2n":
+        s = -dyn.el2n().double()
+    else:
+        ev = dyn.forgetting(never_learned=None).double()
+        ev = torch.where(dyn.never_learned(), torch.nan_to_num(ev, nan=0.0).max() + 1, ev)
+        s = -ev
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"dynamics: {int((~torch.isfinite(s)).sum())} examples have no {score} "
+                         "(never seen in the proxy training, or EL2N epochs never reached)")
+    return s.cpu()
+
+
+# ---------------------------------------------------------------------------------- beta
+def coverage(embeddings: torch.Tensor, index: torch.Tensor) -> float:
+    """mean_j max_{i in index} cos(e_j, e_i) over all rows j of `embeddings` (streamed)."""
+    x = embeddings.float()
+    values, _ = ops.cosine_topk(x, 1, y=x[index.to(x.device)])
+    return float(values.double().mean())
+
+
+def _prune(scores, keep, beta, variant, strata, seed) -> torch.Tensor:
+    if variant == "ccs":
+        return pruning.ccs_indices(scores, keep, beta, strata=strata, seed=seed)
+    return pruning.double_end_indices(scores, keep, beta)
+
+
+def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, variant: str = "double_end",
+                grid=BETA_GRID, strata: int = 50, seed: int = 0) -> tuple[float, list[tuple[float, float]]]:
+    """The beta on `grid` whose subset has the largest `coverage` (ties: smaller beta), and the
+    table [(beta, coverage)] of every feasible grid point (module docstring)."""
+    n = scores.numel()
+    table = []
+    for beta in grid:
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"beta_grid: every beta must be in [0, 1), got {beta!r}")
+        if math.floor(float(beta) * n + pruning._FLOOR_SLACK) + keep > n:
+            continue
+        table.append((float(beta), coverage(embeddings, _prune(scores, keep, float(beta), variant, strata, seed))))
+    if not table:
+        raise ValueError(f"beta_grid: no beta on the grid leaves room for {keep} of {n} examples")
+    best = max(table, key=lambda t: (t[1], -t[0]))
+    return best[0], table
+
+
+def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_grid) -> torch.Tensor:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if beta is None:
+        if embeddings is None:
+            raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
+                             "give embeddings or a beta")
+        beta, _ = choose_beta(embeddings, scores, budget, variant=variant, grid=tuple(beta_grid or BETA_GRID),
+                              strata=strata, seed=seed)
+    return _prune(scores, budget, beta, variant, strata, seed)
+
+
+def _check_embeddings(embeddings) -> None:
+    if embeddings is not None and not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings contains NaN or Inf")
+
+
+# ---------------------------------------------------------------------------------- methods
+@register_method("elfs")
+def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
+         pseudo_labels: str = "kmeans", deep_cluster: dict | None = None, score: str = "aum",
+         variant: str = "double_end", beta: float | None = None, beta_grid=None, strata: int = 50,
+         dynamics: str | None = None, proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+    _check_embeddings(embeddings)
+    if dynamics is not None:
+        dyn = _load_dynamics(dynamics, n)
+    else:
+        e = require("embeddings", embeddings, "elfs").float()
+        targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
+        dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
+    s = hardness(dyn, score)
+    idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid)
+    return idx, s.float()
+
+
+def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden):
+    _check_embeddings(embeddings)
+    if dynamics is not None:
+        return _load_dynamics(dynamics, n)
+    e = require("embeddings", embeddings, method).float()
+    y = require("labels", labels, method)
+    if bool((y < 0).any()):
+        raise ValueError(f"labels: {int((y < 0).sum())} of {n} examples have no label (-1); the supervised "
+                         f"baseline {method!r} needs every label (or a dynamics file)")
+    return dynamics_for(e, y.long(), seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
+
+
+def _hardest_first(primary: torch.Tensor, budget: int, secondary: torch.Tensor | None = None) -> torch.Tensor:
+    """The `budget` smallest of `primary` (ties: smaller `secondary`, then lower index)."""
+    order = torch.arange(primary.numel())
+    if secondary is not None:
+        order = torch.sort(secondary, stable=True).indices
+    order = order[torch.sort(primary[order], stable=True).indices]
+    return torch.sort(order[:budget]).values
+
+
+def _dynamics_baseline(name: str):
+    def method(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, dynamics: str | None = None,
+               proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+        dyn = _supervised_dynamics(name, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
+        s = hardness(dyn, name)
+        secondary = hardness(dyn, "aum") if name == "forgetting" else None
+        return _hardest_first(s, budget, secondary), s.float()
+
+    method.__name__ = name
+    method.__doc__ = f"Supervised baseline: the n hardest examples by {name} (module docstring)."
+    return method
+
+
+for _name in SCORES:
+    register_method(_name)(_dynamics_baseline(_name))
+
+
+@register_method("ccs")
+def ccs(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, score: str = "aum",
+        beta: float | None = None, beta_grid=None, strata: int = 50, dynamics: str | None = None,
+        proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+    dyn = _supervised_dynamics("ccs", n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
+    s = hardness(dyn, score)
+    idx = _select(budget, n, s, embeddings, beta=beta, variant="ccs", strata=strata, seed=seed, beta_grid=beta_grid)
+    return idx, s.float()

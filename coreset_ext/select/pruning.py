@@ -1,0 +1,316 @@
+"""Pure selection algorithms behind the SAS, ELFS and CCS selectors: index in, index out.
+
+Nothing here trains or knows the `Selection` type; the selectors wrap these. Every function
+returns int64 example indices sorted ascending, never an empty or oversized selection.
+
+Budget rule, shared by all: a fraction f of N examples is the budget n = floor(f * N + 1/2)
+(round half up), at least 1 (so a tiny fraction still selects one example) and at most N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from coreset_ext import ops, reference
+
+__all__ = ["budget_size", "class_budgets", "sas_indices", "facility_location_greedy", "double_end_indices",
+           "ccs_indices"]
+
+# Added before flooring products such as 0.29 * 100 = 28.999999999999996, so that exact
+# multiples are not lost to binary rounding.
+_FLOOR_SLACK = 1e-9
+
+
+def _check_fraction(fraction) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    return float(fraction)
+
+
+def budget_size(fraction: float, total: int) -> int:
+    """n = floor(fraction * total + 1/2), clamped to [1, total] (`total` >= 1).
+
+    Example:
+        >>> budget_size(0.3, 10), budget_size(0.001, 10), budget_size(0.25, 10)
+        (3, 1, 3)
+    """
+    fraction = _check_fraction(fraction)
+    if total < 1:
+        raise ValueError(f"total must be at least 1, got {total}")
+    return min(total, max(1, math.floor(fraction * total + 0.5 + _FLOOR_SLACK)))
+
+
+def class_budgets(sizes: Sequence[int] | torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per-class budgets [K] int64 that add up to exactly n = `budget_size(fraction, sum(sizes))`.
+
+    Class k first gets floor(fraction * |V_k|); the remainder n - sum of those goes one example
+    at a time to the classes with the largest fractional parts fraction * |V_k| - floor(...)
+    (ties: the lower class index), never above |V_k|. Empty classes get 0. A class whose share is
+    below one example may get none; when fraction * N < 1 the whole budget is the one example
+    given to the class with the largest share.
+
+    Example:
+        >>> class_budgets([10, 5, 3], 0.5).tolist()
+        [5, 3, 1]
+    """
+    fraction = _check_fraction(fraction)
+    sizes = torch.as_tensor(sizes)
+    if sizes.dim() != 1 or sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
+        raise ValueError(f"sizes must be a 1-D sequence of ints, got {sizes.dtype} of shape {tuple(sizes.shape)}")
+    sizes = sizes.long().cpu()
+    if bool((sizes < 0).any()):
+        raise ValueError("sizes must be non-negative")
+    total = int(sizes.sum())
+    if total == 0:
+        raise ValueError("sizes add up to 0: there is nothing to select from")
+    n = budget_size(fraction, total)
+    exact = sizes.double() * fraction
+    base = torch.floor(exact + _FLOOR_SLACK).long().clamp(max=sizes)
+    frac = torch.where(base < sizes, exact - base.double(), torch.full_like(exact, -1.0))
+    # 0 <= remainder <= the number of classes with a positive fractional part: sum of floors
+    # <= f*N + K*slack < n + 1/2 + K*slack, and n - sum of floors rounds the sum of the parts.
+    remainder = n - int(base.sum())
+    # Largest fractional part first, lower class index on ties (stable sort).
+    order = torch.sort(frac, descending=True, stable=True).indices
+    order = order[base[order] < sizes[order]][:remainder]
+    base[order] += 1
+    assert int(base.sum()) == n and bool((base <= sizes).all())
+    return base
+
+
+def _dense_groups(groups: torch.Tensor | None, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels renumbered 0..K-1 (K = the number of distinct labels) and the class sizes."""
+    if groups is None:
+        return torch.zeros(n, dtype=torch.int64, device=device), torch.tensor([n])
+    uniq, dense = torch.unique(groups, return_inverse=True)
+    return dense, torch.bincount(dense, minlength=uniq.numel()).cpu()
+
+
+def _check_sas_inputs(embeddings, groups) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
+        raise ValueError(f"embeddings must be a 2-D float tensor, got {ops._describe(embeddings)}")
+    if embeddings.shape[0] == 0:
+        raise ValueError("embeddings has no rows: there is nothing to select from")
+    if groups is not None:
+        if not isinstance(groups, torch.Tensor) or groups.dim() != 1 or groups.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"groups must be a 1-D int32 or int64 tensor, got {ops._describe(groups)}")
+        if groups.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"groups has {groups.shape[0]} labels but embeddings has {embeddings.shape[0]} rows")
+        if groups.device != embeddings.device:
+            raise ValueError(f"groups is on {groups.device} but embeddings is on {embeddings.device}")
+
+
+def _top_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Indices of the budgets[k] largest scores within each group k (ties: lower index first)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]  # by group, score desc within
+    g = groups[order]
+    starts = torch.searchsorted(g, g, right=False)  # first position of each row's group
+    rank = torch.arange(g.numel(), device=g.device) - starts
+    keep = rank < budgets.to(g.device)[g]
+    return torch.sort(order[keep]).values
+
+
+def sas_indices(
+    embeddings: torch.Tensor, groups: torch.Tensor | None, fraction: float, *, clamp_min: float = 0.0,
+    objective: str = "rowsum", backend: str | None = None,
+) -> torch.Tensor:
+    """SAS (Joshi & Mirzasoleiman, 2023): per latent class, the examples most similar to the rest.
+
+    `groups` are the latent classes (k-means labels, or labels; None: one class). Budgets per
+    class: `class_budgets(class sizes, fraction)`. Objectives:
+
+    - "rowsum" (default): keep the examples with the largest r_i = sum over j in i's class of
+      max(cos(e_i, e_j), clamp_min) (j = i included: it adds the same constant to every r_i);
+      ties go to the lower index. One `ops.cosine_rowsum` call with groups.
+    - "facility_location": per class, the greedy maximiser of F(S) = sum_j max_{i in S} s_ij with
+      s_ij = max(cos, clamp_min) (`facility_location_greedy`, lazy, exact greedy). Needs
+      clamp_min >= 0 so that F is monotone.
+
+    Example:
+        >>> import torch
+        >>> e = torch.randn(100, 8)
+        >>> sas_indices(e, torch.arange(100) % 4, 0.3).numel()
+        30
+    """
+    _check_sas_inputs(embeddings, groups)
+    if objective not in ("rowsum", "facility_location"):
+        raise ValueError(f"objective must be 'rowsum' or 'facility_location', got {objective!r}")
+    dense, sizes = _dense_groups(groups, embeddings.shape[0], embeddings.device)
+    budgets = class_budgets(sizes, fraction)
+    if objective == "rowsum":
+        r = ops.cosine_rowsum(embeddings, clamp_min=clamp_min, groups=dense, backend=backend)
+        return _top_per_group(r, dense, budgets)
+    if clamp_min < 0:
+        raise ValueError(f"clamp_min must be >= 0 for objective='facility_location', got {clamp_min}")
+    picked = []
+    for k in range(sizes.numel()):
+        if int(budgets[k]) == 0:
+            continue
+        members = (dense == k).nonzero()[:, 0]
+        local = facility_location_greedy(embeddings[members], int(budgets[k]), clamp_min=clamp_min)
+        picked.append(members[local])
+    return torch.sort(torch.cat(picked)).values
+
+
+def _facility_gains(
+    xn: torch.Tensor, cand: torch.Tensor, cover: torch.Tensor, clamp_min: float, col_chunk: int,
+) -> torch.Tensor:
+    """gain_c = sum_j max(s_cj - cover_j, 0) for each candidate c, over column chunks."""
+    gains = torch.zeros(cand.numel(), dtype=xn.dtype, device=xn.device)
+    rows = xn[cand]
+    for s in range(0, xn.shape[0], col_chunk):
+        sim = (rows @ xn[s : s + col_chunk].T).clamp_min(clamp_min)  # [B, chunk]: one tile
+        gains += (sim - cover[s : s + col_chunk]).clamp_min(0).sum(dim=1)
+    return gains
+
+
+def facility_location_greedy(
+    embeddings: torch.Tensor, budget: int, *, clamp_min: float = 0.0, batch: int = 64, col_chunk: int = 16384,
+) -> torch.Tensor:
+    """Greedy maximisation of F(S) = sum_j max_{i in S} s_ij, s_ij = max(cos(e_i, e_j), clamp_min).
+
+    Returns the chosen row indices in the order they were picked ([budget] int64). Each step
+    picks the row with the largest marginal gain (the same picks as the naive greedy, which
+    attains at least (1 - 1/e) of the optimum; ties go to the lowest index). Lazy evaluation on
+    the device: stale gains are upper bounds (F is submodular), so a step only re-evaluates the
+    `batch` stale rows with the largest bounds, in [batch, col_chunk] tiles, until the largest
+    bound is an exact gain. Computed in float32 (float64 for float64 input).
+
+    Example:
+        >>> import torch
+        >>> facility_location_greedy(torch.eye(3), 2).tolist()
+        [0, 1]
+    """
+    if clamp_min < 0:
+        raise ValueError(f"clamp_min must be >= 0 (F must be monotone), got {clamp_min}")
+    n = embeddings.shape[0]
+    if not isinstance(budget, int) or not 1 <= budget <= n:
+        raise ValueError(f"budget must be an int between 1 and {n}, got {budget!r}")
+    acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    xn = reference.normalize(embeddings.to(acc))
+    cover = torch.zeros(n, dtype=acc, device=xn.device)  # max_{i in S} s_ij per column j
+    bound = torch.full((n,), float("inf"), dtype=acc, device=xn.device)  # gains or upper bounds
+    fresh = torch.zeros(n, dtype=torch.bool, device=xn.device)  # bound is the exact gain now
+    picks = []
+    while len(picks) < budget:
+        top = torch.argmax(bound)  # the first of the largest bounds: lowest index on ties
+        if bool(fresh[top]):
+            # An exact gain no other bound exceeds (bounds tied with it belong to higher
+            # indices): the naive greedy's pick, with its lowest-index tie rule.
+            picks.append(int(top))
+            sim = torch.cat([(xn[top] @ xn[s : s + col_chunk].T).clamp_min(clamp_min)
+                             for s in range(0, n, col_chunk)])
+            torch.maximum(cover, sim, out=cover)
+            bound[top] = float("-inf")
+            fresh.zero_()
+            continue
+        # Refresh the top row and the next stale rows with the largest bounds, one tile.
+        key = bound.masked_fill(fresh, float("-inf"))
+        key[top] = float("-inf")
+        others = torch.topk(key, min(batch - 1, n)).indices if batch > 1 else top.new_zeros(0)
+        others = others[key[others] > float("-inf")]
+        cand = torch.cat([top.view(1), others])
+        bound[cand] = _facility_gains(xn, cand, cover, clamp_min, col_chunk)
+        fresh[cand] = True
+    return torch.tensor(picks, dtype=torch.int64, device=embeddings.device)
+
+
+def _check_scores(scores) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.dtype.is_floating_point:
+        raise ValueError(f"scores must be a 1-D float tensor, got {ops._describe(scores)}")
+    if scores.numel() == 0:
+        raise ValueError("scores is empty: there is nothing to select from")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contains NaN or Inf (e.g. examples the dynamics never saw)")
+    return scores
+
+
+def _keep_count(keep, total: int) -> int:
+    """`keep` as a count: an int is a count, a float a fraction of `total` (see `budget_size`)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ValueError(f"keep must be an int (a count) or a float (a fraction), got {keep!r}")
+    if isinstance(keep, int):
+        if not 1 <= keep <= total:
+            raise ValueError(f"keep must be between 1 and {total}, got {keep}")
+        return keep
+    return budget_size(keep, total)
+
+
+def _hard_cut(beta, total: int, keep: int) -> int:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) < 1.0:
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
+    cut = math.floor(float(beta) * total + _FLOOR_SLACK)
+    if cut + keep > total:
+        raise ValueError(
+            f"beta + keep exceed the data: dropping floor(beta * N) = {cut} and keeping {keep} of N = {total}"
+        )
+    return cut
+
+
+def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float) -> torch.Tensor:
+    """Double-end pruning (ELFS): sort ascending (hardest first; ties by lower index), drop the
+    hardest floor(beta * N), keep the next `keep` (an int count, or a float fraction of N).
+
+    Scores where larger means harder (forgetting, EL2N) should be negated first. Raises
+    ValueError when floor(beta * N) + keep > N.
+
+    Example:
+        >>> double_end_indices(torch.tensor([0.5, -1.0, 2.0, 0.1, 0.9]), 2, 0.2).tolist()
+        [0, 3]
+    """
+    scores = _check_scores(scores)
+    n = scores.numel()
+    keep = _keep_count(keep, n)
+    cut = _hard_cut(beta, n, keep)
+    order = torch.sort(scores, stable=True).indices
+    return torch.sort(order[cut : cut + keep]).values
+
+
+def ccs_indices(
+    scores: torch.Tensor, keep: int | float, beta: float = 0.0, *, strata: int = 50, seed: int = 0,
+) -> torch.Tensor:
+    """Coverage-centric selection (CCS, Zheng et al. 2023) on ascending-hardness scores.
+
+    Drop the hardest floor(beta * N) (lowest scores; ties by lower index). Split the remaining
+    score range [min, max] into `strata` bins of equal width (bin b holds scores with
+    floor((s - min) / (max - min) * strata) = b, the maximum in the last bin; one bin when all are
+    equal). Then, smallest non-empty bin first (ties: lower bin), take
+    min(|bin|, floor(budget left / bins left)) examples from it uniformly at random (a
+    torch.Generator seeded with `seed`, so the result is reproducible), until the budget `keep`
+    (an int count or a float fraction of N) is spent. This always spends it exactly.
+
+    Example:
+        >>> s = torch.tensor([0.0, 0.1, 0.2, 5.0, 9.0, 10.0])
+        >>> ccs_indices(s, 3, strata=2, seed=0).numel()
+        3
+    """
+    scores = _check_scores(scores)
+    n = scores.numel()
+    keep = _keep_count(keep, n)
+    cut = _hard_cut(beta, n, keep)
+    if not isinstance(strata, int) or isinstance(strata, bool) or strata < 1:
+        raise ValueError(f"strata must be a positive int, got {strata!r}")
+    order = torch.sort(scores, stable=True).indices
+    pool = order[cut:].cpu()
+    vals = scores.cpu().double()[pool]
+    lo, hi = float(vals.min()), float(vals.max())
+    if hi > lo:
+        bins = torch.floor((vals - lo) / (hi - lo) * strata).long().clamp(max=strata - 1)
+    else:
+        bins = torch.zeros_like(pool)
+    sizes = torch.bincount(bins, minlength=strata)
+    nonempty = [b for b in torch.sort(sizes, stable=True).indices.tolist() if sizes[b] > 0]
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    left = keep
+    for pos, b in enumerate(nonempty):
+        members = pool[bins == b]
+        take = min(members.numel(), left // (len(nonempty) - pos))
+        picked.append(members[torch.randperm(members.numel(), generator=gen)[:take]])
+        left -= take
+    assert left == 0
+    return torch.sort(torch.cat(picked)).values.to(scores.device)

@@ -1,0 +1,65 @@
+"""`sas`: subsets whose augmentations are most alike (Joshi & Mirzasoleiman 2023; METHODS.md, method 2).
+
+Inputs: proxy embeddings [N, D] (`coreset_ext.train.embed.proxy_embeddings`, a run's frozen
+features, or a user's file via `load_embeddings`). Latent classes: k-means on the embeddings
+(`classes="kmeans"`, cosine metric, `n_clusters` K, default 10), or the labels
+(`classes="labels"`, every label must be known, i.e. >= 0). Then `pruning.sas_indices`: per class
+V_k, keep the examples with the largest r_i = sum_{j in V_k} max(cos(e_i, e_j), clamp_min)
+(`objective="rowsum"`, default) or the greedy facility-location maximiser
+(`objective="facility_location"`).
+
+Budgets: the selection's budget n (from `select`'s fraction or budget) is split over classes by
+`pruning.class_budgets(sizes, n / N)`: floor of each class's share, the remainder by largest
+fractional part, so the total is exactly n. A class whose share is below one example may get none
+(when n < K some classes must); the selection is never empty nor larger than n.
+
+Example:
+    >>> import torch, coreset_ext as cx
+    >>> e = torch.randn(60, 8)
+    >>> sel = cx.select("sas", fraction=0.5, embeddings=e, labels=torch.arange(60) % 3, classes="labels")
+    >>> len(sel)
+    30
+"""
+
+from __future__ import annotations
+
+import torch
+
+from coreset_ext.select import pruning
+from coreset_ext.select.registry import register_method, require
+
+CLASSES = ("kmeans", "labels")
+
+
+def latent_classes(embeddings: torch.Tensor, n_clusters: int, *, seed: int = 0) -> torch.Tensor:
+    """k-means (cosine metric) cluster labels [N] int64 on the CPU: SAS's approximate latent classes."""
+    n = embeddings.shape[0]
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be an int in 1 .. {n} (the data set size), got {n_clusters!r}")
+    from coreset_ext.cluster import KMeans
+
+    km = KMeans(n_clusters, metric="cosine", seed=seed).fit(embeddings.float())
+    return torch.as_tensor(km.labels_).long().cpu()
+
+
+@register_method("sas")
+def sas(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, classes: str = "kmeans",
+        n_clusters: int = 10, objective: str = "rowsum", clamp_min: float = 0.0, **_) -> tuple[torch.Tensor, None]:
+    e = require("embeddings", embeddings, "sas")
+    if not e.dtype.is_floating_point:
+        raise ValueError(f"embeddings must be floating point, got {e.dtype}")
+    if not bool(torch.isfinite(e).all()):
+        raise ValueError("embeddings contains NaN or Inf")
+    if classes not in CLASSES:
+        raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+    if classes == "labels":
+        groups = require("labels", labels, "sas with classes='labels'").long()
+        if bool((groups < 0).any()):
+            raise ValueError(f"labels: {int((groups < 0).sum())} of {n} examples have no label (-1); "
+                             "use classes='kmeans' for a partly labelled pool")
+        groups = groups.to(e.device)
+    else:
+        groups = latent_classes(e, n_clusters, seed=seed).to(e.device)
+    # budget / n reproduces the budget exactly: budget_size(budget / n, n) = floor(budget + 1/2).
+    idx = pruning.sas_indices(e, groups, budget / n, clamp_min=clamp_min, objective=objective)
+    return idx.cpu(), None

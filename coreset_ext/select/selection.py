@@ -1,0 +1,91 @@
+"""`Selection`: the result of a selector, savable without pickle and checkable against its data set."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from coreset_ext.scores import load_npz, save_npz
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Selection:
+    """Which examples a method chose, and everything needed to check and reproduce that choice.
+
+    Attributes:
+        indices: int64 data set indices of the chosen examples (distinct), in the method's order.
+        method: registered name of the method.
+        options: the method's options (JSON-serialisable).
+        dataset_size: size N of the pool the indices refer to.
+        seed: the seed the method used.
+        scores: the per-example scores the method ranked by (length N), or None.
+        fingerprint: identifier of the data set (e.g. `ArrayDataset.fingerprint`), or None.
+
+    Example:
+        >>> import coreset_ext as cx
+        >>> sel = cx.select("random", fraction=0.5, scores=[0.1, 0.2, 0.3, 0.4], seed=0)
+        >>> len(sel), sel.dataset_size
+        (2, 4)
+    """
+
+    indices: torch.Tensor
+    method: str
+    options: dict = field(default_factory=dict)
+    dataset_size: int = 0
+    seed: int = 0
+    scores: torch.Tensor | None = None
+    fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    @property
+    def fraction(self) -> float:
+        return len(self) / self.dataset_size
+
+    def _check_dataset(self, dataset) -> None:
+        n = len(dataset)
+        if n != self.dataset_size:
+            raise ValueError(f"dataset: this selection was made for a data set of {self.dataset_size} examples, "
+                             f"but the data set given has {n}")
+        fp = getattr(dataset, "fingerprint", None)
+        if self.fingerprint is not None and isinstance(fp, str) and fp != self.fingerprint:
+            raise ValueError(f"dataset: this selection was made for data set {self.fingerprint}, "
+                             f"but the data set given is {fp}")
+
+    def subset(self, dataset) -> torch.utils.data.Subset:
+        """`torch.utils.data.Subset(dataset, indices)` after checking size and fingerprint match."""
+        self._check_dataset(dataset)
+        return torch.utils.data.Subset(dataset, self.indices.tolist())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically writes an .npz (indices, scores) with a JSON record of the rest; no pickle."""
+        arrays = {"indices": self.indices.cpu().numpy().astype(np.int64)}
+        if self.scores is not None:
+            arrays["scores"] = self.scores.detach().cpu().numpy().astype(np.float32)
+        meta = {"kind": "Selection", "format_version": FORMAT_VERSION, "method": self.method,
+                "options": self.options, "dataset_size": self.dataset_size, "seed": self.seed,
+                "fingerprint": self.fingerprint, "budget": len(self)}
+        save_npz(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, dataset=None) -> "Selection":
+        """Reads `save`'s file; with `dataset`, also checks it is the data set the selection was made for."""
+        arrays, meta = load_npz(path)
+        if meta.get("kind") != "Selection":
+            raise ValueError(f"path: {path} is not a Selection file (kind={meta.get('kind')!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"path: {path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
+        sel = cls(indices=torch.from_numpy(arrays["indices"]).long(), method=meta["method"],
+                  options=meta.get("options", {}), dataset_size=int(meta["dataset_size"]),
+                  seed=int(meta.get("seed", 0)),
+                  scores=torch.from_numpy(arrays["scores"]) if "scores" in arrays else None,
+                  fingerprint=meta.get("fingerprint"))
+        if dataset is not None:
+            sel._check_dataset(dataset)
+        return sel

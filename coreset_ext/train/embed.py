@@ -1,0 +1,154 @@
+"""Proxy embeddings for the selectors (SAS, ELFS): a trained encoder on m augmentations per example.
+
+SAS (METHODS.md, method 2) measures how alike two examples' augmentations are through a proxy
+contrastive model: each example's embedding is the mean of its m views' L2-normalised
+embeddings. With `augment=None` the one "view" is the clean example (the identity augmentation),
+which is what the demo uses: the pipeline's frozen features, L2-normalised, at no extra cost.
+
+Example:
+    >>> import torch
+    >>> from coreset_ext.train import load_dataset
+    >>> from coreset_ext.train.models import build_model
+    >>> from coreset_ext.train.embed import proxy_embeddings
+    >>> ds = load_dataset("digits")
+    >>> model = build_model("small_cnn", ds.sample_shape, width=8)
+    >>> proxy_embeddings(model, ds, m=2, seed=0).shape
+    torch.Size([1438, 16])
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from coreset_ext.reference import normalize
+from coreset_ext.scores import load_npz
+from coreset_ext.train.augment import Augment
+from coreset_ext.train.data import ArrayDataset
+
+__all__ = ["proxy_embeddings", "load_embeddings", "selector_inputs"]
+
+AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def _encode(model: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, tuple):  # a ContrastiveModel returns (backbone h, projection z)
+        return out[0] if which == "backbone" else out[1]
+    if which != "backbone":
+        raise ValueError(f"which: {which!r} needs a model returning (h, z); this one returns one tensor")
+    return out
+
+
+@torch.no_grad()
+def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, augment: AugmentFn | str | None = "auto",
+                     which: str = "backbone", device: str | torch.device = "cpu", seed: int = 0,
+                     batch_size: int = 1024) -> torch.Tensor:
+    """Mean of the L2-normalised embeddings of m augmented views per example: float32 [N, D] on the CPU.
+
+    Args:
+        model: an encoder (x -> h) or a `ContrastiveModel` (x -> (h, z)); run in eval mode.
+        dataset: the pool (`ArrayDataset`).
+        m: views per example (>= 1).
+        augment: `(x, generator) -> view`; "auto" is `Augment.for_data(dataset)` (the trainer's
+            default); None uses the clean example, once (m is then irrelevant).
+        which: "backbone" (h, default) or "projection" (z) of a `ContrastiveModel`.
+        device: where to run the model.
+        seed: seeds the augmentations (same seed, same device -> identical embeddings).
+        batch_size: examples per forward pass.
+    """
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m must be a positive int (views per example), got {m!r}")
+    if which not in ("backbone", "projection"):
+        raise ValueError(f"which must be 'backbone' or 'projection', got {which!r}")
+    if augment == "auto":
+        augment = Augment.for_data(dataset.name, dataset.sample_shape)
+    elif isinstance(augment, str):
+        raise ValueError(f"augment must be 'auto', None or a callable (x, generator) -> view, got {augment!r}")
+    views = 1 if augment is None else m
+    device = torch.device(device)
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    try:
+        for s in range(0, len(dataset), batch_size):
+            x = dataset.batch(torch.arange(s, min(s + batch_size, len(dataset))), device)
+            acc = None
+            for _ in range(views):
+                v = x if augment is None else augment(x, gen)
+                e = normalize(_encode(model, v, which).float())
+                acc = e if acc is None else acc + e
+            out.append((acc / views).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def load_embeddings(path: str, *, key: str = "train", dataset_size: int | None = None) -> torch.Tensor:
+    """A user's embeddings file as float32 [N, D]: .npy, .pt (a tensor), or .npz (array `key`, e.g.
+    a run's embeddings.npz). With `dataset_size`, checks it has that many rows."""
+    p = str(path)
+    if p.endswith(".npy"):
+        x = torch.from_numpy(np.load(p, allow_pickle=False))
+    elif p.endswith(".pt"):
+        x = torch.load(p, map_location="cpu", weights_only=True)
+    elif p.endswith(".npz"):
+        try:
+            arrays, _ = load_npz(p)
+        except ValueError:  # a plain npz without our metadata record
+            with np.load(p, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        if key not in arrays:
+            raise ValueError(f"key: {p} has no array {key!r} (it has {sorted(arrays)})")
+        x = torch.from_numpy(arrays[key])
+    else:
+        raise ValueError(f"path: embeddings must be a .npy, .npz or .pt file, got {p}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"path: {p} does not hold a 2-D float array [N, D]")
+    if dataset_size is not None and x.shape[0] != dataset_size:
+        raise ValueError(f"path: {p} has {x.shape[0]} rows but the data set has {dataset_size} examples")
+    return x.float()
+
+
+def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m: int = 1,
+                    augment: AugmentFn | str | None = None, n_clusters: int = 10, seeds: tuple[int, ...] = (0,),
+                    device: str | torch.device = "cpu") -> dict:
+    """Everything SAS, ELFS and the dynamics baselines need from a trained model, computed once.
+
+    Returns {"embeddings": proxy embeddings [N, D] (`proxy_embeddings`, the clean examples by
+    default), "dynamics": {("pseudo" | "labels", seed): TrainingDynamics}}. The dynamics are those
+    `cx.select("elfs" | "aum" | "forgetting" | "el2n" | "ccs", embeddings=<these embeddings>,
+    labels=..., seed=seed, n_clusters=n_clusters)` compute with their default proxy options: they
+    land in the selectors' in-process cache, so those calls reuse them. With `out_dir`, writes
+    proxy_embeddings.npz and dynamics_<kind>_seed<seed>.npz (loadable through the methods'
+    `dynamics=` option) and adds their paths under "files".
+    """
+    from coreset_ext.scores import save_npz
+    from coreset_ext.select.elfs import dynamics_for, pseudo_labels_for
+
+    emb = proxy_embeddings(model, train_ds, m, augment=augment, device=device)
+    out = {"embeddings": emb, "dynamics": {}, "files": {}}
+    for seed in seeds:
+        out["dynamics"][("pseudo", seed)] = dynamics_for(emb, pseudo_labels_for(emb, n_clusters, seed=seed), seed=seed)
+        if train_ds.has_labels and bool((train_ds.labels >= 0).all()):
+            out["dynamics"][("labels", seed)] = dynamics_for(emb, train_ds.labels, seed=seed)
+    if out_dir is not None:
+        from pathlib import Path
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_npz(out_dir / "proxy_embeddings.npz", {"train": emb.numpy()},
+                 {"kind": "Embeddings", "which": "proxy", "m": m, "dataset_size": len(train_ds),
+                  "fingerprint": train_ds.fingerprint})
+        out["files"]["embeddings"] = str(out_dir / "proxy_embeddings.npz")
+        for (kind, seed), dyn in out["dynamics"].items():
+            path = out_dir / f"dynamics_{kind}_seed{seed}.npz"
+            dyn.fingerprint = train_ds.fingerprint
+            dyn.save(path)
+            out["files"][(kind, seed)] = str(path)
+    return out

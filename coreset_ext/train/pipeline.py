@@ -1,0 +1,183 @@
+"""The whole pipeline as functions: train (and score), embed, select, evaluate, report.
+
+`run_pipeline` is what `coreset-ext demo` runs. The methods it compares are a list of
+`MethodSpec`s, so a new selector adds one row to `DEFAULT_METHODS` (or to the list a caller
+passes) and appears in the table and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coreset_ext.scores import atomic_write_bytes, load_npz, save_npz
+from coreset_ext.select import Selection, select
+from coreset_ext.train.data import ArrayDataset, load_dataset
+from coreset_ext.train.evaluate import extract_features, linear_probe, train_from_scratch, write_results
+from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
+
+
+@dataclass
+class MethodSpec:
+    """One row of the comparison: a label, a registered selection method, its options, and which
+    training run ("simclr" or "moco") supplies its scores and embeddings."""
+
+    label: str
+    method: str
+    options: dict = field(default_factory=dict)
+    run: str = "simclr"
+
+
+DEFAULT_METHODS = [
+    MethodSpec("random", "random"),
+    MethodSpec("balanced_random", "balanced_random", {"by": "cluster", "n_clusters": 10}),
+    MethodSpec("css_simclr", "css", run="simclr"),
+    MethodSpec("css_moco", "css", run="moco"),
+    MethodSpec("prototypes", "prototypes", {"n_clusters": 10, "keep": "hardest"}),
+    MethodSpec("kcenter", "kcenter"),
+]
+
+
+def train_and_embed(config: TrainConfig, train_ds: ArrayDataset, test_ds: ArrayDataset, out_dir: str | Path, *,
+                    resume: bool = True) -> dict:
+    """Trains with CSS scores into out_dir (config.json, checkpoints/, scores.npz), then writes the
+    frozen backbone features of both splits to out_dir/embeddings.npz. Returns scores and features."""
+    out_dir = Path(out_dir)
+    result = Trainer(config, train_ds, out_dir).fit(resume=resume)
+    device = resolve_device(config.device)
+    enc = result.model.encoder
+    feats = {"train": extract_features(enc, train_ds, device=device),
+             "test": extract_features(enc, test_ds, device=device)}
+    save_npz(out_dir / "embeddings.npz",
+             {"train": feats["train"].numpy(), "test": feats["test"].numpy(),
+              "train_labels": train_ds.labels.numpy(), "test_labels": test_ds.labels.numpy()},
+             {"kind": "Embeddings", "which": "backbone", "dataset": train_ds.name,
+              "dataset_size": len(train_ds), "fingerprint": train_ds.fingerprint})
+    return {"scores": result.scores(), "train": feats["train"], "test": feats["test"], "history": result.history}
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Reads a training run directory: its config, CSS scores and embeddings."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"run: {run_dir} is not a training run directory (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    out = {"config": config, "dir": run_dir}
+    if (run_dir / "scores.npz").is_file():
+        arrays, meta = load_npz(run_dir / "scores.npz")
+        out["scores"] = torch.from_numpy(arrays["sum/css"] / arrays["count/css"])
+    if (run_dir / "embeddings.npz").is_file():
+        arrays, meta = load_npz(run_dir / "embeddings.npz")
+        out.update(train=torch.from_numpy(arrays["train"]), test=torch.from_numpy(arrays["test"]))
+    return out
+
+
+def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds: ArrayDataset,
+                     test_ds: ArrayDataset, features: dict | None, device: str | torch.device = "cpu",
+                     scratch_steps: int = 200) -> float:
+    """Test accuracy of `evaluator` ("probe" on frozen features, "scratch" on images) trained on `index`."""
+    if evaluator == "probe":
+        if features is None:
+            raise ValueError("features: the probe evaluator needs frozen features (a training run), got None")
+        return linear_probe(features["train"][index], train_ds.labels[index], features["test"], test_ds.labels,
+                            seed=seed, num_classes=max(train_ds.num_classes, test_ds.num_classes), device=device)
+    if evaluator == "scratch":
+        return train_from_scratch(train_ds, index, test_ds, seed=seed, steps=scratch_steps, device=device)
+    raise ValueError(f"evaluator must be 'probe' or 'scratch', got {evaluator!r}")
+
+
+def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | None = None,
+                 trainers: tuple[str, ...] = ("simclr", "moco"), train_options: dict | None = None,
+                 methods: list[MethodSpec] | None = None, fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5),
+                 seeds: tuple[int, ...] = (0, 1, 2), evaluators: tuple[str, ...] = ("probe", "scratch"),
+                 probe_run: str = "simclr", scratch_steps: int = 200, device: str = "auto",
+                 progress: bool = True, log=print) -> dict:
+    """Trains each of `trainers` with CSS scores, selects every fraction with every method and seed,
+    evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plot.
+
+    Returns {"rows": per-run results, "summary": ..., "markdown": the table, "plot": path, "seconds": ...}.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    train_options = dict(train_options or {})
+    dev = resolve_device(device)
+    train_ds = load_dataset(data, split="train", data_dir=data_dir)
+    test_ds = load_dataset(data, split="test", data_dir=data_dir)
+    if not train_ds.has_labels or not test_ds.has_labels:
+        raise ValueError(f"data: evaluation needs labels, but {data!r} has none")
+    config = {"data": data, "data_dir": data_dir, "trainers": list(trainers), "train_options": train_options,
+              "methods": [m.__dict__ for m in methods], "fractions": list(fractions), "seeds": list(seeds),
+              "evaluators": list(evaluators), "probe_run": probe_run, "device": str(dev),
+              "dataset_size": len(train_ds), "fingerprint": train_ds.fingerprint}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2).encode())
+
+    runs = {}
+    for t in trainers:
+        ts = time.perf_counter()
+        cfg = TrainConfig(method=t, device=device, progress=progress, **train_options)
+        runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}")
+        log(f"[{t}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
+            f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}] loaded")
+    needed = {m.run for m in methods} | ({probe_run} if "probe" in evaluators else set())
+    missing = needed - set(runs)
+    if missing:
+        raise ValueError(f"trainers: methods or the probe need runs {sorted(missing)}, but trainers are {list(trainers)}")
+
+    rows = []
+    ts = time.perf_counter()
+    for spec in methods:
+        run = runs[spec.run]
+        for frac in fractions:
+            for seed in seeds:
+                sel = select(spec.method, fraction=frac, scores=run["scores"], embeddings=run["train"],
+                             labels=train_ds.labels, seed=seed, fingerprint=train_ds.fingerprint, **spec.options)
+                sel.save(out_dir / "selections" / f"{spec.label}_{round(100 * frac)}pct_seed{seed}.npz")
+                for ev in evaluators:
+                    acc = evaluate_indices(sel.indices, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
+                                           features=runs.get(probe_run), device=dev, scratch_steps=scratch_steps)
+                    rows.append({"method": spec.label, "fraction": frac, "budget": len(sel), "evaluator": ev,
+                                 "seed": seed, "accuracy": acc})
+        log(f"[{spec.label}] selected and evaluated ({time.perf_counter() - ts:.1f}s so far)")
+    report = write_results(rows, out_dir, title=data)
+    report.update(rows=rows, seconds=time.perf_counter() - t0)
+    return report
+
+
+def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | None, data: str = "digits",
+                        data_dir: str | None = None, evaluators: tuple[str, ...] = ("probe",),
+                        seeds: tuple[int, ...] = (0, 1, 2), random_baseline: bool = True,
+                        device: str = "auto", scratch_steps: int = 200) -> list[dict]:
+    """Evaluates saved selections (and, by default, random subsets of the same sizes) over seeds."""
+    dev = resolve_device(device)
+    train_ds = load_dataset(data, split="train", data_dir=data_dir)
+    test_ds = load_dataset(data, split="test", data_dir=data_dir)
+    features = load_run(run_dir) if run_dir is not None else None
+    if features is not None and "train" not in features:
+        raise ValueError(f"run: {run_dir} has no embeddings.npz (did its training finish?)")
+    rows = []
+    jobs = []
+    for sel in selections:
+        sel._check_dataset(train_ds)
+        jobs.append((sel.method, sel))
+    if random_baseline:
+        for budget in sorted({len(s) for s in selections}):
+            jobs.append(("random", budget))
+    for name, item in jobs:
+        for seed in seeds:
+            if isinstance(item, Selection):
+                idx, budget = item.indices, len(item)
+            else:
+                budget = item
+                idx = select("random", budget=budget, dataset_size=len(train_ds), seed=seed).indices
+            for ev in evaluators:
+                acc = evaluate_indices(idx, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
+                                       features=features, device=dev, scratch_steps=scratch_steps)
+                rows.append({"method": name, "fraction": round(budget / len(train_ds), 4), "budget": budget,
+                             "evaluator": ev, "seed": seed, "accuracy": acc})
+    return rows

@@ -1,0 +1,83 @@
+"""Proxy training for ELFS and the dynamics baselines: a classifier on frozen features, recording
+`TrainingDynamics` (AUM, forgetting, EL2N) at every step.
+
+ELFS (METHODS.md, method 3) trains a network on pseudo-labels and reads its training dynamics;
+with ground-truth labels the same run gives the supervised baselines. Here the proxy is a linear
+classifier (`hidden=0`, default) or a one-hidden-layer MLP on the frozen, standardised embeddings:
+cheap enough to run inside a selector (a few hundred small steps), deterministic for a seed.
+
+Example:
+    >>> import torch
+    >>> from coreset_ext.train.proxy import train_proxy_classifier
+    >>> x, y = torch.randn(200, 16), torch.randint(0, 4, (200,))
+    >>> dyn = train_proxy_classifier(x, y, epochs=3, seed=0)
+    >>> dyn.aum().shape, dyn.steps
+    (torch.Size([200]), 6)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from coreset_ext.scores import TrainingDynamics
+
+__all__ = ["train_proxy_classifier"]
+
+
+def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epochs: int = 20, batch_size: int = 128,
+                           lr: float = 1e-2, weight_decay: float = 5e-4, hidden: int = 0, el2n_epochs: int = 2,
+                           seed: int = 0, device: str | torch.device = "cpu",
+                           fingerprint: str | None = None) -> TrainingDynamics:
+    """Trains a classifier on (features, targets) with Adam, mini-batches in a seeded random order,
+    and returns the per-example dynamics it recorded (on the CPU).
+
+    Args:
+        features: [N, D] float (frozen embeddings; standardised per feature here).
+        targets: [N] int labels in 0 .. C-1 (pseudo-labels or ground truth), C >= 2.
+        epochs, batch_size, lr, weight_decay: the optimisation (every example seen once per epoch).
+        hidden: 0 for a linear classifier, else the width of one hidden ReLU layer.
+        el2n_epochs: EL2N is averaged over the steps of the first `el2n_epochs` epochs.
+        seed: seeds the initialisation and the batch order.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.dtype.is_floating_point:
+        raise ValueError(f"features must be a 2-D float tensor [N, D], got {getattr(features, 'shape', features)!r}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point:
+        raise ValueError(f"targets must be a 1-D int tensor [N], got {getattr(targets, 'shape', targets)!r}")
+    n = features.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(f"targets has {targets.shape[0]} labels but features has {n} rows")
+    if bool((targets < 0).any()):
+        raise ValueError("targets: every example needs a label >= 0 (unknown labels, -1, cannot train the proxy)")
+    num_classes = int(targets.max()) + 1
+    if num_classes < 2:
+        raise ValueError(f"targets: the proxy classifier needs at least 2 classes, got {num_classes}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    device = torch.device(device)
+    x = features.float()
+    x = ((x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)).to(device)
+    y = targets.long().to(device)
+    g = torch.Generator().manual_seed(seed)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)  # nn.Linear's initialisation draws from the global generator
+    try:
+        d = x.shape[1]
+        net = (nn.Linear(d, num_classes) if hidden == 0
+               else nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))).to(device)
+    finally:
+        torch.set_rng_state(torch_state)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    dyn = TrainingDynamics(n, el2n_epochs=el2n_epochs, device=device, fingerprint=fingerprint)
+    for epoch in range(epochs):
+        for index in torch.randperm(n, generator=g).split(batch_size):
+            index = index.to(device)
+            logits = net(x[index])
+            loss = nn.functional.cross_entropy(logits, y[index])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # The dynamics of the logits this step trained on (before the update), as in ELFS.
+            dyn.update(logits.detach(), y[index], index, epoch=epoch)
+    return dyn.to("cpu")

@@ -1,0 +1,175 @@
+"""ELFS and the dynamics baselines: pseudo-labels, proxy dynamics, double-end/CCS through the
+registered methods, supervised baselines on hand-made dynamics, beta by coverage, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import coreset_ext as cx
+from coreset_ext import TrainingDynamics
+from coreset_ext.select import pruning
+from coreset_ext.select.elfs import choose_beta, coverage, hardness
+from coreset_ext.select.pseudo_labels import deep_cluster_pseudo_labels, kmeans_pseudo_labels, pseudo_labels
+from coreset_ext.train.proxy import train_proxy_classifier
+
+
+def _blobs(gen, per=30, k=3, d=6):
+    # Orthogonal centres far from the origin: separated in angle too, as the cosine metric needs.
+    centres = 8.0 * torch.eye(d)[:k]
+    x = torch.cat([centres[c] + torch.randn(per, d, generator=gen) for c in range(k)])
+    return x, torch.arange(k).repeat_interleave(per)
+
+
+def _purity(pred, truth):
+    return sum(int(torch.bincount(truth[pred == c]).max()) for c in pred.unique()) / truth.numel()
+
+
+def _hand_made(gen, n=24, c=3, steps=8, b=10):
+    """Dynamics from a fixed random sequence of logits (duplicates inside batches included), with
+    the per-example AUM, forgetting events, never-learned flags and EL2N by a Python loop."""
+    dyn = TrainingDynamics(n, el2n_epochs=2)
+    y_of = torch.randint(0, c, (n,), generator=gen)
+    aum, ev, ever, last, el2n, el2n_n = [0.0] * n, [0] * n, [False] * n, [None] * n, [0.0] * n, [0] * n
+    for s in range(steps):
+        index = torch.cat([torch.randperm(n, generator=gen)[: b - 2], torch.randint(0, n, (2,), generator=gen)])
+        if s < 2:
+            index = torch.arange(n)  # every example seen in the EL2N epochs
+        logits = 2.0 * torch.randn(index.numel(), c, generator=gen)
+        epoch = 0 if s < 2 else 2
+        dyn.update(logits, y_of[index], index, epoch=epoch)
+        for row in range(index.numel()):
+            i, y = int(index[row]), int(y_of[index[row]])
+            z = logits[row].double()
+            p = torch.softmax(z, 0)
+            aum[i] += float(p[y] - max(p[k] for k in range(c) if k != y))
+            correct = bool(z[y] > max(z[k] for k in range(c) if k != y))
+            ev[i] += int(last[i] is True and not correct)
+            last[i], ever[i] = correct, ever[i] or correct
+            if epoch < 2:
+                el2n[i] += float((p - torch.nn.functional.one_hot(torch.tensor(y), c).double()).norm())
+                el2n_n[i] += 1
+    el2n = [v / m for v, m in zip(el2n, el2n_n)]
+    return dyn, aum, ev, ever, el2n
+
+
+def test_pseudo_labels_reproducible_for_a_seed(gen):
+    x, truth = _blobs(gen)
+    for method, opts in (("kmeans", {}), ("deep_cluster", {"steps": 60, "heads": 4, "knn": 5})):
+        a = pseudo_labels(x, 3, method=method, seed=7, **opts)
+        b = pseudo_labels(x, 3, method=method, seed=7, **opts)
+        assert torch.equal(a, b) and a.dtype == torch.int64 and a.shape == (90,)
+        assert int(a.min()) == 0 and int(a.max()) == a.unique().numel() - 1  # renumbered densely
+    assert _purity(kmeans_pseudo_labels(x, 3, seed=0), truth) == 1.0
+    assert _purity(deep_cluster_pseudo_labels(x, 3, seed=0, steps=150, knn=5), truth) == 1.0
+    with pytest.raises(ValueError, match="n_clusters"):
+        pseudo_labels(x, 1)
+    with pytest.raises(ValueError, match="pseudo_labels"):
+        pseudo_labels(x, 3, method="spectral")
+
+
+def test_proxy_dynamics_deterministic_and_complete(gen):
+    x, y = _blobs(gen, per=20)
+    a = train_proxy_classifier(x, y, epochs=3, batch_size=16, seed=1)
+    b = train_proxy_classifier(x, y, epochs=3, batch_size=16, seed=1)
+    assert a.steps == 3 * math.ceil(60 / 16)
+    assert torch.equal(a.aum(), b.aum()) and torch.equal(a.forgetting(), b.forgetting())
+    assert torch.equal(a.counts(), torch.full((60,), 3.0))  # every example once per epoch
+    with pytest.raises(ValueError, match="targets"):
+        train_proxy_classifier(x, torch.zeros(60, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        train_proxy_classifier(x, y[:59])
+
+
+def test_supervised_baselines_exact_on_hand_made_dynamics(tmp_path, gen):
+    dyn, aum, ev, ever, el2n = _hand_made(gen)
+    path = str(tmp_path / "dyn.npz")
+    dyn.save(path)
+    n = 24
+    forget = [math.inf if not ever[i] else ev[i] for i in range(n)]
+    assert any(forget.count(v) > 1 for v in forget)  # ties exist, so the tie rule is exercised
+    expected = {
+        "aum": sorted(range(n), key=lambda i: (aum[i], i)),
+        "forgetting": sorted(range(n), key=lambda i: (-forget[i], aum[i], i)),
+        "el2n": sorted(range(n), key=lambda i: (-el2n[i], i)),
+    }
+    for method, order in expected.items():
+        for budget in (1, 5, 12, 23):
+            sel = cx.select(method, budget=budget, dataset_size=n, dynamics=path)
+            assert sel.indices.tolist() == sorted(order[:budget]), (method, budget)
+            assert sel.scores is not None and sel.scores.shape == (n,)
+
+
+def test_double_end_and_ccs_through_the_registered_methods(tmp_path, gen):
+    dyn, aum, *_ = _hand_made(gen)
+    path = str(tmp_path / "dyn.npz")
+    dyn.save(path)
+    n = 24
+    order = sorted(range(n), key=lambda i: (aum[i], i))
+    for beta, budget in ((0.0, 5), (0.25, 10), (0.5, 12)):
+        cut = math.floor(beta * n)
+        sel = cx.select("elfs", budget=budget, dataset_size=n, dynamics=path, beta=beta)
+        assert sel.indices.tolist() == sorted(order[cut : cut + budget])
+        ccs = cx.select("elfs", budget=budget, dataset_size=n, dynamics=path, beta=beta, variant="ccs", strata=4,
+                        seed=3)
+        assert torch.equal(ccs.indices, pruning.ccs_indices(hardness(dyn), budget, beta, strata=4, seed=3))
+        assert not set(ccs.indices.tolist()) & set(order[:cut])  # the hardest beta*N are dropped
+        sup = cx.select("ccs", budget=budget, dataset_size=n, dynamics=path, beta=beta, strata=4, seed=3)
+        assert torch.equal(sup.indices, ccs.indices)
+
+
+def test_elfs_end_to_end_exact_budget_and_reproducible(gen):
+    x, _ = _blobs(gen, per=40)
+    opts = dict(n_clusters=3, proxy_epochs=3)
+    for frac in (0.1, 0.3, 0.5, 0.7):
+        a = cx.select("elfs", fraction=frac, embeddings=x, seed=2, **opts)
+        b = cx.select("elfs", fraction=frac, embeddings=x, seed=2, **opts)
+        assert len(a) == math.floor(frac * 120 + 0.5) and torch.equal(a.indices, b.indices)
+    c = cx.select("elfs", fraction=0.3, embeddings=x, variant="ccs", pseudo_labels="deep_cluster",
+                  deep_cluster={"steps": 30, "heads": 3, "knn": 5}, **opts)
+    assert len(c) == 36
+
+
+def test_choose_beta_maximises_coverage(gen):
+    x = torch.randn(40, 5, generator=gen)
+    s = torch.randn(40, generator=gen).double()
+    beta, table = choose_beta(x, s, 15, grid=(0.0, 0.1, 0.3, 0.7))
+    assert [b for b, _ in table] == [0.0, 0.1, 0.3]  # 0.7: floor(28) + 15 > 40, skipped
+    xn = x.double() / x.double().norm(dim=1, keepdim=True)
+    for b, cov in table:
+        idx = pruning.double_end_indices(s, 15, b)
+        brute = float((xn @ xn[idx].T).max(dim=1).values.mean())
+        assert abs(cov - brute) < 1e-5
+    assert beta == max(table, key=lambda t: (t[1], -t[0]))[0]
+    assert abs(coverage(x, torch.arange(40)) - 1.0) < 1e-5
+
+
+def test_bad_input(tmp_path, gen):
+    dyn, *_ = _hand_made(gen)
+    path = str(tmp_path / "dyn.npz")
+    dyn.save(path)
+    with pytest.raises(ValueError, match="beta"):  # beta + keep fraction > 1
+        cx.select("elfs", fraction=0.6, dataset_size=24, dynamics=path, beta=0.5)
+    with pytest.raises(ValueError, match="beta"):
+        cx.select("ccs", fraction=0.9, dataset_size=24, dynamics=path, beta=0.2)
+    with pytest.raises(ValueError, match="24"):  # dynamics of another size
+        cx.select("aum", fraction=0.5, dataset_size=25, dynamics=path)
+    with pytest.raises(ValueError, match="24"):
+        cx.select("elfs", fraction=0.5, embeddings=torch.randn(30, 4, generator=gen), dynamics=path, beta=0.0)
+    empty = str(tmp_path / "empty.npz")
+    TrainingDynamics(24).save(empty)
+    for method in ("elfs", "aum", "forgetting", "el2n", "ccs"):
+        with pytest.raises(ValueError, match="no steps"):
+            cx.select(method, fraction=0.5, dataset_size=24, dynamics=empty, beta=0.1)
+    with pytest.raises(ValueError, match="embeddings"):  # beta chosen by coverage needs embeddings
+        cx.select("elfs", fraction=0.5, dataset_size=24, dynamics=path)
+    with pytest.raises(ValueError, match="labels"):
+        cx.select("aum", fraction=0.5, embeddings=torch.randn(24, 3, generator=gen))
+    with pytest.raises(ValueError, match="labels"):
+        cx.select("el2n", fraction=0.5, embeddings=torch.randn(24, 3, generator=gen), labels=torch.full((24,), -1))
+    with pytest.raises(ValueError, match="variant"):
+        cx.select("elfs", fraction=0.5, dataset_size=24, dynamics=path, beta=0.1, variant="triple_end")
+    with pytest.raises(ValueError, match="dynamics"):
+        cx.select("aum", fraction=0.5, dataset_size=24, dynamics=dyn)

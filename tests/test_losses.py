@@ -1,0 +1,648 @@
+"""Fused contrastive losses (issue 3): nt_xent, info_nce_queue, pair_cosine, NTXentLoss, MoCoLoss.
+
+Oracles: naive float64 formulas (full matrices, tiny sizes) check the chunked reference; autograd
+through the reference in float64 checks every backward (the reference's analytic one and the
+Triton kernels'). Triton tests run under TRITON_INTERPRET=1 on CPU tensors, or on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import coreset_ext as cx
+from coreset_ext import ops, reference
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_OK = (os.environ.get("TRITON_INTERPRET") == "1" or HAS_CUDA) and \
+    __import__("importlib").util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs Triton (CUDA, or TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+TRITON_DEV = "cuda" if HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error in the 2-norm; absolute where the reference is zero (B = 1: loss and
+    gradient are exactly 0, as the positive is the only other row)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / (b.norm() if b.norm() > 1e-12 else 1.0)).item()
+
+
+def views(b: int, d: int, *, dtype=torch.float64, device="cpu", seed=0, correlated=True):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(b, d, generator=g, dtype=torch.float64)
+    z2 = (z1 + 0.7 * torch.randn(b, d, generator=g, dtype=torch.float64)) if correlated else \
+        torch.randn(b, d, generator=g, dtype=torch.float64)
+    return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
+
+
+# ---- naive float64 formulas ------------------------------------------------------------------
+
+
+def naive_nt_xent_rows(z1, z2, t, normalize=True):
+    z = torch.cat([z1, z2])
+    if normalize:
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(reference.EPS)
+    n, b = z.shape[0], z1.shape[0]
+    sim = z @ z.T / t
+    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    pos = sim[torch.arange(n), (torch.arange(n) + b) % n]
+    return torch.logsumexp(sim, dim=1) - pos
+
+
+def naive_info_nce_rows(q, k, queue, t, normalize=True):
+    if normalize:
+        q, k, queue = (x / x.norm(dim=1, keepdim=True).clamp_min(reference.EPS) for x in (q, k, queue))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / t
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long), reduction="none")
+
+
+def naive_cos(a, b):
+    return (a * b).sum(1) / (a.norm(dim=1).clamp_min(reference.EPS) * b.norm(dim=1).clamp_min(reference.EPS))
+
+
+@pytest.mark.parametrize("b,d", [(1, 3), (5, 7), (13, 4)])
+@pytest.mark.parametrize("t", [0.01, 0.5, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_reference_matches_naive(b, d, t, normalize):
+    z1, z2 = views(b, d, seed=b + d)
+    # absolute floor: at t = 0.01 some losses are ~1e-13, where rounding is all that is left
+    rows, cos = reference.nt_xent_rows(z1, z2, t, normalize_input=normalize, chunk_size=4)
+    torch.testing.assert_close(rows, naive_nt_xent_rows(z1, z2, t, normalize), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cos, naive_cos(z1, z2), rtol=1e-12, atol=1e-12)
+    queue = torch.randn(11, d, dtype=torch.float64)
+    rows, cos = reference.info_nce_queue_rows(z1, z2, queue, t, normalize_input=normalize, chunk_size=4)
+    torch.testing.assert_close(rows, naive_info_nce_rows(z1, z2, queue, t, normalize), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cos, naive_cos(z1, z2), rtol=1e-12, atol=1e-12)
+
+
+def _autograd_nt_xent(z1, z2, t, normalize, g):
+    a, b = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    rows, _ = reference.nt_xent_rows(a, b, t, normalize_input=normalize, chunk_size=5)
+    (rows * g).sum().backward()
+    return rows.detach(), a.grad, b.grad
+
+
+def _autograd_info_nce(q, k, queue, t, normalize, g):
+    a = q.detach().clone().requires_grad_()
+    rows, _ = reference.info_nce_queue_rows(a, k, queue, t, normalize_input=normalize, chunk_size=5)
+    (rows * g).sum().backward()
+    return rows.detach(), a.grad
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("t", [0.05, 0.7])
+def test_reference_backward_matches_autograd(normalize, t):
+    z1, z2 = views(9, 6, seed=3)
+    z1[2] = 0  # an all-zero row: the norm clamp's pass-through branch
+    g = torch.rand(18, dtype=torch.float64) + 0.1
+    _, r1, r2 = _autograd_nt_xent(z1, z2, t, normalize, g)
+    g1, g2 = reference.nt_xent_rows_backward(g, z1, z2, t, normalize_input=normalize, chunk_size=4)
+    assert rel(torch.cat([g1, g2]), torch.cat([r1, r2])) < 1e-10
+    queue = torch.randn(7, 6, dtype=torch.float64)
+    _, rq = _autograd_info_nce(z1, z2, queue, t, normalize, g[:9])
+    gq = reference.info_nce_queue_rows_backward(g[:9], z1, z2, queue, t, normalize_input=normalize, chunk_size=4)
+    assert rel(gq, rq) < 1e-10
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    (reference.pair_cosine(a, b) * g[:9]).sum().backward()
+    ga, gb = reference.pair_cosine_backward(g[:9], z1, z2)
+    assert rel(ga, a.grad) < 1e-10 and rel(gb, b.grad) < 1e-10
+
+
+# ---- the CPU ops -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cpu_gradcheck(normalize):
+    z1, z2 = views(4, 5, seed=1)
+    z1.requires_grad_()
+    z2.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.nt_xent(a, b, 0.3, normalize=normalize, reduction="none"), (z1, z2))
+    queue = torch.randn(6, 5, dtype=torch.float64)
+    k = torch.randn(4, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q: ops.info_nce_queue(q, k, queue, 0.3, normalize=normalize, reduction="none"), (z1,))
+    assert torch.autograd.gradcheck(lambda a, b: ops.pair_cosine(a, b), (z1, z2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cpu_op_matches_reference_fp32(reduction):
+    z1, z2 = views(37, 20, seed=7)
+    ref = reference.reduce_loss(naive_nt_xent_rows(z1, z2, 0.2), reduction)
+    out = ops.nt_xent(z1.float(), z2.float(), 0.2, reduction=reduction)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel(out, ref) < 1e-5
+
+
+def test_opcheck():
+    z1, z2 = views(5, 6, dtype=torch.float32, seed=2)
+    z1.requires_grad_()
+    for normalize in (True, False):
+        torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows.default, (z1, z2, 0.5, normalize, ""))
+    lse = ops._nt_xent_rows_op(z1, z2, 0.5, True, "")[1].detach()
+    torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows_backward.default,
+                          (torch.rand(10), z1.detach(), z2, lse, 0.5, True, ""))
+    queue = torch.randn(9, 6)
+    torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows.default, (z1, z2, queue, 0.2, True, ""))
+    lse = ops._info_nce_queue_rows_op(z1, z2, queue, 0.2, True, "")[1].detach()
+    torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows_backward.default,
+                          (torch.rand(5), z1.detach(), z2, queue, lse, 0.2, True, ""))
+    torch.library.opcheck(torch.ops.coreset_ext.pair_cosine.default, (z1, z2.clone().requires_grad_(), ""))
+    torch.library.opcheck(torch.ops.coreset_ext.pair_cosine_backward.default,
+                          (torch.rand(5), z1.detach(), z2, ""))
+
+
+def test_compile_fullgraph_ntxent_module():
+    torch._dynamo.reset()
+    crit = cx.nn.NTXentLoss(temperature=0.3)
+    z1, z2 = views(6, 8, dtype=torch.float32, seed=4)
+    scores_c, scores_e = torch.zeros(10), torch.zeros(10)
+    index = torch.tensor([1, 1, 4, 9, 0, 1])
+    a = z1.clone().requires_grad_()
+    compiled = torch.compile(lambda x, y: crit(x, y, index=index, scores=scores_c), fullgraph=True)
+    loss_c = compiled(a, z2)
+    loss_c.backward()
+    b = z1.clone().requires_grad_()
+    loss_e = crit(b, z2, index=index, scores=scores_e)
+    loss_e.backward()
+    assert torch.allclose(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(scores_c, scores_e) and scores_e[1] != 0
+
+
+def test_compile_fullgraph_moco_and_pair_cosine():
+    torch._dynamo.reset()
+    crit = cx.nn.MoCoLoss(dim=8, queue_size=16)
+    q, k = views(4, 8, dtype=torch.float32, seed=5)
+    q.requires_grad_()
+    f = torch.compile(lambda a, b: crit(a, b) + ops.pair_cosine(a, b).sum(), fullgraph=True)
+    f(q, k).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    assert int(crit.ptr) == 4 and torch.equal(crit.queue[:4], k)
+
+
+def test_scores_and_return_cos_cpu():
+    z1, z2 = views(6, 5, dtype=torch.float32, seed=6)
+    scores = torch.zeros(4)
+    index = torch.tensor([3, 0, 3, 3, 1, 0], dtype=torch.int32)
+    loss, cos = ops.nt_xent(z1, z2, index=index, scores=scores, return_cos=True)
+    expect = torch.zeros(4, dtype=torch.float64).index_add_(0, index.long(), naive_cos(z1.double(), z2.double()))
+    assert rel(scores, expect) < 1e-6
+    assert rel(cos, naive_cos(z1.double(), z2.double())) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_zero_rows_no_nan(dtype):
+    z1, z2 = views(4, 8, dtype=dtype, seed=8)
+    z1[1] = 0
+    z2[1] = 0
+    z2[3] = 0
+    loss, cos = ops.nt_xent(z1, z2, 0.1, reduction="none", return_cos=True)
+    assert torch.isfinite(loss).all() and torch.isfinite(cos).all()
+    assert cos[1] == 0 and cos[3] == 0
+    assert torch.isfinite(ops.info_nce_queue(z1, z2, torch.zeros(3, 8, dtype=dtype))).all()
+    if dtype == torch.float32:
+        a = z1.clone().requires_grad_()
+        ops.nt_xent(a, z2, 0.1).backward()
+        assert torch.isfinite(a.grad).all()
+
+
+# ---- modules ---------------------------------------------------------------------------------
+
+
+def test_moco_ring_buffer():
+    torch.manual_seed(0)
+    crit = cx.nn.MoCoLoss(dim=4, queue_size=10, temperature=0.2)
+    assert torch.allclose(crit.queue.norm(dim=1), torch.ones(10))
+    expected = crit.queue.clone()
+    ptr = 0
+    for step, b in enumerate([4, 4, 4, 3, 23]):
+        q, k = torch.randn(b, 4, requires_grad=True), torch.randn(b, 4)
+        before = crit.queue.clone()
+        loss = crit(q, k)
+        # the loss uses the queue as it was before this batch's keys went in
+        assert torch.allclose(loss, ops.info_nce_queue(q, k, before, 0.2))
+        for row in k:  # sequential ring writes, the obvious way
+            expected[ptr] = row
+            ptr = (ptr + 1) % 10
+        assert torch.equal(crit.queue, expected), step
+        assert int(crit.ptr) == ptr
+        loss.backward()
+        assert k.grad is None and not crit.queue.requires_grad
+
+
+def test_modules_match_functions_and_validate():
+    z1, z2 = views(5, 6, dtype=torch.float32, seed=9)
+    crit = cx.nn.NTXentLoss(temperature=0.25, reduction="sum")
+    assert torch.equal(crit(z1, z2), ops.nt_xent(z1, z2, 0.25, reduction="sum"))
+    with pytest.raises(ValueError, match="temperature"):
+        cx.nn.NTXentLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        cx.nn.NTXentLoss(reduction="avg")
+    with pytest.raises(ValueError, match="queue_size"):
+        cx.nn.MoCoLoss(dim=4, queue_size=0)
+    with pytest.raises(ValueError, match="dim"):
+        cx.nn.MoCoLoss(dim=0)
+
+
+def test_bad_inputs():
+    z1, z2 = views(4, 6, dtype=torch.float32)
+    with pytest.raises(ValueError, match="z1 and z2"):
+        ops.nt_xent(z1, z2[:3])
+    with pytest.raises(ValueError, match="z1"):
+        ops.nt_xent(z1[:0], z2[:0])
+    with pytest.raises(ValueError, match="z2"):
+        ops.nt_xent(z1, z2[0])
+    for t in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.nt_xent(z1, z2, t)
+        with pytest.raises(ValueError, match="temperature"):
+            ops.info_nce_queue(z1, z2, z1, t)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.nt_xent(z1, z2, reduction="avg")
+    with pytest.raises(ValueError, match="index"):
+        ops.nt_xent(z1, z2, index=torch.tensor([0, 1, 2]), scores=torch.zeros(5))
+    with pytest.raises(ValueError, match="index"):
+        ops.nt_xent(z1, z2, index=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="index"):
+        ops.info_nce_queue(z1, z2, z1, index=torch.tensor([0, 1, 2, 9]), scores=torch.zeros(5))
+    with pytest.raises(ValueError, match="queue"):
+        ops.info_nce_queue(z1, z2, torch.randn(5, 7))
+    with pytest.raises(ValueError, match="q and k"):
+        ops.info_nce_queue(z1, z2[:2], z1)
+    with pytest.raises(ValueError, match="a and b"):
+        ops.pair_cosine(z1, z2[:, :5])
+    with pytest.raises(ValueError, match="z1"):
+        ops.nt_xent(z1.long(), z2.long())
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="device"):
+            ops.nt_xent(z1, z2.cuda())
+        with pytest.raises(ValueError, match="device"):
+            ops.info_nce_queue(z1, z2, z1.cuda())
+    else:
+        with pytest.raises(ValueError, match="device"):
+            ops.nt_xent(z1, z2.to("meta"))
+
+
+# ---- Triton kernels (interpreter on CPU, or CUDA) -------------------------------------------
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty / empty_like the kernels' wrappers allocate starts as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **k):
+        t = empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*a, **k):
+        t = empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+def _check_nt_xent_triton(b, d, t, normalize=True, dtype=torch.float32, tol=1e-4, seed=0, correlated=True):
+    z1, z2 = views(b, d, seed=seed, correlated=correlated)
+    if not normalize:
+        z1, z2 = z1 / (2 * math.sqrt(d)), z2 / (2 * math.sqrt(d))
+    g = torch.rand(2 * b, dtype=torch.float64) + 0.1
+    ref_rows, r1, r2 = _autograd_nt_xent(z1, z2, t, normalize, g)
+    a = z1.to(TRITON_DEV, dtype).requires_grad_()
+    c = z2.to(TRITON_DEV, dtype).requires_grad_()
+    rows, cos = ops.nt_xent(a, c, t, normalize=normalize, reduction="none", return_cos=True, backend="triton")
+    (rows * g.to(TRITON_DEV, torch.float32)).sum().backward()
+    assert rows.dtype == torch.float32 and rows.shape == (2 * b,)
+    assert rel(rows.cpu(), ref_rows) < tol
+    assert rel(cos.cpu(), naive_cos(z1, z2)) < tol
+    assert rel(torch.cat([a.grad, c.grad]).cpu(), torch.cat([r1, r2])) < tol
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("b", [1, 3, 37, 130])
+@pytest.mark.parametrize("d", [3, 64, 100])
+def test_triton_nt_xent_sizes(b, d, poison):
+    _check_nt_xent_triton(b, d, 0.5, seed=b * d)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("t", [0.01, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_nt_xent_temperatures(t, normalize, poison):
+    # Independent views: with correlated ones at t = 0.01 every loss is ~1e-10, a difference of
+    # two logits near 100 that no fp32 computation resolves.
+    _check_nt_xent_triton(37, 64, t, normalize=normalize, seed=11, correlated=False)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_nt_xent_fp16_and_noncontiguous(poison):
+    z1, z2 = views(19, 40, seed=12)
+    g = torch.rand(38, dtype=torch.float64)
+    ref_rows, r1, r2 = _autograd_nt_xent(z1, z2, 0.2, True, g)
+    wide = torch.cat([z1, z2], dim=1).to(TRITON_DEV, torch.float16).requires_grad_()
+    a = wide[:, :40]  # rows with stride 80
+    c = z2.to(TRITON_DEV, torch.float16).T.contiguous().T.requires_grad_()  # column-major
+    assert not a.is_contiguous() and not c.is_contiguous()
+    rows = ops.nt_xent(a, c, 0.2, reduction="none", backend="triton")
+    (rows * g.to(TRITON_DEV, torch.float32)).sum().backward()
+    # error budget: fp16 rounding of the inputs (~5e-4 relative) dominates
+    assert rel(rows.cpu(), ref_rows) < 3e-3
+    assert rel(torch.cat([wide.grad[:, :40], c.grad]).cpu(), torch.cat([r1, r2])) < 5e-3
+    assert (wide.grad[:, 40:] == 0).all()
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triton_reductions(reduction, poison):
+    z1, z2 = views(9, 16, seed=13)
+    a = z1.to(TRITON_DEV, torch.float32).requires_grad_()
+    out = ops.nt_xent(a, z2.to(TRITON_DEV, torch.float32), 0.3, reduction=reduction, backend="triton")
+    ref_a = z1.clone().requires_grad_()
+    ref = reference.reduce_loss(naive_nt_xent_rows(ref_a, z2, 0.3), reduction)
+    assert out.shape == ref.shape and rel(out.cpu(), ref.detach()) < 1e-5
+    out.sum().backward()
+    ref.sum().backward()
+    assert rel(a.grad.cpu(), ref_a.grad) < 1e-5
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_scores_duplicates(poison):
+    z1, z2 = views(37, 16, dtype=torch.float32, seed=14, device=TRITON_DEV)
+    index = torch.randint(0, 5, (37,), generator=torch.Generator().manual_seed(0)).to(TRITON_DEV)
+    scores = torch.rand(5, device=TRITON_DEV)
+    before = scores.clone()
+    ops.nt_xent(z1, z2, index=index, scores=scores, backend="triton")
+    expect = before.double().cpu().index_add_(0, index.cpu(), naive_cos(z1.double().cpu(), z2.double().cpu()))
+    assert rel(scores.cpu(), expect) < 1e-5
+    scores_q = before.clone()
+    ops.info_nce_queue(z1, z2, z1[:7], index=index, scores=scores_q, backend="triton")
+    assert rel(scores_q.cpu(), expect) < 1e-5
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("b,kq,d", [(1, 5, 3), (3, 130, 64), (37, 100, 100), (70, 257, 16)])
+@pytest.mark.parametrize("t", [0.01, 0.2])
+def test_triton_info_nce_queue(b, kq, d, t, poison):
+    q, k = views(b, d, seed=b + kq)
+    queue = torch.randn(kq, d, dtype=torch.float64, generator=torch.Generator().manual_seed(kq))
+    g = torch.rand(b, dtype=torch.float64) + 0.1
+    ref_rows, ref_gq = _autograd_info_nce(q, k, queue, t, True, g)
+    a = q.to(TRITON_DEV, torch.float32).requires_grad_()
+    rows, cos = ops.info_nce_queue(a, k.to(TRITON_DEV, torch.float32), queue.to(TRITON_DEV, torch.float32), t,
+                                   reduction="none", return_cos=True, backend="triton")
+    (rows * g.to(TRITON_DEV, torch.float32)).sum().backward()
+    assert rel(rows.cpu(), ref_rows) < 1e-4
+    assert rel(cos.cpu(), naive_cos(q, k)) < 1e-5
+    assert rel(a.grad.cpu(), ref_gq) < 1e-4
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_info_nce_queue_unnormalized(poison):
+    q, k = views(9, 20, seed=21)
+    q, k = q / 9, k / 9
+    queue = torch.randn(40, 20, dtype=torch.float64) / 9
+    g = torch.rand(9, dtype=torch.float64)
+    ref_rows, ref_gq = _autograd_info_nce(q, k, queue, 0.1, False, g)
+    a = q.to(TRITON_DEV, torch.float32).requires_grad_()
+    rows = ops.info_nce_queue(a, k.to(TRITON_DEV, torch.float32), queue.to(TRITON_DEV, torch.float32), 0.1,
+                              normalize=False, reduction="none", backend="triton")
+    (rows * g.to(TRITON_DEV, torch.float32)).sum().backward()
+    assert rel(rows.cpu(), ref_rows) < 1e-4 and rel(a.grad.cpu(), ref_gq) < 1e-4
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("b,d", [(1, 3), (37, 100), (130, 64)])
+def test_triton_pair_cosine(b, d, poison):
+    x, y = views(b, d, seed=b)
+    x[0] = 0  # zero row: no NaN, gradient passes through the clamp
+    g = torch.rand(b, dtype=torch.float64)
+    xa, ya = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ref = reference.pair_cosine(xa, ya)
+    (ref * g).sum().backward()
+    a = x.to(TRITON_DEV, torch.float32).requires_grad_()
+    c = y.to(TRITON_DEV, torch.float32).requires_grad_()
+    out = ops.pair_cosine(a, c, backend="triton")
+    (out * g.to(TRITON_DEV, torch.float32)).sum().backward()
+    assert rel(out.cpu(), ref.detach()) < 1e-5
+    assert rel(a.grad.cpu(), xa.grad) < 1e-5 and rel(c.grad.cpu(), ya.grad) < 1e-5
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_zero_rows(poison):
+    for dtype in (torch.float32, torch.float16):
+        z1, z2 = views(5, 16, dtype=dtype, seed=3, device=TRITON_DEV)
+        z1[2] = 0
+        z2[4] = 0
+        a = z1.clone().requires_grad_()
+        loss, cos = ops.nt_xent(a, z2, 0.1, reduction="none", return_cos=True, backend="triton")
+        assert torch.isfinite(loss).all() and torch.isfinite(cos).all() and cos[2] == 0 and cos[4] == 0
+        ref = reference.nt_xent_rows(z1.double().cpu(), z2.double().cpu(), 0.1)[0]
+        assert rel(loss.cpu(), ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+        loss.sum().backward()
+        assert not torch.isnan(a.grad).any()
+
+
+# ---- GPU -------------------------------------------------------------------------------------
+
+
+def _gpu_check(b, d, dtype, t=0.2, correlated=True):
+    """Our error vs float64 must be within the DESIGN.md budget: fp32 < 1e-4; bf16 within twice
+    the error of the plain-PyTorch reference run in bf16 itself (plus 1e-4: fp32 rounding where
+    that error is zero, e.g. B = 1 whose loss is exactly 0)."""
+    g = torch.Generator(device="cuda").manual_seed(b)
+    z1 = torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    z2 = torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    if correlated:
+        z2 = z1 + 0.7 * z2
+    a64, c64 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    ref_rows, _ = reference.nt_xent_rows(a64, c64, t)
+    ref_rows.mean().backward()
+    ref_grad = torch.cat([a64.grad, c64.grad])
+    a, c = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+    rows = ops.nt_xent(a, c, t, reduction="none")
+    rows.mean().backward()
+    ours_l, ours_g = rel(rows, ref_rows.detach()), rel(torch.cat([a.grad, c.grad]), ref_grad)
+    if dtype == torch.float32:
+        assert ours_l < 1e-4 and ours_g < 1e-4, (ours_l, ours_g)
+        return
+    ab, cb = z1.to(dtype).requires_grad_(), z2.to(dtype).requires_grad_()
+    base_rows, _ = reference.nt_xent_rows(ab, cb, t)
+    base_rows.float().mean().backward()
+    base_l = rel(base_rows.detach(), ref_rows.detach())
+    base_g = rel(torch.cat([ab.grad, cb.grad]), ref_grad)
+    assert ours_l <= 2 * base_l + 1e-4 and ours_g <= 2 * base_g + 1e-4, (ours_l, base_l, ours_g, base_g)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("b", [1, 130, 1024, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_nt_xent(b, dtype):
+    _gpu_check(b, 128, dtype)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("t", [0.01, 1.0])
+def test_gpu_nt_xent_temperature_bf16(t):
+    # independent views: correlated ones at t = 0.01 have losses ~1e-20 (see the interpreter test)
+    _gpu_check(4096, 128, torch.bfloat16, t=t, correlated=False)
+    _gpu_check(4096, 128, torch.float32, t=t, correlated=False)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_nt_xent_65536():
+    b, d = 65536, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z1 = torch.randn(b, d, device="cuda", generator=g)
+    z2 = z1 + 0.7 * torch.randn(b, d, device="cuda", generator=g)
+    with torch.no_grad():
+        ref = reference.nt_xent_rows(z1.double(), z2.double(), 0.2, chunk_size=2048)[0]
+    a = z1.to(torch.bfloat16).requires_grad_()
+    scores = torch.zeros(b, device="cuda")
+    rows = ops.nt_xent(a, z2.to(torch.bfloat16), 0.2, reduction="none",
+                       index=torch.arange(b, device="cuda"), scores=scores)
+    rows.mean().backward()
+    assert torch.isfinite(a.grad).all()
+    assert rel(rows, ref) < 2e-2
+    assert rel(scores, reference.pair_cosine(z1.double(), z2.double())) < 1e-2
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("b", [256, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_info_nce_queue(b, dtype):
+    kq, d, t = 65536, 128, 0.2
+    g = torch.Generator(device="cuda").manual_seed(b)
+    q = torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    k = q + torch.randn(b, d, device="cuda", dtype=torch.float64, generator=g)
+    queue = torch.randn(kq, d, device="cuda", dtype=torch.float64, generator=g)
+    q64 = q.clone().requires_grad_()
+    ref_rows, _ = reference.info_nce_queue_rows(q64, k, queue, t)
+    ref_rows.mean().backward()
+    a = q.to(dtype).requires_grad_()
+    rows = ops.info_nce_queue(a, k.to(dtype), queue.to(dtype), t, reduction="none")
+    rows.mean().backward()
+    ours_l, ours_g = rel(rows, ref_rows.detach()), rel(a.grad, q64.grad)
+    if dtype == torch.float32:
+        assert ours_l < 1e-4 and ours_g < 1e-4, (ours_l, ours_g)
+    else:
+        qb = q.to(dtype).requires_grad_()
+        base, _ = reference.info_nce_queue_rows(qb, k.to(dtype), queue.to(dtype), t)
+        base.float().mean().backward()
+        assert ours_l <= 2 * rel(base.detach(), ref_rows.detach()) + 1e-4
+        assert ours_g <= 2 * rel(qb.grad, q64.grad) + 1e-4
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_compile_and_moco_module():
+    torch._dynamo.reset()
+    crit = cx.nn.NTXentLoss(0.2)
+    z1 = torch.randn(300, 128, device="cuda", requires_grad=True)
+    z2 = torch.randn(300, 128, device="cuda")
+    loss = torch.compile(crit, fullgraph=True)(z1, z2)
+    assert torch.allclose(loss, crit(z1, z2), rtol=1e-5)
+    moco = cx.nn.MoCoLoss(128, queue_size=1000).cuda()
+    q = torch.randn(256, 128, device="cuda", requires_grad=True)
+    for _ in range(5):
+        moco(q, torch.randn(256, 128, device="cuda")).backward()
+    assert int(moco.ptr) == (5 * 256) % 1000
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_dominant_positive_fp16(poison):
+    """When the positive dominates the softmax (p -> 1), its gradient terms nearly cancel; the
+    kernel adds them in fp32 so low-precision inputs keep the gradient accurate. B = 1 is the
+    limit: the positive is the only other row, loss and gradient are exactly zero."""
+    z1, z2 = views(1, 64, seed=30)
+    a = z1.to(TRITON_DEV, torch.float16).requires_grad_()
+    loss = ops.nt_xent(a, z2.to(TRITON_DEV, torch.float16), 0.05, backend="triton")
+    loss.backward()
+    assert abs(loss.item()) < 1e-4 and a.grad.abs().max().item() < 1e-4
+    z1, z2 = views(16, 64, seed=31)
+    z2 = z1 + 0.05 * z2  # near-identical views: p_pos ~ 1 at t = 0.1
+    g = torch.ones(32, dtype=torch.float64)
+    _, r1, _ = _autograd_nt_xent(z1, z2, 0.1, True, g)
+    a = z1.to(TRITON_DEV, torch.float16).requires_grad_()
+    ops.nt_xent(a, z2.to(TRITON_DEV, torch.float16), 0.1, reduction="sum", backend="triton").backward()
+    # measured in the interpreter: 7e-4 (fp16 input rounding); 9e-2 when the positive went through
+    # the fp16 tile product
+    assert rel(a.grad.cpu(), r1) < 5e-3
+
+
+# The Triton checks above, on the GPU (make gpu-check runs cuda-marked tests without the
+# interpreter, where the triton-marked ones are excluded).
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("b,d", [(1, 3), (3, 64), (37, 100), (130, 64), (1000, 256)])
+def test_gpu_triton_odd_sizes(b, d):
+    _check_nt_xent_triton(b, d, 0.5, seed=b)
+    _check_nt_xent_triton(b, d, 0.01, normalize=False, seed=b, correlated=False)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_triton_small_paths():
+    test_triton_nt_xent_fp16_and_noncontiguous(None)
+    test_triton_scores_duplicates(None)
+    test_triton_zero_rows(None)
+    test_triton_dominant_positive_fp16(None)
+    for b, kq, d in [(1, 5, 3), (37, 100, 100), (70, 257, 16)]:
+        test_triton_info_nce_queue(b, kq, d, 0.01, None)
+    for b, d in [(1, 3), (37, 100), (130, 64)]:
+        test_triton_pair_cosine(b, d, None)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_opcheck():
+    z1, z2 = views(5, 6, dtype=torch.float32, seed=2, device=TRITON_DEV)
+    z1.requires_grad_()
+    torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows.default, (z1, z2, 0.5, True, "triton"))
+    queue = torch.randn(9, 6, device=TRITON_DEV)
+    torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows.default, (z1, z2, queue, 0.2, True, "triton"))
+    torch.library.opcheck(torch.ops.coreset_ext.pair_cosine.default, (z1, z2, "triton"))
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the autotuned kernels for real")
+def test_triton_autotuned_launch(monkeypatch, poison):
+    """The autotuned NT-Xent launches (GPU, d <= 128) through the interpreter: every config runs,
+    and the one picked last in the list (128 x 128 tiles) produces the checked result."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
+    for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
+        timings = iter(range(100, 0, -1))  # each config "faster" than the previous one
+
+        def fake_bench(kernel_call, quantiles, timings=timings):
+            kernel_call()
+            t = float(next(timings))
+            return [t, t, t]
+
+        monkeypatch.setattr(tuned, "_do_bench", fake_bench)
+        monkeypatch.setattr(tuned, "cache", {})
+    _check_nt_xent_triton(70, 64, 0.3, seed=5)
+    assert contrastive._nt_xent_fwd_tuned.best_config.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128}

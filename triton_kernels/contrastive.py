@@ -1,0 +1,552 @@
+"""Triton kernels for the fused contrastive losses (NT-Xent, MoCo InfoNCE, pair cosine).
+
+Conventions shared by every kernel here:
+- Inputs stay in their own dtype (fp32, fp16, bf16); products accumulate in fp32 (tl.dot) and all
+  softmax arithmetic is fp32. The similarity matrix exists only one [BLOCK_M, BLOCK_N] tile at a
+  time, in registers; backward passes recompute tiles from the saved per-row log-sum-exp.
+- Normalisation is fused: `_row_rnorm_kernel` writes r_i = 1 / max(||x_i||, EPS) (O(N) floats),
+  and tiles are scaled by r_i r_j after the dot product, so no normalised copy of x is stored.
+- Log-sum-exps run in base 2 (exp2/log2 are the fast units) and are stored in natural units.
+  Each row keeps an online maximum, so temperatures down to 0.01 (logits up to 100) never overflow.
+- Row offsets are computed in int64 so N * d beyond 2**31 elements cannot wrap.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _block_d(d: int) -> int:
+    # tl.dot needs every block dimension >= 16; padding columns are masked to zero.
+    return max(16, triton.next_power_of_2(d))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting: IEEE unless the user allowed TF32.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# Widest feature dimension the tiles below are sized for; ops.py sends wider inputs to the
+# reference unless Triton is requested explicitly.
+MAX_D = 256
+
+
+def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
+
+    Sized so that the pipelined column tiles plus the row tile fit H100 shared memory in fp32
+    (e.g. d = 128: 3 x 64 x 128 x 4 B + 64 x 128 x 4 B = 128 KiB)."""
+    if _interpreting() or device.type != "cuda":
+        return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
+    bd = _block_d(d)
+    if bd <= 128:
+        return 64, 64, 4, 3
+    if bd <= 256:
+        return 32, 64, 4, 2
+    return 16, 32, 4, 1
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # interpreter: still exercises several queue splits
+
+
+# --------------------------------------------------------------------------------------------
+# row norms
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_rnorm_kernel(X, R, n, d, stride, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    rm = rows < n
+    ptr = X + rows.to(tl.int64)[:, None] * stride + cols[None, :]
+    x = tl.load(ptr, mask=rm[:, None] & (cols[None, :] < d), other=0.0).to(tl.float32)
+    nrm = tl.sqrt(tl.sum(x * x, axis=1))
+    tl.store(R + rows, 1.0 / tl.maximum(nrm, eps), mask=rm)
+
+
+def row_rnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """r_i = 1 / max(||x_i||, eps) in float32, shape [n]; x contiguous [n, d]."""
+    n, d = x.shape
+    r = torch.empty(n, device=x.device, dtype=torch.float32)
+    bd = _block_d(d)
+    br = max(1, min(64, 4096 // bd))
+    _row_rnorm_kernel[(triton.cdiv(n, br),)](x, r, n, d, x.stride(0), eps, BLOCK_R=br, BLOCK_D=bd)
+    return r
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent over the 2B rows x = [z1; z2]
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nt_xent_fwd_kernel(
+    X, R, LOSS, LSE, COS, N, half, d, stride, inv_t,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    xr = tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    rr = tl.load(R + rows, mask=rmask, other=0.0)
+    # Row scale folding 1/t and log2(e): u_ij = s_ij * LOG2E / t in base-2 units.
+    if NORMALIZE:
+        a_r = rr * (inv_t * 1.4426950408889634)
+    else:
+        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        xc = tl.load(X + cols.to(tl.int64)[:, None] * stride + dc[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(xr, tl.trans(xc), input_precision=PRECISION)
+        if NORMALIZE:
+            rc = tl.load(R + cols, mask=cmask, other=0.0)
+            s = s * rc[None, :]
+        u = s * a_r[:, None]
+        valid = cmask[None, :] & (cols[None, :] != rows[:, None])  # own similarity excluded
+        u = tl.where(valid, u, float("-inf"))
+        m_new = tl.maximum(m, tl.max(u, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid column
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = (m + tl.log2(l)) * 0.6931471805599453
+    # The positive column (i + B) mod 2B, read directly: one row-wise dot in fp32.
+    prow = (rows + half) % N
+    xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    rp = tl.load(R + prow, mask=rmask, other=0.0)
+    pdot = tl.sum(xr.to(tl.float32) * xp.to(tl.float32), axis=1)
+    cos = pdot * rr * rp
+    if NORMALIZE:
+        pos = cos * inv_t
+    else:
+        pos = pdot * inv_t
+    tl.store(LOSS + rows, lse - pos, mask=rmask)
+    tl.store(LSE + rows, lse, mask=rmask)
+    tl.store(COS + rows, cos, mask=rows < half)
+
+
+@triton.jit
+def _nt_xent_bwd_kernel(
+    X, R, LSE, G, GX, N, half, d, stride, gx_stride, inv_t, eps,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ],
+    # p_ij = exp(s_ij/t - lse_i). s is symmetric, so p_ji = exp(s_ij/t - lse_j) comes from the same
+    # tile with the column's lse: each program owns its rows' gradient, no atomics.
+    # The positive column j = p(i) is left out of the tiles and added in fp32 at the end as
+    # (g_i (p_i,p(i) - 1) + g_p(i) (p_p(i),i - 1)) zhat_p(i): when the positive dominates (p -> 1,
+    # low temperatures, late training) the two terms nearly cancel, and rounding the weight and
+    # zhat_p(i) to bf16 inside the tile product would leave an error of the size of the terms.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    prow = (rows + half) % N
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    xr = tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    rr = tl.load(R + rows, mask=rmask, other=0.0)
+    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    g_r = tl.load(G + rows, mask=rmask, other=0.0)
+    if NORMALIZE:
+        a_r = rr * (inv_t * 1.4426950408889634)
+    else:
+        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        xc = tl.load(X + cols.to(tl.int64)[:, None] * stride + dc[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        lse_c = tl.load(LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        g_c = tl.load(G + cols, mask=cmask, other=0.0)
+        s = tl.dot(xr, tl.trans(xc), input_precision=PRECISION)
+        if NORMALIZE:
+            rc = tl.load(R + cols, mask=cmask, other=0.0)
+            s = s * rc[None, :]
+        u = s * a_r[:, None]
+        valid = cmask[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != prow[:, None])
+        u = tl.where(valid, u, float("-inf"))  # exp2 -> 0 there, and no overflow on the diagonal
+        w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
+        if NORMALIZE:
+            # Normalise the column tile itself (|zhat| <= 1 fits any dtype); folding r_j into w
+            # instead overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
+            xc = (xc.to(tl.float32) * rc[:, None]).to(X.dtype.element_ty)
+        acc += tl.dot(w.to(X.dtype.element_ty), xc, input_precision=PRECISION)
+    xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    g_p = tl.load(G + prow, mask=rmask, other=0.0)
+    lse_p = tl.load(LSE + prow, mask=rmask, other=0.0)
+    if NORMALIZE:
+        rp = tl.load(R + prow, mask=rmask, other=0.0)
+        xp = xp * rp[:, None]
+        pos = tl.sum(xr.to(tl.float32) * rr[:, None] * xp, axis=1) * inv_t
+    else:
+        pos = tl.sum(xr.to(tl.float32) * xp, axis=1) * inv_t
+    coef = g_r * (tl.exp(pos - lse_r * 0.6931471805599453) - 1.0) + g_p * (tl.exp(pos - lse_p) - 1.0)
+    gz = (acc + coef[:, None] * xp) * inv_t
+    if NORMALIZE:
+        gz = _normalize_backward(xr.to(tl.float32), rr, gz, eps)
+    tl.store(GX + rows.to(tl.int64)[:, None] * gx_stride + dc[None, :], gz.to(GX.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _normalize_backward(x, r, gz, eps):
+    # zhat = x * r, r = 1 / max(||x||, eps). Above eps: (gz - zhat <gz, zhat>) * r; at or below
+    # eps the clamp is constant, so the gradient passes through divided by eps (r = 1/eps there).
+    nrm = tl.sqrt(tl.sum(x * x, axis=1))
+    zh = x * r[:, None]
+    proj = tl.sum(gz * zh, axis=1)
+    return tl.where((nrm > eps)[:, None], (gz - zh * proj[:, None]) * r[:, None], gz * r[:, None])
+
+
+# On the GPU, for d <= 128, the NT-Xent kernels pick their tiles by autotuning (once per N, d and
+# dtype; configs that exceed shared memory are skipped by the autotuner). The fixed `_tiles` choice
+# serves wider d, the interpreter, and CORESET_EXT_NO_AUTOTUNE=1.
+_NT_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2))
+]
+_nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_fwd_kernel)
+_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_bwd_kernel)
+
+
+def _autotune(x: torch.Tensor) -> bool:
+    import os
+
+    return (x.device.type == "cuda" and not _interpreting() and _block_d(x.shape[1]) <= 128
+            and os.environ.get("CORESET_EXT_NO_AUTOTUNE") != "1")
+
+
+def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
+    """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B], rnorm [2B]), fp32."""
+    n, d = x.shape
+    half = n // 2
+    r = row_rnorm(x, eps)
+    loss = torch.empty(n, device=x.device, dtype=torch.float32)
+    lse = torch.empty(n, device=x.device, dtype=torch.float32)
+    cos = torch.empty(half, device=x.device, dtype=torch.float32)
+    args = (x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature)
+    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    if _autotune(x):
+        _nt_xent_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
+    else:
+        bm, bn, nw, ns = _tiles(d, x.device)
+        _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                                   num_stages=ns, **const)
+    return loss, lse, cos, r
+
+
+def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, temperature: float,
+                normalize: bool, eps: float, rnorm: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of sum_i grad_rows_i * loss_i with respect to x = [z1; z2]; dtype of x."""
+    n, d = x.shape
+    r = row_rnorm(x, eps) if rnorm is None else rnorm
+    g = grad_rows.to(torch.float32).contiguous()
+    gx = torch.empty_like(x)
+    args = (x, r, lse, g, gx, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps)
+    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    if _autotune(x):
+        _nt_xent_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
+    else:
+        bm, bn, nw, ns = _tiles(d, x.device)
+        _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                                   num_stages=ns, **const)
+    return gx
+
+
+# --------------------------------------------------------------------------------------------
+# MoCo InfoNCE against a queue: the queue dimension is split across programs
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moco_fwd_partial_kernel(
+    Q, RQ, QU, RQU, M_OUT, L_OUT, B, K, d, sq, squ, inv_t, k_per_split,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One (row tile, queue split) pair: partial base-2 (max, sum of exp) over its queue range.
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if NORMALIZE:
+        a_r = tl.load(RQ + rows, mask=rmask, other=0.0) * (inv_t * 1.4426950408889634)
+    else:
+        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(k_lo, k_hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < k_hi
+        xc = tl.load(QU + cols.to(tl.int64)[:, None] * squ + dc[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(xq, tl.trans(xc), input_precision=PRECISION)
+        if NORMALIZE:
+            s = s * tl.load(RQU + cols, mask=cmask, other=0.0)[None, :]
+        u = tl.where(cmask[None, :], s * a_r[:, None], float("-inf"))
+        m_new = tl.maximum(m, tl.max(u, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
+        m = m_new
+    tl.store(M_OUT + pid_s * B + rows, m, mask=rmask)
+    tl.store(L_OUT + pid_s * B + rows, l, mask=rmask)
+
+
+@triton.jit
+def _moco_pos(Q, K_, RQ, RK, rows, rmask, dc, dmask, sq, sk, inv_t, NORMALIZE: tl.constexpr):
+    """(q rows fp32, positive logit, cosine) for a row tile."""
+    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    xk = tl.load(K_ + rows.to(tl.int64)[:, None] * sk + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    rq = tl.load(RQ + rows, mask=rmask, other=0.0)
+    rk = tl.load(RK + rows, mask=rmask, other=0.0)
+    pdot = tl.sum(xq * xk, axis=1)
+    cos = pdot * rq * rk
+    if NORMALIZE:
+        pos = cos * inv_t
+    else:
+        pos = pdot * inv_t
+    return xq, xk, rq, rk, pos, cos
+
+
+@triton.jit
+def _moco_fwd_combine_kernel(
+    Q, K_, RQ, RK, M_IN, L_IN, LOSS, LSE, COS, B, d, sq, sk, n_split, inv_t,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    xq, xk, rq, rk, pos, cos = _moco_pos(Q, K_, RQ, RK, rows, rmask, dc, dmask, sq, sk, inv_t, NORMALIZE)
+    # Start from the positive logit (finite), then merge each split's (max, sum).
+    m = pos * 1.4426950408889634
+    l = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    for s in range(0, n_split):
+        ms = tl.load(M_IN + s * B + rows, mask=rmask, other=float("-inf"))
+        ls = tl.load(L_IN + s * B + rows, mask=rmask, other=0.0)
+        m_new = tl.maximum(m, ms)
+        l = l * tl.exp2(m - m_new) + ls * tl.exp2(ms - m_new)
+        m = m_new
+    lse = (m + tl.log2(l)) * 0.6931471805599453
+    tl.store(LOSS + rows, lse - pos, mask=rmask)
+    tl.store(LSE + rows, lse, mask=rmask)
+    tl.store(COS + rows, cos, mask=rmask)
+
+
+@triton.jit
+def _moco_bwd_partial_kernel(
+    Q, RQ, QU, RQU, LSE, PART, B, K, d, sq, squ, inv_t, k_per_split,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # PART[split, i, :] = sum_{j in split} p_ij * queuehat_j, p_ij = exp(<qhat_i, queuehat_j>/t - lse_i)
+    pid_s = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
+                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    if NORMALIZE:
+        a_r = tl.load(RQ + rows, mask=rmask, other=0.0) * (inv_t * 1.4426950408889634)
+    else:
+        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(k_lo, k_hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < k_hi
+        xc = tl.load(QU + cols.to(tl.int64)[:, None] * squ + dc[None, :],
+                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(xq, tl.trans(xc), input_precision=PRECISION)
+        if NORMALIZE:
+            rc = tl.load(RQU + cols, mask=cmask, other=0.0)
+            s = s * rc[None, :]
+        p = tl.exp2(tl.where(cmask[None, :], s * a_r[:, None], float("-inf")) - lse_r[:, None])
+        if NORMALIZE:  # normalised tile, not p * r_j: see _nt_xent_bwd_kernel
+            xc = (xc.to(tl.float32) * rc[:, None]).to(QU.dtype.element_ty)
+        acc += tl.dot(p.to(QU.dtype.element_ty), xc, input_precision=PRECISION)
+    base = (pid_s * B + rows).to(tl.int64)[:, None] * d + dc[None, :]
+    tl.store(PART + base, acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _moco_bwd_combine_kernel(
+    Q, K_, RQ, RK, LSE, G, PART, GQ, B, d, sq, sk, sgq, n_split, inv_t, eps,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # dL/dqhat_i = (g_i / t) [ sum_j p_ij queuehat_j + (p_pos,i - 1) khat_i ]
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    m2 = rmask[:, None] & dmask[None, :]
+    xq, xk, rq, rk, pos, cos = _moco_pos(Q, K_, RQ, RK, rows, rmask, dc, dmask, sq, sk, inv_t, NORMALIZE)
+    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    g = tl.load(G + rows, mask=rmask, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_split):
+        base = (s * B + rows).to(tl.int64)[:, None] * d + dc[None, :]
+        acc += tl.load(PART + base, mask=m2, other=0.0)
+    p_pos = tl.exp(pos - lse)
+    if NORMALIZE:
+        kh = xk * rk[:, None]
+    else:
+        kh = xk
+    gz = (acc + (p_pos - 1.0)[:, None] * kh) * (g * inv_t)[:, None]
+    if NORMALIZE:
+        gz = _normalize_backward(xq, rq, gz, eps)
+    tl.store(GQ + rows.to(tl.int64)[:, None] * sgq + dc[None, :], gz.to(GQ.dtype.element_ty), mask=m2)
+
+
+def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
+    """(n_split, k_per_split): enough (row tile, split) programs to fill the device twice over."""
+    row_tiles = triton.cdiv(b, bm)
+    want = max(1, triton.cdiv(2 * _num_sms(device), row_tiles))
+    n_split = max(1, min(want, triton.cdiv(k, bn)))
+    k_per_split = triton.cdiv(triton.cdiv(k, n_split), bn) * bn
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
+def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float):
+    """q, k [B, d], queue [K, d], contiguous, one dtype. Returns (loss [B], lse [B], cos [B]), fp32."""
+    b, d = q.shape
+    kq = queue.shape[0]
+    rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
+    bm, bn, nw, ns = _tiles(d, q.device)
+    n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
+    m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
+    l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
+    bd = _block_d(d)
+    _moco_fwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
+        q, rq, queue, rqu, m_part, l_part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
+        k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
+    )
+    loss = torch.empty(b, device=q.device, dtype=torch.float32)
+    lse = torch.empty(b, device=q.device, dtype=torch.float32)
+    cos = torch.empty(b, device=q.device, dtype=torch.float32)
+    _moco_fwd_combine_kernel[(triton.cdiv(b, bm),)](
+        q, k, rq, rk, m_part, l_part, loss, lse, cos, b, d, q.stride(0), k.stride(0), n_split,
+        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw,
+    )
+    return loss, lse, cos
+
+
+def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normalize: bool, eps: float):
+    """Gradient of sum_i grad_rows_i * loss_i with respect to q; dtype of q."""
+    b, d = q.shape
+    kq = queue.shape[0]
+    rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
+    bm, bn, nw, ns = _tiles(d, q.device)
+    n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
+    part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
+    bd = _block_d(d)
+    _moco_bwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
+        q, rq, queue, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
+        k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
+    )
+    g = grad_rows.to(torch.float32).contiguous()
+    gq = torch.empty_like(q)
+    _moco_bwd_combine_kernel[(triton.cdiv(b, bm),)](
+        q, k, rq, rk, lse, g, part, gq, b, d, q.stride(0), k.stride(0), gq.stride(0), n_split,
+        1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw,
+    )
+    return gq
+
+
+# --------------------------------------------------------------------------------------------
+# pair cosine: c_i = <a_i, b_i> r_a,i r_b,i
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pair_cosine_fwd_kernel(A, B_, C, n, d, sa, sb, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n
+    dc = tl.arange(0, BLOCK_D)
+    m2 = rmask[:, None] & (dc[None, :] < d)
+    a = tl.load(A + rows.to(tl.int64)[:, None] * sa + dc[None, :], mask=m2, other=0.0).to(tl.float32)
+    b = tl.load(B_ + rows.to(tl.int64)[:, None] * sb + dc[None, :], mask=m2, other=0.0).to(tl.float32)
+    ra = 1.0 / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), eps)
+    rb = 1.0 / tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), eps)
+    tl.store(C + rows, tl.sum(a * b, axis=1) * ra * rb, mask=rmask)
+
+
+@triton.jit
+def _pair_cosine_bwd_kernel(A, B_, G, GA, GB, n, d, sa, sb, sga, sgb, eps,
+                            BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n
+    dc = tl.arange(0, BLOCK_D)
+    m2 = rmask[:, None] & (dc[None, :] < d)
+    a = tl.load(A + rows.to(tl.int64)[:, None] * sa + dc[None, :], mask=m2, other=0.0).to(tl.float32)
+    b = tl.load(B_ + rows.to(tl.int64)[:, None] * sb + dc[None, :], mask=m2, other=0.0).to(tl.float32)
+    g = tl.load(G + rows, mask=rmask, other=0.0)
+    ra = 1.0 / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), eps)
+    rb = 1.0 / tl.maximum(tl.sqrt(tl.sum(b * b, axis=1)), eps)
+    ga = _normalize_backward(a, ra, b * (rb * g)[:, None], eps)  # dc/dahat = bhat
+    gb = _normalize_backward(b, rb, a * (ra * g)[:, None], eps)
+    tl.store(GA + rows.to(tl.int64)[:, None] * sga + dc[None, :], ga.to(GA.dtype.element_ty), mask=m2)
+    tl.store(GB + rows.to(tl.int64)[:, None] * sgb + dc[None, :], gb.to(GB.dtype.element_ty), mask=m2)
+
+
+def _pair_rows(d: int) -> int:
+    return max(1, min(64, 4096 // _block_d(d)))
+
+
+def pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    n, d = a.shape
+    c = torch.empty(n, device=a.device, dtype=torch.float32)
+    br = _pair_rows(d)
+    _pair_cosine_fwd_kernel[(triton.cdiv(n, br),)](
+        a, b, c, n, d, a.stride(0), b.stride(0), eps, BLOCK_R=br, BLOCK_D=_block_d(d))
+    return c
+
+
+def pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float):
+    n, d = a.shape
+    g = grad.to(torch.float32).contiguous()
+    ga, gb = torch.empty_like(a), torch.empty_like(b)
+    br = _pair_rows(d)
+    _pair_cosine_bwd_kernel[(triton.cdiv(n, br),)](
+        a, b, g, ga, gb, n, d, a.stride(0), b.stride(0), ga.stride(0), gb.stride(0), eps,
+        BLOCK_R=br, BLOCK_D=_block_d(d))
+    return ga, gb
