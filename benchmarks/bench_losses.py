@@ -91,9 +91,10 @@ def _nt_xent_impl(impl: str, n_rows: int):
 
         def two_way(a, b):
             qa, kb = F.normalize(a, dim=1), F.normalize(b, dim=1)
-            scale = torch.tensor(1.0 / T_NTXENT, device=a.device, dtype=torch.float32)
-            return 0.5 * (cal_inf_loss(qa, kb, scale=scale, head_dim=a.shape[1])
-                          + cal_inf_loss(kb, qa, scale=scale, head_dim=a.shape[1]))
+            # temperature folded into the queries: inf_cl's own `scale=` tensor all-reduces its
+            # gradient, which needs torch.distributed to be initialised
+            return 0.5 * (cal_inf_loss(qa / T_NTXENT, kb, head_dim=a.shape[1])
+                          + cal_inf_loss(kb / T_NTXENT, qa, head_dim=a.shape[1]))
         return two_way
     raise AssertionError(impl)
 

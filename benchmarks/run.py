@@ -85,7 +85,8 @@ def run_pytest(out_json: Path, events: Path, gpu: bool, expr: str | None, quick:
         args += ["--benchmark-min-rounds=3", "--benchmark-max-time=0.1"]
     else:
         args += ["--benchmark-min-rounds=5", "--benchmark-max-time=0.5"]
-    env = dict(os.environ, CORESET_BENCH_EVENTS=str(events), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # keep peers' paths
+    env = dict(os.environ, CORESET_BENCH_EVENTS=str(events), PYTHONPATH=path)
     return subprocess.call(args, env=env, cwd=ROOT)
 
 
