@@ -374,12 +374,17 @@ def test_bad_inputs():
 
 # ------------------------------------------------------------------------- GPU
 
+# every (k, d, dtype, metric) is autotuned once on the GPU: keep the grid small
+_CUDA_ASSIGN_CASES = [(5000, 1000, 128, dt, m) for dt in (torch.float32, torch.bfloat16, torch.float16)
+                      for m in ("euclidean", "cosine")]
+_CUDA_ASSIGN_CASES += [(777, 37, 19, torch.float32, "euclidean"), (777, 37, 19, torch.bfloat16, "cosine"),
+                       (300, 50, 200, torch.float32, "cosine"), (300, 50, 200, torch.bfloat16, "euclidean")]
+
+
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-@pytest.mark.parametrize("n,k,d", [(5000, 1000, 128), (777, 37, 19), (300, 50, 200)])
-def test_assign_cuda(dtype, metric, n, k, d):
+@pytest.mark.parametrize("n,k,d,dtype,metric", _CUDA_ASSIGN_CASES)
+def test_assign_cuda(n, k, d, dtype, metric):
     x, c = _data(n, d, 20, dtype, "cuda"), _data(k, d, 21, torch.float32, "cuda")
     labels, dist = ops.kmeans_assign(x, c, metric=metric)
     assert ops._backend.select_backend("kmeans_assign", x.device) == "triton"
