@@ -50,7 +50,7 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["select", "--run", "{run}", "--method", "nope", "--fraction", "0.1", "--out", "{tmp}/x.npz"],
-     "unknown method 'nope'; known methods: balanced_random, css, "),
+     "unknown method 'nope'; known methods: aum, balanced_random, ccs, css, "),
     (["select", "--run", "{run}", "--method", "css", "--fraction", "1.5", "--out", "{tmp}/x.npz"],
      "fraction must be in (0, 1], got 1.5"),
     (["select", "--run", "{run}", "--method", "random", "--budget", "5000", "--out", "{tmp}/x.npz"],
