@@ -188,18 +188,23 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(len(ops), 1, figsize=(9, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
+        # one headline pass per op (fwd+bwd where measured), one line per implementation and dtype
+        op_rows = [r for r in rows if r["op"] == op and r["median_s"] is not None]
+        passes = {r["pass"] for r in op_rows}
+        headline = "fwd+bwd" if "fwd+bwd" in passes else sorted(passes)[0]
         series: dict[str, list[tuple[str, float]]] = {}
-        cases = []
-        for r in rows:
-            if r["op"] != op or r["median_s"] is None:
+        cases: list[str] = []
+        for r in op_rows:
+            if r["pass"] != headline:
                 continue
-            case = ",".join(str(v) for v in r["size"].values()) + f" {r['pass']} {r['dtype']}"
+            case = ", ".join(f"{k}={v}" for k, v in r["size"].items())
             if case not in cases:
                 cases.append(case)
-            series.setdefault(r["impl"], []).append((case, r["median_s"]))
-        for impl, pts in sorted(series.items()):
-            xs = [cases.index(c) for c, _ in pts]
-            ax.plot(xs, [t for _, t in pts], marker="o", label=impl)
+            series.setdefault(f"{r['impl']} ({r['dtype']})", []).append((case, r["median_s"]))
+        for label, pts in sorted(series.items()):
+            pts.sort(key=lambda p: cases.index(p[0]))
+            ax.plot([cases.index(c) for c, _ in pts], [t for _, t in pts], marker="o", label=label)
+        op = f"{op} ({headline})"
         ax.set_yscale("log")
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
