@@ -78,6 +78,32 @@ def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+def save_state(path: str | os.PathLike, state: dict) -> None:
+    """Atomically saves a `state_dict()` (tensors plus its "meta" record) with `save_npz`."""
+    state = dict(state)
+    meta = state.pop("meta")
+    save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+
+
+def load_checked(
+    path: str | os.PathLike, kind: str, *, num_samples: int | None, fingerprint: str | None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads what `save_state` wrote for an object of `kind`, checking the format version and,
+    where given, that the file was written for `num_samples` examples of data set `fingerprint`."""
+    arrays, meta = load_npz(path)
+    if meta.get("kind") != kind:
+        raise ValueError(f"{path} is not a {kind} file (kind={meta.get('kind')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
+    if num_samples is not None and num_samples != meta["num_samples"]:
+        raise ValueError(
+            f"num_samples: {path} was written for {meta['num_samples']} examples, not {num_samples}"
+        )
+    if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
+    return arrays, meta
+
+
 class ScoreTracker:
     """Running per-example sums and counts of named scores, on any device.
 
@@ -226,9 +252,7 @@ class ScoreTracker:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically writes the tracker to `path` (.npz: buffers plus JSON metadata, no pickle)."""
-        state = self.state_dict()
-        meta = state.pop("meta")
-        save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+        save_state(path, self.state_dict())
 
     @classmethod
     def load(
@@ -236,17 +260,7 @@ class ScoreTracker:
         fingerprint: str | None = None,
     ) -> "ScoreTracker":
         """Reads a tracker saved by `save`. `num_samples`/`fingerprint`, if given, must match the file."""
-        arrays, meta = load_npz(path)
-        if meta.get("kind") != "ScoreTracker":
-            raise ValueError(f"{path} is not a ScoreTracker file (kind={meta.get('kind')!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
-        if num_samples is not None and num_samples != meta["num_samples"]:
-            raise ValueError(
-                f"num_samples: {path} was written for {meta['num_samples']} examples, not {num_samples}"
-            )
-        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
-            raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
+        arrays, meta = load_checked(path, "ScoreTracker", num_samples=num_samples, fingerprint=fingerprint)
         tracker = cls(meta["num_samples"], meta["metrics"], device=device, fingerprint=meta.get("fingerprint"))
         tracker.load_state_dict({"meta": meta, **arrays})
         return tracker
@@ -456,9 +470,7 @@ class TrainingDynamics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically writes the dynamics to `path` (.npz: buffers plus JSON metadata, no pickle)."""
-        state = self.state_dict()
-        meta = state.pop("meta")
-        save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+        save_state(path, self.state_dict())
 
     @classmethod
     def load(
@@ -466,17 +478,7 @@ class TrainingDynamics:
         fingerprint: str | None = None,
     ) -> "TrainingDynamics":
         """Reads dynamics saved by `save`. `num_samples`/`fingerprint`, if given, must match the file."""
-        arrays, meta = load_npz(path)
-        if meta.get("kind") != "TrainingDynamics":
-            raise ValueError(f"{path} is not a TrainingDynamics file (kind={meta.get('kind')!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
-        if num_samples is not None and num_samples != meta["num_samples"]:
-            raise ValueError(
-                f"num_samples: {path} holds dynamics of {meta['num_samples']} examples, not {num_samples}"
-            )
-        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
-            raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
+        arrays, meta = load_checked(path, "TrainingDynamics", num_samples=num_samples, fingerprint=fingerprint)
         dyn = cls(meta["num_samples"], el2n_epochs=meta["el2n_epochs"], device=device,
                   fingerprint=meta.get("fingerprint"))
         dyn.load_state_dict({"meta": meta, **arrays})
