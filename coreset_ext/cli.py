@@ -98,22 +98,47 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Methods that read the ground-truth labels: the supervised dynamics baselines (issue 7).
+_LABELLED_METHODS = ("aum", "forgetting", "el2n", "ccs")
+
+
+def _needs_labels(method: str, opts: dict, by_class: bool) -> bool:
+    return (by_class or method in _LABELLED_METHODS
+            or (method == "sas" and opts.get("classes") == "labels")
+            or (method == "balanced_random" and opts.get("by") == "class"))
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from coreset_ext.select import select
     from coreset_ext.train.pipeline import load_run
 
     if (args.fraction is None) == (args.budget is None):
         raise ValueError(f"--fraction/--budget: give exactly one, got {args.fraction!r} and {args.budget!r}")
-    run = load_run(args.run)
-    labels = None
-    if args.by_class:
+    if args.run is None and args.embeddings is None:
+        raise ValueError("--run/--embeddings: give a training run directory, an embeddings file, or both")
+    opts = _options(args.option)
+    run = load_run(args.run) if args.run is not None else {}
+    train_ds = None
+    if args.embeddings is not None or _needs_labels(args.method, opts, args.by_class):
         from coreset_ext.train.data import load_dataset
 
-        labels = load_dataset(args.data, split="train", data_dir=args.data_dir).labels
-    opts = _options(args.option)
+        train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
+        if run and run["config"]["data"]["fingerprint"] != train_ds.fingerprint:
+            raise ValueError(f"--data: run {args.run} was trained on data set {run['config']['data']['fingerprint']}, "
+                             f"but --data {args.data!r} is {train_ds.fingerprint}")
+    embeddings = run.get("train")
+    if args.embeddings is not None:
+        from coreset_ext.train.embed import load_embeddings
+
+        embeddings = load_embeddings(args.embeddings, dataset_size=len(train_ds))
+    labels = None
+    if _needs_labels(args.method, opts, args.by_class):
+        if not train_ds.has_labels:
+            raise ValueError(f"--method: {args.method!r} needs the training labels, but {args.data!r} has none")
+        labels = train_ds.labels
+    fingerprint = run["config"]["data"]["fingerprint"] if run else train_ds.fingerprint
     sel = select(args.method, fraction=args.fraction, budget=args.budget, scores=run.get("scores"),
-                 embeddings=run.get("train"), labels=labels, seed=args.seed,
-                 fingerprint=run["config"]["data"]["fingerprint"], **opts)
+                 embeddings=embeddings, labels=labels, seed=args.seed, fingerprint=fingerprint, **opts)
     sel.save(args.out)
     print(f"selected {len(sel)} of {sel.dataset_size} examples with {args.method}; wrote {args.out}")
     return 0
@@ -125,9 +150,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from coreset_ext.train.pipeline import evaluate_selections
 
     sels = [Selection.load(p) for p in args.selection]
-    rows = evaluate_selections(sels, run_dir=args.run, data=args.data, data_dir=args.data_dir,
-                               evaluators=tuple(args.evaluator), seeds=tuple(range(args.seeds)),
-                               random_baseline=not args.no_random, device=args.device)
+    if args.protocol == "ssl":  # SAS's protocol (issue 6): contrastive training on each subset, full-set probe
+        from coreset_ext.train.evaluate import evaluate_ssl
+
+        rows = evaluate_ssl(sels, data=args.data, data_dir=args.data_dir, seeds=tuple(range(args.seeds)),
+                            random_baseline=not args.no_random, train_options={"epochs": args.ssl_epochs},
+                            device=args.device)
+    else:
+        rows = evaluate_selections(sels, run_dir=args.run, data=args.data, data_dir=args.data_dir,
+                                   evaluators=tuple(args.evaluator), seeds=tuple(range(args.seeds)),
+                                   random_baseline=not args.no_random, device=args.device)
     report = write_results(rows, args.out, title=args.data)
     print(report["markdown"])
     print(f"wrote {args.out}/results.csv, summary.csv, results.md, accuracy_vs_fraction.png")
@@ -137,7 +169,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from coreset_ext.train.pipeline import run_pipeline
+    from coreset_ext.train.pipeline import DEFAULT_METHODS, run_pipeline
 
     import torch
 
@@ -145,14 +177,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # small ops on a shared CPU: one thread avoids oversubscription
     t0 = time.perf_counter()
     opts = {"epochs": args.epochs}
-    report = run_pipeline(args.out, data=args.data, data_dir=args.data_dir, train_options=opts,
+    methods = [m for m in DEFAULT_METHODS if args.methods is None or m.label in args.methods]
+    report = run_pipeline(args.out, data=args.data, data_dir=args.data_dir, train_options=opts, methods=methods,
                           fractions=args.fractions, seeds=tuple(range(args.seeds)), evaluators=tuple(args.evaluator),
+                          scratch_steps=args.scratch_steps, ssl_options={"epochs": args.ssl_epochs},
                           device=args.device, progress=not args.no_progress)
     print()
     print(report["markdown"])
     print(f"pipeline wall time: {time.perf_counter() - t0:.1f}s; wrote {args.out}/config.json, train_*/, "
           f"selections/, results.csv, summary.csv, results.md, {report['plot'].name}")
     return 0
+
+
+def _demo_methods():
+    from coreset_ext.train.pipeline import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
 
 
 def _add_main_job_commands(sub) -> None:
@@ -183,10 +223,14 @@ def _add_main_job_commands(sub) -> None:
 
     p = sub.add_parser("select", formatter_class=fmt, help="select a coreset from a training run's scores/embeddings",
                        description="Select examples with a registered method using RUN's CSS scores and backbone "
-                                   "embeddings; write a Selection file (.npz, no pickle).")
+                                   "embeddings (or an --embeddings file); write a Selection file (.npz, no pickle).")
     _add_data_args(p)
-    p.add_argument("--run", required=True, help="training run directory (from `coreset-ext train`)")
-    p.add_argument("--method", required=True, help=f"one of: {', '.join(available_methods())}")
+    p.add_argument("--run", default=None, help="training run directory (from `coreset-ext train`)")
+    p.add_argument("--embeddings", default=None, metavar="PATH",
+                   help="embeddings file (.npy, .pt, or .npz with array 'train') to use instead of the run's")
+    p.add_argument("--method", required=True,
+                   help=f"one of: {', '.join(available_methods())} ({', '.join(_LABELLED_METHODS)} read the "
+                        "training labels, as do sas with classes=labels and balanced_random with by=class)")
     p.add_argument("--fraction", type=float, default=None, help="subset size as a fraction of the pool, in (0, 1]")
     p.add_argument("--budget", type=int, default=None, help="subset size as a number of examples")
     p.add_argument("--seed", type=int, default=0)
@@ -204,7 +248,12 @@ def _add_main_job_commands(sub) -> None:
     _add_data_args(p)
     p.add_argument("--selection", nargs="+", required=True, help="selection files")
     p.add_argument("--run", default=None, help="training run directory (needed by the probe evaluator)")
-    p.add_argument("--evaluator", nargs="+", default=["probe"], choices=["probe", "scratch"])
+    p.add_argument("--evaluator", nargs="+", default=["probe"], choices=["probe", "scratch"],
+                   help="with --protocol coreset")
+    p.add_argument("--protocol", choices=["coreset", "ssl"], default="coreset",
+                   help="coreset: train a classifier on the subset (--evaluator); ssl: SAS's protocol, contrastive "
+                        "training on the subset only, then a linear probe on the full labelled training set")
+    p.add_argument("--ssl-epochs", type=int, default=5, help="contrastive epochs per subset with --protocol ssl")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--no-random", action="store_true", help="skip the random baseline")
     p.add_argument("--out", required=True, help="directory for results.{csv,md} and the plot")
@@ -222,6 +271,12 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--evaluator", nargs="+", default=["probe", "scratch"], choices=["probe", "scratch"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    labels = list(dict.fromkeys(m.label for m in _demo_methods()))
+    p.add_argument("--methods", nargs="+", default=None, choices=labels, metavar="LABEL",
+                   help=f"rows to run (default: all): {', '.join(labels)}; the SAS/ELFS rows use their own "
+                        "fractions (keep 10/30/50/70%%), and sas and random also run the ssl protocol")
+    p.add_argument("--ssl-epochs", type=int, default=5, help="contrastive epochs per subset in the ssl rows")
+    p.add_argument("--scratch-steps", type=int, default=200, help="steps of the scratch evaluator")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

@@ -40,17 +40,91 @@ def test_demo_writes_table_and_plot(tmp_path, capsys):
     pytest.importorskip("coreset_ext.cluster")  # prototypes and balanced_random per cluster use KMeans
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--fractions", "0.1,0.5", "--seeds", "2",
-                 "--evaluator", "probe", "--no-progress"]) == 0
+                 "--evaluator", "probe", "--methods", "random", "css_simclr", "css_moco", "kcenter", "elfs",
+                 "--ssl-epochs", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| css_simclr |" in printed and "| css_moco |" in printed and "pipeline wall time" in printed
     for name in ("config.json", "results.md", "results.csv", "summary.csv", "accuracy_vs_fraction.png",
-                 "train_simclr/scores.npz", "train_moco/scores.npz", "selections/kcenter_50pct_seed1.npz"):
+                 "train_simclr/scores.npz", "train_moco/scores.npz", "selections/kcenter_50pct_seed1.npz",
+                 "selections/elfs_70pct_seed1.npz"):
         assert (out / name).is_file(), name
+    # Rows with their own fractions (elfs: keep 10/30/50/70%) and evaluators (random also runs the ssl
+    # protocol at those fractions); the pipeline's fractions for the others.
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    got = {(r["method"], r["evaluator"]): set() for r in rows}
+    for r in rows:
+        got[(r["method"], r["evaluator"])].add(float(r["fraction"]))
+    assert got[("elfs", "probe")] == {0.1, 0.3, 0.5, 0.7}
+    assert got[("kcenter", "probe")] == {0.1, 0.5}
+    assert got[("random", "probe")] == {0.1, 0.2, 0.3, 0.5, 0.7}
+    assert got[("random", "ssl")] == {0.1, 0.3, 0.5, 0.7}
+    assert ("elfs", "ssl") not in got and ("kcenter", "ssl") not in got
+    assert "Evaluator: ssl" in printed and "Evaluator: probe" in printed
+
+
+def test_select_supervised_baseline_and_embeddings_file(tmp_path_factory, capsys):
+    import numpy as np
+
+    from coreset_ext.select import Selection
+
+    tmp = tmp_path_factory.mktemp("sup")
+    run = _shared_run(tmp_path_factory)
+    # aum reads the training labels (passed by the command) and the run's embeddings.
+    assert main(["select", "--run", str(run), "--method", "aum", "--fraction", "0.1",
+                 "--option", "proxy_epochs=2", "--out", str(tmp / "aum.npz")]) == 0
+    sel = Selection.load(tmp / "aum.npz")
+    assert len(sel) == 144 and sel.method == "aum" and sel.scores is not None
+    # An embeddings file in place of the run: same selection as the run's own embeddings.
+    from coreset_ext.scores import load_npz
+
+    arrays, _ = load_npz(run / "embeddings.npz")
+    np.save(tmp / "emb.npy", arrays["train"])
+    assert main(["select", "--embeddings", str(tmp / "emb.npy"), "--method", "aum", "--fraction", "0.1",
+                 "--option", "proxy_epochs=2", "--out", str(tmp / "aum_file.npz")]) == 0
+    assert Selection.load(tmp / "aum_file.npz").indices.tolist() == sel.indices.tolist()
+    # sas with classes=labels gets the labels too; without them it would fail.
+    assert main(["select", "--run", str(run), "--method", "sas", "--budget", "50", "--option", "classes=labels",
+                 "--out", str(tmp / "sas.npz")]) == 0
+    assert len(Selection.load(tmp / "sas.npz")) == 50
+    # A file of the wrong length, and neither a run nor a file: clean errors naming both values.
+    np.save(tmp / "short.npy", arrays["train"][:10])
+    capsys.readouterr()
+    assert main(["select", "--embeddings", str(tmp / "short.npy"), "--method", "sas", "--fraction", "0.1",
+                 "--out", str(tmp / "x.npz")]) == 2
+    assert "has 10 rows but the data set has 1438 examples" in capsys.readouterr().err
+    assert main(["select", "--method", "random", "--fraction", "0.1", "--out", str(tmp / "x.npz")]) == 2
+    assert "--run/--embeddings" in capsys.readouterr().err
+
+
+def test_evaluate_ssl_protocol(tmp_path_factory, capsys):
+    pytest.importorskip("coreset_ext.cluster")  # sas's latent classes come from KMeans
+    import csv
+
+    tmp = tmp_path_factory.mktemp("ssl")
+    run = _shared_run(tmp_path_factory)
+    assert main(["select", "--run", str(run), "--method", "sas", "--budget", "40", "--out", str(tmp / "sas.npz")]) == 0
+    out = tmp / "eval"
+    assert main(["evaluate", "--protocol", "ssl", "--ssl-epochs", "1", "--selection", str(tmp / "sas.npz"),
+                 "--seeds", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["method"], r["budget"], r["evaluator"]) for r in rows] == [("sas", "40", "ssl"), ("random", "40", "ssl")]
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert "Evaluator: ssl" in (out / "results.md").read_text()
+    assert "Evaluator: ssl" in capsys.readouterr().out
+
+
+def _shared_run(tmp_path_factory):
+    run = tmp_path_factory.getbasetemp() / "shared_run"
+    if not (run / "scores.npz").is_file():
+        assert main(["train", "--out", str(run), *TINY]) == 0
+    return run
 
 
 @pytest.mark.parametrize("argv,message", [
     (["select", "--run", "{run}", "--method", "nope", "--fraction", "0.1", "--out", "{tmp}/x.npz"],
-     "unknown method 'nope'; known methods: aum, balanced_random, ccs, css, "),
+     "unknown method 'nope'; known methods: aum, balanced_random, ccs, css, el2n, elfs, "),
     (["select", "--run", "{run}", "--method", "css", "--fraction", "1.5", "--out", "{tmp}/x.npz"],
      "fraction must be in (0, 1], got 1.5"),
     (["select", "--run", "{run}", "--method", "random", "--budget", "5000", "--out", "{tmp}/x.npz"],
@@ -67,9 +141,7 @@ def test_bad_arguments_fail_cleanly(tmp_path_factory, argv, message, capsys):
     from coreset_ext.select import Selection
 
     tmp = tmp_path_factory.mktemp("bad")
-    run = tmp_path_factory.getbasetemp() / "shared_run"
-    if not (run / "scores.npz").is_file():
-        assert main(["train", "--out", str(run), *TINY]) == 0
+    run = _shared_run(tmp_path_factory)
     Selection(torch.arange(3), "random", dataset_size=10).save(tmp / "other.npz")
     argv = [a.format(run=run, tmp=tmp) for a in argv]
     capsys.readouterr()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -108,13 +109,26 @@ def train_from_scratch(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
 FIELDS = ("method", "fraction", "budget", "evaluator", "seed", "accuracy")
 
 
+# What each evaluator's number means, printed above its table and on its plot panel.
+EVALUATOR_NOTES = {
+    "probe": "linear probe trained on the subset, on frozen features of the trained contrastive encoder",
+    "scratch": "small network trained from scratch on the subset's images",
+    "ssl": "SAS's protocol: contrastive training on the subset only, then a linear probe on the full "
+           "labelled training set",
+}
+# Rows that read the ground-truth labels (reference rows, not label-free selectors): dotted lines.
+SUPERVISED_METHODS = ("aum", "forgetting", "el2n", "ccs")
+
+
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample std of accuracy per (evaluator, method, fraction), over seeds."""
+    """Mean and sample std of accuracy per (evaluator, method, fraction), over seeds; evaluators
+    sorted, methods in the order they first appear in `rows`, fractions ascending."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
         groups[(r["evaluator"], r["method"], float(r["fraction"]))].append(float(r["accuracy"]))
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     out = []
-    for (ev, m, f), accs in sorted(groups.items()):
+    for (ev, m, f), accs in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])):
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
         out.append({"evaluator": ev, "method": m, "fraction": f, "mean": mean, "std": std, "n": len(accs)})
@@ -130,11 +144,15 @@ def markdown_table(summary: list[dict]) -> str:
         methods = list(dict.fromkeys(s["method"] for s in rows))
         cell = {(s["method"], s["fraction"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in rows}
         n = max(s["n"] for s in rows)
-        lines = [f"Evaluator: {ev} (test accuracy %, mean ± std over {n} seeds)", "",
+        note = f"; {EVALUATOR_NOTES[ev]}" if ev in EVALUATOR_NOTES else ""
+        lines = [f"Evaluator: {ev} (test accuracy %, mean ± std over {n} seeds{note})", "",
                  "| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |",
                  "| --- |" + " --- |" * len(fracs)]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(cell.get((m, f), "") for f in fracs) + " |")
+        if any(m in SUPERVISED_METHODS for m in methods):
+            lines += ["", f"({', '.join(m for m in methods if m in SUPERVISED_METHODS)}: supervised baselines, "
+                          "they read the ground-truth labels.)"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -166,16 +184,24 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
     import matplotlib.pyplot as plt
 
     evaluators = sorted({s["evaluator"] for s in summary})
-    fig, axes = plt.subplots(1, len(evaluators), figsize=(6 * len(evaluators), 4.5), squeeze=False)
+    # One colour per method on every panel (tab20 has room for 19 besides random's black);
+    # random, the reference, is black and dashed; supervised baselines are dotted.
+    others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "random"]
+    cmap = plt.get_cmap("tab20")
+    style = {m: {"color": cmap(i % 20), "linestyle": ":" if m in SUPERVISED_METHODS else "-"}
+             for i, m in enumerate(others)}
+    style["random"] = {"color": "black", "linestyle": "--"}
+    fig, axes = plt.subplots(1, len(evaluators), figsize=(6.5 * len(evaluators), 5), squeeze=False)
     for ax, ev in zip(axes[0], evaluators):
         rows = [s for s in summary if s["evaluator"] == ev]
         for m in dict.fromkeys(s["method"] for s in rows):
             pts = sorted((s["fraction"], s["mean"], s["std"]) for s in rows if s["method"] == m)
             ax.errorbar([100 * p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
-                        marker="o", capsize=3, label=m)
+                        marker="o", markersize=4, capsize=3, label=m, **style[m])
         ax.set_xlabel("subset size (% of the training pool)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{title} [{ev}]")
+        note = "\n" + textwrap.fill(EVALUATOR_NOTES[ev], 70) if ev in EVALUATOR_NOTES else ""
+        ax.set_title(f"{title} [{ev}]{note}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

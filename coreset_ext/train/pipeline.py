@@ -17,28 +17,49 @@ import torch
 from coreset_ext.scores import atomic_write_bytes, load_npz, save_npz
 from coreset_ext.select import Selection, select
 from coreset_ext.train.data import ArrayDataset, load_dataset
-from coreset_ext.train.evaluate import extract_features, linear_probe, train_from_scratch, write_results
+from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, train_from_scratch,
+                                        write_results)
 from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
 
 
 @dataclass
 class MethodSpec:
-    """One row of the comparison: a label, a registered selection method, its options, and which
-    training run ("simclr" or "moco") supplies its scores and embeddings."""
+    """One row of the comparison: a label, a registered selection method, its options, which
+    training run ("simclr" or "moco") supplies its scores and embeddings, and, when the row does not
+    follow the pipeline's, its own evaluators and fractions."""
 
     label: str
     method: str
     options: dict = field(default_factory=dict)
     run: str = "simclr"
+    evaluators: tuple[str, ...] | None = None  # None: the pipeline's; ("ssl",): SAS's protocol only
+    fractions: tuple[float, ...] | None = None  # None: the pipeline's
+
+
+PRUNING_KEEP = (0.1, 0.3, 0.5, 0.7)  # pruning rates 90/70/50/30% (ELFS's and CCS's tables)
 
 
 DEFAULT_METHODS = [
-    MethodSpec("random", "random"),
+    MethodSpec("random", "random", fractions=(0.1, 0.2, 0.3, 0.5, 0.7)),  # 70%: the pruning rows' reference
     MethodSpec("balanced_random", "balanced_random", {"by": "cluster", "n_clusters": 10}),
     MethodSpec("css_simclr", "css", run="simclr"),
     MethodSpec("css_moco", "css", run="moco"),
     MethodSpec("prototypes", "prototypes", {"n_clusters": 10, "keep": "hardest"}),
     MethodSpec("kcenter", "kcenter"),
+    # SAS and ELFS (issues 6, 7), at the pruning rates of their papers; the supervised dynamics
+    # baselines (aum, forgetting, el2n, ccs) read the ground-truth labels: reference rows, not label-free.
+    MethodSpec("sas", "sas", {"n_clusters": 10}, fractions=PRUNING_KEEP),
+    MethodSpec("sas_fl", "sas", {"n_clusters": 10, "objective": "facility_location"}, fractions=PRUNING_KEEP),
+    MethodSpec("elfs", "elfs", {"n_clusters": 10}, fractions=PRUNING_KEEP),
+    MethodSpec("elfs_ccs", "elfs", {"n_clusters": 10, "variant": "ccs"}, fractions=PRUNING_KEEP),
+    MethodSpec("ccs", "ccs", fractions=PRUNING_KEEP),
+    MethodSpec("aum", "aum", fractions=PRUNING_KEEP),
+    MethodSpec("forgetting", "forgetting", fractions=PRUNING_KEEP),
+    MethodSpec("el2n", "el2n", fractions=PRUNING_KEEP),
+    # SAS's own protocol (contrastive training on the subset, probe on the full labelled set), with
+    # random subsets of the same sizes as its reference: evaluator "ssl", their own table and panel.
+    MethodSpec("sas", "sas", {"n_clusters": 10}, evaluators=("ssl",), fractions=PRUNING_KEEP),
+    MethodSpec("random", "random", evaluators=("ssl",), fractions=PRUNING_KEEP),
 ]
 
 
@@ -78,8 +99,10 @@ def load_run(run_dir: str | Path) -> dict:
 
 def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds: ArrayDataset,
                      test_ds: ArrayDataset, features: dict | None, device: str | torch.device = "cpu",
-                     scratch_steps: int = 200) -> float:
-    """Test accuracy of `evaluator` ("probe" on frozen features, "scratch" on images) trained on `index`."""
+                     scratch_steps: int = 200, ssl_options: dict | None = None) -> float:
+    """Test accuracy of `evaluator` trained on `index`: "probe" (linear, on frozen features), "scratch"
+    (a small network on the images), or "ssl" (SAS's protocol: contrastive training on the subset,
+    5 epochs unless `ssl_options` say otherwise, then a linear probe on the full labelled set)."""
     if evaluator == "probe":
         if features is None:
             raise ValueError("features: the probe evaluator needs frozen features (a training run), got None")
@@ -87,17 +110,22 @@ def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds
                             seed=seed, num_classes=max(train_ds.num_classes, test_ds.num_classes), device=device)
     if evaluator == "scratch":
         return train_from_scratch(train_ds, index, test_ds, seed=seed, steps=scratch_steps, device=device)
-    raise ValueError(f"evaluator must be 'probe' or 'scratch', got {evaluator!r}")
+    if evaluator == "ssl":
+        return ssl_probe_accuracy(train_ds, index, test_ds, seed=seed, device=device,
+                                  train_options={"epochs": 5, **(ssl_options or {})})
+    raise ValueError(f"evaluator must be 'probe', 'scratch' or 'ssl', got {evaluator!r}")
 
 
 def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | None = None,
                  trainers: tuple[str, ...] = ("simclr", "moco"), train_options: dict | None = None,
                  methods: list[MethodSpec] | None = None, fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5),
                  seeds: tuple[int, ...] = (0, 1, 2), evaluators: tuple[str, ...] = ("probe", "scratch"),
-                 probe_run: str = "simclr", scratch_steps: int = 200, device: str = "auto",
-                 progress: bool = True, log=print) -> dict:
+                 probe_run: str = "simclr", scratch_steps: int = 200, ssl_options: dict | None = None,
+                 device: str = "auto", progress: bool = True, log=print) -> dict:
     """Trains each of `trainers` with CSS scores, selects every fraction with every method and seed,
     evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plot.
+    A `MethodSpec` with its own `fractions`/`evaluators` uses those instead of the pipeline's;
+    `ssl_options` are the trainer options of the "ssl" evaluator (default: 5 epochs).
 
     Returns {"rows": per-run results, "summary": ..., "markdown": the table, "plot": path, "seconds": ...}.
     """
@@ -112,7 +140,8 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
         raise ValueError(f"data: evaluation needs labels, but {data!r} has none")
     config = {"data": data, "data_dir": data_dir, "trainers": list(trainers), "train_options": train_options,
               "methods": [m.__dict__ for m in methods], "fractions": list(fractions), "seeds": list(seeds),
-              "evaluators": list(evaluators), "probe_run": probe_run, "device": str(dev),
+              "evaluators": list(evaluators), "probe_run": probe_run, "ssl_options": dict(ssl_options or {}),
+              "scratch_steps": scratch_steps, "device": str(dev),
               "dataset_size": len(train_ds), "fingerprint": train_ds.fingerprint}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2).encode())
@@ -124,7 +153,8 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
         runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}")
         log(f"[{t}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
             f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}] loaded")
-    needed = {m.run for m in methods} | ({probe_run} if "probe" in evaluators else set())
+    uses_probe = any("probe" in (m.evaluators or evaluators) for m in methods)
+    needed = {m.run for m in methods} | ({probe_run} if uses_probe else set())
     missing = needed - set(runs)
     if missing:
         raise ValueError(f"trainers: methods or the probe need runs {sorted(missing)}, but trainers are {list(trainers)}")
@@ -133,14 +163,15 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
     ts = time.perf_counter()
     for spec in methods:
         run = runs[spec.run]
-        for frac in fractions:
+        for frac in spec.fractions or fractions:
             for seed in seeds:
                 sel = select(spec.method, fraction=frac, scores=run["scores"], embeddings=run["train"],
                              labels=train_ds.labels, seed=seed, fingerprint=train_ds.fingerprint, **spec.options)
                 sel.save(out_dir / "selections" / f"{spec.label}_{round(100 * frac)}pct_seed{seed}.npz")
-                for ev in evaluators:
+                for ev in spec.evaluators or evaluators:
                     acc = evaluate_indices(sel.indices, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
-                                           features=runs.get(probe_run), device=dev, scratch_steps=scratch_steps)
+                                           features=runs.get(probe_run), device=dev, scratch_steps=scratch_steps,
+                                           ssl_options=ssl_options)
                     rows.append({"method": spec.label, "fraction": frac, "budget": len(sel), "evaluator": ev,
                                  "seed": seed, "accuracy": acc})
         log(f"[{spec.label}] selected and evaluated ({time.perf_counter() - ts:.1f}s so far)")
