@@ -91,7 +91,8 @@ def test_rowsum_matches_brute_force_with_labels(gen, fraction, clamp_min):
 def test_rowsum_matches_brute_force_with_kmeans_classes(gen):
     e = torch.randn(50, 5, generator=gen)
     groups = latent_classes(e, 4, seed=3)
-    sel = cx.select("sas", budget=17, embeddings=e, labels=torch.zeros(50), seed=3, n_clusters=4)
+    sel = cx.select("sas", budget=17, embeddings=e, labels=torch.zeros(50, dtype=torch.long), seed=3,
+                    n_clusters=4)
     _check_rowsum(e, groups, sel.indices.tolist(), 17)
     with pytest.raises(AssertionError):  # the check can fail: a random subset is not the top
         _check_rowsum(e, groups, cx.select("random", budget=17, dataset_size=50).indices.tolist(), 17)
@@ -248,6 +249,8 @@ def test_selector_inputs_feed_the_methods(tmp_path):
     for kind in ("pseudo", "labels"):
         path = out["files"][(kind, 0)]
         method = "elfs" if kind == "pseudo" else "aum"
-        from_file = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels, dynamics=path, beta=0.1)
-        computed = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels, n_clusters=5, beta=0.1)
+        opts = {"beta": 0.1} if method == "elfs" else {}  # aum takes neither beta nor n_clusters
+        from_file = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels, dynamics=path, **opts)
+        computed = cx.select(method, fraction=0.3, embeddings=e, labels=ds.labels,
+                             **({"n_clusters": 5} if method == "elfs" else {}), **opts)
         assert torch.equal(from_file.indices, computed.indices)

@@ -138,3 +138,137 @@ def test_registry_accepts_new_methods(pool):
         from coreset_ext.select import registry
 
         registry._METHODS.pop("every_other_test")
+
+
+# --- reviewer fixes: option names, index range, JSON options, integer labels, numeric arguments ---
+
+# Every built-in method with one of its real options: the misspelled name must be rejected and the
+# real one listed. (Hand-written, not read from the signatures the check itself uses.)
+REAL_OPTIONS = {"random": None, "balanced_random": "allocation", "css": "order", "prototypes": "keep",
+                "kcenter": "chunk_size", "sas": "objective", "elfs": "variant", "aum": "proxy_epochs",
+                "forgetting": "proxy_epochs", "el2n": "proxy_epochs", "ccs": "strata"}
+
+
+@pytest.mark.parametrize("method", sorted(REAL_OPTIONS))
+def test_misspelled_option_is_an_error_listing_the_real_ones(method):
+    g = torch.Generator().manual_seed(11)
+    inputs = {"scores": torch.rand(40, generator=g), "embeddings": torch.randn(40, 3, generator=g),
+              "labels": torch.randint(0, 3, (40,), generator=g)}
+    real = REAL_OPTIONS[method]
+    wrong = real[:-1] + "x" if real else "ordr"
+    with pytest.raises(ValueError, match=f"{wrong}: unknown option for method '{method}'") as err:
+        cx.select(method, fraction=0.5, seed=1, **inputs, **{wrong: "highest"})
+    assert (real in str(err.value)) if real else str(err.value).endswith("options are: none")
+    assert "seed" not in str(err.value).split("options are:")[1]  # inputs are not options
+
+
+def test_misspelled_option_is_an_error_in_the_cli(tmp_path, capsys):
+    from coreset_ext.cli import main
+    from coreset_ext.train.data import load_dataset
+
+    n = len(load_dataset("digits", split="train"))
+    np.save(tmp_path / "emb.npy", np.random.default_rng(3).standard_normal((n, 4)).astype(np.float32))
+    argv = ["select", "--embeddings", str(tmp_path / "emb.npy"), "--method", "kcenter", "--budget", "3",
+            "--out", str(tmp_path / "s.npz")]
+    capsys.readouterr()
+    assert main([*argv, "--option", "chunk_sise=16"]) == 2
+    err = capsys.readouterr().err
+    assert "chunk_sise: unknown option for method 'kcenter'" in err and "chunk_size" in err
+    assert not (tmp_path / "s.npz").exists()
+    assert main([*argv, "--option", "chunk_size=16"]) == 0
+
+
+def test_a_catch_all_method_gets_the_inputs_but_no_unknown_options():
+    seen = {}
+
+    @register_method("catch_all_test")
+    def catch_all(budget, *, n, **inputs):
+        seen.update(inputs)
+        return torch.arange(budget)
+
+    try:
+        s = torch.rand(9, generator=torch.Generator().manual_seed(5))
+        cx.select("catch_all_test", budget=2, scores=s, seed=4)
+        assert torch.equal(seen["scores"], s) and seen["seed"] == 4 and seen["labels"] is None
+        with pytest.raises(ValueError, match="tresh: unknown option.*none"):
+            cx.select("catch_all_test", budget=2, scores=s, tresh=0.5)
+    finally:
+        from coreset_ext.select import registry
+
+        registry._METHODS.pop("catch_all_test")
+
+
+@pytest.mark.parametrize("bad", [[-1, 2], [0, 5], [3, 3], [1, 9]])
+def test_out_of_range_or_repeated_method_indices_are_rejected(bad):
+    @register_method("bad_indices_test")
+    def bad_indices(budget, *, n):
+        return torch.tensor(bad)
+
+    try:
+        with pytest.raises(RuntimeError, match="'bad_indices_test' returned bad indices"):
+            cx.select("bad_indices_test", budget=2, dataset_size=5)
+    finally:
+        from coreset_ext.select import registry
+
+        registry._METHODS.pop("bad_indices_test")
+    with pytest.raises(ValueError, match="indices must be"):
+        Selection(torch.tensor(bad), "random", dataset_size=5)
+
+
+def test_load_rejects_indices_outside_the_data_set(tmp_path):
+    from coreset_ext.scores import save_npz
+
+    idx = torch.randperm(20, generator=torch.Generator().manual_seed(8))[:6]
+    good = Selection(idx, "random", dataset_size=20)
+    good.save(tmp_path / "ok.npz")
+    assert torch.equal(Selection.load(tmp_path / "ok.npz").indices, idx)
+    meta = {"kind": "Selection", "format_version": 1, "method": "random", "options": {}, "seed": 0,
+            "fingerprint": None, "budget": 6}
+    for name, indices, size in (("neg", [-1, 2], 5), ("big", [4, 5], 5), ("dup", [1, 1], 5)):
+        save_npz(tmp_path / f"{name}.npz", {"indices": np.array(indices, dtype=np.int64)}, {**meta, "dataset_size": size})
+        with pytest.raises(ValueError, match=f"{name}.npz holds an invalid Selection: indices must be"):
+            Selection.load(tmp_path / f"{name}.npz")
+
+
+def test_numpy_scalar_options_and_seed_are_saved_as_python_numbers(tmp_path):
+    e = torch.randn(30, 4, generator=torch.Generator().manual_seed(13))
+    sel = cx.select("kcenter", budget=7, embeddings=e, seed=np.int64(2), chunk_size=np.int64(8),
+                    normalize=np.bool_(True))
+    plain = cx.select("kcenter", budget=7, embeddings=e, seed=2, chunk_size=8, normalize=True)
+    assert torch.equal(sel.indices, plain.indices)
+    assert sel.options == {"chunk_size": 8, "normalize": True} and type(sel.options["chunk_size"]) is int
+    assert type(sel.seed) is int
+    sel.save(tmp_path / "k.npz")
+    back = Selection.load(tmp_path / "k.npz")
+    assert back.options == {"chunk_size": 8, "normalize": True} and back.seed == 2
+    with pytest.raises(ValueError, match="order: option values must be JSON-serialisable.*set"):
+        cx.select("css", budget=3, scores=torch.rand(10), order={"lowest"})
+
+
+def test_labels_must_be_integers_and_non_negative_where_read():
+    g = torch.Generator().manual_seed(21)
+    e, y = torch.randn(30, 3, generator=g), torch.randint(0, 3, (30,), generator=g)
+    for bad in (y.double() + 0.5, (y.float() + 0.5).tolist(), y == 1):
+        with pytest.raises(ValueError, match="labels must have an integer dtype"):
+            cx.select("balanced_random", budget=6, labels=bad)
+    as_int32 = cx.select("balanced_random", budget=6, labels=y.numpy().astype(np.int32), seed=3)
+    assert torch.equal(as_int32.indices, cx.select("balanced_random", budget=6, labels=y, seed=3).indices)
+    y_neg = y.clone()
+    y_neg[torch.randint(0, 30, (2,), generator=g)] = -1
+    for method, opts in (("balanced_random", {}), ("sas", {"classes": "labels"}), ("el2n", {})):
+        with pytest.raises(ValueError, match=f"labels must be >= 0 for {method}"):
+            cx.select(method, budget=6, embeddings=e, labels=y_neg, **opts)
+
+
+def test_numeric_arguments_accept_numpy_scalars_and_reject_the_rest(pool):
+    n = len(pool["scores"])
+    for frac in (np.float32(0.1), np.float64(0.37)):
+        sel = cx.select("css", fraction=frac, scores=pool["scores"])
+        assert len(sel) == max(1, int(np.floor(float(frac) * n + 0.5)))
+    assert len(cx.select("random", budget=np.int32(5), dataset_size=n, seed=np.int16(3))) == 5
+    for kwargs, name in (({"fraction": True}, "fraction"), ({"fraction": "0.1"}, "fraction"),
+                         ({"budget": True}, "budget"), ({"budget": 5.0}, "budget"),
+                         ({"budget": 5, "seed": None}, "seed"), ({"budget": 5, "seed": 1.5}, "seed"),
+                         ({"budget": 5, "seed": False}, "seed")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            cx.select("random", dataset_size=n, **kwargs)

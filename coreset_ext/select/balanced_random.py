@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from coreset_ext.select.registry import register_method
+from coreset_ext.select.registry import register_method, require_labels
 
 
 def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor:
@@ -38,12 +38,10 @@ def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor
 
 @register_method("balanced_random")
 def balanced_random(budget: int, *, n: int, labels=None, embeddings=None, seed: int = 0, by: str | None = None,
-                    n_clusters: int = 10, allocation: str = "equal", **_) -> torch.Tensor:
+                    n_clusters: int = 10, allocation: str = "equal") -> torch.Tensor:
     by = by or ("class" if labels is not None else "cluster")
     if by == "class":
-        if labels is None:
-            raise ValueError("labels: balanced_random by='class' needs labels, got None")
-        groups = labels.long().cpu()
+        groups = require_labels(labels, n, "balanced_random by='class'").long().cpu()
     elif by == "cluster":
         if embeddings is None:
             raise ValueError("embeddings: balanced_random by='cluster' needs embeddings, got None")

@@ -13,7 +13,7 @@ from coreset_ext.select.registry import register_method, require
 
 
 @register_method("css")
-def css(budget: int, *, n: int, scores=None, order: str = "lowest", **_) -> tuple[torch.Tensor, torch.Tensor]:
+def css(budget: int, *, n: int, scores=None, order: str = "lowest") -> tuple[torch.Tensor, torch.Tensor]:
     s = require("scores", scores, "css").float()
     if order not in ("lowest", "highest"):
         raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")

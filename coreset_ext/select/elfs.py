@@ -60,7 +60,7 @@ from coreset_ext import ops
 from coreset_ext.scores import TrainingDynamics
 from coreset_ext.select import pruning
 from coreset_ext.select.pseudo_labels import pseudo_labels as make_pseudo_labels
-from coreset_ext.select.registry import register_method, require
+from coreset_ext.select.registry import register_method, require, require_labels
 
 __all__ = ["choose_beta", "coverage", "dynamics_for", "hardness", "pseudo_labels_for"]
 
@@ -191,7 +191,7 @@ def _check_embeddings(embeddings) -> None:
 def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
          pseudo_labels: str = "kmeans", deep_cluster: dict | None = None, score: str = "aum",
          variant: str = "double_end", beta: float | None = None, beta_grid=None, strata: int = 50,
-         dynamics: str | None = None, proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+         dynamics: str | None = None, proxy_epochs: int = 20, proxy_hidden: int = 0):
     _check_embeddings(embeddings)
     if dynamics is not None:
         dyn = _load_dynamics(dynamics, n)
@@ -209,10 +209,7 @@ def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_ep
     if dynamics is not None:
         return _load_dynamics(dynamics, n)
     e = require("embeddings", embeddings, method).float()
-    y = require("labels", labels, method)
-    if bool((y < 0).any()):
-        raise ValueError(f"labels: {int((y < 0).sum())} of {n} examples have no label (-1); the supervised "
-                         f"baseline {method!r} needs every label (or a dynamics file)")
+    y = require_labels(labels, n, method, "the supervised baselines need every label (or a dynamics file)")
     return dynamics_for(e, y.long(), seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
 
 
@@ -227,7 +224,7 @@ def _hardest_first(primary: torch.Tensor, budget: int, secondary: torch.Tensor |
 
 def _dynamics_baseline(name: str):
     def method(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, dynamics: str | None = None,
-               proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+               proxy_epochs: int = 20, proxy_hidden: int = 0):
         dyn = _supervised_dynamics(name, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
         s = hardness(dyn, name)
         secondary = hardness(dyn, "aum") if name == "forgetting" else None
@@ -245,7 +242,7 @@ for _name in SCORES:
 @register_method("ccs")
 def ccs(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, score: str = "aum",
         beta: float | None = None, beta_grid=None, strata: int = 50, dynamics: str | None = None,
-        proxy_epochs: int = 20, proxy_hidden: int = 0, **_):
+        proxy_epochs: int = 20, proxy_hidden: int = 0):
     dyn = _supervised_dynamics("ccs", n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
     s = hardness(dyn, score)
     idx = _select(budget, n, s, embeddings, beta=beta, variant="ccs", strata=strata, seed=seed, beta_grid=beta_grid)

@@ -16,7 +16,7 @@ from coreset_ext.select.registry import register_method, require
 
 @register_method("kcenter")
 def kcenter(budget: int, *, n: int, embeddings=None, seed: int = 0, normalize: bool = True,
-            chunk_size: int = 65536, **_) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "kcenter").float()
     if normalize:
         x = reference.normalize(x)

@@ -15,7 +15,7 @@ from coreset_ext.select.registry import register_method, require
 
 @register_method("prototypes")
 def prototypes(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
-               keep: str = "hardest", normalize: bool = True, **_) -> tuple[torch.Tensor, torch.Tensor]:
+               keep: str = "hardest", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "prototypes").float()
     if keep not in ("hardest", "easiest"):
         raise ValueError(f"keep must be 'hardest' or 'easiest', got {keep!r}")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
 import torch
 
-from coreset_ext.select.selection import Selection
+from coreset_ext.select.selection import Selection, check_indices
 
-# A method: fn(budget, *, n, scores, embeddings, labels, seed, **options) -> indices, or
-# (indices, scores_used). Inputs arrive as tensors (or None), already checked to have n rows.
+# A method: fn(budget, *, n, scores, embeddings, labels, seed, <its options>) -> indices, or
+# (indices, scores_used). It declares (as keyword parameters) the inputs it reads and its
+# options; `select` passes it only the inputs it declares (all of them to a `**kwargs` catch-all)
+# and rejects any option it does not declare, so a misspelled option is an error, not a no-op.
+# Inputs arrive as tensors (or None), already checked to have n rows.
 MethodFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 _METHODS: dict[str, MethodFn] = {}
 
@@ -23,7 +29,7 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
         >>> import torch
         >>> from coreset_ext.select import register_method, select
         >>> @register_method("first_k")
-        ... def first_k(budget, *, n, **_):
+        ... def first_k(budget, *, n):
         ...     return torch.arange(budget)
         >>> select("first_k", budget=2, scores=torch.rand(5)).indices.tolist()
         [0, 1]
@@ -37,6 +43,37 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+_INPUTS = ("n", "scores", "embeddings", "labels", "seed")
+
+
+def _keywords(fn: MethodFn) -> tuple[list[str], bool]:
+    """The keyword parameters `fn` declares after `budget`, and whether it has a `**kwargs` catch-all."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    named = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _json_options(method: str, accepted: list[str], options: dict) -> dict:
+    """`options` checked against the method's `accepted` names, numpy scalars made Python, JSON-checked."""
+    out = {}
+    for k, v in options.items():
+        if k not in accepted:
+            known = ", ".join(accepted) if accepted else "none"
+            raise ValueError(f"{k}: unknown option for method {method!r}; its options are: {known}")
+        v = v.item() if isinstance(v, np.generic) else v
+        try:  # the options are saved with the Selection: fail now, not at save time
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{k}: option values must be JSON-serialisable (they are saved with the "
+                             f"Selection), got {type(v).__name__}") from None
+        out[k] = v
+    return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _as_tensor(name: str, x, dim: int | None) -> torch.Tensor | None:
@@ -55,24 +92,41 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
 
     Args:
         method: a registered name (see `available_methods()`): random, balanced_random, css,
-            prototypes, kcenter, or one you registered.
-        fraction / budget: exactly one of them; fraction in (0, 1], budget in 1 .. N.
+            prototypes, kcenter, sas, elfs, aum, forgetting, el2n, ccs, or one you registered.
+        fraction / budget: exactly one of them; fraction a real number in (0, 1], budget an
+            integer in 1 .. N (numpy scalars are fine; bools are not).
         scores: per-example scores [N] (css ranks by them).
-        embeddings: per-example embeddings [N, D] (prototypes, kcenter, balanced_random by cluster).
-        labels: per-example labels [N] (balanced_random by class).
-        seed: seeds every random choice the method makes.
+        embeddings: per-example embeddings [N, D] (prototypes, kcenter, sas, elfs, the supervised
+            baselines, balanced_random by cluster).
+        labels: per-example integer labels [N] (balanced_random by class, sas with
+            classes="labels", aum, forgetting, el2n, ccs); a method that reads them needs
+            every label >= 0. Float labels are an error, never truncated.
+        seed: an integer; seeds every random choice the method makes.
         dataset_size: N, when none of scores/embeddings/labels is given.
         fingerprint: data set identifier recorded in the Selection.
-        **options: the method's own options (recorded in the Selection).
+        **options: the method's own options, exactly the keyword parameters its function declares
+            (an unknown or misspelled one is a ValueError listing the accepted ones). They are
+            recorded in the Selection, so they must be JSON-serialisable (numpy scalars are
+            converted to Python numbers).
+
+    Raises:
+        ValueError: bad input, naming the argument or option.
+        RuntimeError: the method returned indices that are not `budget` distinct ones in [0, N).
 
     Example:
         >>> import torch, coreset_ext as cx
-        >>> sel = cx.select("css", fraction=0.2, scores=torch.rand(100))
-        >>> len(sel)
-        20
+        >>> sel = cx.select("css", fraction=0.2, scores=torch.rand(100), order="lowest")
+        >>> len(sel), sel.options
+        (20, {'order': 'lowest'})
     """
     if method not in _METHODS:
         raise ValueError(f"method: unknown method {method!r}; known methods: {', '.join(available_methods())}")
+    fn = _METHODS[method]
+    named, takes_any = _keywords(fn)
+    options = _json_options(method, [k for k in named if k not in _INPUTS], options)
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
     scores = _as_tensor("scores", scores, 1)
     embeddings = _as_tensor("embeddings", embeddings, 2)
     labels = _as_tensor("labels", labels, 1)
@@ -87,23 +141,29 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     if (fraction is None) == (budget is None):
         raise ValueError(f"fraction/budget: give exactly one of them, got fraction={fraction!r}, budget={budget!r}")
     if fraction is not None:
-        if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        budget = max(1, int(math.floor(fraction * n + 0.5)))
-    if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ValueError(f"budget must be a positive int, got {budget!r}")
+        budget = max(1, int(math.floor(float(fraction) * n + 0.5)))
+    if not _is_int(budget) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    budget = int(budget)
     if budget > n:
         raise ValueError(f"budget: {budget} is larger than the data set size {n}")
     if labels is not None:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
         labels = labels.long()
-    out = _METHODS[method](int(budget), n=n, scores=scores, embeddings=embeddings, labels=labels, seed=seed,
-                           **options)
+    inputs = {"n": n, "scores": scores, "embeddings": embeddings, "labels": labels, "seed": seed}
+    out = fn(budget, **{k: v for k, v in inputs.items() if takes_any or k in named}, **options)
     idx, used = out if isinstance(out, tuple) else (out, scores)
     idx = torch.as_tensor(idx).long().cpu()
-    if idx.numel() != budget or torch.unique(idx).numel() != budget:
-        raise RuntimeError(f"method {method!r} returned {idx.numel()} indices ({torch.unique(idx).numel()} distinct) "
-                           f"for a budget of {budget}")
-    return Selection(indices=idx, method=method, options=dict(options), dataset_size=n, seed=seed,
+    if idx.numel() != budget:
+        raise RuntimeError(f"method {method!r} returned {idx.numel()} indices for a budget of {budget}")
+    try:
+        check_indices(idx, n)
+    except ValueError as e:
+        raise RuntimeError(f"method {method!r} returned bad indices: {e}") from None
+    return Selection(indices=idx, method=method, options=options, dataset_size=n, seed=seed,
                      scores=used.detach().float().cpu() if used is not None else None, fingerprint=fingerprint)
 
 
@@ -111,3 +171,13 @@ def require(name: str, value, method: str):
     if value is None:
         raise ValueError(f"{name}: method {method!r} needs {name}, got None")
     return value
+
+
+def require_labels(labels, n: int, method: str, hint: str = "") -> torch.Tensor:
+    """`labels` for a method that reads them: present, and every one >= 0 (the one rule for all
+    methods; -1 marks an unknown label, and other negatives are no class either)."""
+    y = require("labels", labels, method)
+    if bool((y < 0).any()):
+        raise ValueError(f"labels must be >= 0 for {method}: {int((y < 0).sum())} of {n} examples "
+                         f"have no label (-1){'; ' + hint if hint else ''}")
+    return y

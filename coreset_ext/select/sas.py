@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from coreset_ext.select import pruning
-from coreset_ext.select.registry import register_method, require
+from coreset_ext.select.registry import register_method, require, require_labels
 
 CLASSES = ("kmeans", "labels")
 
@@ -44,7 +44,7 @@ def latent_classes(embeddings: torch.Tensor, n_clusters: int, *, seed: int = 0) 
 
 @register_method("sas")
 def sas(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, classes: str = "kmeans",
-        n_clusters: int = 10, objective: str = "rowsum", clamp_min: float = 0.0, **_) -> tuple[torch.Tensor, None]:
+        n_clusters: int = 10, objective: str = "rowsum", clamp_min: float = 0.0) -> tuple[torch.Tensor, None]:
     e = require("embeddings", embeddings, "sas")
     if not e.dtype.is_floating_point:
         raise ValueError(f"embeddings must be floating point, got {e.dtype}")
@@ -53,11 +53,8 @@ def sas(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, cla
     if classes not in CLASSES:
         raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
     if classes == "labels":
-        groups = require("labels", labels, "sas with classes='labels'").long()
-        if bool((groups < 0).any()):
-            raise ValueError(f"labels: {int((groups < 0).sum())} of {n} examples have no label (-1); "
-                             "use classes='kmeans' for a partly labelled pool")
-        groups = groups.to(e.device)
+        groups = require_labels(labels, n, "sas with classes='labels'",
+                                "use classes='kmeans' for a partly labelled pool").long().to(e.device)
     else:
         groups = latent_classes(e, n_clusters, seed=seed).to(e.device)
     # budget / n reproduces the budget exactly: budget_size(budget / n, n) = floor(budget + 1/2).

@@ -13,12 +13,30 @@ from coreset_ext.scores import load_npz, save_npz
 FORMAT_VERSION = 1
 
 
+def check_indices(indices: torch.Tensor, n: int) -> None:
+    """ValueError unless `indices` is a 1-D integer tensor of distinct values in [0, n).
+
+    A negative index would silently pick from the end of the data set in `subset`, so it is an error.
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point \
+            or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"indices must be a 1-D integer tensor, got {indices!r:.80}")
+    bad = (indices < 0) | (indices >= n)
+    if bool(bad.any()):
+        raise ValueError(f"indices must be in [0, {n}) (the data set size); {int(bad.sum())} are not, "
+                         f"e.g. {indices[bad][:5].tolist()}")
+    dup = indices.numel() - torch.unique(indices).numel()
+    if dup:
+        raise ValueError(f"indices must be distinct; {dup} are repeats")
+
+
 @dataclass
 class Selection:
     """Which examples a method chose, and everything needed to check and reproduce that choice.
 
     Attributes:
-        indices: int64 data set indices of the chosen examples (distinct), in the method's order.
+        indices: int64 data set indices of the chosen examples (distinct, in [0, dataset_size);
+            checked on construction), in the method's order.
         method: registered name of the method.
         options: the method's options (JSON-serialisable).
         dataset_size: size N of the pool the indices refer to.
@@ -40,6 +58,9 @@ class Selection:
     seed: int = 0
     scores: torch.Tensor | None = None
     fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        check_indices(self.indices, self.dataset_size)
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -81,11 +102,14 @@ class Selection:
             raise ValueError(f"path: {path} is not a Selection file (kind={meta.get('kind')!r})")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"path: {path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
-        sel = cls(indices=torch.from_numpy(arrays["indices"]).long(), method=meta["method"],
-                  options=meta.get("options", {}), dataset_size=int(meta["dataset_size"]),
-                  seed=int(meta.get("seed", 0)),
-                  scores=torch.from_numpy(arrays["scores"]) if "scores" in arrays else None,
-                  fingerprint=meta.get("fingerprint"))
+        try:  # the constructor checks the indices against dataset_size
+            sel = cls(indices=torch.from_numpy(arrays["indices"]).long(), method=meta["method"],
+                      options=meta.get("options", {}), dataset_size=int(meta["dataset_size"]),
+                      seed=int(meta.get("seed", 0)),
+                      scores=torch.from_numpy(arrays["scores"]) if "scores" in arrays else None,
+                      fingerprint=meta.get("fingerprint"))
+        except ValueError as e:
+            raise ValueError(f"path: {path} holds an invalid Selection: {e}") from None
         if dataset is not None:
             sel._check_dataset(dataset)
         return sel
