@@ -440,6 +440,9 @@ def _nt_xent_setup(ctx, inputs, output):
     z1, z2, temperature, normalize, backend = inputs
     ctx.save_for_backward(z1, z2, output[1])
     ctx.args = (temperature, normalize, backend)
+    # lse and the positive cosines are outputs without a gradient: say so, so that autograd
+    # refuses to backpropagate through them rather than silently returning zeros
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _nt_xent_backward(ctx, grad_rows, grad_lse, grad_cos):
@@ -502,6 +505,7 @@ def _info_nce_setup(ctx, inputs, output):
     q, k, queue, temperature, normalize, backend = inputs
     ctx.save_for_backward(q, k, queue, output[1])
     ctx.args = (temperature, normalize, backend)
+    ctx.mark_non_differentiable(output[1], output[2])  # as in _nt_xent_setup
 
 
 def _info_nce_backward(ctx, grad_rows, grad_lse, grad_cos):
