@@ -54,7 +54,7 @@ test: build test-cpu test-triton nvcc-check
 	@echo "make test: all passed"
 
 test-cpu: build
-	$(PY) -m pytest -q -m "not cuda and not triton" tests
+	$(PY) -m pytest -q -m "not cuda and not triton" tests --doctest-modules coreset_ext
 
 # Triton kernels run on the CPU through Triton's interpreter.
 test-triton: build
@@ -66,7 +66,8 @@ nvcc-check: venv
 	if [ ! -f $(CUDA_HEADERS)/torch/include/c10/cuda/impl/cuda_cmake_macros.h ]; then \
 	  mkdir -p .cache/wheels $(CUDA_HEADERS); \
 	  $(PIP) download -q --no-deps --only-binary=:all: -d .cache/wheels $(CUDA_TORCH_SPEC); \
-	  unzip -q -o .cache/wheels/torch-*.whl 'torch/include/*' -d $(CUDA_HEADERS); \
+	  $(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('.cache/wheels/torch-*.whl')[0]); \
+	    z.extractall('$(CUDA_HEADERS)', [n for n in z.namelist() if n.startswith('torch/include/')])"; \
 	fi; \
 	pyinc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
 	mkdir -p build/nvcc-check; \

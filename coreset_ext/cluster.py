@@ -9,6 +9,7 @@ the same full Lloyd iterations, for data larger than device memory.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -16,7 +17,11 @@ import torch
 
 from coreset_ext import ops, reference
 
-__all__ = ["KMeans"]
+__all__ = ["KMeans", "ConvergenceWarning"]
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit ended with fewer distinct clusters than asked for (as scikit-learn's of the same name)."""
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -107,6 +112,9 @@ class KMeans:
         if not (init_sample_size in (None, "auto") or
                 (isinstance(init_sample_size, (int, np.integer)) and init_sample_size >= 1)):
             raise ValueError(f"init_sample_size must be 'auto', None or an int >= 1, got {init_sample_size!r}")
+        if isinstance(init_sample_size, (int, np.integer)) and init_sample_size < n_clusters:
+            # k-means++ on fewer points than k would have to pick some centres twice
+            raise ValueError(f"init_sample_size = {init_sample_size} is smaller than n_clusters = {n_clusters}")
         self.n_clusters = int(n_clusters)
         self.metric = metric
         self.init = init
@@ -163,7 +171,8 @@ class KMeans:
             if fused is not None:  # CPU: assignment and sums in one pass over the rows
                 lab, dst, sc, cc = fused
             else:
-                lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric)
+                # x was checked finite once (fit/predict), not once per iteration
+                lab, dst = ops._kmeans_assign_checked(xc, centers, self.metric)
             if update:
                 if fused is None:
                     # labels come from kmeans_assign, so in range: skip the wrapper's host check
@@ -264,12 +273,7 @@ class KMeans:
         variance non-finite, so that is the finiteness check too.
         """
         if self.tol == 0:
-            # as scikit-learn: no variance needed, only the finiteness check. A NaN/Inf makes the
-            # (fast, float32) sum non-finite; a non-finite sum of finite values (overflow) is
-            # told apart by the exact check.
-            for _, chunk in self._chunks(x):
-                if not math.isfinite(float(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
-                    raise ValueError("x contains NaN or Inf")
+            self._check_finite(x)  # as scikit-learn: no variance needed, only the finiteness check
             return 0.0
         count, mean, m2 = 0, None, None
         for _, chunk in self._chunks(x):
@@ -290,6 +294,13 @@ class KMeans:
         if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             raise ValueError("x contains NaN or Inf")
         return float(var.mean()) * self.tol
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        """ValueError if x holds NaN/Inf. A NaN/Inf makes the (fast, float32) chunk sum non-finite;
+        a non-finite sum of finite values (overflow) is told apart by the exact check."""
+        for _, chunk in self._chunks(x):
+            if not math.isfinite(float(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+                raise ValueError("x contains NaN or Inf")
 
     # ---------------------------------------------------------------- public API
 
@@ -313,6 +324,11 @@ class KMeans:
             if best is None or result[2] < best[2]:
                 best = result
         centers, labels, inertia, n_iter = best
+        found = int((torch.bincount(labels, minlength=self.n_clusters) > 0).sum())  # O(n), once per fit
+        if found < self.n_clusters:
+            warnings.warn(f"Number of distinct clusters ({found}) found smaller than n_clusters "
+                          f"({self.n_clusters}). Possibly due to duplicate points in x.", ConvergenceWarning,
+                          stacklevel=2)
         self.cluster_centers_ = centers.to(source_device)
         self.labels_ = labels.to(source_device)
         self.inertia_ = inertia
@@ -333,6 +349,7 @@ class KMeans:
         x = self._check_fitted(x)
         source = x.device
         x = self._prepare(x)
+        self._check_finite(x)
         labels, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
         return labels.to(source)
 
@@ -348,6 +365,7 @@ class KMeans:
         x = self._check_fitted(x)
         source = x.device
         x = self._prepare(x)
+        self._check_finite(x)
         c = self.cluster_centers_.to(self._device_, torch.float32)
         out = torch.empty(x.shape[0], self.n_clusters, dtype=torch.float32, device=source)
         rows = self.batch_size or 65536

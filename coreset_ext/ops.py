@@ -440,6 +440,9 @@ def _nt_xent_setup(ctx, inputs, output):
     z1, z2, temperature, normalize, backend = inputs
     ctx.save_for_backward(z1, z2, output[1])
     ctx.args = (temperature, normalize, backend)
+    # lse and the positive cosines are outputs without a gradient: say so, so that autograd
+    # refuses to backpropagate through them rather than silently returning zeros
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _nt_xent_backward(ctx, grad_rows, grad_lse, grad_cos):
@@ -502,6 +505,7 @@ def _info_nce_setup(ctx, inputs, output):
     q, k, queue, temperature, normalize, backend = inputs
     ctx.save_for_backward(q, k, queue, output[1])
     ctx.args = (temperature, normalize, backend)
+    ctx.mark_non_differentiable(output[1], output[2])  # as in _nt_xent_setup
 
 
 def _info_nce_backward(ctx, grad_rows, grad_lse, grad_cos):
@@ -832,6 +836,17 @@ def kmeans_assign(
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one centroid")
     _check_same_device(x=x, centroids=centroids)
+    if not _is_compiling():
+        # a NaN row would otherwise get label 0 and distance NaN, silently; one host sync for both
+        bad_x, bad_c = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(centroids).all()]).tolist()
+        if bad_x or bad_c:
+            raise ValueError(f"{'x' if bad_x else 'centroids'} contains NaN or Inf")
+    return _kmeans_assign_checked(x, centroids, metric, backend)
+
+
+def _kmeans_assign_checked(x, centroids, metric: str, backend: str | None = None):
+    """kmeans_assign past the wrapper's checks: for callers that validated x once themselves
+    (KMeans checks x once per fit, not once per Lloyd iteration; its centroids are finite)."""
     chosen = _kmeans_assign_backend(x.device.type, backend)
     if chosen == "triton" and x.dtype == torch.float64:
         if backend is not None:
@@ -899,8 +914,7 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.
     _check_same_device(x=x, labels=labels)
     labels = labels.long()
     if not _is_compiling() and labels.numel():
-        lo, hi = torch.aminmax(labels)
-        lo, hi = int(lo), int(hi)
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host sync for both ends
         if lo < 0 or hi >= k:
             bad = lo if lo < 0 else hi
             raise ValueError(f"labels contains {bad}, out of range for k = {k}")

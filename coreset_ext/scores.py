@@ -167,11 +167,15 @@ class ScoreTracker:
             raise ValueError(f"index must be a 1-D tensor, got {ops._describe(index)}")
         if index.device != self.device:
             raise ValueError(f"index is on {index.device} but the tracker's buffers are on {self.device}")
+        if index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be int32 or int64, got {index.dtype}")
         for name, v in values.items():
-            if not isinstance(v, torch.Tensor) or v.dim() != 1:
-                raise ValueError(f"{name} must be a 1-D tensor, got {ops._describe(v)}")
+            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.dtype not in ops._SCATTER_VALUE_DTYPES:
+                raise ValueError(f"{name} must be a 1-D float32, float16 or bfloat16 tensor, got {ops._describe(v)}")
             if v.shape[0] != index.shape[0]:
                 raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
+            if v.device != self.device:
+                raise ValueError(f"{name} is on {v.device} but the tracker's buffers are on {self.device}")
         if index.numel() == 0:
             return
         # Everything is checked before anything is written, at one host synchronisation: the index
@@ -325,7 +329,9 @@ class TrainingDynamics:
         return self.last_correct.device
 
     def _add(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        ops.score_scatter_add_(self.buffers[name], index, values.float(), deterministic=self.deterministic)
+        # update() checked the index range once for all six buffers
+        ops.score_scatter_add_(self.buffers[name], index, values.float(), deterministic=self.deterministic,
+                               validate=False)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, *, epoch: int) -> None:
         """Records one step: logits [B, C], targets [B] in [0, C), index [B] in [0, num_samples)."""

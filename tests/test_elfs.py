@@ -174,3 +174,26 @@ def test_bad_input(tmp_path, gen):
         cx.select("elfs", fraction=0.5, dataset_size=24, dynamics=path, beta=0.1, variant="triple_end")
     with pytest.raises(ValueError, match="dynamics"):
         cx.select("aum", fraction=0.5, dataset_size=24, dynamics=dyn)
+
+
+@pytest.mark.parametrize("rows", [7, 4096])
+def test_score_heads_chunked_equals_the_full_formula(gen, rows):
+    # The head scoring streams row chunks; it must give what the [H, N, K] formula it replaced gave.
+    from coreset_ext.select.pseudo_labels import _score_heads
+
+    h, n, d, k, knn, beta = 3, 53, 5, 4, 6, 0.6
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(h, d, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(h, 1, k, generator=gen, dtype=torch.float64)
+    nbr = torch.randint(0, n, (n, knn), generator=gen)
+
+    def logp(r):
+        return torch.log_softmax(torch.einsum("bd,hdk->hbk", r, w) / 0.1 + b, dim=-1)
+
+    loss, labels = _score_heads(x, nbr, logp, beta, rows=rows)
+    lp = logp(x)  # [H, N, K]: the old formula, written out
+    prior = lp.exp().mean(dim=1, keepdim=True).clamp_min(1e-12).log()
+    old = torch.stack([-torch.logsumexp(beta * (lp + lp[:, nbr[:, t]]) - prior, dim=-1).mean(dim=1)
+                       for t in range(knn)]).mean(dim=0)
+    torch.testing.assert_close(loss, old, rtol=1e-12, atol=1e-12)
+    assert torch.equal(labels, lp.argmax(dim=2))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 import coreset_ext as cx
 from coreset_ext import ops, reference
-from coreset_ext.cluster import kmeans_plusplus
+from coreset_ext.cluster import ConvergenceWarning, kmeans_plusplus
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -306,7 +308,8 @@ def test_empty_cluster_reseeded_from_farthest_point():
 
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
-    km = cx.KMeans(3, seed=0).fit(x)  # only 2 distinct points: must not crash or produce NaN
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
+        km = cx.KMeans(3, seed=0).fit(x)  # only 2 distinct points: must not crash or produce NaN
     assert bool(torch.isfinite(km.cluster_centers_).all())
     assert km.inertia_ == pytest.approx(0.0, abs=1e-6)
 
@@ -448,3 +451,53 @@ def test_kmeans_cuda_seed_stream_and_sklearn(metric):
         ours = cx.KMeans(20, init=c0, max_iter=30, device="cuda").fit(x)
         ref = sk.KMeans(20, init=c0.numpy(), n_init=1, max_iter=30, algorithm="lloyd").fit(x.numpy())
         assert abs(ours.inertia_ - ref.inertia_) <= 0.01 * ref.inertia_
+
+
+# ------------------------------------------------------------------------- degenerate input
+
+def _poison(t, value):
+    """A copy of t with `value` at a fresh random position."""
+    t = t.clone()
+    t.view(-1)[int(torch.randint(0, t.numel(), ()))] = value
+    return t
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_assign_rejects_non_finite(backend, value):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x, c = _data(30, 5, seed), _data(4, 5, seed + 1)
+    with pytest.raises(ValueError, match="^x contains NaN or Inf"):
+        ops.kmeans_assign(_poison(x, value), c, backend=backend)
+    with pytest.raises(ValueError, match="^centroids contains NaN or Inf"):
+        ops.kmeans_assign(x, _poison(c, value), metric="cosine", backend=backend)
+    labels, dist = ops.kmeans_assign(x, c, backend=backend)  # finite input still goes through
+    _check_assign(x, c, labels, dist, "euclidean", 1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_predict_and_transform_reject_non_finite(metric, batch_size):
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    km = cx.KMeans(3, metric=metric, seed=0, batch_size=batch_size).fit(_data(40, 4, seed))
+    bad = _poison(_data(25, 4, seed + 1), float("nan"))
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        km.predict(bad)
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        km.transform(_poison(bad, float("inf")))
+
+
+def test_init_sample_size_smaller_than_n_clusters():
+    with pytest.raises(ValueError, match="init_sample_size = 4 is smaller than n_clusters = 5"):
+        cx.KMeans(5, init_sample_size=4)
+    x = _data(60, 3, int(torch.randint(0, 2**31 - 1, ())))
+    km = cx.KMeans(5, init_sample_size=5, seed=0).fit(x)  # the smallest accepted sample: distinct seeds
+    assert torch.unique(km.cluster_centers_, dim=0).shape[0] == 5
+
+
+def test_no_warning_when_every_cluster_is_found():
+    x, _ = _blobs(120, 4, 3, seed=int(torch.randint(0, 2**31 - 1, ())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        km = cx.KMeans(4, seed=0).fit(x)
+    assert torch.unique(km.labels_).numel() == 4

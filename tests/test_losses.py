@@ -603,15 +603,15 @@ def test_gpu_triton_odd_sizes(b, d):
 
 @pytest.mark.cuda
 @needs_cuda
-def test_gpu_triton_small_paths():
-    test_triton_nt_xent_fp16_and_noncontiguous(None)
-    test_triton_scores_duplicates(None)
-    test_triton_zero_rows(None)
-    test_triton_dominant_positive_fp16(None)
+def test_gpu_triton_small_paths(poison):
+    test_triton_nt_xent_fp16_and_noncontiguous(poison)
+    test_triton_scores_duplicates(poison)
+    test_triton_zero_rows(poison)
+    test_triton_dominant_positive_fp16(poison)
     for b, kq, d in [(1, 5, 3), (37, 100, 100), (70, 257, 16)]:
-        test_triton_info_nce_queue(b, kq, d, 0.01, None)
+        test_triton_info_nce_queue(b, kq, d, 0.01, poison)
     for b, d in [(1, 3), (37, 100), (130, 64)]:
-        test_triton_pair_cosine(b, d, None)
+        test_triton_pair_cosine(b, d, poison)
 
 
 @pytest.mark.triton
@@ -646,3 +646,15 @@ def test_triton_autotuned_launch(monkeypatch, poison):
         monkeypatch.setattr(tuned, "cache", {})
     _check_nt_xent_triton(70, 64, 0.3, seed=5)
     assert contrastive._nt_xent_fwd_tuned.best_config.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128}
+
+
+def test_positive_cosines_are_not_differentiable(gen):
+    """cos is a score, not a loss term: autograd must refuse it, not return zero gradients."""
+    z1 = torch.randn(6, 8, generator=gen, requires_grad=True)
+    z2 = torch.randn(6, 8, generator=gen, requires_grad=True)
+    loss, cos = ops.nt_xent(z1, z2, 0.5, return_cos=True)
+    assert not cos.requires_grad and loss.requires_grad
+    q = torch.randn(4, 8, generator=gen, requires_grad=True)
+    loss, cos = ops.info_nce_queue(q, torch.randn(4, 8, generator=gen), torch.randn(16, 8, generator=gen), 0.2,
+                                   return_cos=True)
+    assert not cos.requires_grad and loss.requires_grad

@@ -63,6 +63,12 @@ def test_bad_input():
         t.update(torch.tensor([-2]), css=torch.tensor([1.0]))
     with pytest.raises(ValueError, match="index must be a 1-D"):
         t.update(torch.tensor([[0]]), css=torch.tensor([1.0]))
+    t2 = cx.ScoreTracker(4, metrics=("a", "b"))
+    with pytest.raises(ValueError, match="b must be a 1-D float32, float16 or bfloat16 tensor"):
+        t2.update(torch.tensor([0, 1]), a=torch.ones(2), b=torch.ones(2, dtype=torch.float64))
+    assert t2.counts["a"].sum() == 0, "nothing is written when any metric is rejected"
+    with pytest.raises(ValueError, match="index must be int32 or int64"):
+        t2.update(torch.tensor([0.0]), a=torch.ones(1))
     with pytest.raises(ValueError, match="num_samples"):
         cx.ScoreTracker(0)
     with pytest.raises(ValueError, match="nan must be"):

@@ -140,6 +140,17 @@ def test_registry_accepts_new_methods(pool):
         registry._METHODS.pop("every_other_test")
 
 
+def test_kcenter_rejects_non_finite_embeddings_and_bad_chunk_size(pool):
+    for value in (float("nan"), float("inf")):
+        bad = pool["embeddings"].clone()
+        bad[int(torch.randint(0, N, ()))] = value
+        with pytest.raises(ValueError, match="embeddings contains NaN or Inf"):
+            cx.select("kcenter", budget=5, embeddings=bad, seed=0)
+    for chunk_size in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            cx.select("kcenter", budget=5, embeddings=pool["embeddings"], seed=0, chunk_size=chunk_size)
+
+
 # --- reviewer fixes: option names, index range, JSON options, integer labels, numeric arguments ---
 
 # Every built-in method with one of its real options: the misspelled name must be rejected and the

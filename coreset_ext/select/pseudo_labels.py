@@ -107,12 +107,32 @@ def deep_cluster_pseudo_labels(
         opt.step()
         ema_prior = prior.detach()
     with torch.no_grad():
-        lp = torch.cat([logp(x[s : s + 4096]) for s in range(0, n, 4096)], dim=1)  # [H, N, K]
-        final_prior = lp.exp().mean(dim=1, keepdim=True).clamp_min(1e-12).log()
-        head_loss = torch.stack([_pmi_loss(lp, lp[:, nbr[:, t]], final_prior, beta).mean(dim=1)
-                                 for t in range(knn)]).mean(dim=0)  # [H]
-        best = int(torch.argmin(head_loss))
-        return _dense(lp[best].argmax(dim=1))
+        head_loss, labels = _score_heads(x, nbr, logp, beta)
+        return _dense(labels[int(torch.argmin(head_loss))])
+
+
+def _score_heads(x: torch.Tensor, nbr: torch.Tensor, logp, beta: float, rows: int = 4096):
+    """(loss [H] over all (i, neighbour) pairs with pi = each head's mean cluster probability over
+    the pool, argmax labels [H, N]) for the heads of `logp` (rows [B, D] -> log q [H, B, K]).
+
+    Two passes over row chunks, never [H, N, K]: the first sums the cluster probabilities (pi),
+    the second the pair losses; the second recomputes each chunk's neighbours' log q (no N x K
+    store to gather them from): knn + 2 forward passes in all.
+    """
+    n, knn = nbr.shape
+    prior = 0.0
+    for s in range(0, n, rows):
+        prior = prior + logp(x[s : s + rows]).exp().sum(dim=1, keepdim=True, dtype=torch.float64)
+    log_prior = (prior / n).to(x.dtype).clamp_min(1e-12).log()[:, :, None]  # [H, 1, 1, K]
+    total, labels = 0.0, []
+    step = max(1, rows // knn)  # [H, step * knn, K] neighbour block ~ [H, rows, K]
+    for s in range(0, n, step):
+        lp_i = logp(x[s : s + step])  # [H, B, K]
+        nb = nbr[s : s + step]  # [B, knn]
+        lp_j = logp(x[nb.reshape(-1)]).unflatten(1, tuple(nb.shape))  # [H, B, knn, K]
+        total = total + _pmi_loss(lp_i[:, :, None], lp_j, log_prior, beta).sum(dim=(1, 2), dtype=torch.float64)
+        labels.append(lp_i.argmax(dim=2))
+    return (total / (n * knn)).to(x.dtype), torch.cat(labels, dim=1)
 
 
 def pseudo_labels(embeddings: torch.Tensor, n_clusters: int, *, method: str = "kmeans", seed: int = 0,
