@@ -27,7 +27,7 @@ def section() -> str:
         data = json.loads(path.read_text())
         env, rows = data["environment"], data["results"]
         out += [f"### {env['device']}", "",
-                f"torch {env['torch']}, triton {env['triton']}, commit {env['commit'][:12]}; "
+                f"torch {env['torch']}, triton {env['triton']}, commit {', '.join(c[:12] for c in env['commit'].split(', '))}; "
                 f"full table: [`{path.with_suffix('.md').relative_to(ROOT)}`]({path.with_suffix('.md').relative_to(ROOT)}).", "",
                 "| op | size | pass | dtype | ours | speedup over others (x) | floor |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:

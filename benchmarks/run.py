@@ -156,7 +156,7 @@ def fmt_mem(b) -> str:
 def markdown(rows: list[dict], env: dict, regressions: list[str]) -> str:
     lines = [f"# Benchmarks on {env['device']}", "",
              f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, Python {env['python']}, "
-             f"coreset-ext {env['coreset_ext']} at commit {env['commit'][:12]}.", "",
+             f"coreset-ext {env['coreset_ext']} at commit {', '.join(c[:12] for c in env['commit'].split(', '))}.", "",
              "Median of the timed rounds (synchronised); spread is the interquartile range. "
              "`speedup` is the other implementation's median over ours (>1: ours is faster). "
              "`floor` is the fraction of the H100 hardware floor of DESIGN.md reached.", ""]
@@ -245,13 +245,17 @@ def write_results(rows: list[dict], env: dict, out: Path, plot_png: bool = True)
 
 def merge(paths: list[Path], out: Path) -> int:
     """Combines result files of one device (e.g. several partial GPU runs) into one table."""
-    rows, env = [], None
+    rows, env, commits = [], None, []
     for path in paths:
         data = json.loads(path.read_text())
         if env is not None and data["environment"]["device"] != env["device"]:
             raise SystemExit(f"{path} is from {data['environment']['device']}, not {env['device']}")
-        env = data["environment"]
+        env = dict(data["environment"])
+        commits.append(env["commit"][:12])
+        for r in data["results"]:
+            r.setdefault("commit", env["commit"][:12])  # each row keeps the commit it was measured at
         rows += data["results"]
+    env["commit"] = ", ".join(dict.fromkeys(commits))
     for r in rows:  # ratios and floors are recomputed over the combined rows
         r.pop("speedup_vs", None)
         r.pop("floor_fraction", None)
