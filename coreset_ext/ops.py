@@ -207,6 +207,21 @@ def _check_embeddings(name: str, t) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def _check_x_y(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+    """Validates the embeddings of a similarity op; returns y, or None when y is x (or absent)."""
+    _check_embeddings("x", x)
+    if y is x:
+        return None
+    if y is not None:
+        _check_embeddings("y", y)
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(f"y has {y.shape[1]} columns but x has {x.shape[1]}: they must match")
+        if y.dtype != x.dtype:
+            raise ValueError(f"y is {y.dtype} but x is {x.dtype}: they must share a dtype")
+        _check_same_device(x=x, y=y)
+    return y
+
+
 def _check_groups(name: str, g, rows: int, of: str) -> None:
     if not isinstance(g, torch.Tensor) or g.dim() != 1 or g.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be a 1-D int32 or int64 tensor (a label per row), got {_describe(g)}")
@@ -258,16 +273,7 @@ def cosine_rowsum(
         >>> cx.ops.cosine_rowsum(x, groups=torch.tensor([0, 0, 1]))
         tensor([1.7071, 1.7071, 1.0000])
     """
-    _check_embeddings("x", x)
-    if y is x:
-        y = None
-    if y is not None:
-        _check_embeddings("y", y)
-        if y.shape[1] != x.shape[1]:
-            raise ValueError(f"y has {y.shape[1]} columns but x has {x.shape[1]}: they must match")
-        if y.dtype != x.dtype:
-            raise ValueError(f"y is {y.dtype} but x is {x.dtype}: they must share a dtype")
-        _check_same_device(x=x, y=y)
+    y = _check_x_y(x, y)
     if not isinstance(clamp_min, (int, float)) or isinstance(clamp_min, bool) or not (
         float("-inf") < float(clamp_min) < float("inf")
     ):
@@ -316,16 +322,7 @@ def cosine_topk(
                 [1, 0],
                 [2, 1]])
     """
-    _check_embeddings("x", x)
-    if y is x:
-        y = None
-    if y is not None:
-        _check_embeddings("y", y)
-        if y.shape[1] != x.shape[1]:
-            raise ValueError(f"y has {y.shape[1]} columns but x has {x.shape[1]}: they must match")
-        if y.dtype != x.dtype:
-            raise ValueError(f"y is {y.dtype} but x is {x.dtype}: they must share a dtype")
-        _check_same_device(x=x, y=y)
+    y = _check_x_y(x, y)
     m = x.shape[0] if y is None else y.shape[0]
     available = m - 1 if (exclude_self and y is None) else m
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= available:
