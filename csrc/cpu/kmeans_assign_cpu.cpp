@@ -20,13 +20,12 @@
 #include <limits>
 #include <vector>
 
+#include "kmeans_ranges.h"
+
 namespace coreset_ext {
 
 constexpr int64_t kRowsPerBlock = 512;  // 512 x k scores stay in L2; GEMMs ~8% faster than 256
 constexpr double kEps = 1e-6;           // as coreset_ext.reference.EPS
-// as kmeans_update_cpu.cpp: the row ranges depend on n only, never on the thread count
-constexpr int64_t kMaxRanges = 16;
-constexpr int64_t kMinRowsPerRange = 4096;
 
 namespace {
 
@@ -132,39 +131,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_lloyd_step_cpu
   at::Tensor dist = at::empty({n}, x.options().dtype(at::kFloat));
   int64_t* lab = labels.data_ptr<int64_t>();
   float* dst = dist.data_ptr<float>();
-  const int64_t ranges = std::max<int64_t>(1, std::min(kMaxRanges, n / kMinRowsPerRange));
-  const int64_t per = (n + ranges - 1) / ranges;
-  std::vector<double> partial(static_cast<size_t>(ranges * k * d), 0.0);
+  RowRanges ranges(n, k, d);
   at::Tensor sums = at::empty({k, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_lloyd_step_cpu", [&] {
     const scalar_t* xp = p.xc.data_ptr<scalar_t>();
-    at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, ranges.count, 1, [&](int64_t r0, int64_t r1) {
       at::Tensor dots = at::empty({kRowsPerBlock, k}, p.xc.options());
       for (int64_t r = r0; r < r1; ++r) {
-        double* buf = partial.data() + r * k * d;
-        const int64_t end = std::min(n, (r + 1) * per);
-        for (int64_t s = r * per; s < end; s += kRowsPerBlock) {
+        const int64_t end = std::min(n, (r + 1) * ranges.per);
+        for (int64_t s = r * ranges.per; s < end; s += kRowsPerBlock) {
           const int64_t e = std::min(end, s + kRowsPerBlock);
           assign_rows<scalar_t>(p, cosine, s, e, dots, lab, dst);
-          for (int64_t i = s; i < e; ++i) {  // labels are in [0, k) by construction
-            double* acc = buf + lab[i] * d;
-            const scalar_t* row = xp + i * d;
-            for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
-          }
+          // labels are in [0, k) by construction
+          for (int64_t i = s; i < e; ++i) ranges.add(r, lab[i], xp + i * d, k, d);
         }
       }
     });
-    scalar_t* out = sums.data_ptr<scalar_t>();
-    const int64_t grain = k * d < (int64_t(1) << 16) ? k : 1;
-    at::parallel_for(0, k, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t j = 0; j < d; ++j) {
-          double s = 0.0;
-          for (int64_t r = 0; r < ranges; ++r) s += partial[(r * k + c) * d + j];
-          out[c * d + j] = static_cast<scalar_t>(s);
-        }
-      }
-    });
+    ranges.merge(k, d, sums.data_ptr<scalar_t>());
   });
   at::Tensor counts = at::zeros({k}, x.options().dtype(at::kLong));
   int64_t* cnt = counts.data_ptr<int64_t>();

@@ -1,9 +1,6 @@
 // k-means update on the CPU: per-cluster sums of the rows of x and counts.
 //
-// Deterministic whatever the thread count: the rows are cut into a fixed number of contiguous
-// ranges (a function of n only, never of the threads); each range is summed in row order into
-// its own double-precision [k, d] buffer, in parallel, and the buffers are then added in range
-// order. x is read once, sequentially. Labels are checked before any write, so an out-of-range
+// Deterministic whatever the thread count (see kmeans_ranges.h); x is read once, sequentially. Labels are checked before any write, so an out-of-range
 // label raises and nothing is written out of bounds.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -11,41 +8,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
+
+#include "kmeans_ranges.h"
 
 namespace coreset_ext {
-
-constexpr int64_t kMaxRanges = 16;       // partial buffers: kMaxRanges * k * d doubles at most
-constexpr int64_t kMinRowsPerRange = 4096;
 
 template <typename scalar_t, typename out_t>
 static void kmeans_update_kernel(const scalar_t* x, int64_t n, int64_t d, const int64_t* labels,
                                  int64_t k, out_t* sums) {
-  const int64_t ranges = std::max<int64_t>(1, std::min(kMaxRanges, n / kMinRowsPerRange));
-  const int64_t per = (n + ranges - 1) / ranges;
-  std::vector<double> partial(static_cast<size_t>(ranges * k * d), 0.0);
-  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+  RowRanges ranges(n, k, d);
+  at::parallel_for(0, ranges.count, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      double* buf = partial.data() + r * k * d;
-      const int64_t end = std::min(n, (r + 1) * per);
-      for (int64_t i = r * per; i < end; ++i) {
-        double* acc = buf + labels[i] * d;
-        const scalar_t* row = x + i * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
-      }
+      const int64_t end = std::min(n, (r + 1) * ranges.per);
+      for (int64_t i = r * ranges.per; i < end; ++i) ranges.add(r, labels[i], x + i * d, k, d);
     }
   });
-  // merge in range order; small problems on one thread (a parallel region costs more)
-  const int64_t grain = k * d < (int64_t(1) << 16) ? k : 1;
-  at::parallel_for(0, k, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t j = 0; j < d; ++j) {
-        double s = 0.0;
-        for (int64_t r = 0; r < ranges; ++r) s += partial[(r * k + c) * d + j];
-        sums[c * d + j] = static_cast<out_t>(s);
-      }
-    }
-  });
+  ranges.merge(k, d, sums);
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& labels,
