@@ -574,6 +574,17 @@ def _check_rows(name: str, x) -> None:
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
 
 
+def _check_row_pair(name_a: str, a, name_b: str, b) -> None:
+    """Two [batch, dim] inputs of one op: valid each, same shape, dtype and device."""
+    _check_rows(name_a, a)
+    _check_rows(name_b, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")
+    _check_same_device(**{name_a: a, name_b: b})
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive finite float, got {type(temperature).__name__}")
@@ -642,13 +653,7 @@ def nt_xent(
         >>> z1.grad.shape
         torch.Size([8, 16])
     """
-    _check_rows("z1", z1)
-    _check_rows("z2", z2)
-    if z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if z1.dtype != z2.dtype:
-        raise ValueError(f"z1 and z2 must share a dtype, got {z1.dtype} and {z2.dtype}")
-    _check_same_device(z1=z1, z2=z2)
+    _check_row_pair("z1", z1, "z2", z2)
     t = _check_temperature(temperature)
     _check_reduction(reduction)
     _check_scores(z1.shape[0], z1.device, index, scores)
@@ -712,13 +717,7 @@ def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None)
         >>> cx.ops.pair_cosine(a, torch.tensor([[1.0, 1.0], [0.0, -1.0]]))
         tensor([ 0.7071, -1.0000])
     """
-    _check_rows("a", a)
-    _check_rows("b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise ValueError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-    _check_same_device(a=a, b=b)
+    _check_row_pair("a", a, "b", b)
     requested = _check_backend_request("pair_cosine", a, backend)
     return _pair_cosine_op(a, b, requested)
 
