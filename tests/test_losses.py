@@ -344,6 +344,27 @@ def test_triton_nt_xent_temperatures(t, normalize, poison):
 
 @pytest.mark.triton
 @needs_triton
+@pytest.mark.parametrize("b", [1, 3])
+def test_triton_nt_xent_fixed_bound_edge(b, poison):
+    """At the smallest temperature that takes the fixed bound, with every positive pair opposite
+    (cosine -1: the smallest term the bound must keep a normal float), and just below it."""
+    from coreset_ext.triton_kernels.contrastive import FIXED_BOUND_MIN_T
+
+    for t in (FIXED_BOUND_MIN_T, FIXED_BOUND_MIN_T * 0.99):
+        z1 = torch.randn(b, 8, generator=torch.Generator().manual_seed(b), dtype=torch.float64)
+        z2 = -z1 * 3.0
+        g = torch.rand(2 * b, dtype=torch.float64) + 0.1
+        ref_rows, r1, r2 = _autograd_nt_xent(z1, z2, t, True, g)
+        a = z1.to(TRITON_DEV, torch.float32).requires_grad_()
+        c = z2.to(TRITON_DEV, torch.float32).requires_grad_()
+        rows = ops.nt_xent(a, c, t, reduction="none", backend="triton")
+        (rows * g.to(TRITON_DEV, torch.float32)).sum().backward()
+        assert torch.isfinite(rows).all() and rel(rows.cpu(), ref_rows) < 1e-4
+        assert rel(torch.cat([a.grad, c.grad]).cpu(), torch.cat([r1, r2])) < 1e-4
+
+
+@pytest.mark.triton
+@needs_triton
 def test_triton_nt_xent_fp16_and_noncontiguous(poison):
     z1, z2 = views(19, 40, seed=12)
     g = torch.rand(38, dtype=torch.float64)
@@ -630,7 +651,7 @@ def test_triton_opcheck():
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the autotuned kernels for real")
 def test_triton_autotuned_launch(monkeypatch, poison):
     """The autotuned NT-Xent launches (GPU, d <= 128) through the interpreter: every config runs,
-    and the one picked last in the list (128 x 128 tiles) produces the checked result."""
+    and the one picked last in the list produces the checked result."""
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
@@ -645,7 +666,8 @@ def test_triton_autotuned_launch(monkeypatch, poison):
         monkeypatch.setattr(tuned, "_do_bench", fake_bench)
         monkeypatch.setattr(tuned, "cache", {})
     _check_nt_xent_triton(70, 64, 0.3, seed=5)
-    assert contrastive._nt_xent_fwd_tuned.best_config.kwargs == {"BLOCK_M": 128, "BLOCK_N": 128}
+    for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
+        assert tuned.best_config.kwargs == contrastive._NT_CONFIGS[-1].kwargs
 
 
 def test_positive_cosines_are_not_differentiable(gen):

@@ -5,9 +5,11 @@ Conventions shared by every kernel here:
   softmax arithmetic is fp32. The similarity matrix exists only one [BLOCK_M, BLOCK_N] tile at a
   time, in registers; backward passes recompute tiles from the saved per-row log-sum-exp.
 - Normalisation is fused: `_row_rnorm_kernel` writes r_i = 1 / max(||x_i||, EPS) (O(N) floats),
-  and tiles are scaled by r_i r_j after the dot product, so no normalised copy of x is stored.
+  and logit tiles are scaled by r_i r_j after the dot product of the raw rows. Backward passes also
+  take a normalised copy (O(N d), written by the same kernel) as the right operand of w @ zhat.
 - Log-sum-exps run in base 2 (exp2/log2 are the fast units) and are stored in natural units.
-  Each row keeps an online maximum, so temperatures down to 0.01 (logits up to 100) never overflow.
+  Each row keeps an online maximum, so temperatures down to 0.01 (logits up to 100) never overflow;
+  for normalised rows and t >= FIXED_BOUND_MIN_T the bound u <= log2(e)/t replaces the maximum.
 - Row offsets are computed in int64 so N * d beyond 2**31 elements cannot wrap.
 """
 
@@ -44,18 +46,21 @@ def _precision(dtype: torch.dtype) -> str:
 MAX_D = 256
 
 
-def _tiles(d: int, device: torch.device) -> tuple[int, int, int, int]:
+def _tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
 
-    Sized so that the pipelined column tiles plus the row tile fit H100 shared memory in fp32
-    (e.g. d = 128: 3 x 64 x 128 x 4 B + 64 x 128 x 4 B = 128 KiB)."""
+    Sized so that the pipelined column tiles (the raw rows and, in backward passes, their
+    normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), which
+    tools/triton_aot.py checks for sm_80 and sm_90: e.g. bf16, d = 128: 3 x 2 x 64 x 128 x 2 B +
+    64 x 128 x 2 B = 112 KiB; fp32 pipelines two stages."""
     if _interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = _block_d(d)
+    wide = dtype == torch.float32
     if bd <= 128:
-        return 64, 64, 4, 3
+        return (64, 64, 4, 2) if wide else (64, 64, 4, 3)
     if bd <= 256:
-        return 32, 64, 4, 2
+        return (32, 32, 4, 2) if wide else (32, 64, 4, 2)
     return 16, 32, 4, 1
 
 
@@ -71,24 +76,40 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _row_rnorm_kernel(X, R, n, d, stride, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_rnorm_kernel(X, R, XH, n, d, stride, xh_stride, eps, WRITE_XHAT: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < n
-    ptr = X + rows.to(tl.int64)[:, None] * stride + cols[None, :]
-    x = tl.load(ptr, mask=rm[:, None] & (cols[None, :] < d), other=0.0).to(tl.float32)
-    nrm = tl.sqrt(tl.sum(x * x, axis=1))
-    tl.store(R + rows, 1.0 / tl.maximum(nrm, eps), mask=rm)
+    m2 = rm[:, None] & (cols[None, :] < d)
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    r = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)
+    tl.store(R + rows, r, mask=rm)
+    if WRITE_XHAT:
+        tl.store(XH + rows.to(tl.int64)[:, None] * xh_stride + cols[None, :],
+                 (x * r[:, None]).to(XH.dtype.element_ty), mask=m2)
 
 
-def row_rnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """r_i = 1 / max(||x_i||, eps) in float32, shape [n]; x contiguous [n, d]."""
+def _launch_rnorm(x: torch.Tensor, eps: float, xh: torch.Tensor | None) -> torch.Tensor:
     n, d = x.shape
     r = torch.empty(n, device=x.device, dtype=torch.float32)
     bd = _block_d(d)
     br = max(1, min(64, 4096 // bd))
-    _row_rnorm_kernel[(triton.cdiv(n, br),)](x, r, n, d, x.stride(0), eps, BLOCK_R=br, BLOCK_D=bd)
+    _row_rnorm_kernel[(triton.cdiv(n, br),)](
+        x, r, r if xh is None else xh, n, d, x.stride(0), 0 if xh is None else xh.stride(0), eps,
+        WRITE_XHAT=xh is not None, BLOCK_R=br, BLOCK_D=bd)
     return r
+
+
+def row_rnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """r_i = 1 / max(||x_i||, eps) in float32, shape [n]; x contiguous [n, d]."""
+    return _launch_rnorm(x, eps, None)
+
+
+def row_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r [n] float32, xhat = x * r in x's dtype [n, d]) in one pass; x contiguous [n, d]."""
+    xh = torch.empty_like(x)
+    return _launch_rnorm(x, eps, xh), xh
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +120,7 @@ def row_rnorm(x: torch.Tensor, eps: float) -> torch.Tensor:
 @triton.jit
 def _nt_xent_fwd_kernel(
     X, R, LOSS, LSE, COS, N, half, d, stride, inv_t,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,10 +149,16 @@ def _nt_xent_fwd_kernel(
         u = s * a_r[:, None]
         valid = cmask[None, :] & (cols[None, :] != rows[:, None])  # own similarity excluded
         u = tl.where(valid, u, float("-inf"))
-        m_new = tl.maximum(m, tl.max(u, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid column
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
-        m = m_new
+        if FIXED_BOUND:
+            # cosines are <= 1, so u <= u_max = log2(e) / t: no running max, no rescaling
+            l += tl.sum(tl.exp2(u - inv_t * 1.4426950408889634), axis=1)
+        else:
+            m_new = tl.maximum(m, tl.max(u, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid column
+            l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
+            m = m_new
+    if FIXED_BOUND:
+        m = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
     lse = (m + tl.log2(l)) * 0.6931471805599453
     # The positive column (i + B) mod 2B, read directly: one row-wise dot in fp32.
     prow = (rows + half) % N
@@ -151,8 +178,8 @@ def _nt_xent_fwd_kernel(
 
 @triton.jit
 def _nt_xent_bwd_kernel(
-    X, R, LSE, G, GX, N, half, d, stride, gx_stride, inv_t, eps,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, XH, R, LSE, G, GX, N, half, d, stride, xh_stride, gx_stride, inv_t, eps,
+    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ],
@@ -162,6 +189,11 @@ def _nt_xent_bwd_kernel(
     # (g_i (p_i,p(i) - 1) + g_p(i) (p_p(i),i - 1)) zhat_p(i): when the positive dominates (p -> 1,
     # low temperatures, late training) the two terms nearly cancel, and rounding the weight and
     # zhat_p(i) to bf16 inside the tile product would leave an error of the size of the terms.
+    # Logits come from the raw rows scaled by r_i r_j (as in the forward, so p matches its lse);
+    # the product w @ zhat reads XH, normalised once before the launch: normalising each column
+    # tile here costs a [BLOCK_N, BLOCK_D] fp32 tile of registers and a trip back to shared memory.
+    # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij 2^(u_max - lse_i) with
+    # e_ij = 2^(u_ij - u_max) >= 2^-116, so one exponential per logit serves both p_ij and p_ji.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     prow = (rows + half) % N
@@ -176,6 +208,9 @@ def _nt_xent_bwd_kernel(
         a_r = rr * (inv_t * 1.4426950408889634)
     else:
         a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    u_max = inv_t * 1.4426950408889634
+    if FIXED_BOUND:
+        c_r = g_r * tl.exp2(u_max - lse_r)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -191,11 +226,16 @@ def _nt_xent_bwd_kernel(
         u = s * a_r[:, None]
         valid = cmask[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != prow[:, None])
         u = tl.where(valid, u, float("-inf"))  # exp2 -> 0 there, and no overflow on the diagonal
-        w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
+        if FIXED_BOUND:
+            c_c = g_c * tl.exp2(u_max - lse_c)
+            w = tl.exp2(u - u_max) * (c_r[:, None] + c_c[None, :])
+        else:
+            w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
         if NORMALIZE:
-            # Normalise the column tile itself (|zhat| <= 1 fits any dtype); folding r_j into w
-            # instead overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
-            xc = (xc.to(tl.float32) * rc[:, None]).to(X.dtype.element_ty)
+            # The normalised tile (|zhat| <= 1 fits any dtype); folding r_j into w instead
+            # overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
+            xc = tl.load(XH + cols.to(tl.int64)[:, None] * xh_stride + dc[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
         acc += tl.dot(w.to(X.dtype.element_ty), xc, input_precision=PRECISION)
     xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
                  mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -230,10 +270,16 @@ def _normalize_backward(x, r, gz, eps):
 # serves wider d, the interpreter, and CORESET_EXT_NO_AUTOTUNE=1.
 _NT_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-    for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2))
+    for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
+                        (64, 64, 8, 3), (32, 64, 4, 3),  # more programs for small N
+                        (32, 32, 4, 2))  # fp32 without TF32 (FMA products): the larger tiles spill
 ]
-_nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_fwd_kernel)
-_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=["N", "d"])(_nt_xent_bwd_kernel)
+_NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND"]
+_nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY)(_nt_xent_fwd_kernel)
+_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY)(_nt_xent_bwd_kernel)
+
+# Smallest temperature for FIXED_BOUND: 2^(-2 log2(e) / t) must stay a normal fp32 (>= 2^-126).
+FIXED_BOUND_MIN_T = 0.025
 
 
 def _autotune(x: torch.Tensor) -> bool:
@@ -252,29 +298,29 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     lse = torch.empty(n, device=x.device, dtype=torch.float32)
     cos = torch.empty(half, device=x.device, dtype=torch.float32)
     args = (x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature)
-    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
     if _autotune(x):
         _nt_xent_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
     else:
-        bm, bn, nw, ns = _tiles(d, x.device)
+        bm, bn, nw, ns = _tiles(d, x.device, x.dtype)
         _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
                                                    num_stages=ns, **const)
     return loss, lse, cos, r
 
 
 def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, temperature: float,
-                normalize: bool, eps: float, rnorm: torch.Tensor | None = None) -> torch.Tensor:
+                normalize: bool, eps: float) -> torch.Tensor:
     """Gradient of sum_i grad_rows_i * loss_i with respect to x = [z1; z2]; dtype of x."""
     n, d = x.shape
-    r = row_rnorm(x, eps) if rnorm is None else rnorm
+    r, xh = row_normalize(x, eps) if normalize else (row_rnorm(x, eps), x)
     g = grad_rows.to(torch.float32).contiguous()
     gx = torch.empty_like(x)
-    args = (x, r, lse, g, gx, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps)
-    const = dict(NORMALIZE=normalize, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    args = (x, xh, r, lse, g, gx, n, n // 2, d, x.stride(0), xh.stride(0), gx.stride(0), 1.0 / temperature, eps)
+    const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
     if _autotune(x):
         _nt_xent_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
     else:
-        bm, bn, nw, ns = _tiles(d, x.device)
+        bm, bn, nw, ns = _tiles(d, x.device, x.dtype)
         _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
                                                    num_stages=ns, **const)
     return gx
@@ -369,7 +415,7 @@ def _moco_fwd_combine_kernel(
 
 @triton.jit
 def _moco_bwd_partial_kernel(
-    Q, RQ, QU, RQU, LSE, PART, B, K, d, sq, squ, inv_t, k_per_split,
+    Q, RQ, QU, QUH, RQU, LSE, PART, B, K, d, sq, squ, squh, inv_t, k_per_split,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -399,8 +445,9 @@ def _moco_bwd_partial_kernel(
             rc = tl.load(RQU + cols, mask=cmask, other=0.0)
             s = s * rc[None, :]
         p = tl.exp2(tl.where(cmask[None, :], s * a_r[:, None], float("-inf")) - lse_r[:, None])
-        if NORMALIZE:  # normalised tile, not p * r_j: see _nt_xent_bwd_kernel
-            xc = (xc.to(tl.float32) * rc[:, None]).to(QU.dtype.element_ty)
+        if NORMALIZE:  # the normalised queue, not p * r_j: see _nt_xent_bwd_kernel
+            xc = tl.load(QUH + cols.to(tl.int64)[:, None] * squh + dc[None, :],
+                         mask=cmask[:, None] & dmask[None, :], other=0.0)
         acc += tl.dot(p.to(QU.dtype.element_ty), xc, input_precision=PRECISION)
     base = (pid_s * B + rows).to(tl.int64)[:, None] * d + dc[None, :]
     tl.store(PART + base, acc, mask=rmask[:, None] & dmask[None, :])
@@ -449,7 +496,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     b, d = q.shape
     kq = queue.shape[0]
     rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
-    bm, bn, nw, ns = _tiles(d, q.device)
+    bm, bn, nw, ns = _tiles(d, q.device, q.dtype)
     n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
@@ -473,13 +520,15 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     """Gradient of sum_i grad_rows_i * loss_i with respect to q; dtype of q."""
     b, d = q.shape
     kq = queue.shape[0]
-    rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
-    bm, bn, nw, ns = _tiles(d, q.device)
+    rq, rk = row_rnorm(q, eps), row_rnorm(k, eps)
+    rqu, quh = row_normalize(queue, eps) if normalize else (row_rnorm(queue, eps), queue)
+    bm, bn, nw, ns = _tiles(d, q.device, q.dtype)
     n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
     part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
     _moco_bwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
-        q, rq, queue, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
+        q, rq, queue, quh, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), quh.stride(0),
+        1.0 / temperature,
         k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
     )
