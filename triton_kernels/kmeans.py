@@ -97,13 +97,20 @@ def _kmeans_assign_kernel(
 def _configs():
     out = []
     # few configs: each is compiled once per (k, d, dtype, metric) when autotuning
-    for bn, bk, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3)):
+    # the last two: fp32 without TF32 (FMA products) spills registers in the others on sm_90
+    # (tools/triton_aot.py reports it); two stages leave room for the accumulators.
+    for bn, bk, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3),
+                         (64, 64, 4, 2), (128, 64, 8, 2)):
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
     return out
 
 
 # GPU launches are autotuned per (k, d, dtype); the raw kernel stays callable for the interpreter.
-_kmeans_assign_tuned = triton.autotune(configs=_configs(), key=["K", "D", "COSINE"])(_kmeans_assign_kernel)
+_kmeans_assign_tuned = triton.autotune(configs=_configs(), key=["K", "D", "COSINE", "PRECISION"])(_kmeans_assign_kernel)
+
+
+def _interpreting(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"  # CPU tensors reach this module only under TRITON_INTERPRET=1
 
 
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +136,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     # fp32: honour torch's TF32 switch (off by default) so fp32 labels match an fp32 matmul.
     precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
     args = (x, c, cnorm, labels, dist, n, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
-    interpreting = x.device.type == "cpu"
-    if interpreting:
+    if _interpreting(x):
         grid = (triton.cdiv(n, _FIXED["BLOCK_N"]),)
         _kmeans_assign_kernel[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,
                                     ONE_D_TILE=one_tile, **_FIXED)
