@@ -5,11 +5,11 @@ coreset_ext vs scikit-learn (algorithm="lloyd") vs faiss-cpu vs the pure-PyTorch
 GPU (cuda only): n in {1M, 10M}, d = 128, k = 1000, bf16: coreset_ext vs flash-kmeans,
 fastkmeans, fast-pytorch-kmeans and a naive torch loop (full n x k distance matrix).
 
-Each test records in extra_info: n_iter (iterations actually run), s_per_iter (median fit time /
-n_iter), inertia (sum of squared distances of the returned centroids' assignment, computed the
-same way for every implementation, in float32), agreement (fraction of points whose label equals
-coreset_ext's, where labels are comparable) and init ("same" or "own" where a peer's API takes
-no initial centroids). floor_s is ITERS x 2 n k d flops at the bf16 rate of DESIGN.md.
+Each test records in extra_info (as metric_*, which the results table shows): iters (iterations
+actually run), s_per_iter (median fit time / iters), inertia (sum of squared distances of the
+returned centroids' assignment, computed the same way for every implementation, in float32),
+agreement (fraction of points whose label equals coreset_ext's, where labels are comparable) and
+init ("same" or "own" where a peer's API takes no initial centroids). floor_s is ITERS x 2 n k d flops at the bf16 rate of DESIGN.md.
 Run: python -m pytest benchmarks/bench_kmeans.py --benchmark-only
 """
 
@@ -56,14 +56,14 @@ def _record(benchmark, x, centers, n_iter, ours=None, labels=None, init="same"):
     """Inertia of `centers` on x (same formula for everyone) and agreement with coreset_ext."""
     centers = torch.as_tensor(np.asarray(centers) if not isinstance(centers, torch.Tensor) else centers)
     lab, dist = ops.kmeans_assign(x, centers.to(x.device, torch.float32))
-    benchmark.extra_info["inertia"] = float(dist.sum(dtype=torch.float64))
-    benchmark.extra_info["n_iter"] = int(n_iter)
-    benchmark.extra_info["init"] = init
+    benchmark.extra_info["metric_inertia"] = float(dist.sum(dtype=torch.float64))
+    benchmark.extra_info["metric_iters"] = int(n_iter)
+    benchmark.extra_info["metric_init"] = init
     if ours is not None:
         got = lab if labels is None else torch.as_tensor(np.asarray(labels)).to(lab.device).long().flatten()
-        benchmark.extra_info["agreement"] = float((got == ours.to(got.device)).float().mean())
+        benchmark.extra_info["metric_agreement"] = float((got == ours.to(got.device)).float().mean())
     try:
-        benchmark.extra_info["s_per_iter"] = benchmark.stats.stats.median / max(int(n_iter), 1)
+        benchmark.extra_info["metric_s_per_iter"] = benchmark.stats.stats.median / max(int(n_iter), 1)
     except AttributeError:
         pass
 
@@ -121,7 +121,7 @@ def test_kmeans_cpu(benchmark, impl):
         fit = lambda: sk.KMeans(k, init=c0n, n_init=1, max_iter=ITERS, tol=0.0, algorithm="lloyd").fit(xn)  # noqa: E731
         km = measure(benchmark, fit, **common)
         _record(benchmark, x, km.cluster_centers_, km.n_iter_, _ours_labels(x, c0), km.labels_)
-        benchmark.extra_info["inertia_own"] = float(km.inertia_)
+        benchmark.extra_info["metric_inertia_own"] = float(km.inertia_)
     elif impl == "faiss":
         faiss = pytest.importorskip("faiss")
 

@@ -153,6 +153,15 @@ def fmt_mem(b) -> str:
     return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
+def metrics_text(r: dict) -> str:
+    """The benchmark's own measurements besides time (extra_info keys metric_*), e.g. inertia."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+        return str(v)
+    return "; ".join(f"{k.removeprefix('metric_')} {fmt(v)}" for k, v in r.items() if k.startswith("metric_"))
+
+
 def markdown(rows: list[dict], env: dict, regressions: list[str]) -> str:
     lines = [f"# Benchmarks on {env['device']}", "",
              f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, Python {env['python']}, "
@@ -163,8 +172,8 @@ def markdown(rows: list[dict], env: dict, regressions: list[str]) -> str:
     if regressions:
         lines += ["**Regressions over 10% against the committed results:**", ""] + [f"- {r}" for r in regressions] + [""]
     for op in sorted({r["op"] for r in rows}):
-        lines += [f"## {op}", "", "| size | pass | dtype | impl | median | spread | peak memory | floor | speedup of ours |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {op}", "", "| size | pass | dtype | impl | median | spread | peak memory | floor | speedup of ours | "
+                  "measured besides time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in sorted((r for r in rows if r["op"] == op), key=lambda r: (key_of(r), r["impl"])):
             size = ", ".join(f"{k}={v}" for k, v in r["size"].items())
             sp = r.get("speedup_vs")
@@ -172,7 +181,7 @@ def markdown(rows: list[dict], env: dict, regressions: list[str]) -> str:
             floor = f"{100 * r['floor_fraction']:.0f}%" if r.get("floor_fraction") else "-"
             spread = fmt_time(r["iqr_s"]) if r["iqr_s"] is not None else "-"
             lines.append(f"| {size} | {r['pass']} | {r['dtype']} | {r['impl']} | {fmt_time(r['median_s'])} | {spread} | "
-                         f"{fmt_mem(r['peak_mem_bytes'])} | {floor} | {sp_txt} |")
+                         f"{fmt_mem(r['peak_mem_bytes'])} | {floor} | {sp_txt} | {metrics_text(r)} |")
         lines.append("")
     return "\n".join(lines)
 
