@@ -50,17 +50,19 @@ def _tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, 
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
 
     Sized so that the pipelined column tiles (the raw rows and, in backward passes, their
-    normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), which
-    tools/triton_aot.py checks for sm_80 and sm_90: e.g. bf16, d = 128: 3 x 2 x 64 x 128 x 2 B +
-    64 x 128 x 2 B = 112 KiB; fp32 pipelines two stages."""
+    normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), and so that
+    ptxas spills no registers: tools/triton_aot.py checks both for sm_80 and sm_90. e.g. bf16,
+    d = 128: 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB. fp32 without TF32 multiplies on
+    the FMA units, whose accumulators need the small tiles."""
     if _interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = _block_d(d)
+    fma = _precision(dtype) == "ieee"
     wide = dtype == torch.float32
     if bd <= 128:
-        return (64, 64, 4, 2) if wide else (64, 64, 4, 3)
+        return (32, 32, 4, 2) if fma else (64, 64, 4, 2) if wide else (64, 64, 4, 3)
     if bd <= 256:
-        return (32, 32, 4, 2) if wide else (32, 64, 4, 2)
+        return (32, 32, 8, 2) if wide else (32, 64, 8, 2)
     return 16, 32, 4, 1
 
 
@@ -482,6 +484,11 @@ def _moco_bwd_combine_kernel(
     tl.store(GQ + rows.to(tl.int64)[:, None] * sgq + dc[None, :], gz.to(GQ.dtype.element_ty), mask=m2)
 
 
+# Rows per program of the combine kernels: they hold q, k and a [rows, d] fp32 sum in registers,
+# which spills at 64 rows of d = 128.
+_COMBINE_ROWS = 32
+
+
 def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
     """(n_split, k_per_split): enough (row tile, split) programs to fill the device twice over."""
     row_tiles = triton.cdiv(b, bm)
@@ -509,9 +516,9 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     loss = torch.empty(b, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, device=q.device, dtype=torch.float32)
     cos = torch.empty(b, device=q.device, dtype=torch.float32)
-    _moco_fwd_combine_kernel[(triton.cdiv(b, bm),)](
+    _moco_fwd_combine_kernel[(triton.cdiv(b, _COMBINE_ROWS),)](
         q, k, rq, rk, m_part, l_part, loss, lse, cos, b, d, q.stride(0), k.stride(0), n_split,
-        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw,
+        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=_COMBINE_ROWS, BLOCK_D=bd, num_warps=4,
     )
     return loss, lse, cos
 
@@ -534,9 +541,9 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     )
     g = grad_rows.to(torch.float32).contiguous()
     gq = torch.empty_like(q)
-    _moco_bwd_combine_kernel[(triton.cdiv(b, bm),)](
+    _moco_bwd_combine_kernel[(triton.cdiv(b, _COMBINE_ROWS),)](
         q, k, rq, rk, lse, g, part, gq, b, d, q.stride(0), k.stride(0), gq.stride(0), n_split,
-        1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_D=bd, num_warps=nw,
+        1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=_COMBINE_ROWS, BLOCK_D=bd, num_warps=4,
     )
     return gq
 
