@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU checks of `make gpu-check`, cut into steps that each fit one call of a lent GPU machine
+# (10 minutes a command, results copied back from $OUT: at most 8 files, 2 folders down).
+#
+#   bash tools/gpu_session.sh tests kmeans        # on the GPU machine, from the repository root
+#
+# Steps, in the order a short lease should spend its time:
+#   tests          every CUDA-marked test (kernels against the float64 reference)
+#   kmeans         k-means at n = 1M against flash-kmeans, fastkmeans, fast-pytorch-kmeans, naive
+#   losses-bf16    NT-Xent and MoCo InfoNCE in bf16, with lightly and inf-cl
+#   losses-fp32    the same in fp32
+#   scatter        the score scatter, validated and unvalidated
+#   kmeans-10m     k-means at n = 10M
+#   similarity     cosine row sums and top-k
+# Peers come from wheels in .whl/ (carried to the machine; see the device README for how to fetch
+# them): they are installed into /tmp/site. Each benchmark step writes $OUT/parts/<step>.json;
+# merge them here with `python benchmarks/run.py --merge <files> --out benchmarks/results`.
+# CORESET_EXT_COMMIT names the commit (the machine gets no .git).
+set -u
+OUT=${OUT:?set OUT to the folder that comes back}
+mkdir -p "$OUT/parts"
+LOG="$OUT/log.txt"
+export PYTHONUNBUFFERED=1
+
+if [ -n "$(ls .whl/*.whl 2>/dev/null)" ] && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl >> "$LOG" 2>&1 || echo "peer wheels did not install (see log.txt)"
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+
+if ! python3 -c "from coreset_ext import _backend as b; assert b.build_info()['cuda_built']" 2>/dev/null; then
+  echo "building with CUDA (sm_90)"
+  FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" timeout 400 \
+    python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >> "$LOG" 2>&1 \
+    || { tail -30 "$LOG"; exit 1; }
+fi
+python3 -m coreset_ext info > "$OUT/info.txt" 2>&1
+
+bench() {  # bench <step> <seconds> <pytest -k expression>
+  echo "== $1" | tee -a "$LOG"
+  timeout "$2" python3 benchmarks/run.py --gpu --quick --no-plot --out "$OUT/$1" -k "$3" >> "$LOG" 2>&1
+  echo "$1: rc=$?" | tee -a "$LOG"
+  if [ -f "$OUT/$1/"*.json ]; then mv "$OUT/$1/"*.json "$OUT/parts/$1.json"; fi
+  rm -rf "${OUT:?}/$1"
+}
+
+for step in "$@"; do
+  case "$step" in
+    tests)
+      echo "== tests" | tee -a "$LOG"
+      timeout 540 python3 -m pytest -q -m cuda tests -p no:cacheprovider -rfE > "$OUT/tests.txt" 2>&1
+      echo "tests: rc=$?; $(tail -n 1 "$OUT/tests.txt")" | tee -a "$LOG" ;;
+    kmeans) bench kmeans 500 "kmeans and not 10000000" ;;
+    kmeans-10m) bench kmeans-10m 540 "kmeans and 10000000" ;;
+    losses-bf16) bench losses-bf16 540 "(nt_xent or info_nce) and bf16" ;;
+    losses-fp32) bench losses-fp32 540 "(nt_xent or info_nce) and fp32" ;;
+    scatter) bench scatter 300 "scatter" ;;
+    similarity) bench similarity 400 "similarity or rowsum or topk" ;;
+    *) echo "unknown step: $step"; exit 2 ;;
+  esac
+done
