@@ -365,6 +365,43 @@ def test_triton_nt_xent_fixed_bound_edge(b, poison):
 
 @pytest.mark.triton
 @needs_triton
+@pytest.mark.parametrize("splits", [3, 7])
+@pytest.mark.parametrize("t,normalize", [(0.5, True), (0.01, True), (0.3, False)])
+def test_triton_nt_xent_column_splits(splits, t, normalize, monkeypatch, poison):
+    """Columns split across programs (what small batches get on a GPU): per-split partials merged
+    by the combine kernel, gradients summed in the fp32 buffer; 7 splits of 74 columns leave some
+    splits empty."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits)
+    _check_nt_xent_triton(37, 64, t, normalize=normalize, seed=splits, correlated=t > 0.1)
+    _check_nt_xent_triton(130, 20, t, normalize=normalize, seed=splits + 1, correlated=t > 0.1)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_triton_nt_xent_split_skipped_when_deterministic(monkeypatch, poison):
+    """Under deterministic algorithms the backward does not split (float atomics), and two runs
+    give bit-identical gradients."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: 3)
+    monkeypatch.setattr(torch, "zeros", None)  # the split backward's buffer: must not be allocated
+    z1, z2 = views(21, 16, seed=4)
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            a = z1.to(TRITON_DEV, torch.float32).requires_grad_()
+            ops.nt_xent(a, z2.to(TRITON_DEV, torch.float32), 0.2, backend="triton").backward()
+            grads.append(a.grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.triton
+@needs_triton
 def test_triton_nt_xent_fp16_and_noncontiguous(poison):
     z1, z2 = views(19, 40, seed=12)
     g = torch.rand(38, dtype=torch.float64)
@@ -649,12 +686,15 @@ def test_triton_opcheck():
 @pytest.mark.triton
 @needs_triton
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the autotuned kernels for real")
-def test_triton_autotuned_launch(monkeypatch, poison):
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_autotuned_launch(splits, monkeypatch, poison):
     """The autotuned NT-Xent launches (GPU, d <= 128) through the interpreter: every config runs,
-    and the one picked last in the list produces the checked result."""
+    and the one picked last in the list produces the checked result; with column splits, every
+    trial launch of the backward adds into its buffer, which the autotuner must zero each time."""
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
+    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits)
     for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
         timings = iter(range(100, 0, -1))  # each config "faster" than the previous one
 

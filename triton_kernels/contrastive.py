@@ -116,34 +116,62 @@ def row_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 # --------------------------------------------------------------------------------------------
 # NT-Xent over the 2B rows x = [z1; z2]
+#
+# Each program owns a tile of rows and streams column tiles. When the row tiles alone are too few
+# to fill the GPU (2B below a few thousand rows per SM wave), the columns are split across a second
+# grid axis as well: the forward writes per-split (max, sum) partials that a combine kernel
+# merges in a fixed order, the backward adds per-split gradient sums into an fp32 buffer that a
+# finishing kernel turns into the gradient (float atomics: not under deterministic algorithms).
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _split_columns(N, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the columns this program streams: all of them, or its share along axis 1."""
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BLOCK_N) * BLOCK_N
+        lo = tl.program_id(1) * per
+        hi = tl.minimum(lo + per, N)
+    else:
+        lo = 0
+        hi = N
+    return lo, hi
+
+
+@triton.jit
+def _load_rows(X, rows, rmask, dc, dmask, stride):
+    return tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
+                   mask=rmask[:, None] & dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _logit_scale(R, rows, rmask, inv_t, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Row scale folding 1/t and log2(e): u_ij = s_ij * LOG2E / t in base-2 units.
+    if NORMALIZE:
+        return tl.load(R + rows, mask=rmask, other=0.0) * (inv_t * 1.4426950408889634)
+    else:
+        return tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+
+
+@triton.jit
 def _nt_xent_fwd_kernel(
-    X, R, LOSS, LSE, COS, N, half, d, stride, inv_t,
-    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    X, R, LOSS, LSE, COS, M_PART, L_PART, N, half, d, stride, inv_t,
+    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     dc = tl.arange(0, BLOCK_D)
     dmask = dc < d
-    xr = tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    rr = tl.load(R + rows, mask=rmask, other=0.0)
-    # Row scale folding 1/t and log2(e): u_ij = s_ij * LOG2E / t in base-2 units.
-    if NORMALIZE:
-        a_r = rr * (inv_t * 1.4426950408889634)
-    else:
-        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    xr = _load_rows(X, rows, rmask, dc, dmask, stride)
+    a_r = _logit_scale(R, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
+    lo, hi = _split_columns(N, SPLIT, BLOCK_N)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        xc = tl.load(X + cols.to(tl.int64)[:, None] * stride + dc[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        cmask = cols < hi
+        xc = _load_rows(X, cols, cmask, dc, dmask, stride)
         s = tl.dot(xr, tl.trans(xc), input_precision=PRECISION)
         if NORMALIZE:
             rc = tl.load(R + cols, mask=cmask, other=0.0)
@@ -159,13 +187,52 @@ def _nt_xent_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid column
             l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
             m = m_new
+    if SPLIT:
+        part = tl.program_id(1) * N + rows
+        tl.store(M_PART + part, m, mask=rmask)
+        tl.store(L_PART + part, l, mask=rmask)
+    else:
+        _nt_xent_fwd_finish(X, R, LOSS, LSE, COS, m, l, xr, rows, rmask, dc, dmask, N, half, stride,
+                            inv_t, NORMALIZE, FIXED_BOUND, BLOCK_M)
+
+
+@triton.jit
+def _nt_xent_fwd_combine_kernel(
+    X, R, LOSS, LSE, COS, M_PART, L_PART, N, half, d, stride, n_split, inv_t,
+    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Merges the splits' partials in split order (deterministic), then the forward's epilogue.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for sp in range(0, n_split):
+        ms = tl.load(M_PART + sp * N + rows, mask=rmask, other=float("-inf"))
+        ls = tl.load(L_PART + sp * N + rows, mask=rmask, other=0.0)
+        if FIXED_BOUND:
+            l += ls
+        else:
+            m_new = tl.maximum(m, ms)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits without a valid column
+            l = l * tl.exp2(m - m_safe) + ls * tl.exp2(ms - m_safe)
+            m = m_new
+    xr = _load_rows(X, rows, rmask, dc, dmask, stride)
+    _nt_xent_fwd_finish(X, R, LOSS, LSE, COS, m, l, xr, rows, rmask, dc, dmask, N, half, stride,
+                        inv_t, NORMALIZE, FIXED_BOUND, BLOCK_M)
+
+
+@triton.jit
+def _nt_xent_fwd_finish(X, R, LOSS, LSE, COS, m, l, xr, rows, rmask, dc, dmask, N, half, stride, inv_t,
+                        NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr):
     if FIXED_BOUND:
         m = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
     lse = (m + tl.log2(l)) * 0.6931471805599453
     # The positive column (i + B) mod 2B, read directly: one row-wise dot in fp32.
     prow = (rows + half) % N
-    xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+    xp = _load_rows(X, prow, rmask, dc, dmask, stride)
+    rr = tl.load(R + rows, mask=rmask, other=0.0)
     rp = tl.load(R + prow, mask=rmask, other=0.0)
     pdot = tl.sum(xr.to(tl.float32) * xp.to(tl.float32), axis=1)
     cos = pdot * rr * rp
@@ -180,9 +247,9 @@ def _nt_xent_fwd_kernel(
 
 @triton.jit
 def _nt_xent_bwd_kernel(
-    X, XH, R, LSE, G, GX, N, half, d, stride, xh_stride, gx_stride, inv_t, eps,
-    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    X, XH, R, LSE, G, GX, ACC, N, half, d, stride, xh_stride, gx_stride, inv_t, eps,
+    NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ],
     # p_ij = exp(s_ij/t - lse_i). s is symmetric, so p_ji = exp(s_ij/t - lse_j) comes from the same
@@ -196,29 +263,25 @@ def _nt_xent_bwd_kernel(
     # tile here costs a [BLOCK_N, BLOCK_D] fp32 tile of registers and a trip back to shared memory.
     # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij 2^(u_max - lse_i) with
     # e_ij = 2^(u_ij - u_max) >= 2^-116, so one exponential per logit serves both p_ij and p_ji.
+    # SPLIT: this program's columns only; its sum goes to ACC (fp32 [N, d]) for the finish kernel.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
     prow = (rows + half) % N
     dc = tl.arange(0, BLOCK_D)
     dmask = dc < d
-    xr = tl.load(X + rows.to(tl.int64)[:, None] * stride + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    rr = tl.load(R + rows, mask=rmask, other=0.0)
+    xr = _load_rows(X, rows, rmask, dc, dmask, stride)
     lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
     g_r = tl.load(G + rows, mask=rmask, other=0.0)
-    if NORMALIZE:
-        a_r = rr * (inv_t * 1.4426950408889634)
-    else:
-        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    a_r = _logit_scale(R, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
     u_max = inv_t * 1.4426950408889634
     if FIXED_BOUND:
         c_r = g_r * tl.exp2(u_max - lse_r)
+    lo, hi = _split_columns(N, SPLIT, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < N
-        xc = tl.load(X + cols.to(tl.int64)[:, None] * stride + dc[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        cmask = cols < hi
+        xc = _load_rows(X, cols, cmask, dc, dmask, stride)
         lse_c = tl.load(LSE + cols, mask=cmask, other=0.0) * 1.4426950408889634
         g_c = tl.load(G + cols, mask=cmask, other=0.0)
         s = tl.dot(xr, tl.trans(xc), input_precision=PRECISION)
@@ -236,11 +299,41 @@ def _nt_xent_bwd_kernel(
         if NORMALIZE:
             # The normalised tile (|zhat| <= 1 fits any dtype); folding r_j into w instead
             # overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
-            xc = tl.load(XH + cols.to(tl.int64)[:, None] * xh_stride + dc[None, :],
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            xc = _load_rows(XH, cols, cmask, dc, dmask, xh_stride)
         acc += tl.dot(w.to(X.dtype.element_ty), xc, input_precision=PRECISION)
-    xp = tl.load(X + prow.to(tl.int64)[:, None] * stride + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if SPLIT:
+        tl.atomic_add(ACC + rows.to(tl.int64)[:, None] * d + dc[None, :], acc,
+                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
+    else:
+        _nt_xent_bwd_finish(X, R, LSE, G, GX, acc, xr, rows, rmask, dc, dmask, N, half, stride,
+                            gx_stride, inv_t, eps, NORMALIZE)
+
+
+@triton.jit
+def _nt_xent_bwd_finish_kernel(
+    X, R, LSE, G, GX, ACC, N, half, d, stride, gx_stride, inv_t, eps,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    dc = tl.arange(0, BLOCK_D)
+    dmask = dc < d
+    acc = tl.load(ACC + rows.to(tl.int64)[:, None] * d + dc[None, :], mask=rmask[:, None] & dmask[None, :],
+                  other=0.0)
+    xr = _load_rows(X, rows, rmask, dc, dmask, stride)
+    _nt_xent_bwd_finish(X, R, LSE, G, GX, acc, xr, rows, rmask, dc, dmask, N, half, stride, gx_stride,
+                        inv_t, eps, NORMALIZE)
+
+
+@triton.jit
+def _nt_xent_bwd_finish(X, R, LSE, G, GX, acc, xr, rows, rmask, dc, dmask, N, half, stride, gx_stride,
+                        inv_t, eps, NORMALIZE: tl.constexpr):
+    # the positive pair's term (see _nt_xent_bwd_kernel), then the normalisation's backward
+    prow = (rows + half) % N
+    rr = tl.load(R + rows, mask=rmask, other=0.0)
+    lse_r = tl.load(LSE + rows, mask=rmask, other=0.0)
+    g_r = tl.load(G + rows, mask=rmask, other=0.0)
+    xp = _load_rows(X, prow, rmask, dc, dmask, stride).to(tl.float32)
     g_p = tl.load(G + prow, mask=rmask, other=0.0)
     lse_p = tl.load(LSE + prow, mask=rmask, other=0.0)
     if NORMALIZE:
@@ -249,7 +342,7 @@ def _nt_xent_bwd_kernel(
         pos = tl.sum(xr.to(tl.float32) * rr[:, None] * xp, axis=1) * inv_t
     else:
         pos = tl.sum(xr.to(tl.float32) * xp, axis=1) * inv_t
-    coef = g_r * (tl.exp(pos - lse_r * 0.6931471805599453) - 1.0) + g_p * (tl.exp(pos - lse_p) - 1.0)
+    coef = g_r * (tl.exp(pos - lse_r) - 1.0) + g_p * (tl.exp(pos - lse_p) - 1.0)
     gz = (acc + coef[:, None] * xp) * inv_t
     if NORMALIZE:
         gz = _normalize_backward(xr.to(tl.float32), rr, gz, eps)
@@ -276,12 +369,19 @@ _NT_CONFIGS = [
                         (64, 64, 8, 3), (32, 64, 4, 3),  # more programs for small N
                         (32, 32, 4, 2))  # fp32 without TF32 (FMA products): the larger tiles spill
 ]
-_NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND"]
+_NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND", "SPLIT"]
 _nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY)(_nt_xent_fwd_kernel)
-_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY)(_nt_xent_bwd_kernel)
+# the split backward accumulates into ACC: the autotuner zeroes it before every trial launch
+_nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY, reset_to_zero=["ACC"])(_nt_xent_bwd_kernel)
 
 # Smallest temperature for FIXED_BOUND: 2^(-2 log2(e) / t) must stay a normal fp32 (>= 2^-126).
 FIXED_BOUND_MIN_T = 0.025
+
+
+def _combine_rows(d: int) -> int:
+    """Rows per program of the combine/finish kernels: they hold several [rows, d] fp32 tiles in
+    registers, which spill beyond 32 x 128 (tools/triton_aot.py)."""
+    return 32 if _block_d(d) <= 128 else 16
 
 
 def _autotune(x: torch.Tensor) -> bool:
@@ -289,6 +389,43 @@ def _autotune(x: torch.Tensor) -> bool:
 
     return (x.device.type == "cuda" and not _interpreting() and _block_d(x.shape[1]) <= 128
             and os.environ.get("CORESET_EXT_NO_AUTOTUNE") != "1")
+
+
+def _column_splits(n: int, block_m: int, device: torch.device) -> int:
+    """Programs per row tile along the columns: 1 while the row tiles fill every SM; else enough
+    to give each SM about two programs, each still streaming at least 8 column tiles of 64."""
+    row_tiles = triton.cdiv(n, block_m)
+    sms = _num_sms(device)
+    if row_tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, row_tiles), n // (8 * 64)))
+
+
+def _max_column_splits(n: int, device: torch.device) -> int:
+    """The most splits any tile choice launches (the tallest row tiles split most): buffers for
+    the partials are sized by it, and 1 means no tile choice splits."""
+    tallest = max([c.kwargs["BLOCK_M"] for c in _NT_CONFIGS] + [_tiles(64, device, torch.bfloat16)[0]])
+    return _column_splits(n, tallest, device)
+
+
+def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, split: bool,
+                    parts: int) -> int:
+    """Launches kernel (fixed tiles) or tuned (autotuned) over (row tiles, splits); returns the
+    number of splits launched when `split` (what the combine/finish kernel must merge)."""
+    n = x.shape[0]
+    if _autotune(x):
+        def grid(meta):
+            bm = meta["BLOCK_M"]
+            return (triton.cdiv(n, bm), min(parts, _column_splits(n, bm, x.device)) if split else 1)
+
+        tuned[grid](*args, SPLIT=split, **const)
+        used = grid(tuned.best_config.kwargs)[1]
+    else:
+        bm, bn, nw, ns = _tiles(x.shape[1], x.device, x.dtype)
+        used = min(parts, _column_splits(n, bm, x.device)) if split else 1
+        kernel[(triton.cdiv(n, bm), used)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                           num_stages=ns, **const)
+    return used
 
 
 def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
@@ -299,14 +436,18 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     loss = torch.empty(n, device=x.device, dtype=torch.float32)
     lse = torch.empty(n, device=x.device, dtype=torch.float32)
     cos = torch.empty(half, device=x.device, dtype=torch.float32)
-    args = (x, r, loss, lse, cos, n, half, d, x.stride(0), 1.0 / temperature)
-    const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
-    if _autotune(x):
-        _nt_xent_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
-    else:
-        bm, bn, nw, ns = _tiles(d, x.device, x.dtype)
-        _nt_xent_fwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-                                                   num_stages=ns, **const)
+    fixed = normalize and temperature >= FIXED_BOUND_MIN_T
+    parts = _max_column_splits(n, x.device)
+    split = parts > 1
+    m_part = torch.empty(parts if split else 1, n, device=x.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    args = (x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), 1.0 / temperature)
+    const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    used = _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
+    if split:
+        _nt_xent_fwd_combine_kernel[(triton.cdiv(n, _combine_rows(d)),)](
+            x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), used, 1.0 / temperature,
+            NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return loss, lse, cos, r
 
 
@@ -317,14 +458,19 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
     r, xh = row_normalize(x, eps) if normalize else (row_rnorm(x, eps), x)
     g = grad_rows.to(torch.float32).contiguous()
     gx = torch.empty_like(x)
-    args = (x, xh, r, lse, g, gx, n, n // 2, d, x.stride(0), xh.stride(0), gx.stride(0), 1.0 / temperature, eps)
-    const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
-    if _autotune(x):
-        _nt_xent_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args, **const)
-    else:
-        bm, bn, nw, ns = _tiles(d, x.device, x.dtype)
-        _nt_xent_bwd_kernel[(triton.cdiv(n, bm),)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-                                                   num_stages=ns, **const)
+    # Splitting the columns sums each row's gradient with float atomics, in no fixed order.
+    parts = 1 if torch.are_deterministic_algorithms_enabled() else _max_column_splits(n, x.device)
+    split = parts > 1
+    acc = torch.zeros(n, d, device=x.device, dtype=torch.float32) if split else gx
+    args = (x, xh, r, lse, g, gx, acc, n, n // 2, d, x.stride(0), xh.stride(0), gx.stride(0),
+            1.0 / temperature, eps)
+    const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T,
+                 BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    _launch_nt_xent(_nt_xent_bwd_kernel, _nt_xent_bwd_tuned, x, args, const, split, parts)
+    if split:
+        _nt_xent_bwd_finish_kernel[(triton.cdiv(n, _combine_rows(d)),)](
+            x, r, lse, g, gx, acc, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps,
+            NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return gx
 
 
@@ -484,11 +630,6 @@ def _moco_bwd_combine_kernel(
     tl.store(GQ + rows.to(tl.int64)[:, None] * sgq + dc[None, :], gz.to(GQ.dtype.element_ty), mask=m2)
 
 
-# Rows per program of the combine kernels: they hold q, k and a [rows, d] fp32 sum in registers,
-# which spills at 64 rows of d = 128.
-_COMBINE_ROWS = 32
-
-
 def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
     """(n_split, k_per_split): enough (row tile, split) programs to fill the device twice over."""
     row_tiles = triton.cdiv(b, bm)
@@ -516,9 +657,9 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     loss = torch.empty(b, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, device=q.device, dtype=torch.float32)
     cos = torch.empty(b, device=q.device, dtype=torch.float32)
-    _moco_fwd_combine_kernel[(triton.cdiv(b, _COMBINE_ROWS),)](
+    _moco_fwd_combine_kernel[(triton.cdiv(b, _combine_rows(d)),)](
         q, k, rq, rk, m_part, l_part, loss, lse, cos, b, d, q.stride(0), k.stride(0), n_split,
-        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=_COMBINE_ROWS, BLOCK_D=bd, num_warps=4,
+        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=bd, num_warps=4,
     )
     return loss, lse, cos
 
@@ -541,9 +682,9 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     )
     g = grad_rows.to(torch.float32).contiguous()
     gq = torch.empty_like(q)
-    _moco_bwd_combine_kernel[(triton.cdiv(b, _COMBINE_ROWS),)](
+    _moco_bwd_combine_kernel[(triton.cdiv(b, _combine_rows(d)),)](
         q, k, rq, rk, lse, g, part, gq, b, d, q.stride(0), k.stride(0), gq.stride(0), n_split,
-        1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=_COMBINE_ROWS, BLOCK_D=bd, num_warps=4,
+        1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=bd, num_warps=4,
     )
     return gq
 
