@@ -19,13 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 def _block_d(d: int) -> int:
     # tl.dot needs every block dimension >= 16; padding columns are masked to zero.
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _interpreting() -> bool:
@@ -97,7 +99,7 @@ def _launch_rnorm(x: torch.Tensor, eps: float, xh: torch.Tensor | None) -> torch
     r = torch.empty(n, device=x.device, dtype=torch.float32)
     bd = _block_d(d)
     br = max(1, min(64, 4096 // bd))
-    _row_rnorm_kernel[(triton.cdiv(n, br),)](
+    _row_rnorm_kernel[(cdiv(n, br),)](
         x, r, r if xh is None else xh, n, d, x.stride(0), 0 if xh is None else xh.stride(0), eps,
         WRITE_XHAT=xh is not None, BLOCK_R=br, BLOCK_D=bd)
     return r
@@ -253,7 +255,7 @@ def _nt_xent_bwd_kernel(
 ):
     # dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ],
     # p_ij = exp(s_ij/t - lse_i). s is symmetric, so p_ji = exp(s_ij/t - lse_j) comes from the same
-    # tile with the column's lse: each program owns its rows' gradient, no atomics.
+    # tile with the column's lse: each program owns its rows' gradient (no atomics unless SPLIT).
     # The positive column j = p(i) is left out of the tiles and added in fp32 at the end as
     # (g_i (p_i,p(i) - 1) + g_p(i) (p_p(i),i - 1)) zhat_p(i): when the positive dominates (p -> 1,
     # low temperatures, late training) the two terms nearly cancel, and rounding the weight and
@@ -394,11 +396,11 @@ def _autotune(x: torch.Tensor) -> bool:
 def _column_splits(n: int, block_m: int, device: torch.device) -> int:
     """Programs per row tile along the columns: 1 while the row tiles fill every SM; else enough
     to give each SM about two programs, each still streaming at least 8 column tiles of 64."""
-    row_tiles = triton.cdiv(n, block_m)
+    row_tiles = cdiv(n, block_m)
     sms = _num_sms(device)
     if row_tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, row_tiles), n // (8 * 64)))
+    return max(1, min(cdiv(2 * sms, row_tiles), n // (8 * 64)))
 
 
 def _max_column_splits(n: int, device: torch.device) -> int:
@@ -416,14 +418,14 @@ def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, sp
     if _autotune(x):
         def grid(meta):
             bm = meta["BLOCK_M"]
-            return (triton.cdiv(n, bm), min(parts, _column_splits(n, bm, x.device)) if split else 1)
+            return (cdiv(n, bm), min(parts, _column_splits(n, bm, x.device)) if split else 1)
 
         tuned[grid](*args, SPLIT=split, **const)
         used = grid(tuned.best_config.kwargs)[1]
     else:
         bm, bn, nw, ns = _tiles(x.shape[1], x.device, x.dtype)
         used = min(parts, _column_splits(n, bm, x.device)) if split else 1
-        kernel[(triton.cdiv(n, bm), used)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+        kernel[(cdiv(n, bm), used)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
                                            num_stages=ns, **const)
     return used
 
@@ -445,7 +447,7 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
     used = _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
     if split:
-        _nt_xent_fwd_combine_kernel[(triton.cdiv(n, _combine_rows(d)),)](
+        _nt_xent_fwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
             x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), used, 1.0 / temperature,
             NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return loss, lse, cos, r
@@ -468,7 +470,7 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
                  BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
     _launch_nt_xent(_nt_xent_bwd_kernel, _nt_xent_bwd_tuned, x, args, const, split, parts)
     if split:
-        _nt_xent_bwd_finish_kernel[(triton.cdiv(n, _combine_rows(d)),)](
+        _nt_xent_bwd_finish_kernel[(cdiv(n, _combine_rows(d)),)](
             x, r, lse, g, gx, acc, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps,
             NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return gx
@@ -632,11 +634,11 @@ def _moco_bwd_combine_kernel(
 
 def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
     """(n_split, k_per_split): enough (row tile, split) programs to fill the device twice over."""
-    row_tiles = triton.cdiv(b, bm)
-    want = max(1, triton.cdiv(2 * _num_sms(device), row_tiles))
-    n_split = max(1, min(want, triton.cdiv(k, bn)))
-    k_per_split = triton.cdiv(triton.cdiv(k, n_split), bn) * bn
-    return triton.cdiv(k, k_per_split), k_per_split
+    row_tiles = cdiv(b, bm)
+    want = max(1, cdiv(2 * _num_sms(device), row_tiles))
+    n_split = max(1, min(want, cdiv(k, bn)))
+    k_per_split = cdiv(cdiv(k, n_split), bn) * bn
+    return cdiv(k, k_per_split), k_per_split
 
 
 def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float):
@@ -649,7 +651,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
-    _moco_fwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
+    _moco_fwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, rqu, m_part, l_part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
         k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
@@ -657,7 +659,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     loss = torch.empty(b, device=q.device, dtype=torch.float32)
     lse = torch.empty(b, device=q.device, dtype=torch.float32)
     cos = torch.empty(b, device=q.device, dtype=torch.float32)
-    _moco_fwd_combine_kernel[(triton.cdiv(b, _combine_rows(d)),)](
+    _moco_fwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
         q, k, rq, rk, m_part, l_part, loss, lse, cos, b, d, q.stride(0), k.stride(0), n_split,
         1.0 / temperature, NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=bd, num_warps=4,
     )
@@ -674,7 +676,7 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
     part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
-    _moco_bwd_partial_kernel[(triton.cdiv(b, bm), n_split)](
+    _moco_bwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, quh, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), quh.stride(0),
         1.0 / temperature,
         k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
@@ -682,7 +684,7 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     )
     g = grad_rows.to(torch.float32).contiguous()
     gq = torch.empty_like(q)
-    _moco_bwd_combine_kernel[(triton.cdiv(b, _combine_rows(d)),)](
+    _moco_bwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
         q, k, rq, rk, lse, g, part, gq, b, d, q.stride(0), k.stride(0), gq.stride(0), n_split,
         1.0 / temperature, eps, NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=bd, num_warps=4,
     )
@@ -733,7 +735,7 @@ def pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tenso
     n, d = a.shape
     c = torch.empty(n, device=a.device, dtype=torch.float32)
     br = _pair_rows(d)
-    _pair_cosine_fwd_kernel[(triton.cdiv(n, br),)](
+    _pair_cosine_fwd_kernel[(cdiv(n, br),)](
         a, b, c, n, d, a.stride(0), b.stride(0), eps, BLOCK_R=br, BLOCK_D=_block_d(d))
     return c
 
@@ -743,7 +745,7 @@ def pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: f
     g = grad.to(torch.float32).contiguous()
     ga, gb = torch.empty_like(a), torch.empty_like(b)
     br = _pair_rows(d)
-    _pair_cosine_bwd_kernel[(triton.cdiv(n, br),)](
+    _pair_cosine_bwd_kernel[(cdiv(n, br),)](
         a, b, g, ga, gb, n, d, a.stride(0), b.stride(0), ga.stride(0), gb.stride(0), eps,
         BLOCK_R=br, BLOCK_D=_block_d(d))
     return ga, gb

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_power_of_2
+
 # Interpreter runs (CI) and the fallback when autotuning is off: small, valid for tl.dot (>= 16).
 _FIXED = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
 
@@ -129,7 +131,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return labels, dist
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     one_tile = block_d <= 128  # keeps the point tile in registers; wider d loops over 64-wide tiles
     if not one_tile:
         block_d = 64
@@ -137,12 +139,12 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
     args = (x, c, cnorm, labels, dist, n, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
     if _interpreting(x):
-        grid = (triton.cdiv(n, _FIXED["BLOCK_N"]),)
+        grid = (cdiv(n, _FIXED["BLOCK_N"]),)
         _kmeans_assign_kernel[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,
                                     ONE_D_TILE=one_tile, **_FIXED)
     else:
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]),)
+            return (cdiv(n, meta["BLOCK_N"]),)
 
         with torch.cuda.device(x.device):
             _kmeans_assign_tuned[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,

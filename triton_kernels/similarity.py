@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_power_of_2
+
 # Placeholder index of an empty top-k slot: larger than any real column, so that among the
 # (equal, -inf) empty slots the one with the largest placeholder is replaced first.
 _EMPTY = tl.constexpr(2**31 - 1)  # jit functions may only read constexpr globals
@@ -84,7 +86,7 @@ def _launch_config(device: torch.device, d: int) -> dict:
     else:
         # 8 warps: with 4, ptxas (sm_90) spills registers for bf16 row sums and for the top-k.
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    cfg["NUM_K"] = triton.cdiv(d, cfg["BLOCK_K"])
+    cfg["NUM_K"] = cdiv(d, cfg["BLOCK_K"])
     return cfg
 
 
@@ -98,7 +100,7 @@ def cosine_rowsum(
     m = y.shape[0]
     cfg = _launch_config(x.device, d)
     bm = cfg["BLOCK_M"]
-    nblocks = triton.cdiv(n, bm)
+    nblocks = cdiv(n, bm)
     # Poisoned, so that an element the kernel failed to write shows as NaN (O(n): free).
     out = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
     if n == 0:
@@ -192,7 +194,7 @@ def _cosine_topk_kernel(
 
 def topk_slots(k: int) -> int:
     """Register slots the kernel holds per row for a top-k (a power of two >= 16)."""
-    return max(16, triton.next_power_of_2(k))
+    return max(16, next_power_of_2(k))
 
 
 def cosine_topk(
@@ -209,7 +211,7 @@ def cosine_topk(
     idxs = torch.full((n, k), -1, dtype=torch.int32, device=x.device)
     if n == 0:
         return vals, idxs.long()
-    _cosine_topk_kernel[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+    _cosine_topk_kernel[(cdiv(n, cfg["BLOCK_M"]),)](
         x, y, inv_x, inv_y, vals, idxs, n, m, d, k, x.stride(0), y.stride(0),
         EXCLUDE_SELF=bool(exclude_self), KP=topk_slots(k), **cfg,
     )
