@@ -565,6 +565,31 @@ def test_gpu_nt_xent_temperature_bf16(t):
 
 @pytest.mark.cuda
 @needs_cuda
+def test_gpu_nt_xent_deterministic_split_batch():
+    """B = 4096 splits the columns on an H100-sized GPU; under deterministic algorithms the
+    backward must not (float atomics), so two runs give bit-identical gradients, which also match
+    the split run within fp32 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    z1 = torch.randn(4096, 128, device="cuda", generator=g)
+    z2 = z1 + 0.7 * torch.randn(4096, 128, device="cuda", generator=g)
+
+    def grad():
+        a = z1.clone().requires_grad_()
+        ops.nt_xent(a, z2, 0.2).backward()
+        return a.grad
+
+    split = grad()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grad(), grad()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second)
+    assert rel(split, first) < 1e-5
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_gpu_nt_xent_65536():
     b, d = 65536, 128
     g = torch.Generator(device="cuda").manual_seed(0)
