@@ -214,26 +214,29 @@ class KMeans:
 
     # ---------------------------------------------------------------- Lloyd
 
-    def _new_centers(self, x, centers, labels, dist, sums, counts):
-        """Centroids from the sums, after re-seeding empty clusters with the farthest points."""
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty:
-            far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
-            pts = self._rows(x, far)
-            old = labels[far].to(self._device_)
-            sums, counts = sums.clone(), counts.clone()
-            for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
-                sums[old[j]] -= pts[j]
-                counts[old[j]] -= 1
-                sums[c] = pts[j]
-                counts[c] = 1
+    def _means(self, centers, sums, counts):
+        """Centroids from the update sums; a cluster without points keeps its centroid."""
         filled = (counts > 0)[:, None]
         if self.metric == "cosine":
             new = reference.normalize(sums.float())
         else:
             new = sums.float() / counts.clamp_min(1)[:, None].float()
-        # a cluster emptied by giving its only point away keeps its previous centroid
         return torch.where(filled, new, centers)
+
+    def _reseed_empty(self, x, centers, labels, dist, sums, counts):
+        """Centroids after re-seeding empty clusters with the farthest points (rare: its own syncs)."""
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
+        pts = self._rows(x, far)
+        old = labels[far].to(self._device_)
+        sums, counts = sums.clone(), counts.clone()
+        for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
+            sums[old[j]] -= pts[j]
+            counts[old[j]] -= 1
+            sums[c] = pts[j]
+            counts[c] = 1
+        # a cluster emptied by giving its only point away keeps its previous centroid
+        return self._means(centers, sums, counts)
 
     def _lloyd(self, x, centers, tol, run):
         bar = None
@@ -246,13 +249,22 @@ class KMeans:
         it = 0
         for it in range(self.max_iter):
             labels, dist, sums, counts = self._pass(x, centers, update=True)
-            new = self._new_centers(x, centers, labels, dist, sums, counts)
-            shift = float(((new - centers) ** 2).sum())
+            new = self._means(centers, sums, counts)
+            # The iteration's three decisions (empty clusters? how far did the centroids move?
+            # did any label change?) cross to the host together: one synchronisation, not three.
+            # (labels live on x's device, which streaming with batch_size leaves on the CPU)
+            moved = labels.ne(labels_old).any() if labels_old is not None else torch.ones((), dtype=torch.bool)
+            n_empty, shift, changed = torch.stack([
+                (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
+                moved.to(counts.device, torch.float64)]).tolist()
+            if n_empty:
+                new = self._reseed_empty(x, centers, labels, dist, sums, counts)
+                shift = float(((new - centers) ** 2).sum())
             centers = new
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(inertia=f"{_inertia(dist):.6g}", shift=f"{shift:.3g}")
-            if labels_old is not None and torch.equal(labels, labels_old):
+            if not changed:
                 strict = True  # labels unchanged: the centroids cannot move any more
                 break
             if shift <= tol:
