@@ -493,12 +493,8 @@ def _moco_fwd_partial_kernel(
     rmask = rows < B
     dc = tl.arange(0, BLOCK_D)
     dmask = dc < d
-    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if NORMALIZE:
-        a_r = tl.load(RQ + rows, mask=rmask, other=0.0) * (inv_t * 1.4426950408889634)
-    else:
-        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    xq = _load_rows(Q, rows, rmask, dc, dmask, sq)
+    a_r = _logit_scale(RQ, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -506,8 +502,7 @@ def _moco_fwd_partial_kernel(
     for start in range(k_lo, k_hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < k_hi
-        xc = tl.load(QU + cols.to(tl.int64)[:, None] * squ + dc[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        xc = _load_rows(QU, cols, cmask, dc, dmask, squ)
         s = tl.dot(xq, tl.trans(xc), input_precision=PRECISION)
         if NORMALIZE:
             s = s * tl.load(RQU + cols, mask=cmask, other=0.0)[None, :]
@@ -523,10 +518,8 @@ def _moco_fwd_partial_kernel(
 @triton.jit
 def _moco_pos(Q, K_, RQ, RK, rows, rmask, dc, dmask, sq, sk, inv_t, NORMALIZE: tl.constexpr):
     """(q rows fp32, positive logit, cosine) for a row tile."""
-    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    xk = tl.load(K_ + rows.to(tl.int64)[:, None] * sk + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    xq = _load_rows(Q, rows, rmask, dc, dmask, sq).to(tl.float32)
+    xk = _load_rows(K_, rows, rmask, dc, dmask, sk).to(tl.float32)
     rq = tl.load(RQ + rows, mask=rmask, other=0.0)
     rk = tl.load(RK + rows, mask=rmask, other=0.0)
     pdot = tl.sum(xq * xk, axis=1)
@@ -575,12 +568,8 @@ def _moco_bwd_partial_kernel(
     rmask = rows < B
     dc = tl.arange(0, BLOCK_D)
     dmask = dc < d
-    xq = tl.load(Q + rows.to(tl.int64)[:, None] * sq + dc[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if NORMALIZE:
-        a_r = tl.load(RQ + rows, mask=rmask, other=0.0) * (inv_t * 1.4426950408889634)
-    else:
-        a_r = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+    xq = _load_rows(Q, rows, rmask, dc, dmask, sq)
+    a_r = _logit_scale(RQ, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
     lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -588,16 +577,14 @@ def _moco_bwd_partial_kernel(
     for start in range(k_lo, k_hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < k_hi
-        xc = tl.load(QU + cols.to(tl.int64)[:, None] * squ + dc[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
+        xc = _load_rows(QU, cols, cmask, dc, dmask, squ)
         s = tl.dot(xq, tl.trans(xc), input_precision=PRECISION)
         if NORMALIZE:
             rc = tl.load(RQU + cols, mask=cmask, other=0.0)
             s = s * rc[None, :]
         p = tl.exp2(tl.where(cmask[None, :], s * a_r[:, None], float("-inf")) - lse_r[:, None])
         if NORMALIZE:  # the normalised queue, not p * r_j: see _nt_xent_bwd_kernel
-            xc = tl.load(QUH + cols.to(tl.int64)[:, None] * squh + dc[None, :],
-                         mask=cmask[:, None] & dmask[None, :], other=0.0)
+            xc = _load_rows(QUH, cols, cmask, dc, dmask, squh)
         acc += tl.dot(p.to(QU.dtype.element_ty), xc, input_precision=PRECISION)
     base = (pid_s * B + rows).to(tl.int64)[:, None] * d + dc[None, :]
     tl.store(PART + base, acc, mask=rmask[:, None] & dmask[None, :])
