@@ -347,13 +347,16 @@ def test_triton_nt_xent_temperatures(t, normalize, poison):
 @pytest.mark.parametrize("b", [1, 3])
 def test_triton_nt_xent_fixed_bound_edge(b, poison):
     """At the smallest temperature that takes the fixed bound, with every positive pair opposite
-    (cosine -1: the smallest term the bound must keep a normal float), and just below it."""
+    (cosine -1: the smallest term the bound must keep a normal float) and large loss weights, and
+    just below that temperature."""
     from coreset_ext.triton_kernels.contrastive import FIXED_BOUND_MIN_T
 
     for t in (FIXED_BOUND_MIN_T, FIXED_BOUND_MIN_T * 0.99):
         z1 = torch.randn(b, 8, generator=torch.Generator().manual_seed(b), dtype=torch.float64)
         z2 = -z1 * 3.0
-        g = torch.rand(2 * b, dtype=torch.float64) + 0.1
+        # row weights as a loss scaler makes them (2^20): the backward's per-row factors g / l
+        # must not overflow where the positive's cosine is -1 and l is tiny
+        g = (torch.rand(2 * b, dtype=torch.float64) + 0.1) * 2.0**20
         ref_rows, r1, r2 = _autograd_nt_xent(z1, z2, t, True, g)
         a = z1.to(TRITON_DEV, torch.float32).requires_grad_()
         c = z2.to(TRITON_DEV, torch.float32).requires_grad_()
@@ -386,7 +389,7 @@ def test_triton_nt_xent_split_skipped_when_deterministic(monkeypatch, poison):
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: 3)
-    monkeypatch.setattr(torch, "zeros", None)  # the split backward's buffer: must not be allocated
+    monkeypatch.setattr(contrastive, "_nt_xent_bwd_finish_kernel", None)  # the split backward's
     z1, z2 = views(21, 16, seed=4)
     grads = []
     torch.use_deterministic_algorithms(True)

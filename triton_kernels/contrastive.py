@@ -55,14 +55,14 @@ def _tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, 
     normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), and so that
     ptxas spills no registers: tools/triton_aot.py checks both for sm_80 and sm_90. e.g. bf16,
     d = 128: 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB. fp32 without TF32 multiplies on
-    the FMA units, whose accumulators need the small tiles."""
+    the FMA units, whose accumulators need small tiles and no second pipeline stage."""
     if _interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = _block_d(d)
     fma = _precision(dtype) == "ieee"
     wide = dtype == torch.float32
     if bd <= 128:
-        return (32, 32, 4, 2) if fma else (64, 64, 4, 2) if wide else (64, 64, 4, 3)
+        return (32, 32, 8, 1) if fma else (32, 64, 4, 2) if wide else (64, 64, 8, 3)
     if bd <= 256:
         return (32, 32, 8, 2) if wide else (32, 64, 8, 2)
     return 16, 32, 4, 1
@@ -182,8 +182,9 @@ def _nt_xent_fwd_kernel(
         valid = cmask[None, :] & (cols[None, :] != rows[:, None])  # own similarity excluded
         u = tl.where(valid, u, float("-inf"))
         if FIXED_BOUND:
-            # cosines are <= 1, so u <= u_max = log2(e) / t: no running max, no rescaling
-            l += tl.sum(tl.exp2(u - inv_t * 1.4426950408889634), axis=1)
+            # |cosine| <= 1, so |u| <= log2(e) / t <= 58 for t >= FIXED_BOUND_MIN_T: 2^u is a
+            # normal fp32 as it stands, no running max and no rescaling
+            l += tl.sum(tl.exp2(u), axis=1)
         else:
             m_new = tl.maximum(m, tl.max(u, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid column
@@ -229,7 +230,7 @@ def _nt_xent_fwd_combine_kernel(
 def _nt_xent_fwd_finish(X, R, LOSS, LSE, COS, m, l, xr, rows, rmask, dc, dmask, N, half, stride, inv_t,
                         NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr):
     if FIXED_BOUND:
-        m = tl.zeros([BLOCK_M], dtype=tl.float32) + inv_t * 1.4426950408889634
+        m = tl.zeros([BLOCK_M], dtype=tl.float32)
     lse = (m + tl.log2(l)) * 0.6931471805599453
     # The positive column (i + B) mod 2B, read directly: one row-wise dot in fp32.
     prow = (rows + half) % N
@@ -263,8 +264,9 @@ def _nt_xent_bwd_kernel(
     # Logits come from the raw rows scaled by r_i r_j (as in the forward, so p matches its lse);
     # the product w @ zhat reads XH, normalised once before the launch: normalising each column
     # tile here costs a [BLOCK_N, BLOCK_D] fp32 tile of registers and a trip back to shared memory.
-    # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij 2^(u_max - lse_i) with
-    # e_ij = 2^(u_ij - u_max) >= 2^-116, so one exponential per logit serves both p_ij and p_ji.
+    # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij c_i / g_i with e_ij = 2^u_ij and
+    # c_i = g_i 2^-lse_i, so one exponential per logit serves both p_ij and p_ji. With |u| <= 58,
+    # e and 2^-lse stay within 2^+-75 for 2B <= 2^17 rows: c overflows only for weights g > 2^70.
     # SPLIT: this program's columns only; its sum goes to ACC (fp32 [N, d]) for the finish kernel.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -275,9 +277,8 @@ def _nt_xent_bwd_kernel(
     lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
     g_r = tl.load(G + rows, mask=rmask, other=0.0)
     a_r = _logit_scale(R, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
-    u_max = inv_t * 1.4426950408889634
     if FIXED_BOUND:
-        c_r = g_r * tl.exp2(u_max - lse_r)
+        c_r = g_r * tl.exp2(-lse_r)
     lo, hi = _split_columns(N, SPLIT, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
@@ -294,8 +295,8 @@ def _nt_xent_bwd_kernel(
         valid = cmask[None, :] & (cols[None, :] != rows[:, None]) & (cols[None, :] != prow[:, None])
         u = tl.where(valid, u, float("-inf"))  # exp2 -> 0 there, and no overflow on the diagonal
         if FIXED_BOUND:
-            c_c = g_c * tl.exp2(u_max - lse_c)
-            w = tl.exp2(u - u_max) * (c_r[:, None] + c_c[None, :])
+            c_c = g_c * tl.exp2(-lse_c)
+            w = tl.exp2(u) * (c_r[:, None] + c_c[None, :])
         else:
             w = g_r[:, None] * tl.exp2(u - lse_r[:, None]) + g_c[None, :] * tl.exp2(u - lse_c[None, :])
         if NORMALIZE:
@@ -371,12 +372,13 @@ _NT_CONFIGS = [
                         (64, 64, 8, 3), (32, 64, 4, 3),  # more programs for small N
                         (32, 32, 4, 2))  # fp32 without TF32 (FMA products): the larger tiles spill
 ]
-_NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND", "SPLIT"]
+_NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND", "SPLIT", "PRECISION"]
 _nt_xent_fwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY)(_nt_xent_fwd_kernel)
 # the split backward accumulates into ACC: the autotuner zeroes it before every trial launch
 _nt_xent_bwd_tuned = triton.autotune(configs=_NT_CONFIGS, key=_NT_KEY, reset_to_zero=["ACC"])(_nt_xent_bwd_kernel)
 
-# Smallest temperature for FIXED_BOUND: 2^(-2 log2(e) / t) must stay a normal fp32 (>= 2^-126).
+# Smallest temperature for FIXED_BOUND: every 2^u (|u| <= log2(e) / t), their row sums over up to
+# 2^17 rows and the weights g 2^-lse must stay normal, finite fp32 with room for loss scaling.
 FIXED_BOUND_MIN_T = 0.025
 
 
@@ -411,9 +413,10 @@ def _max_column_splits(n: int, device: torch.device) -> int:
 
 
 def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, split: bool,
-                    parts: int) -> int:
-    """Launches kernel (fixed tiles) or tuned (autotuned) over (row tiles, splits); returns the
-    number of splits launched when `split` (what the combine/finish kernel must merge)."""
+                    parts: int) -> None:
+    """Launches kernel (fixed tiles) or tuned (autotuned) over (row tiles, splits), at most `parts`
+    splits. The tile choice decides how many; the partials of splits not launched keep their
+    initial values, which the combine/finish kernels read as empty."""
     n = x.shape[0]
     if _autotune(x):
         def grid(meta):
@@ -421,13 +424,11 @@ def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, sp
             return (cdiv(n, bm), min(parts, _column_splits(n, bm, x.device)) if split else 1)
 
         tuned[grid](*args, SPLIT=split, **const)
-        used = grid(tuned.best_config.kwargs)[1]
     else:
         bm, bn, nw, ns = _tiles(x.shape[1], x.device, x.dtype)
-        used = min(parts, _column_splits(n, bm, x.device)) if split else 1
-        kernel[(cdiv(n, bm), used)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
-                                           num_stages=ns, **const)
-    return used
+        splits = min(parts, _column_splits(n, bm, x.device)) if split else 1
+        kernel[(cdiv(n, bm), splits)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+                                      num_stages=ns, **const)
 
 
 def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
@@ -441,14 +442,17 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     fixed = normalize and temperature >= FIXED_BOUND_MIN_T
     parts = _max_column_splits(n, x.device)
     split = parts > 1
-    m_part = torch.empty(parts if split else 1, n, device=x.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
+    if split:  # (max, sum) of an empty split: what every split the tile choice skips contributes
+        m_part = torch.full((parts, n), float("-inf"), device=x.device, dtype=torch.float32)
+        l_part = torch.zeros((parts, n), device=x.device, dtype=torch.float32)
+    else:
+        m_part = l_part = loss  # not read by the unsplit kernel
     args = (x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), 1.0 / temperature)
     const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
-    used = _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
+    _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
     if split:
         _nt_xent_fwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
-            x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), used, 1.0 / temperature,
+            x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), parts, 1.0 / temperature,
             NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return loss, lse, cos, r
 
