@@ -101,9 +101,20 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
             tuning[0] = False
         self.best_config = self.configs[0]  # what the wrappers read back after a launch
 
+    orig_jit_run = jit.JITFunction.run
+    seen = {}
+
+    def jit_run_fresh(self, *args, **kwargs):
+        # Triton caches compiled kernels and the target per device; the stand-in driver is
+        # always device 0, so clear what another architecture (or a real GPU) left there.
+        if id(self) not in seen:
+            seen[id(self)] = self
+            self.device_caches.clear()
+        return jit_run(self, *args, **kwargs)
+
     cuda = torch.device("cuda")
     patches = [
-        (jit.JITFunction, "run", jit_run),
+        (jit.JITFunction, "run", jit_run_fresh),
         (autotuner.Autotuner, "run", tuned_run),
         # the wrappers choose GPU tiles and autotuning when they see a CUDA tensor
         (contrastive, "_interpreting", lambda: False),
@@ -114,7 +125,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
         (similarity, "_launch_config", lambda device, d, f=similarity._launch_config: f(cuda, d)),
     ]
-    orig_jit_run = jit.JITFunction.run
+
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, new in patches:
         setattr(obj, name, new)
@@ -122,9 +133,22 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
     try:
         yield triton
     finally:
+        for fn in seen.values():
+            fn.device_caches.clear()
         for obj, name, old in saved:
             setattr(obj, name, old)
         driver.reset_active() if driver._default is not None else setattr(driver, "_active", None)
+
+
+def _without_autotuning(module, thunk):
+    def run():
+        autotune = module._autotune
+        module._autotune = lambda x: False
+        try:
+            thunk()
+        finally:
+            module._autotune = autotune
+    return run
 
 
 def _cases():
@@ -157,6 +181,9 @@ def _cases():
                         _, lse, _, _ = C.nt_xent_fwd(x, 0.1, normalize, 1e-6)
                         C.nt_xent_bwd(torch.ones(n), x, lse, 0.1, normalize, 1e-6)
                 out.append((f"nt_xent {tag} d={d} normalize={normalize}", nt_xent))
+                if d <= 128:  # the fixed tiles these sizes take under CORESET_EXT_NO_AUTOTUNE=1
+                    out.append((f"nt_xent {tag} d={d} normalize={normalize} fixed tiles",
+                                _without_autotuning(C, nt_xent)))
 
         def info_nce(dtype=dtype):
             q, k, queue = rand(64, 128, dtype=dtype), rand(64, 128, dtype=dtype), rand(4096, 128, dtype=dtype)
