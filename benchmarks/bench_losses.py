@@ -1,6 +1,9 @@
 """Benchmarks of the fused contrastive losses (issue 3): NT-Xent and MoCo InfoNCE.
 
-impl "coreset_ext" is ours (ops.nt_xent / ops.info_nce_queue), "eager" the chunked pure-PyTorch
+impl "coreset_ext" is ours (ops.nt_xent / ops.info_nce_queue); "coreset_ext_graph" the same
+fwd+bwd captured once in a CUDA graph and replayed (GPU only): the device time alone, without the
+Python and launch overhead that bounds small batches (what torch.compile(mode="reduce-overhead")
+gives a training loop). "eager" is the chunked pure-PyTorch
 reference (coreset_ext.reference), "compile" that reference under torch.compile, "naive" the
 textbook full-matrix PyTorch loss (materialises the 2B x 2B logits: what DESIGN.md's "eager needs a
 17 GB matrix" refers to), and the peers "lightly" (lightly.loss.NTXentLoss; its memory bank for
@@ -112,6 +115,21 @@ def _probe_peer(impl: str, loss_fn, *args) -> None:
         pytest.skip(f"{impl} failed on this case: {type(exc).__name__}: {exc}"[:300])
 
 
+def _graphed(fn):
+    """`fn` captured in a CUDA graph after warm-up runs on a side stream (autotuning and the
+    allocator's first allocations happen there, outside the capture); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _timed(pass_: str, loss_fn, inputs):
     """The function to time for a pass: forward only, backward of a retained graph, or both."""
     if pass_ == "fwd":
@@ -133,15 +151,18 @@ def _timed(pass_: str, loss_fn, inputs):
 
 
 @pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("impl", ["coreset_ext", "eager", "compile", "naive", "lightly", "inf_cl"])
+@pytest.mark.parametrize("impl", ["coreset_ext", "coreset_ext_graph", "eager", "compile", "naive", "lightly",
+                                  "inf_cl"])
 @pytest.mark.parametrize("device,b,d,dtype", NTXENT_CASES)
 def test_nt_xent(benchmark, device, b, d, dtype, impl, pass_):
     if impl == "compile" and pass_ != "fwd+bwd":
         # Each pass would compile its own graphs (minutes on the GPU machine); the headline
         # comparison is fwd+bwd.
         pytest.skip("compile: fwd+bwd only")
+    if impl == "coreset_ext_graph" and (device != "cuda" or pass_ != "fwd+bwd"):
+        pytest.skip("coreset_ext_graph: fwd+bwd on a GPU only")
     n = 2 * b
-    loss_fn = _nt_xent_impl(impl, n)
+    loss_fn = _nt_xent_impl("coreset_ext" if impl == "coreset_ext_graph" else impl, n)
     g = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(b, d, device=device, dtype=dtype, generator=g).requires_grad_()
     z2 = torch.randn(b, d, device=device, dtype=dtype, generator=g).requires_grad_()
@@ -150,6 +171,11 @@ def test_nt_xent(benchmark, device, b, d, dtype, impl, pass_):
     # A compiled backward donates its buffers unless told not to, which forbids retain_graph ("bwd").
     with torch._functorch.config.patch(donated_buffer=False):
         fn = _timed(pass_, lambda: loss_fn(z1, z2), (z1, z2))
+        if impl == "coreset_ext_graph":
+            try:
+                fn = _graphed(fn)
+            except Exception as exc:  # noqa: BLE001  (report why capture failed, keep benchmarking)
+                pytest.skip(f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
         measure(benchmark, fn, op="nt_xent", impl=impl, size={"B": b, "d": d}, device=device, dtype=dtype,
                 pass_=pass_, floor_s=floor_seconds(flops=flops, dtype=dtype), rounds=5 if b >= 16384 else None)
 
