@@ -9,7 +9,8 @@ Conventions shared by every kernel here:
   take a normalised copy (O(N d), written by the same kernel) as the right operand of w @ zhat.
 - Log-sum-exps run in base 2 (exp2/log2 are the fast units) and are stored in natural units.
   Each row keeps an online maximum, so temperatures down to 0.01 (logits up to 100) never overflow;
-  for normalised rows and t >= FIXED_BOUND_MIN_T the bound u <= log2(e)/t replaces the maximum.
+  for normalised rows and t >= FIXED_BOUND_MIN_T the bound |u| <= log2(e)/t makes every 2^u a
+  normal fp32 as it stands, and no maximum is kept (FIXED_BOUND).
 - Row offsets are computed in int64 so N * d beyond 2**31 elements cannot wrap.
 """
 
