@@ -28,18 +28,26 @@ def _budgets(sizes, budget):
     return base
 
 
+def _unit_rows(e):
+    x = e.double().numpy()
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _class_budgets(g, budget):
+    """(class, its budget, its members) for the group label of every row, g."""
+    classes = sorted(set(g))
+    sizes = [g.count(c) for c in classes]
+    for c, b in zip(classes, _budgets(sizes, budget)):
+        yield c, b, [i for i in range(len(g)) if g[i] == c]
+
+
 def _check_rowsum(e, groups, selected, budget, clamp_min=0.0):
     """Brute force in float64: per class, r_i = sum_j max(cos(e_i, e_j), clamp_min) by a double
     loop; the selection must be the class's budget of largest r_i. The op accumulates in float32,
     so rows whose r_i is within 1e-5 * |class| of the cut may swap; everything else must match
     the brute-force top-b (lower index first on ties) exactly."""
-    x = e.double().numpy()
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    g = groups.tolist()
-    classes = sorted(set(g))
-    sizes = [g.count(c) for c in classes]
-    for c, b in zip(classes, _budgets(sizes, budget)):
-        members = [i for i in range(len(g)) if g[i] == c]
+    x, g = _unit_rows(e), groups.tolist()
+    for c, b, members in _class_budgets(g, budget):
         r = {i: sum(max(float(x[i] @ x[j]), clamp_min) for j in members) for i in members}
         brute = set(sorted(members, key=lambda i: (-r[i], i))[:b])
         mine = {i for i in selected if g[i] == c}
@@ -54,13 +62,8 @@ def _check_facility(e, groups, selected, budget, clamp_min=0.0, tol=1e-9):
     so that every pick has the largest marginal gain of F(S) = sum_j max_{i in S} s_ij among all
     the class's remaining rows (within `tol`: exact ties in real arithmetic are common here, e.g.
     two rows covering only each other, and may fall either way in floating point)."""
-    x = e.double().numpy()
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    g = groups.tolist()
-    classes = sorted(set(g))
-    sizes = [g.count(c) for c in classes]
-    for c, b in zip(classes, _budgets(sizes, budget)):
-        members = [i for i in range(len(g)) if g[i] == c]
+    x, g = _unit_rows(e), groups.tolist()
+    for c, b, members in _class_budgets(g, budget):
         mine = [i for i in selected if g[i] == c]
         assert len(mine) == b
         s = {(i, j): max(float(x[i] @ x[j]), clamp_min) for i in members for j in members}

@@ -409,7 +409,7 @@ def _column_splits(n: int, block_m: int, device: torch.device) -> int:
 def _max_column_splits(n: int, device: torch.device) -> int:
     """The most splits any tile choice launches (the tallest row tiles split most): buffers for
     the partials are sized by it, and 1 means no tile choice splits."""
-    tallest = max([c.kwargs["BLOCK_M"] for c in _NT_CONFIGS] + [_tiles(64, device, torch.bfloat16)[0]])
+    tallest = max(c.kwargs["BLOCK_M"] for c in _NT_CONFIGS)  # _tiles' fixed tiles are never taller
     return _column_splits(n, tallest, device)
 
 
@@ -488,7 +488,7 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
 
 @triton.jit
 def _moco_fwd_partial_kernel(
-    Q, RQ, QU, RQU, M_OUT, L_OUT, B, K, d, sq, squ, inv_t, k_per_split,
+    Q, RQ, QU, RQU, M_OUT, L_OUT, B, K, d, sq, squ, inv_t,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -500,8 +500,7 @@ def _moco_fwd_partial_kernel(
     dmask = dc < d
     xq = _load_rows(Q, rows, rmask, dc, dmask, sq)
     a_r = _logit_scale(RQ, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo, k_hi = _split_columns(K, True, BLOCK_N)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(k_lo, k_hi, BLOCK_N):
@@ -563,7 +562,7 @@ def _moco_fwd_combine_kernel(
 
 @triton.jit
 def _moco_bwd_partial_kernel(
-    Q, RQ, QU, QUH, RQU, LSE, PART, B, K, d, sq, squ, squh, inv_t, k_per_split,
+    Q, RQ, QU, QUH, RQU, LSE, PART, B, K, d, sq, squ, squh, inv_t,
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -576,8 +575,7 @@ def _moco_bwd_partial_kernel(
     xq = _load_rows(Q, rows, rmask, dc, dmask, sq)
     a_r = _logit_scale(RQ, rows, rmask, inv_t, NORMALIZE, BLOCK_M)
     lse_r = tl.load(LSE + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    k_lo = pid_s * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    k_lo, k_hi = _split_columns(K, True, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(k_lo, k_hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -624,13 +622,13 @@ def _moco_bwd_combine_kernel(
     tl.store(GQ + rows.to(tl.int64)[:, None] * sgq + dc[None, :], gz.to(GQ.dtype.element_ty), mask=m2)
 
 
-def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> tuple[int, int]:
-    """(n_split, k_per_split): enough (row tile, split) programs to fill the device twice over."""
+def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> int:
+    """Queue splits: enough (row tile, split) programs to fill the device twice over, none empty.
+    Each split's share of the queue is computed in the kernels by _split_columns."""
     row_tiles = cdiv(b, bm)
     want = max(1, cdiv(2 * _num_sms(device), row_tiles))
     n_split = max(1, min(want, cdiv(k, bn)))
-    k_per_split = cdiv(cdiv(k, n_split), bn) * bn
-    return cdiv(k, k_per_split), k_per_split
+    return cdiv(k, cdiv(cdiv(k, n_split), bn) * bn)
 
 
 def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float):
@@ -639,13 +637,13 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     kq = queue.shape[0]
     rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
     bm, bn, nw, ns = _tiles(d, q.device, q.dtype)
-    n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
+    n_split = _moco_split(b, kq, bm, bn, q.device)
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
     _moco_fwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, rqu, m_part, l_part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
-        k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
     )
     loss = torch.empty(b, device=q.device, dtype=torch.float32)
@@ -665,13 +663,12 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     rq, rk = row_rnorm(q, eps), row_rnorm(k, eps)
     rqu, quh = row_normalize(queue, eps) if normalize else (row_rnorm(queue, eps), queue)
     bm, bn, nw, ns = _tiles(d, q.device, q.dtype)
-    n_split, k_per_split = _moco_split(b, kq, bm, bn, q.device)
+    n_split = _moco_split(b, kq, bm, bn, q.device)
     part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
     bd = _block_d(d)
     _moco_bwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, quh, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), quh.stride(0),
-        1.0 / temperature,
-        k_per_split, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        1.0 / temperature, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         PRECISION=_precision(q.dtype), num_warps=nw, num_stages=ns,
     )
     g = grad_rows.to(torch.float32).contiguous()
