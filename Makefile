@@ -64,8 +64,8 @@ test-triton: build
 # Every Triton kernel compiled for sm_90 and sm_80 by Triton's own compiler (ptxas included), no GPU
 # needed: the interpreter above checks results but accepts code the compiler rejects. It fails on a
 # compile error, a fixed launch beyond the architecture's shared memory, or one spilling more than
-# 64 bytes per thread (sm_80 spills 16-32 in the similarity and MoCo kernels). The tables of
-# registers, spills and shared memory per kernel land in build/triton-aot/.
+# 64 bytes per thread (sm_80 spills 16 in fp32 top-k). The tables of registers, spills, shared
+# memory and matrix instructions (wgmma or mma.sync) per kernel land in build/triton-aot/.
 triton-aot: build
 	mkdir -p build/triton-aot
 	@# one process per architecture (Triton caches one target per process), both at once

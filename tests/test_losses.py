@@ -657,6 +657,18 @@ def test_gpu_nt_xent_tf32(b, tf32):
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("precision", ["bf16", "tf32", "fp32"])
+def test_gpu_nt_xent_fixed_tiles(d, precision, monkeypatch):
+    """The wrappers' own tiles (what d > 128 and CORESET_EXT_NO_AUTOTUNE=1 take; 64-row wgmma
+    tiles on Hopper), at a size that splits the columns."""
+    monkeypatch.setenv("CORESET_EXT_NO_AUTOTUNE", "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", precision == "tf32")
+    _gpu_check(4096, d, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_gpu_info_nce_queue_tf32(tf32):
     test_gpu_info_nce_queue(4096, torch.float32)
 

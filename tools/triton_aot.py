@@ -33,11 +33,21 @@ class Compiled:
     regs: int
     spill_bytes: int
     shared: int
+    mma: str
     tuned: bool  # one of an autotuner's configs: the autotuner skips those that cannot launch
 
 
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def _mma_kind(ptx: str) -> str:
+    """Which matrix instructions the kernel's dots became: "wgmma" (warpgroup MMA, the only path
+    to Hopper's full tensor-core rate), "mma" (Ampere's mma.sync: on sm_90 the slower path), or
+    "-" (no tensor cores: FMA products, or no dot at all)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "-"
 
 
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
@@ -120,6 +130,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (contrastive, "_interpreting", lambda: False),
         (contrastive, "_tiles", lambda d, device, dtype, f=contrastive._tiles: f(d, cuda, dtype)),
         (contrastive, "_num_sms", lambda device: 132),
+        (contrastive, "_hopper", lambda device: arch >= 90),
         (contrastive, "_autotune", lambda x: contrastive._block_d(x.shape[1]) <= 128),
         (kmeans, "_interpreting", lambda x: False),
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
@@ -230,7 +241,8 @@ def main(argv=None) -> int:
 
     def record(kernel_name, config, kernel, tuned):
         regs, spill = _resource_usage(kernel.asm["cubin"])
-        results.append(Compiled(case_name[0], kernel_name, config, regs, spill, kernel.metadata.shared, tuned))
+        results.append(Compiled(case_name[0], kernel_name, config, regs, spill, kernel.metadata.shared,
+                                _mma_kind(kernel.asm["ptx"]), tuned))
 
     failures = []
     with _compile_instead_of_launch(args.arch, record, args.all_configs):
@@ -246,15 +258,15 @@ def main(argv=None) -> int:
     seen = set()
     print(f"Triton kernels compiled for sm_{args.arch}. launch: fixed (the wrapper's own tiles) or tuned "
           "(an autotuning candidate; the autotuner drops slow or unlaunchable ones).\n")
-    print("| case | kernel | launch | config | registers | spill bytes | shared memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| case | kernel | launch | config | registers | spill bytes | shared memory | MMA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         key = (r.case, r.kernel, r.config)
         if key in seen:
             continue
         seen.add(key)
         launch = "tuned" if r.tuned else "fixed"
-        print(f"| {r.case} | {r.kernel} | {launch} | {r.config} | {r.regs} | {r.spill_bytes} | {r.shared} |")
+        print(f"| {r.case} | {r.kernel} | {launch} | {r.config} | {r.regs} | {r.spill_bytes} | {r.shared} | {r.mma} |")
     limit = SHARED_LIMIT.get(args.arch)
     if limit is not None:
         failures += [f"{r.case}: {r.kernel} [{r.config}] needs {r.shared} bytes of shared memory, "

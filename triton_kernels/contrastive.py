@@ -49,23 +49,39 @@ def _precision(dtype: torch.dtype) -> str:
 MAX_D = 256
 
 
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
 
     Sized so that the pipelined column tiles (the raw rows and, in backward passes, their
     normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), and so that
     ptxas spills no registers: tools/triton_aot.py checks both for sm_80 and sm_90. e.g. bf16,
-    d = 128: 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB. fp32 without TF32 multiplies on
-    the FMA units, whose accumulators need small tiles and no second pipeline stage."""
+    d = 128: 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB. Row tiles of 64 on the tensor
+    cores: Hopper's warpgroup MMA (wgmma) takes 64 rows per warpgroup; with 32 Triton falls back
+    to Ampere's mma.sync, Hopper's slower path (the tool's MMA column shows which one a launch got).
+    fp32 without TF32 multiplies on the FMA units, whose accumulators need small tiles and no
+    second pipeline stage."""
     if _interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = _block_d(d)
     fma = _precision(dtype) == "ieee"
     wide = dtype == torch.float32
+    # Where 64 rows spill more than 32 (TF32, and bf16 at d = 256, on sm_80) and no wgmma is to
+    # be had, the older GPUs keep 32-row tiles.
+    hopper = _hopper(device)
     if bd <= 128:
-        return (32, 32, 8, 1) if fma else (32, 64, 4, 2) if wide else (64, 64, 8, 3)
+        if fma:
+            return 32, 32, 8, 1
+        if wide:
+            return (64, 64, 8, 2) if hopper else (32, 64, 4, 2)
+        return 64, 64, 8, 3
     if bd <= 256:
-        return (32, 32, 8, 2) if wide else (32, 64, 8, 2)
+        if wide:  # TF32 at 64 rows spills hundreds of bytes in the backward, on either GPU
+            return 32, 32, 8, 2
+        return (64, 32, 8, 2) if hopper else (32, 64, 8, 2)
     return 16, 32, 4, 1
 
 
@@ -371,6 +387,7 @@ _NT_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
     for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
                         (64, 64, 8, 3), (32, 64, 4, 3),  # more programs for small N
+                        (64, 64, 8, 2),  # TF32: the one 64-row (wgmma) tile whose backward fits and does not spill
                         (32, 32, 4, 2))  # fp32 without TF32 (FMA products): the larger tiles spill
 ]
 _NT_KEY = ["N", "d", "NORMALIZE", "FIXED_BOUND", "SPLIT", "PRECISION"]
