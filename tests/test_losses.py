@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -467,6 +468,40 @@ def test_triton_info_nce_queue(b, kq, d, t, poison):
     assert rel(rows.cpu(), ref_rows) < 1e-4
     assert rel(cos.cpu(), naive_cos(q, k)) < 1e-5
     assert rel(a.grad.cpu(), ref_gq) < 1e-4
+
+
+def _gpu_fixed_tiles():
+    """Every distinct (d, tiles) the wrappers choose on a GPU, for sm_80 and sm_90 and each precision."""
+    from coreset_ext.triton_kernels import contrastive
+
+    out = set()
+    cuda = torch.device("cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for hopper in (False, True):
+            for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                for d in (100, 256):  # block_d 128 and 256, ragged
+                    with mock.patch.object(contrastive, "_interpreting", lambda: False), \
+                            mock.patch.object(contrastive, "_hopper", lambda device: hopper):
+                        out.add((d, contrastive._tiles(d, cuda, dtype)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return sorted(out)
+
+
+@pytest.mark.triton
+@needs_triton
+@pytest.mark.parametrize("d,tiles", _gpu_fixed_tiles())
+def test_triton_gpu_fixed_tiles(d, tiles, monkeypatch, poison):
+    """The kernels with each tile shape they get on a GPU (64-row wgmma tiles on Hopper, ...), run
+    by the interpreter in fp32 with ragged edges, column splits and queue splits."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_tiles", lambda d_, device, dtype: tiles)
+    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: 2)
+    _check_nt_xent_triton(45, d, 0.3, seed=d)
+    test_triton_info_nce_queue(3, 130, d, 0.2, poison)
 
 
 @pytest.mark.triton
