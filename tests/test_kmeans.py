@@ -132,6 +132,33 @@ def test_assign_triton_interpreter_ties_and_strides():
     assert not bool(((labels == 35) | (labels == 20)).any())
 
 
+def _gpu_assign_configs():
+    try:
+        from coreset_ext.triton_kernels import kmeans
+    except ImportError:  # no Triton: the test below is skipped anyway
+        return []
+    return [dict(c.all_kwargs()) for c in kmeans._configs()]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("config", _gpu_assign_configs(),
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_assign_triton_gpu_configs(config, monkeypatch):
+    """Each tile shape the GPU autotuner may pick, run by the interpreter (CI runs only the small
+    fixed tiles otherwise): ragged tails in n and k, one and several d tiles, ties across tiles."""
+    if not _triton_cpu_ok():
+        pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
+    from coreset_ext.triton_kernels import kmeans
+
+    monkeypatch.setattr(kmeans, "_FIXED", config)
+    for n, k, d in [(300, 150, 100), (70, 130, 200)]:
+        x, c = _data(n, d, n), _data(k, d, k)
+        c[k - 1] = c[1]  # a duplicate centroid in the last tile: the lower index must win
+        labels, dist = ops.kmeans_assign(x, c, backend="triton")
+        _check_assign(x, c, labels, dist, "euclidean", 1e-5)
+        assert not bool((labels == k - 1).any())
+
+
 def _triton_cpu_ok() -> bool:
     from coreset_ext import _backend
 

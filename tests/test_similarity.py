@@ -155,6 +155,25 @@ def test_topk_triton_interpreter(n, m, d, k, excl):
 
 
 @triton_only
+def test_triton_gpu_tiles(monkeypatch):
+    """The GPU's 64-wide tiles (the interpreter runs 16 otherwise), ragged in rows and in d, with
+    several d tiles: row sums with groups and self-exclusion, and top-k."""
+    _triton_here()
+    from coreset_ext.triton_kernels import similarity
+
+    cfg = similarity._launch_config
+    monkeypatch.setattr(similarity, "_launch_config", lambda device, d: cfg(torch.device("cuda"), d))
+    x, y, gx, gy = _data(150, 100, seed=9, groups=3, m=130)
+    got = ops.cosine_rowsum(x, y, groups=gx, y_groups=gy, clamp_min=0.1, backend="triton")
+    assert rel_err(got, brute_rowsum(x, y, clamp_min=0.1, gx=gx, gy=gy)) < 1e-5
+    got = ops.cosine_rowsum(x, groups=gx, exclude_self=True, backend="triton")
+    assert rel_err(got, brute_rowsum(x, gx=gx, exclude_self=True)) < 1e-5
+    want_v, want_i = brute_topk(x, 10, exclude_self=True)
+    v, i = ops.cosine_topk(x, 10, exclude_self=True, backend="triton")
+    assert torch.equal(i, want_i) and rel_err(v, want_v) < 1e-5
+
+
+@triton_only
 def test_topk_triton_ties_keep_lowest_index():
     _triton_here()
     y = torch.randn(5, 16).repeat(8, 1)  # 40 rows: row r equals rows r+5, r+10, ...
