@@ -60,7 +60,11 @@ def _record(benchmark, x, centers, n_iter, ours=None, labels=None, init="same"):
     benchmark.extra_info["metric_iters"] = int(n_iter)
     benchmark.extra_info["metric_init"] = init
     if ours is not None:
-        got = lab if labels is None else torch.as_tensor(np.asarray(labels)).to(lab.device).long().flatten()
+        if labels is None:
+            got = lab
+        else:  # peers return numpy arrays or tensors, on the GPU or not
+            got = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+            got = got.to(lab.device).long().flatten()
         benchmark.extra_info["metric_agreement"] = float((got == ours.to(got.device)).float().mean())
     try:
         benchmark.extra_info["metric_s_per_iter"] = benchmark.stats.stats.median / max(int(n_iter), 1)

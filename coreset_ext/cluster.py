@@ -149,7 +149,9 @@ class KMeans:
         for s in range(0, max(n, 1), max(step, 1)):
             xc = x[s : s + step]
             if xc.device != self._device_:
-                xc = xc.to(self._device_, non_blocking=True)
+                # asynchronous host-to-device only: a device-to-host copy into pinned memory
+                # returns before it lands, and the CPU would read the chunk too early
+                xc = xc.to(self._device_, non_blocking=xc.device.type == "cpu")
             if self.metric == "cosine" and self.batch_size is not None:
                 xc = _normalize_rows(xc)  # streamed chunks arrive raw (in-memory x was normalised once)
             yield s, xc
@@ -188,7 +190,11 @@ class KMeans:
 
     def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x[idx] as float32 rows on the compute device (normalised for cosine)."""
-        rows = x[idx.to(x.device)].to(self._device_, torch.float32)
+        rows = x[idx.to(x.device)].to(self._device_)
+        if self.metric == "cosine" and self.batch_size is not None:
+            # what _prepare did to in-memory x, so that both seed from the same rows
+            rows = _normalize_rows(rows)
+        rows = rows.to(torch.float32)
         return reference.normalize(rows) if self.metric == "cosine" else rows
 
     # ---------------------------------------------------------------- initialisation
@@ -424,7 +430,9 @@ def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tens
         cand = torch.searchsorted(cum, r * cum[-1]).clamp_max(m - 1)
         dc = (x_sq[None, :] - 2 * x[cand] @ x.T + x_sq[cand][:, None]).clamp_min(0)  # [trials, m]
         dc = torch.minimum(dc, closest[None, :])
-        best = torch.argmin(dc.sum(dim=1, dtype=torch.float64))
-        centers[c] = x[cand[best]]
-        closest = dc[best]
+        # index_select with a one-element tensor: indexing with a 0-dim device tensor would
+        # read it on the host, a synchronisation per round
+        best = torch.argmin(dc.sum(dim=1, dtype=torch.float64)).view(1)
+        centers[c] = x.index_select(0, cand.index_select(0, best))[0]
+        closest = dc.index_select(0, best)[0]
     return centers
