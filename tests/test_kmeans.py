@@ -353,6 +353,19 @@ def test_batch_size_equals_in_memory(metric):
     assert torch.equal(b.predict(x), a.labels_)
 
 
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_batch_size_seeds_from_the_same_rows_bf16(init):
+    """Cosine on bf16: in-memory x is normalised once in bf16, streamed chunks arrive raw; the
+    seeding must see the same rows either way, bit for bit."""
+    x = _data(500, 12, 23).to(torch.bfloat16)
+    seeds = []
+    for batch_size in (None, 64):
+        km = cx.KMeans(6, metric="cosine", init=init, batch_size=batch_size)
+        km._device_ = x.device
+        seeds.append(km._init_centers(km._prepare(x), torch.Generator().manual_seed(4)))
+    assert torch.equal(seeds[0], seeds[1])
+
+
 def test_kmeans_plusplus_picks_rows():
     x = _data(200, 6, 18)
     c = kmeans_plusplus(x, 10, torch.Generator().manual_seed(0))
