@@ -363,6 +363,10 @@ _backend.register_op("pair_cosine", gpu=("triton",), cpu=("reference",))
 _LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _TRITON_MAX_D = 256  # = triton_kernels.contrastive.MAX_D (not imported: Triton may be absent)
+# Widest d the loss kernels take when Triton is requested by name: beyond it their tiles need more
+# shared memory than a GPU has (fp32, d = 1024: 196,608 bytes; an A100 has 166,912) and spill
+# kilobytes of registers per thread (tools/triton_aot.py).
+_TRITON_MAX_D_REQUESTED = 512
 
 
 def _loss_backend(op: str, x: torch.Tensor, requested: str) -> str:
@@ -602,6 +606,9 @@ def _check_reduction(reduction) -> None:
 def _check_backend_request(op: str, x: torch.Tensor, backend: str | None) -> str:
     if backend is None:
         return ""
+    if backend == "triton" and op != "pair_cosine" and x.shape[-1] > _TRITON_MAX_D_REQUESTED:
+        raise ValueError(f"backend='triton' takes feature dimensions up to {_TRITON_MAX_D_REQUESTED} for "
+                         f"{op}, got d = {x.shape[-1]}; leave backend=None to use the reference")
     if not _is_compiling():
         _backend.select_backend(op, x.device, backend)  # raises now, naming the problem
         if backend == "triton" and x.dtype == torch.float64:
@@ -644,6 +651,9 @@ def nt_xent(
     `tracker.sums["css"]`), they are scatter-added into `scores` (duplicates summed) by
     `score_scatter_add_`, whose index range check costs one host sync on the GPU unless
     `validate=False`; `return_cos=True` returns `(loss, cos)`.
+
+    `backend` None picks the fused Triton kernels on a GPU for d <= 256 (projection heads) and
+    the chunked reference otherwise; "triton" or "reference" forces one ("triton" up to d = 512).
 
     Example:
         >>> import torch, coreset_ext as cx

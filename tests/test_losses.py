@@ -279,6 +279,11 @@ def test_bad_inputs():
         ops.pair_cosine(z1, z2[:, :5])
     with pytest.raises(ValueError, match="z1"):
         ops.nt_xent(z1.long(), z2.long())
+    wide = torch.randn(4, 513)
+    with pytest.raises(ValueError, match="d = 513"):
+        ops.nt_xent(wide, wide, backend="triton")
+    with pytest.raises(ValueError, match="d = 513"):
+        ops.info_nce_queue(wide, wide, wide, backend="triton")
     if HAS_CUDA:
         with pytest.raises(ValueError, match="device"):
             ops.nt_xent(z1, z2.cuda())
@@ -785,15 +790,17 @@ def test_triton_opcheck():
 @pytest.mark.triton
 @needs_triton
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the autotuned kernels for real")
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits", [{}, {128: 3, 64: 3, 32: 3}, {128: 4, 64: 2}])
 def test_triton_autotuned_launch(splits, monkeypatch, poison):
     """The autotuned NT-Xent launches (GPU, d <= 128) through the interpreter: every config runs,
-    and the one picked last in the list produces the checked result; with column splits, every
-    trial launch of the backward adds into its buffer, which the autotuner must zero each time."""
+    and the one picked last in the list (32 rows) produces the checked result. With column splits,
+    every trial launch of the backward adds into its buffer, which the autotuner must zero each
+    time; and taller trial tiles split more (as on a GPU), leaving partials in splits that the
+    winner does not launch, which the forward's combine must not read."""
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
-    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits)
+    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits.get(block_m, 1))
     for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
         timings = iter(range(100, 0, -1))  # each config "faster" than the previous one
 

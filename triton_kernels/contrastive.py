@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_tensor_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -431,24 +431,25 @@ def _max_column_splits(n: int, device: torch.device) -> int:
 
 
 def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, split: bool,
-                    parts: int) -> None:
+                    parts: int) -> int:
     """Launches kernel (fixed tiles) or tuned (autotuned) over (row tiles, splits), at most `parts`
-    splits. The tile choice decides how many; the partials of splits not launched keep their
-    initial values, which the combine/finish kernels read as empty."""
+    splits, and returns how many splits ran: the tile choice decides, and the combine kernel must
+    read those alone (an autotuner's trial configs leave partials in the splits beyond)."""
     n = x.shape[0]
+
+    def splits(bm: int) -> int:
+        return min(parts, _column_splits(n, bm, x.device)) if split else 1
+
     if _autotune(x):
-        def grid(meta):
-            bm = meta["BLOCK_M"]
-            return (cdiv(n, bm), min(parts, _column_splits(n, bm, x.device)) if split else 1)
-
-        tuned[grid](*args, SPLIT=split, **const)
-    else:
-        bm, bn, nw, ns = _tiles(x.shape[1], x.device, x.dtype)
-        splits = min(parts, _column_splits(n, bm, x.device)) if split else 1
-        kernel[(cdiv(n, bm), splits)](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
+        tuned[lambda meta: (cdiv(n, meta["BLOCK_M"]), splits(meta["BLOCK_M"]))](*args, SPLIT=split, **const)
+        return splits(tuned.best_config.kwargs["BLOCK_M"])
+    bm, bn, nw, ns = _tiles(x.shape[1], x.device, x.dtype)
+    kernel[(cdiv(n, bm), splits(bm))](*args, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw,
                                       num_stages=ns, **const)
+    return splits(bm)
 
 
+@on_tensor_device
 def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
     """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B], rnorm [2B]), fp32."""
     n, d = x.shape
@@ -460,21 +461,22 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     fixed = normalize and temperature >= FIXED_BOUND_MIN_T
     parts = _max_column_splits(n, x.device)
     split = parts > 1
-    if split:  # (max, sum) of an empty split: what every split the tile choice skips contributes
-        m_part = torch.full((parts, n), float("-inf"), device=x.device, dtype=torch.float32)
-        l_part = torch.zeros((parts, n), device=x.device, dtype=torch.float32)
+    if split:  # every launched split writes its (max, sum) for all its rows
+        m_part = torch.empty((parts, n), device=x.device, dtype=torch.float32)
+        l_part = torch.empty((parts, n), device=x.device, dtype=torch.float32)
     else:
         m_part = l_part = loss  # not read by the unsplit kernel
     args = (x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), 1.0 / temperature)
     const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
-    _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
+    launched = _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
     if split:
         _nt_xent_fwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
-            x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), parts, 1.0 / temperature,
+            x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), launched, 1.0 / temperature,
             NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
     return loss, lse, cos, r
 
 
+@on_tensor_device
 def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, temperature: float,
                 normalize: bool, eps: float) -> torch.Tensor:
     """Gradient of sum_i grad_rows_i * loss_i with respect to x = [z1; z2]; dtype of x."""
@@ -648,6 +650,7 @@ def _moco_split(b: int, k: int, bm: int, bn: int, device: torch.device) -> int:
     return cdiv(k, cdiv(cdiv(k, n_split), bn) * bn)
 
 
+@on_tensor_device
 def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float):
     """q, k [B, d], queue [K, d], contiguous, one dtype. Returns (loss [B], lse [B], cos [B]), fp32."""
     b, d = q.shape
@@ -673,6 +676,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     return loss, lse, cos
 
 
+@on_tensor_device
 def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normalize: bool, eps: float):
     """Gradient of sum_i grad_rows_i * loss_i with respect to q; dtype of q."""
     b, d = q.shape
@@ -737,6 +741,7 @@ def _pair_rows(d: int) -> int:
     return max(1, min(64, 4096 // _block_d(d)))
 
 
+@on_tensor_device
 def pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     n, d = a.shape
     c = torch.empty(n, device=a.device, dtype=torch.float32)
@@ -746,6 +751,7 @@ def pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tenso
     return c
 
 
+@on_tensor_device
 def pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float):
     n, d = a.shape
     g = grad.to(torch.float32).contiguous()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_tensor_device
 
 # Interpreter runs (CI) and the fallback when autotuning is off: small, valid for tl.dot (>= 16).
 _FIXED = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
@@ -115,6 +115,7 @@ def _interpreting(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"  # CPU tensors reach this module only under TRITON_INTERPRET=1
 
 
+@on_tensor_device
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the kernel. `x` [n, d] (fp32/fp16/bf16, any strides), `centroids` [k, d] in any float
     dtype; returns (labels int64 [n], distance float32 [n]). Validation is the caller's job."""
@@ -143,10 +144,6 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
         _kmeans_assign_kernel[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,
                                     ONE_D_TILE=one_tile, **_FIXED)
     else:
-        def grid(meta):
-            return (cdiv(n, meta["BLOCK_N"]),)
-
-        with torch.cuda.device(x.device):
-            _kmeans_assign_tuned[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,
-                                       ONE_D_TILE=one_tile)
+        _kmeans_assign_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
+            *args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d, ONE_D_TILE=one_tile)
     return labels, dist

@@ -1,10 +1,14 @@
-"""Host-side integer arithmetic for the launch wrappers.
+"""Host-side helpers for the launch wrappers: integer arithmetic, and the device to launch on.
 
 triton.cdiv and triton.next_power_of_2 are constexpr functions: called from Python, each costs
 about 2 us of argument unwrapping, and one training step of a fused loss makes a dozen such calls.
 """
 
 from __future__ import annotations
+
+import functools
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -13,3 +17,18 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def on_tensor_device(launch):
+    """Runs a launch wrapper with its first tensor argument's GPU as the current device.
+
+    Triton launches on the current device and its stream, not on the tensors' device: tensors on
+    cuda:1 while cuda:0 is current would be read by a kernel running on cuda:0."""
+    @functools.wraps(launch)
+    def wrapper(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if device.type != "cuda":
+            return launch(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launch(*args, **kwargs)
+    return wrapper

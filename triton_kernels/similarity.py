@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, on_tensor_device
 
 # Placeholder index of an empty top-k slot: larger than any real column, so that among the
 # (equal, -inf) empty slots the one with the largest placeholder is replaced first.
@@ -90,6 +90,7 @@ def _launch_config(device: torch.device, d: int) -> dict:
     return cfg
 
 
+@on_tensor_device
 def cosine_rowsum(
     x: torch.Tensor, y: torch.Tensor, inv_x: torch.Tensor, inv_y: torch.Tensor,
     groups: torch.Tensor | None, y_groups: torch.Tensor | None, clamp_min: float, exclude_self: bool,
@@ -197,6 +198,7 @@ def topk_slots(k: int) -> int:
     return max(16, next_power_of_2(k))
 
 
+@on_tensor_device
 def cosine_topk(
     x: torch.Tensor, y: torch.Tensor, inv_x: torch.Tensor, inv_y: torch.Tensor, k: int, exclude_self: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
