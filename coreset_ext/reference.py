@@ -9,7 +9,6 @@ recomputed in the backward pass (activation checkpointing), so memory stays O(N 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # Norms are clamped below by EPS before dividing. 1e-6 is representable in fp16 (whose smallest

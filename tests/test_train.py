@@ -84,7 +84,7 @@ def test_css_scores_equal_independently_recomputed_cosines(method, css_on):
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     cfg = TrainConfig(method=method, epochs=2, batch_size=16, lr=0.0, weight_decay=0.0, css_on=css_on,
-                      queue_size=32, progress=False, width=8, proj_dim=16)
+                      queue_size=32, progress=False, width=8, proj_dim=16, device="cpu")
     _fixed_views.calls = 0
     result = Trainer(cfg, ds, augment=_fixed_views, model=model).fit()
     # Independent recomputation in float64 from the (unchanged, lr = 0) model and the same views.
@@ -103,7 +103,9 @@ def test_css_scores_equal_independently_recomputed_cosines(method, css_on):
 @pytest.mark.parametrize("method", ["simclr", "moco"])
 def test_interrupted_and_resumed_run_ends_with_the_same_scores(tmp_path, method):
     ds = small_digits(48)
-    cfg = dict(method=method, epochs=3, batch_size=16, queue_size=32, width=8, proj_dim=16, progress=False)
+    # the CPU: bit-identical (cuDNN's convolution algorithms are not, by default)
+    cfg = dict(method=method, epochs=3, batch_size=16, queue_size=32, width=8, proj_dim=16, progress=False,
+               device="cpu")
     full = Trainer(TrainConfig(**cfg), ds, tmp_path / "full").fit()
     Trainer(TrainConfig(**cfg), ds, tmp_path / "cut").fit(stop_after_epochs=1)  # "interrupted" after epoch 1
     resumed_trainer = Trainer(TrainConfig(**cfg), ds, tmp_path / "cut")
@@ -116,6 +118,47 @@ def test_interrupted_and_resumed_run_ends_with_the_same_scores(tmp_path, method)
     assert (tmp_path / "cut" / "scores.npz").is_file() and (tmp_path / "cut" / "checkpoints" / "last.pt").is_file()
 
 
+def test_resume_on_another_kind_of_device_warns_and_continues(tmp_path):
+    """A checkpoint whose augmentation generator lived on another device type (a CUDA generator's
+    state is 16 bytes, a CPU one's 5,056): the run continues from it with a fresh stream."""
+    ds = small_digits(32)
+    cfg = dict(epochs=2, batch_size=16, width=8, proj_dim=16, progress=False, device="cpu")
+    Trainer(TrainConfig(**cfg), ds, tmp_path).fit(stop_after_epochs=1)
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["aug_rng"], state["aug_rng_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
+    torch.save(state, path)
+    trainer = Trainer(TrainConfig(**cfg), ds, tmp_path)
+    with pytest.warns(UserWarning, match="written by a run on cuda"):
+        result = trainer.fit()
+    assert trainer.epoch == 2 and bool(torch.isfinite(result.scores()).all())
+    config = __import__("json").loads((tmp_path / "config.json").read_text())
+    assert config["resolved"] == {"device": "cpu", "amp": False}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_css_scores_on_the_gpu(method):
+    """The trainer on CUDA (fused losses, ScoreTracker on the device): the CSS scores are the
+    positive cosines of the fixed model, recomputed in float64 on the CPU (TF32 convolutions)."""
+    ds = small_digits(40)
+    torch.manual_seed(0)
+    model = build_model("small_cnn", ds.sample_shape, width=8, proj_dim=16, norm=False)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    ref = __import__("copy").deepcopy(model).double().eval()
+    cfg = TrainConfig(method=method, epochs=2, batch_size=16, lr=0.0, weight_decay=0.0, queue_size=32,
+                      progress=False, width=8, proj_dim=16, device="cuda", amp=False)
+    _fixed_views.calls = 0
+    result = Trainer(cfg, ds, augment=_fixed_views, model=model).fit()
+    x = ds.data.double()
+    with torch.no_grad():
+        a, b = ref(x)[1], ref(1 - x.flip(-2))[1]
+    expect = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    torch.testing.assert_close(result.scores().cpu().double(), expect, rtol=5e-3, atol=5e-3)
+
+
 def test_resume_on_a_data_set_of_another_size_names_both(tmp_path):
     cfg = dict(epochs=1, batch_size=16, width=8, proj_dim=16, progress=False)
     Trainer(TrainConfig(**cfg), small_digits(32), tmp_path).fit()
@@ -125,7 +168,7 @@ def test_resume_on_a_data_set_of_another_size_names_both(tmp_path):
 
 def test_seeded_runs_are_reproducible_and_bad_config_is_rejected():
     ds = small_digits(32)
-    cfg = dict(epochs=1, batch_size=16, width=8, proj_dim=16, progress=False)
+    cfg = dict(epochs=1, batch_size=16, width=8, proj_dim=16, progress=False, device="cpu")
     a = Trainer(TrainConfig(**cfg), ds).fit().scores()
     b = Trainer(TrainConfig(**cfg), ds).fit().scores()
     assert torch.equal(a, b) and bool(torch.isfinite(a).all())
@@ -145,3 +188,16 @@ def test_image_folder_with_class_subdirectories(tmp_path):
     ds = load_dataset("folder", data_dir=tmp_path, image_size=8)
     assert len(ds) == 5 and ds.sample_shape == (3, 8, 8) and ds.labels.tolist() == [0, 0, 1, 1, 1]
     assert ds.num_classes == 2 and ds.data.dtype == torch.uint8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_embedding_helpers_leave_the_model_where_it_was():
+    from coreset_ext.train.embed import proxy_embeddings
+    from coreset_ext.train.evaluate import extract_features
+
+    ds = small_digits(20)
+    model = build_model("small_cnn", ds.sample_shape, width=8, proj_dim=16).cuda()
+    proxy_embeddings(model, ds, device="cpu")
+    extract_features(model.encoder, ds, device="cpu")
+    assert all(p.is_cuda for p in model.parameters())

@@ -34,6 +34,11 @@ __all__ = ["proxy_embeddings", "load_embeddings", "selector_inputs"]
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def _encode(model: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
     out = model(x)
     if isinstance(out, tuple):  # a ContrastiveModel returns (backbone h, projection z)
@@ -70,7 +75,8 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
         raise ValueError(f"augment must be 'auto', None or a callable (x, generator) -> view, got {augment!r}")
     views = 1 if augment is None else m
     device = torch.device(device)
-    model = model.to(device)
+    home = _device_of(model)
+    model.to(device)
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -86,6 +92,7 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
             out.append((acc / views).cpu())
     finally:
         model.train(was_training)
+        model.to(home)  # the caller's model (and its optimiser's state) stays where it was
     return torch.cat(out)
 
 

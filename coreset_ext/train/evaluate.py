@@ -37,15 +37,20 @@ EVALUATORS = ("probe", "scratch")
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset: ArrayDataset, *, device: str | torch.device = "cpu",
                      batch_size: int = 1024) -> torch.Tensor:
-    """Encoder features of every example, in eval mode, without augmentation: float32 [N, D] on the CPU."""
-    encoder = encoder.to(device)
+    """Encoder features of every example, in eval mode, without augmentation: float32 [N, D] on the
+    CPU. The encoder runs on `device` and is moved back to where it was afterwards."""
+    home = next(encoder.parameters(), torch.empty(0)).device
+    encoder.to(device)
     was_training = encoder.training
     encoder.eval()
     out = []
-    for s in range(0, len(dataset), batch_size):
-        idx = torch.arange(s, min(s + batch_size, len(dataset)))
-        out.append(encoder(dataset.batch(idx, device)).float().cpu())
-    encoder.train(was_training)
+    try:
+        for s in range(0, len(dataset), batch_size):
+            idx = torch.arange(s, min(s + batch_size, len(dataset)))
+            out.append(encoder(dataset.batch(idx, device)).float().cpu())
+    finally:
+        encoder.train(was_training)
+        encoder.to(home)
     return torch.cat(out)
 
 

@@ -61,7 +61,9 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
     y = targets.long().to(device)
     g = torch.Generator().manual_seed(seed)
     torch_state = torch.get_rng_state()
-    torch.manual_seed(seed)  # nn.Linear's initialisation draws from the global generator
+    # nn.Linear's initialisation draws from the global CPU generator; torch.manual_seed would also
+    # reseed every GPU's generator, which the caller's own random draws there would then repeat
+    torch.default_generator.manual_seed(seed)
     try:
         d = x.shape[1]
         net = (nn.Linear(d, num_classes) if hidden == 0

@@ -8,7 +8,10 @@ contrastive similarity score (METHODS.md, method 1): low means hard to pull toge
 
 Checkpoints are written atomically at the end of every `checkpoint_every` epochs and hold the
 model(s), optimiser, MoCo queue, ScoreTracker and every RNG state, so a resumed run ends with the
-same scores as one that was never interrupted.
+same scores as one that was never interrupted (on the CPU; on a GPU, cuDNN picks convolution
+algorithms that are not bit-reproducible unless `torch.use_deterministic_algorithms(True)`). A
+run resumed on another kind of device continues with a fresh augmentation stream (with a
+warning): generator states do not carry over between CPU and CUDA.
 
 Example:
     >>> from coreset_ext.train import TrainConfig, Trainer, load_dataset
@@ -24,6 +27,7 @@ import copy
 import io
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -158,6 +162,7 @@ class Trainer:
             "tracker": self.tracker.state_dict(),
             "shuffle_rng": self.shuffle_gen.get_state(),
             "aug_rng": self.aug_gen.get_state().cpu(),
+            "aug_rng_device": self.aug_gen.device.type,
             "torch_rng": torch.get_rng_state(),
             "history": json.dumps(self.history),
         }
@@ -188,7 +193,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.tracker.load_state_dict(state["tracker"])
         self.shuffle_gen.set_state(state["shuffle_rng"])
-        self.aug_gen.set_state(state["aug_rng"])
+        saved_on = state.get("aug_rng_device")  # absent from older checkpoints: judge by the state's size
+        if saved_on == self.aug_gen.device.type or (
+                saved_on is None and state["aug_rng"].numel() == self.aug_gen.get_state().numel()):
+            self.aug_gen.set_state(state["aug_rng"])
+        else:
+            self.aug_gen.manual_seed(self.config.seed + 2 + 1_000_003 * int(state["epoch"]))
+            warnings.warn(f"{path} was written by a run on {saved_on or 'another device'}, resumed here on "
+                          f"{self.aug_gen.device.type}: its augmentation random state does not carry over, so "
+                          "the views differ from an uninterrupted run's from here on", stacklevel=2)
         torch.set_rng_state(state["torch_rng"])
         self.epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
@@ -253,7 +266,8 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.out_dir / "config.json", json.dumps(
-                {"train": cfg.to_dict(), "data": {"name": self.dataset.name, "size": len(self.dataset),
+                {"train": cfg.to_dict(), "resolved": {"device": str(self.device), "amp": self.amp},
+                 "data": {"name": self.dataset.name, "size": len(self.dataset),
                                                   "fingerprint": self.dataset.fingerprint}}, indent=2).encode())
             if resume and self.checkpoint_path.exists():
                 self.load_checkpoint(self.checkpoint_path)
