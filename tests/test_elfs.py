@@ -102,6 +102,21 @@ def test_supervised_baselines_exact_on_hand_made_dynamics(tmp_path, gen):
             assert sel.scores is not None and sel.scores.shape == (n,)
 
 
+def test_elfs_forgetting_breaks_ties_by_aum(tmp_path, gen):
+    """Forgetting counts tie massively; double-end pruning orders within a count by AUM, as the
+    supervised baseline does, instead of handing the ties to the lowest indices."""
+    dyn, aum, ev, ever, _ = _hand_made(gen)
+    path = str(tmp_path / "dyn.npz")
+    dyn.save(path)
+    n = 24
+    forget = [math.inf if not ever[i] else ev[i] for i in range(n)]
+    order = sorted(range(n), key=lambda i: (-forget[i], aum[i], i))
+    for beta, budget in ((0.0, 5), (0.25, 10)):
+        cut = math.floor(beta * n)
+        sel = cx.select("elfs", budget=budget, dataset_size=n, dynamics=path, beta=beta, score="forgetting")
+        assert sel.indices.tolist() == sorted(order[cut : cut + budget]), (beta, budget)
+
+
 def test_double_end_and_ccs_through_the_registered_methods(tmp_path, gen):
     dyn, aum, *_ = _hand_made(gen)
     path = str(tmp_path / "dyn.npz")
@@ -197,3 +212,11 @@ def test_score_heads_chunked_equals_the_full_formula(gen, rows):
                        for t in range(knn)]).mean(dim=0)
     torch.testing.assert_close(loss, old, rtol=1e-12, atol=1e-12)
     assert torch.equal(labels, lp.argmax(dim=2))
+
+
+def test_pseudo_label_memo_tells_shapes_apart():
+    from coreset_ext.select.elfs import pseudo_labels_for
+
+    x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    assert pseudo_labels_for(x, 2).shape == (40,)
+    assert pseudo_labels_for(x.reshape(80, 2), 2).shape == (80,)  # same bytes, another pool

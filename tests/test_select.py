@@ -76,6 +76,37 @@ def test_balanced_random_spreads_over_classes():
     assert torch.bincount(labels[prop.indices], minlength=3).tolist() == [25, 15, 2]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_random_equal_shares_brute_force(seed):
+    """Equal allocation: every group gets min(size, L) or L + 1 (lowest group indices first)
+    for the one level L that spends the budget: checked against a one-at-a-time round robin."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 12, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g)
+    labels = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    for budget in range(1, int(sizes.sum()) + 1):
+        want = [0] * sizes.numel()
+        while sum(want) < budget:  # hand out one at a time to the least-filled open group
+            c = min((w, c) for c, w in enumerate(want) if w < sizes[c])[1]
+            want[c] += 1
+        sel = cx.select("balanced_random", budget=budget, labels=labels, seed=seed)
+        assert torch.bincount(labels[sel.indices], minlength=sizes.numel()).tolist() == want, (sizes, budget)
+
+
+def test_fraction_rounds_half_up_like_budget_size():
+    from coreset_ext.select.pruning import budget_size
+
+    for n in (7, 50, 333, 1000):
+        for f in (0.01, 0.15, 0.29, 0.5, 0.57, 1.0):
+            assert cx.select("random", fraction=f, dataset_size=n).indices.numel() == budget_size(f, n)
+
+
+def test_css_sorts_float64_scores_unrounded():
+    sel = cx.select("css", budget=1, scores=torch.tensor([1 + 1e-9, 1.0], dtype=torch.float64))
+    assert sel.indices.tolist() == [1]
+    sel = cx.select("css", budget=1, scores=torch.tensor([1e39, 2e39], dtype=torch.float64))
+    assert sel.indices.tolist() == [0]
+
+
 def test_prototypes_keeps_the_farthest_from_the_nearest_centroid(pool):
     cluster = pytest.importorskip("coreset_ext.cluster")
     sel = cx.select("prototypes", budget=15, embeddings=pool["embeddings"], seed=2, n_clusters=4)

@@ -13,7 +13,6 @@ from coreset_ext.select.registry import register_method, require_labels
 
 
 def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor:
-    k = sizes.numel()
     if allocation == "proportional":
         exact = sizes.double() * budget / sizes.sum()
         take = exact.floor().long()
@@ -23,16 +22,19 @@ def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor
         return take
     if allocation != "equal":
         raise ValueError(f"allocation must be 'equal' or 'proportional', got {allocation!r}")
-    take = torch.zeros(k, dtype=torch.long)
-    left = budget
-    while left > 0:  # water-filling: share what is left among groups that still have members
-        open_ = (take < sizes).nonzero().flatten()
-        share, extra = divmod(left, open_.numel())
-        add = torch.full((open_.numel(),), share, dtype=torch.long)
-        add[:extra] += 1
-        add = torch.minimum(add, sizes[open_] - take[open_])
-        take[open_] += add
-        left -= int(add.sum())
+    # Water-filling: the highest level L with sum(min(size, L)) <= budget; then one more each for
+    # the groups still open (larger than L), lowest index first, until the budget is spent. Every
+    # group that can gets L or L + 1.
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(sizes.clamp(max=mid).sum()) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    take = sizes.clamp(max=lo)
+    open_ = (sizes > lo).nonzero().flatten()
+    take[open_[: budget - int(take.sum())]] += 1
     return take
 
 

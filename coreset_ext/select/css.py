@@ -14,7 +14,8 @@ from coreset_ext.select.registry import register_method, require
 
 @register_method("css")
 def css(budget: int, *, n: int, scores=None, order: str = "lowest") -> tuple[torch.Tensor, torch.Tensor]:
-    s = require("scores", scores, "css").float()
+    s = torch.as_tensor(require("scores", scores, "css"))
+    s = s if s.dtype == torch.float64 else s.float()  # float64 scores sort as they are, not rounded
     if order not in ("lowest", "highest"):
         raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")
     bad = ~torch.isfinite(s)

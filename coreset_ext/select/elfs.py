@@ -102,7 +102,8 @@ def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int =
     """The proxy classifier's dynamics on (embeddings, targets), memoised in-process (read-only use)."""
     from coreset_ext.train.proxy import train_proxy_classifier
 
-    key = ("dyn", _digest(embeddings.float()), _digest(targets.long()), seed, epochs, hidden, el2n_epochs)
+    key = ("dyn", tuple(embeddings.shape), _digest(embeddings.float()), _digest(targets.long()), seed, epochs,
+           hidden, el2n_epochs)
     # Trained where the embeddings live (the GPU at scale); the dynamics come back on the CPU.
     return _memo(key, lambda: train_proxy_classifier(embeddings, targets.to(embeddings.device), epochs=epochs,
                                                      hidden=hidden, el2n_epochs=el2n_epochs, seed=seed,
@@ -113,7 +114,7 @@ def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method:
                       **options) -> torch.Tensor:
     """`pseudo_labels.pseudo_labels`, memoised in-process like `dynamics_for`."""
     e = embeddings.float()
-    return _memo(("pl", _digest(e), n_clusters, method, options, seed),
+    return _memo(("pl", tuple(e.shape), _digest(e), n_clusters, method, options, seed),
                  lambda: make_pseudo_labels(e, n_clusters, method=method, seed=seed, **options))
 
 
@@ -145,14 +146,15 @@ def coverage(embeddings: torch.Tensor, index: torch.Tensor) -> float:
     return float(values.double().mean())
 
 
-def _prune(scores, keep, beta, variant, strata, seed) -> torch.Tensor:
-    if variant == "ccs":
+def _prune(scores, keep, beta, variant, strata, seed, secondary=None) -> torch.Tensor:
+    if variant == "ccs":  # ties fall in one stratum and are sampled at random there
         return pruning.ccs_indices(scores, keep, beta, strata=strata, seed=seed)
-    return pruning.double_end_indices(scores, keep, beta)
+    return pruning.double_end_indices(scores, keep, beta, secondary)
 
 
 def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, variant: str = "double_end",
-                grid=BETA_GRID, strata: int = 50, seed: int = 0) -> tuple[float, list[tuple[float, float]]]:
+                grid=BETA_GRID, strata: int = 50, seed: int = 0,
+                secondary: torch.Tensor | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The beta on `grid` whose subset has the largest `coverage` (ties: smaller beta), and the
     table [(beta, coverage)] of every feasible grid point (module docstring)."""
     n = scores.numel()
@@ -162,14 +164,15 @@ def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, va
             raise ValueError(f"beta_grid: every beta must be in [0, 1), got {beta!r}")
         if math.floor(float(beta) * n + pruning._FLOOR_SLACK) + keep > n:
             continue
-        table.append((float(beta), coverage(embeddings, _prune(scores, keep, float(beta), variant, strata, seed))))
+        subset = _prune(scores, keep, float(beta), variant, strata, seed, secondary)
+        table.append((float(beta), coverage(embeddings, subset)))
     if not table:
         raise ValueError(f"beta_grid: no beta on the grid leaves room for {keep} of {n} examples")
     best = max(table, key=lambda t: (t[1], -t[0]))
     return best[0], table
 
 
-def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_grid) -> torch.Tensor:
+def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_grid, secondary=None) -> torch.Tensor:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if beta is None:
@@ -177,8 +180,8 @@ def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_
             raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
                              "give embeddings or a beta")
         beta, _ = choose_beta(embeddings, scores, budget, variant=variant, grid=tuple(beta_grid or BETA_GRID),
-                              strata=strata, seed=seed)
-    return _prune(scores, budget, beta, variant, strata, seed)
+                              strata=strata, seed=seed, secondary=secondary)
+    return _prune(scores, budget, beta, variant, strata, seed, secondary)
 
 
 def _check_embeddings(embeddings) -> None:
@@ -200,7 +203,11 @@ def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int
         targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
         dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
     s = hardness(dyn, score)
-    idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid)
+    # forgetting counts tie massively (a linear proxy rarely forgets): AUM orders within a count,
+    # as for the supervised forgetting baseline
+    secondary = hardness(dyn, "aum") if score == "forgetting" else None
+    idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid,
+                  secondary=secondary)
     return idx, s.float()
 
 

@@ -251,12 +251,15 @@ def _hard_cut(beta, total: int, keep: int) -> int:
     return cut
 
 
-def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float) -> torch.Tensor:
-    """Double-end pruning (ELFS): sort ascending (hardest first; ties by lower index), drop the
-    hardest floor(beta * N), keep the next `keep` (an int count, or a float fraction of N).
+def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float,
+                       secondary: torch.Tensor | None = None) -> torch.Tensor:
+    """Double-end pruning (ELFS): sort ascending (hardest first; ties by smaller `secondary` when
+    given, then lower index), drop the hardest floor(beta * N), keep the next `keep` (an int
+    count, or a float fraction of N).
 
-    Scores where larger means harder (forgetting, EL2N) should be negated first. Raises
-    ValueError when floor(beta * N) + keep > N.
+    Scores where larger means harder (forgetting, EL2N) should be negated first. A score with many
+    ties (forgetting counts) needs `secondary`, or the ties go to the lowest indices wholesale.
+    Raises ValueError when floor(beta * N) + keep > N.
 
     Example:
         >>> double_end_indices(torch.tensor([0.5, -1.0, 2.0, 0.1, 0.9]), 2, 0.2).tolist()
@@ -266,7 +269,13 @@ def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float) -> 
     n = scores.numel()
     keep = _keep_count(keep, n)
     cut = _hard_cut(beta, n, keep)
-    order = torch.sort(scores, stable=True).indices
+    order = torch.arange(n)
+    if secondary is not None:
+        secondary = _check_scores(secondary)
+        if secondary.numel() != n:
+            raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
+        order = torch.sort(secondary, stable=True).indices
+    order = order[torch.sort(scores[order], stable=True).indices]
     return torch.sort(order[cut : cut + keep]).values
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import numbers
 from typing import Callable
 
 import numpy as np
 import torch
 
+from coreset_ext.select.pruning import budget_size
 from coreset_ext.select.selection import Selection, check_indices
 
 # A method: fn(budget, *, n, scores, embeddings, labels, seed, <its options>) -> indices, or
@@ -143,7 +143,7 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     if fraction is not None:
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        budget = max(1, int(math.floor(float(fraction) * n + 0.5)))
+        budget = budget_size(float(fraction), n)  # the library's one rounding rule
     if not _is_int(budget) or budget < 1:
         raise ValueError(f"budget must be a positive integer, got {budget!r}")
     budget = int(budget)
