@@ -220,3 +220,19 @@ def test_pseudo_label_memo_tells_shapes_apart():
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
     assert pseudo_labels_for(x, 2).shape == (40,)
     assert pseudo_labels_for(x.reshape(80, 2), 2).shape == (80,)  # same bytes, another pool
+
+
+def test_bad_options_name_the_argument():
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    for kw, name in [(dict(beta="a"), "beta"), (dict(lr=float("nan")), "lr"), (dict(prior_momentum=2), "prior_momentum")]:
+        with pytest.raises(ValueError, match=name):
+            deep_cluster_pseudo_labels(x, 3, **kw)
+    with pytest.raises(ValueError, match="bogus"):
+        pseudo_labels(x, 3, method="deep_cluster", bogus=1)
+    y = torch.arange(50) % 2
+    with pytest.raises(ValueError, match="hidden"):
+        train_proxy_classifier(x, y, hidden=-1)
+    with pytest.raises(ValueError, match="features"):
+        train_proxy_classifier(x[:0], y[:0])
+    with pytest.raises(ValueError, match="beta_grid"):
+        cx.select("elfs", budget=5, embeddings=x, n_clusters=2, beta_grid=5, proxy_epochs=1)

@@ -179,7 +179,11 @@ def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_
         if embeddings is None:
             raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
                              "give embeddings or a beta")
-        beta, _ = choose_beta(embeddings, scores, budget, variant=variant, grid=tuple(beta_grid or BETA_GRID),
+        if beta_grid is not None and (isinstance(beta_grid, (str, bytes)) or not hasattr(beta_grid, "__iter__")
+                                      or len(list(beta_grid)) == 0):
+            raise ValueError(f"beta_grid must be a non-empty sequence of betas in [0, 1), got {beta_grid!r}")
+        beta, _ = choose_beta(embeddings, scores, budget, variant=variant,
+                              grid=BETA_GRID if beta_grid is None else tuple(beta_grid),
                               strata=strata, seed=seed, secondary=secondary)
     return _prune(scores, budget, beta, variant, strata, seed, secondary)
 

@@ -29,6 +29,10 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
+
 import torch
 
 from coreset_ext import ops, reference
@@ -78,8 +82,11 @@ def deep_cluster_pseudo_labels(
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if isinstance(knn, bool) or not isinstance(knn, int) or not 1 <= knn <= n - 1:
         raise ValueError(f"knn must be an int in 1 .. {n - 1}, got {knn!r}")
-    if not 0 < beta <= 1:
-        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    for name, v, ok, rule in (("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("lr", lr, lambda v: 0 < v < math.inf, "positive and finite"),
+                              ("prior_momentum", prior_momentum, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
+            raise ValueError(f"{name} must be a number {rule}, got {v!r}")
     _, nbr = ops.cosine_topk(x, knn)  # [N, knn], self excluded
     x, nbr = x.cpu(), nbr.cpu()
     g = torch.Generator().manual_seed(seed)
@@ -143,5 +150,9 @@ def pseudo_labels(embeddings: torch.Tensor, n_clusters: int, *, method: str = "k
             raise ValueError(f"pseudo-label options {sorted(options)} apply only to method='deep_cluster'")
         return kmeans_pseudo_labels(embeddings, n_clusters, seed=seed)
     if method == "deep_cluster":
+        known = set(inspect.signature(deep_cluster_pseudo_labels).parameters) - {"embeddings", "n_clusters", "seed"}
+        if set(options) - known:
+            raise ValueError(f"deep_cluster options {sorted(set(options) - known)} are unknown; "
+                             f"known: {sorted(known)}")
         return deep_cluster_pseudo_labels(embeddings, n_clusters, seed=seed, **options)
     raise ValueError(f"pseudo_labels must be one of {METHODS}, got {method!r}")

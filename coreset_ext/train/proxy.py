@@ -45,6 +45,10 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
     if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point:
         raise ValueError(f"targets must be a 1-D int tensor [N], got {getattr(targets, 'shape', targets)!r}")
     n = features.shape[0]
+    if n == 0:
+        raise ValueError("features: the proxy classifier needs at least one example, got 0 rows")
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+        raise ValueError(f"hidden must be an int >= 0 (0: a linear classifier), got {hidden!r}")
     if targets.shape[0] != n:
         raise ValueError(f"targets has {targets.shape[0]} labels but features has {n} rows")
     if bool((targets < 0).any()):
