@@ -80,9 +80,9 @@ def score_scatter_add_(
     segmented reduction gives bit-identical results run to run. The CPU kernel is always
     deterministic.
 
-    `validate=True` checks the index range here and raises a ValueError naming the bad value; on
-    the GPU that costs one host synchronisation (tens of microseconds, and a stall of the
-    pipeline). `validate=False` skips it for hot loops whose indices come from your own data
+    `validate=True` checks the index range and that the values are finite here, and raises a
+    ValueError naming the bad value; on the GPU that costs one host synchronisation (tens of
+    microseconds, and a stall of the pipeline). `validate=False` skips it for hot loops whose indices come from your own data
     loader: the kernels still never write out of bounds (the CPU kernel raises IndexError, the
     CUDA kernel skips out-of-range entries).
 
@@ -103,16 +103,26 @@ def score_scatter_add_(
     if index.shape[0] != values.shape[0]:
         raise ValueError(f"index has {index.shape[0]} entries but values has {values.shape[0]}")
     _check_same_device(scores=scores, index=index, values=values)
+    if scores.requires_grad:
+        raise ValueError("scores must not require grad: it is a buffer updated in place")
+    if not _is_compiling() and values.numel() and scores.numel() and \
+            values.untyped_storage().data_ptr() == scores.untyped_storage().data_ptr():
+        # the kernels read values while writing scores: an overlap would read partial sums
+        raise ValueError("values must not share memory with scores (pass values.clone())")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     # Checked here (one host sync on the GPU) so the error names the value. The kernels check
     # again themselves (CPU: raises before the first write; CUDA: skips bad entries), which is
     # what protects calls made past this wrapper and compiled graphs, where this check is traced out.
     if validate and not _is_compiling() and index.numel():
-        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one pass, one host sync for both ends
+        lo, hi = torch.aminmax(index)
+        finite = torch.isfinite(values).all().to(lo.dtype)
+        lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one host sync for all three
         if lo < 0 or hi >= scores.shape[0]:
             bad = lo if lo < 0 else hi
             raise ValueError(f"index contains {bad}, out of range for scores of size {scores.shape[0]}")
+        if not finite:  # a NaN would stay in the buffer for good
+            raise ValueError("values contains NaN or Inf (from non-finite inputs?); validate=False adds them anyway")
     try:
         torch.ops.coreset_ext.score_scatter_add_(scores, index, values, bool(deterministic))
     except IndexError as exc:
@@ -589,12 +599,17 @@ def _check_row_pair(name_a: str, a, name_b: str, b) -> None:
     _check_same_device(**{name_a: a, name_b: b})
 
 
+# Below this, logits s / t of unit rows exceed what fp32 exponent arithmetic survives (t = 1e-30
+# gives NaN gradients, 1e-40 a NaN loss); contrastive learning uses 0.01 .. 1.
+MIN_TEMPERATURE = 1e-4
+
+
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive finite float, got {type(temperature).__name__}")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a positive finite float, got {temperature}")
+    if not math.isfinite(t) or t < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite float >= {MIN_TEMPERATURE}, got {temperature}")
     return t
 
 

@@ -85,6 +85,22 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
     save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
 
 
+def _copy_buffer(dst: torch.Tensor, state: dict, key: str) -> None:
+    """dst <- state[key], refusing anything but an array of dst's exact shape: copy_ would
+    broadcast a (1,) array into every example, or wrap an out-of-range integer."""
+    if key not in state:
+        raise ValueError(f"{key}: missing from the state (keys: {sorted(k for k in state if k != 'meta')})")
+    src = torch.as_tensor(state[key])
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"{key}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
+    if src.dtype.is_complex or src.dtype == torch.bool or src.is_floating_point() != dst.is_floating_point():
+        raise ValueError(f"{key}: expected {dst.dtype} values, got {src.dtype}")
+    if not dst.is_floating_point() and src.numel() and (
+            int(src.min()) < torch.iinfo(dst.dtype).min or int(src.max()) > torch.iinfo(dst.dtype).max):
+        raise ValueError(f"{key}: values outside the range of {dst.dtype}")
+    dst.copy_(src)
+
+
 def load_checked(
     path: str | os.PathLike, kind: str, *, num_samples: int | None, fingerprint: str | None,
 ) -> tuple[dict[str, np.ndarray], dict]:
@@ -251,8 +267,8 @@ class ScoreTracker:
                 f"this tracker is for {self.fingerprint!r}"
             )
         for m in self.metrics:
-            self.sums[m].copy_(torch.as_tensor(state[f"sum/{m}"]))
-            self.counts[m].copy_(torch.as_tensor(state[f"count/{m}"]))
+            _copy_buffer(self.sums[m], state, f"sum/{m}")
+            _copy_buffer(self.counts[m], state, f"count/{m}")
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically writes the tracker to `path` (.npz: buffers plus JSON metadata, no pickle)."""
@@ -470,8 +486,8 @@ class TrainingDynamics:
                 f"these dynamics are for {self.fingerprint!r}"
             )
         for k in self._SUMS:
-            self.buffers[k].copy_(torch.as_tensor(state[k]))
-        self.last_correct.copy_(torch.as_tensor(state["last_correct"]))
+            _copy_buffer(self.buffers[k], state, k)
+        _copy_buffer(self.last_correct, state, "last_correct")
         self.steps = int(meta["steps"])
 
     def save(self, path: str | os.PathLike) -> None:

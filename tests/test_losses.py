@@ -279,6 +279,16 @@ def test_bad_inputs():
         ops.pair_cosine(z1, z2[:, :5])
     with pytest.raises(ValueError, match="z1"):
         ops.nt_xent(z1.long(), z2.long())
+    for t in (1e-5, 1e-40):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.nt_xent(z1, z2, t)
+    assert torch.isfinite(ops.nt_xent(z1, z2, ops.MIN_TEMPERATURE))
+    bad = z1.clone()
+    bad[1, 2] = float("nan")
+    buffer = torch.zeros(4)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.nt_xent(bad, z2, index=torch.arange(4), scores=buffer)
+    assert torch.equal(buffer, torch.zeros(4)), "a NaN cosine must not reach the score buffer"
     wide = torch.randn(4, 513)
     with pytest.raises(ValueError, match="d = 513"):
         ops.nt_xent(wide, wide, backend="triton")

@@ -116,7 +116,17 @@ def test_bad_input(device):
         cx.ops.score_scatter_add_(s.double(), i, v)
     with pytest.raises(ValueError, match="scores must be"):
         cx.ops.score_scatter_add_(torch.zeros(5, 2, device=device), i, v)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cx.ops.score_scatter_add_(s, i, torch.tensor([1.0, float("nan")], device=device))
+    with pytest.raises(ValueError, match="share memory"):
+        cx.ops.score_scatter_add_(s, torch.tensor([1, 2, 3, 4, 0], device=device), s)
+    with pytest.raises(ValueError, match="share memory"):
+        cx.ops.score_scatter_add_(s, i, s[3:])
+    with pytest.raises(ValueError, match="require grad"):
+        cx.ops.score_scatter_add_(torch.zeros(5, device=device, requires_grad=True), i, v)
     assert torch.equal(s, torch.zeros(5, device=device)), "a rejected call must not write"
+    cx.ops.score_scatter_add_(s, i, torch.tensor([1.0, float("inf")], device=device), validate=False)
+    assert s[1].item() == float("inf")  # what validate=False is for
 
 
 @pytest.mark.cuda

@@ -122,3 +122,19 @@ def test_interrupted_save_leaves_old_file(tmp_path, monkeypatch, gen):
     back = cx.ScoreTracker.load(path)
     assert torch.equal(back.sums["css"], old.sums["css"])
     assert [p.name for p in tmp_path.iterdir()] == ["scores.npz"], "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("key,array", [("sum/css", np.array([7.0], np.float32)),
+                                       ("count/css", np.ones(6, np.float32)),
+                                       ("sum/css", np.arange(5))])
+def test_load_refuses_buffers_of_another_shape_or_kind(tmp_path, key, array):
+    """A (1,) array would broadcast into every example through copy_: a silent wrong answer."""
+    t = cx.ScoreTracker(5, ("css",))
+    t.update(torch.tensor([0, 3]), css=torch.tensor([0.5, 0.25]))
+    path = tmp_path / "t.npz"
+    t.save(path)
+    arrays, meta = scores_mod.load_npz(path)
+    arrays[key] = array
+    scores_mod.save_npz(path, arrays, meta)
+    with pytest.raises(ValueError, match=key):
+        cx.ScoreTracker.load(path)
