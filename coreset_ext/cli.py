@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import zipfile
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        # bad input or an unreadable file (missing, truncated, a folder): one clear line, no traceback
         print(f"coreset-ext {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -43,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 
 _FRACTIONS = "0.1,0.2,0.3,0.5"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -206,7 +218,7 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--method", default="simclr", choices=["simclr", "moco"])
     p.add_argument("--encoder", default="small_cnn", choices=["small_cnn", "resnet18", "mlp"])
-    p.add_argument("--width", type=int, default=32, help="small_cnn channel width")
+    p.add_argument("--width", type=_positive_int, default=32, help="small_cnn channel width")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -253,8 +265,8 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--protocol", choices=["coreset", "ssl"], default="coreset",
                    help="coreset: train a classifier on the subset (--evaluator); ssl: SAS's protocol, contrastive "
                         "training on the subset only, then a linear probe on the full labelled training set")
-    p.add_argument("--ssl-epochs", type=int, default=5, help="contrastive epochs per subset with --protocol ssl")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--ssl-epochs", type=_positive_int, default=5, help="contrastive epochs per subset with --protocol ssl")
+    p.add_argument("--seeds", type=_positive_int, default=3)
     p.add_argument("--no-random", action="store_true", help="skip the random baseline")
     p.add_argument("--out", required=True, help="directory for results.{csv,md} and the plot")
     p.set_defaults(func=_cmd_evaluate)
@@ -268,15 +280,15 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--fractions", type=_floats, default=_floats(_FRACTIONS))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=_positive_int, default=3)
     p.add_argument("--evaluator", nargs="+", default=["probe", "scratch"], choices=["probe", "scratch"])
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     labels = list(dict.fromkeys(m.label for m in _demo_methods()))
     p.add_argument("--methods", nargs="+", default=None, choices=labels, metavar="LABEL",
                    help=f"rows to run (default: all): {', '.join(labels)}; the SAS/ELFS rows use their own "
                         "fractions (keep 10/30/50/70%%), and sas and random also run the ssl protocol")
-    p.add_argument("--ssl-epochs", type=int, default=5, help="contrastive epochs per subset in the ssl rows")
-    p.add_argument("--scratch-steps", type=int, default=200, help="steps of the scratch evaluator")
+    p.add_argument("--ssl-epochs", type=_positive_int, default=5, help="contrastive epochs per subset in the ssl rows")
+    p.add_argument("--scratch-steps", type=_positive_int, default=200, help="steps of the scratch evaluator")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
 

@@ -134,18 +134,42 @@ def _shared_run(tmp_path_factory):
     (["train", "--data", "cifar10", "--data-dir", "{tmp}/nodata", "--out", "{tmp}/r"], "does not exist"),
     (["evaluate", "--selection", "{tmp}/other.npz", "--evaluator", "scratch", "--out", "{tmp}/e"],
      "made for a data set of 10 examples, but the data set given has 1438"),
+    (["evaluate", "--selection", "{tmp}/other.npz", "--seeds", "0", "--out", "{tmp}/e"],
+     "argument --seeds: expected a positive integer, got '0'"),
+    (["evaluate", "--selection", "{tmp}/truncated.npz", "--out", "{tmp}/e"], "File is not a zip file"),
+    (["evaluate", "--selection", "{tmp}/float_indices.npz", "--out", "{tmp}/e"], "indices must be a 1-D integer"),
+    (["evaluate", "--run", "{tmp}/nan_run", "--selection", "{tmp}/ok.npz", "--out", "{tmp}/e"],
+     "'train' must be a finite 2-D float array"),
+    (["select", "--embeddings", "{tmp}/absent.npy", "--method", "kcenter", "--fraction", "0.1", "--out",
+      "{tmp}/x.npz"], "No such file"),
 ])
 def test_bad_arguments_fail_cleanly(tmp_path_factory, argv, message, capsys):
+    import shutil
+
+    import numpy as np
     import torch
 
+    from coreset_ext.scores import load_npz, save_npz
     from coreset_ext.select import Selection
 
     tmp = tmp_path_factory.mktemp("bad")
     run = _shared_run(tmp_path_factory)
     Selection(torch.arange(3), "random", dataset_size=10).save(tmp / "other.npz")
+    Selection(torch.arange(3), "random", dataset_size=1438).save(tmp / "ok.npz")
+    (tmp / "truncated.npz").write_bytes((tmp / "ok.npz").read_bytes()[:50])
+    arrays, meta = load_npz(tmp / "ok.npz")
+    save_npz(tmp / "float_indices.npz", {**arrays, "indices": np.array([0.9, 1.9, 2.5])}, meta)
+    shutil.copytree(run, tmp / "nan_run")
+    arrays, meta = load_npz(tmp / "nan_run" / "embeddings.npz")
+    arrays["train"][3, 1] = np.nan
+    save_npz(tmp / "nan_run" / "embeddings.npz", arrays, meta)
     argv = [a.format(run=run, tmp=tmp) for a in argv]
     capsys.readouterr()
-    assert main(argv) == 2
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

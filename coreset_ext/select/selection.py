@@ -61,6 +61,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         check_indices(self.indices, self.dataset_size)
+        object.__setattr__(self, "indices", self.indices.long())  # int32 from a file, say
 
     def __len__(self) -> int:
         return int(self.indices.numel())
@@ -103,12 +104,13 @@ class Selection:
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"path: {path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
         try:  # the constructor checks the indices against dataset_size
-            sel = cls(indices=torch.from_numpy(arrays["indices"]).long(), method=meta["method"],
+            # no .long() here: float indices would be truncated to valid-looking integers
+            sel = cls(indices=torch.from_numpy(arrays["indices"]), method=meta["method"],
                       options=meta.get("options", {}), dataset_size=int(meta["dataset_size"]),
                       seed=int(meta.get("seed", 0)),
                       scores=torch.from_numpy(arrays["scores"]) if "scores" in arrays else None,
                       fingerprint=meta.get("fingerprint"))
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"path: {path} holds an invalid Selection: {e}") from None
         if dataset is not None:
             sel._check_dataset(dataset)

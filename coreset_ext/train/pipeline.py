@@ -87,13 +87,28 @@ def load_run(run_dir: str | Path) -> dict:
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"run: {run_dir} is not a training run directory (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
+        raise ValueError(f"run: {run_dir}/config.json is not a training run's config (no 'data' record)")
     out = {"config": config, "dir": run_dir}
+
+    def arrays_of(name: str, keys: tuple[str, ...]) -> dict:
+        arrays, _ = load_npz(run_dir / name)
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise ValueError(f"run: {run_dir}/{name} lacks {missing}")
+        return arrays
+
     if (run_dir / "scores.npz").is_file():
-        arrays, meta = load_npz(run_dir / "scores.npz")
+        arrays = arrays_of("scores.npz", ("sum/css", "count/css"))
         out["scores"] = torch.from_numpy(arrays["sum/css"] / arrays["count/css"])
     if (run_dir / "embeddings.npz").is_file():
-        arrays, meta = load_npz(run_dir / "embeddings.npz")
-        out.update(train=torch.from_numpy(arrays["train"]), test=torch.from_numpy(arrays["test"]))
+        arrays = arrays_of("embeddings.npz", ("train", "test"))
+        for split in ("train", "test"):
+            emb = torch.from_numpy(arrays[split])
+            if emb.dim() != 2 or not emb.is_floating_point() or not bool(torch.isfinite(emb).all()):
+                raise ValueError(f"run: {run_dir}/embeddings.npz '{split}' must be a finite 2-D float array, "
+                                 f"got {emb.dtype} of shape {tuple(emb.shape)}")
+            out[split] = emb
     return out
 
 
@@ -191,6 +206,11 @@ def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | No
     features = load_run(run_dir) if run_dir is not None else None
     if features is not None and "train" not in features:
         raise ValueError(f"run: {run_dir} has no embeddings.npz (did its training finish?)")
+    if features is not None:
+        for split, ds in (("train", train_ds), ("test", test_ds)):
+            if features[split].shape[0] != len(ds):
+                raise ValueError(f"run: {run_dir}/embeddings.npz has {features[split].shape[0]} {split} rows, "
+                                 f"the {data} {split} split {len(ds)}")
     rows = []
     jobs = []
     for sel in selections:
