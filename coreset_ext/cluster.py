@@ -95,22 +95,27 @@ class KMeans:
         verbose: bool = False,
         init_sample_size: int | str | None = "auto",
     ) -> None:
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < 1:
+        def positive_int(v) -> bool:  # True is an int to Python, not a count
+            return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
+
+        if not positive_int(n_clusters):
             raise ValueError(f"n_clusters must be an int >= 1, got {n_clusters!r}")
         if metric not in ("euclidean", "cosine"):
             raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         if isinstance(init, str) and init not in ("k-means++", "random"):
             raise ValueError(f"init must be 'k-means++', 'random' or an array [k, d], got {init!r}")
-        if not isinstance(n_init, (int, np.integer)) or n_init < 1:
+        if not positive_int(n_init):
             raise ValueError(f"n_init must be an int >= 1, got {n_init!r}")
-        if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        if not positive_int(max_iter):
             raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-        if not (isinstance(tol, (int, float)) and tol >= 0):
+        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+        if batch_size is not None and not positive_int(batch_size):
             raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
-        if not (init_sample_size in (None, "auto") or
-                (isinstance(init_sample_size, (int, np.integer)) and init_sample_size >= 1)):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not -2**63 <= seed < 2**64):  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
+        if not (init_sample_size in (None, "auto") or positive_int(init_sample_size)):
             raise ValueError(f"init_sample_size must be 'auto', None or an int >= 1, got {init_sample_size!r}")
         if isinstance(init_sample_size, (int, np.integer)) and init_sample_size < n_clusters:
             # k-means++ on fewer points than k would have to pick some centres twice

@@ -411,6 +411,10 @@ def test_bad_inputs():
         cx.KMeans(2, metric="l1")
     with pytest.raises(ValueError, match="batch_size"):
         cx.KMeans(2, batch_size=0)
+    for name, value in [("n_init", True), ("max_iter", True), ("batch_size", True), ("tol", False),
+                        ("seed", "abc"), ("seed", 2**70), ("seed", -2**64)]:
+        with pytest.raises(ValueError, match=name):
+            cx.KMeans(2, **{name: value})
     with pytest.raises(ValueError, match="x"):
         cx.KMeans(2).fit(x).predict(x[:, :2])
 
