@@ -139,7 +139,7 @@ class KMeans:
         x = _as_tensor(x, "x")
         if x.dtype == torch.float64:
             x = x.float()
-        device = self._device_ if hasattr(self, "_device_") else (self.device or x.device)
+        device = self._device_  # set by fit
         if self.batch_size is None:
             if x.device != device:
                 x = x.to(device)
@@ -356,7 +356,6 @@ class KMeans:
         self.labels_ = labels.to(source_device)
         self.inertia_ = inertia
         self.n_iter_ = n_iter
-        self._source_device_ = source_device
         return self
 
     def _check_fitted(self, x) -> torch.Tensor:
@@ -390,12 +389,14 @@ class KMeans:
         x = self._prepare(x)
         self._check_finite(x)
         c = self.cluster_centers_.to(self._device_, torch.float32)
+        if self.metric == "cosine":
+            c = reference.normalize(c)
         out = torch.empty(x.shape[0], self.n_clusters, dtype=torch.float32, device=source)
         rows = self.batch_size or 65536
         for s in range(0, x.shape[0], rows):
             xc = x[s : s + rows].to(self._device_, torch.float32)
             if self.metric == "cosine":
-                block = 1 - reference.normalize(xc) @ reference.normalize(c).T
+                block = 1 - reference.normalize(xc) @ c.T
             else:
                 block = torch.cdist(xc, c)
             out[s : s + xc.shape[0]] = block.to(source)

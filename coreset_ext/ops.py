@@ -409,7 +409,7 @@ def _nt_xent_rows_op(
     chosen = _loss_backend("nt_xent", z1, backend)
     if chosen == "triton":
         x = torch.cat([z1, z2], dim=0).contiguous()
-        loss, lse, cos, _ = _tk().nt_xent_fwd(x, temperature, normalize, reference.EPS)
+        loss, lse, cos = _tk().nt_xent_fwd(x, temperature, normalize, reference.EPS)
         return loss, lse, cos
     acc = _acc_dtype(z1)
     a, b = z1.to(acc), z2.to(acc)

@@ -131,7 +131,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (contrastive, "_tiles", lambda d, device, dtype, f=contrastive._tiles: f(d, cuda, dtype)),
         (contrastive, "_num_sms", lambda device: 132),
         (contrastive, "_hopper", lambda device: arch >= 90),
-        (contrastive, "_autotune", lambda x: contrastive._block_d(x.shape[1]) <= 128),
+        (contrastive, "_autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
         (kmeans, "_interpreting", lambda x: False),
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
         (similarity, "_launch_config", lambda device, d, f=similarity._launch_config: f(cuda, d)),
@@ -189,7 +189,7 @@ def _cases():
                 def nt_xent(d=d, dtype=dtype, normalize=normalize):
                     for n in (256, 4096):  # 4096 rows (B = 2048) split the columns on 132 SMs
                         x = rand(n, d, dtype=dtype)
-                        _, lse, _, _ = C.nt_xent_fwd(x, 0.1, normalize, 1e-6)
+                        _, lse, _ = C.nt_xent_fwd(x, 0.1, normalize, 1e-6)
                         C.nt_xent_bwd(torch.ones(n), x, lse, 0.1, normalize, 1e-6)
                 out.append((f"nt_xent {tag} d={d} normalize={normalize}", nt_xent))
                 if d <= 128:  # the fixed tiles these sizes take under CORESET_EXT_NO_AUTOTUNE=1

@@ -20,15 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2, on_tensor_device
+from .launch import block_d, cdiv, on_tensor_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def _block_d(d: int) -> int:
-    # tl.dot needs every block dimension >= 16; padding columns are masked to zero.
-    return max(16, next_power_of_2(d))
 
 
 def _interpreting() -> bool:
@@ -66,7 +61,7 @@ def _tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, 
     second pipeline stage."""
     if _interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
-    bd = _block_d(d)
+    bd = block_d(d)
     fma = _precision(dtype) == "ieee"
     wide = dtype == torch.float32
     # Where 64 rows spill more than 32 (TF32, and bf16 at d = 256, on sm_80) and no wgmma is to
@@ -114,7 +109,7 @@ def _row_rnorm_kernel(X, R, XH, n, d, stride, xh_stride, eps, WRITE_XHAT: tl.con
 def _launch_rnorm(x: torch.Tensor, eps: float, xh: torch.Tensor | None) -> torch.Tensor:
     n, d = x.shape
     r = torch.empty(n, device=x.device, dtype=torch.float32)
-    bd = _block_d(d)
+    bd = block_d(d)
     br = max(1, min(64, 4096 // bd))
     _row_rnorm_kernel[(cdiv(n, br),)](
         x, r, r if xh is None else xh, n, d, x.stride(0), 0 if xh is None else xh.stride(0), eps,
@@ -350,13 +345,13 @@ def _nt_xent_bwd_finish(X, R, LSE, G, GX, acc, xr, rows, rmask, dc, dmask, N, ha
                         inv_t, eps, NORMALIZE: tl.constexpr):
     # the positive pair's term (see _nt_xent_bwd_kernel), then the normalisation's backward
     prow = (rows + half) % N
-    rr = tl.load(R + rows, mask=rmask, other=0.0)
     lse_r = tl.load(LSE + rows, mask=rmask, other=0.0)
     g_r = tl.load(G + rows, mask=rmask, other=0.0)
     xp = _load_rows(X, prow, rmask, dc, dmask, stride).to(tl.float32)
     g_p = tl.load(G + prow, mask=rmask, other=0.0)
     lse_p = tl.load(LSE + prow, mask=rmask, other=0.0)
-    if NORMALIZE:
+    if NORMALIZE:  # R holds the reciprocal norms only then
+        rr = tl.load(R + rows, mask=rmask, other=0.0)
         rp = tl.load(R + prow, mask=rmask, other=0.0)
         xp = xp * rp[:, None]
         pos = tl.sum(xr.to(tl.float32) * rr[:, None] * xp, axis=1) * inv_t
@@ -403,13 +398,13 @@ FIXED_BOUND_MIN_T = 0.025
 def _combine_rows(d: int) -> int:
     """Rows per program of the combine/finish kernels: they hold several [rows, d] fp32 tiles in
     registers, which spill beyond 32 x 128 (tools/triton_aot.py)."""
-    return 32 if _block_d(d) <= 128 else 16
+    return 32 if block_d(d) <= 128 else 16
 
 
 def _autotune(x: torch.Tensor) -> bool:
     import os
 
-    return (x.device.type == "cuda" and not _interpreting() and _block_d(x.shape[1]) <= 128
+    return (x.device.type == "cuda" and not _interpreting() and block_d(x.shape[1]) <= 128
             and os.environ.get("CORESET_EXT_NO_AUTOTUNE") != "1")
 
 
@@ -451,7 +446,7 @@ def _launch_nt_xent(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, sp
 
 @on_tensor_device
 def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
-    """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B], rnorm [2B]), fp32."""
+    """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B]), fp32."""
     n, d = x.shape
     half = n // 2
     r = row_rnorm(x, eps)
@@ -467,13 +462,13 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
     else:
         m_part = l_part = loss  # not read by the unsplit kernel
     args = (x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), 1.0 / temperature)
-    const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+    const = dict(NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d), PRECISION=_precision(x.dtype))
     launched = _launch_nt_xent(_nt_xent_fwd_kernel, _nt_xent_fwd_tuned, x, args, const, split, parts)
     if split:
         _nt_xent_fwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
             x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0), launched, 1.0 / temperature,
-            NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
-    return loss, lse, cos, r
+            NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_M=_combine_rows(d), BLOCK_D=block_d(d), num_warps=4)
+    return loss, lse, cos
 
 
 @on_tensor_device
@@ -481,7 +476,8 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
                 normalize: bool, eps: float) -> torch.Tensor:
     """Gradient of sum_i grad_rows_i * loss_i with respect to x = [z1; z2]; dtype of x."""
     n, d = x.shape
-    r, xh = row_normalize(x, eps) if normalize else (row_rnorm(x, eps), x)
+    # without normalisation no kernel reads the norms: lse stands in for them
+    r, xh = row_normalize(x, eps) if normalize else (lse, x)
     g = grad_rows.to(torch.float32).contiguous()
     gx = torch.empty_like(x)
     # Splitting the columns sums each row's gradient with float atomics, in no fixed order.
@@ -491,12 +487,12 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
     args = (x, xh, r, lse, g, gx, acc, n, n // 2, d, x.stride(0), xh.stride(0), gx.stride(0),
             1.0 / temperature, eps)
     const = dict(NORMALIZE=normalize, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T,
-                 BLOCK_D=_block_d(d), PRECISION=_precision(x.dtype))
+                 BLOCK_D=block_d(d), PRECISION=_precision(x.dtype))
     _launch_nt_xent(_nt_xent_bwd_kernel, _nt_xent_bwd_tuned, x, args, const, split, parts)
     if split:
         _nt_xent_bwd_finish_kernel[(cdiv(n, _combine_rows(d)),)](
             x, r, lse, g, gx, acc, n, n // 2, d, x.stride(0), gx.stride(0), 1.0 / temperature, eps,
-            NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=_block_d(d), num_warps=4)
+            NORMALIZE=normalize, BLOCK_M=_combine_rows(d), BLOCK_D=block_d(d), num_warps=4)
     return gx
 
 
@@ -660,7 +656,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     n_split = _moco_split(b, kq, bm, bn, q.device)
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
-    bd = _block_d(d)
+    bd = block_d(d)
     _moco_fwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, rqu, m_part, l_part, b, kq, d, q.stride(0), queue.stride(0), 1.0 / temperature,
         NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
@@ -682,11 +678,12 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     b, d = q.shape
     kq = queue.shape[0]
     rq, rk = row_rnorm(q, eps), row_rnorm(k, eps)
-    rqu, quh = row_normalize(queue, eps) if normalize else (row_rnorm(queue, eps), queue)
+    # without normalisation the partial kernel reads no queue norms: lse stands in for them
+    rqu, quh = row_normalize(queue, eps) if normalize else (lse, queue)
     bm, bn, nw, ns = _tiles(d, q.device, q.dtype)
     n_split = _moco_split(b, kq, bm, bn, q.device)
     part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
-    bd = _block_d(d)
+    bd = block_d(d)
     _moco_bwd_partial_kernel[(cdiv(b, bm), n_split)](
         q, rq, queue, quh, rqu, lse, part, b, kq, d, q.stride(0), queue.stride(0), quh.stride(0),
         1.0 / temperature, NORMALIZE=normalize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
@@ -738,7 +735,7 @@ def _pair_cosine_bwd_kernel(A, B_, G, GA, GB, n, d, sa, sb, sga, sgb, eps,
 
 
 def _pair_rows(d: int) -> int:
-    return max(1, min(64, 4096 // _block_d(d)))
+    return max(1, min(64, 4096 // block_d(d)))
 
 
 @on_tensor_device
@@ -747,7 +744,7 @@ def pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tenso
     c = torch.empty(n, device=a.device, dtype=torch.float32)
     br = _pair_rows(d)
     _pair_cosine_fwd_kernel[(cdiv(n, br),)](
-        a, b, c, n, d, a.stride(0), b.stride(0), eps, BLOCK_R=br, BLOCK_D=_block_d(d))
+        a, b, c, n, d, a.stride(0), b.stride(0), eps, BLOCK_R=br, BLOCK_D=block_d(d))
     return c
 
 
@@ -759,5 +756,5 @@ def pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: f
     br = _pair_rows(d)
     _pair_cosine_bwd_kernel[(cdiv(n, br),)](
         a, b, g, ga, gb, n, d, a.stride(0), b.stride(0), ga.stride(0), gb.stride(0), eps,
-        BLOCK_R=br, BLOCK_D=_block_d(d))
+        BLOCK_R=br, BLOCK_D=block_d(d))
     return ga, gb

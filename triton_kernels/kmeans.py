@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import cdiv, next_power_of_2, on_tensor_device
+from .launch import block_d, cdiv, on_tensor_device
 
 # Interpreter runs (CI) and the fallback when autotuning is off: small, valid for tl.dot (>= 16).
 _FIXED = dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
@@ -132,18 +132,18 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     if n == 0:
         return labels, dist
-    block_d = max(16, next_power_of_2(d))
-    one_tile = block_d <= 128  # keeps the point tile in registers; wider d loops over 64-wide tiles
+    bd = block_d(d)
+    one_tile = bd <= 128  # keeps the point tile in registers; wider d loops over 64-wide tiles
     if not one_tile:
-        block_d = 64
+        bd = 64
     # fp32: honour torch's TF32 switch (off by default) so fp32 labels match an fp32 matmul.
     precision = "tf32" if (x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
     args = (x, c, cnorm, labels, dist, n, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
     if _interpreting(x):
         grid = (cdiv(n, _FIXED["BLOCK_N"]),)
-        _kmeans_assign_kernel[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d,
+        _kmeans_assign_kernel[grid](*args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=bd,
                                     ONE_D_TILE=one_tile, **_FIXED)
     else:
         _kmeans_assign_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),)](
-            *args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=block_d, ONE_D_TILE=one_tile)
+            *args, K=k, D=d, COSINE=cosine, PRECISION=precision, BLOCK_D=bd, ONE_D_TILE=one_tile)
     return labels, dist

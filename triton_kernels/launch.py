@@ -19,6 +19,12 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def block_d(d: int) -> int:
+    """Block width for a feature dimension d: tl.dot needs every block dimension >= 16; padding
+    columns are masked to zero."""
+    return max(16, next_power_of_2(d))
+
+
 def on_tensor_device(launch):
     """Runs a launch wrapper with its first tensor argument's GPU as the current device.
 

@@ -179,12 +179,13 @@ def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_
         if embeddings is None:
             raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
                              "give embeddings or a beta")
-        if beta_grid is not None and (isinstance(beta_grid, (str, bytes)) or not hasattr(beta_grid, "__iter__")
-                                      or len(list(beta_grid)) == 0):
-            raise ValueError(f"beta_grid must be a non-empty sequence of betas in [0, 1), got {beta_grid!r}")
-        beta, _ = choose_beta(embeddings, scores, budget, variant=variant,
-                              grid=BETA_GRID if beta_grid is None else tuple(beta_grid),
-                              strata=strata, seed=seed, secondary=secondary)
+        grid = BETA_GRID
+        if beta_grid is not None:
+            grid = () if isinstance(beta_grid, (str, bytes)) or not hasattr(beta_grid, "__iter__") else tuple(beta_grid)
+            if not grid:
+                raise ValueError(f"beta_grid must be a non-empty sequence of betas in [0, 1), got {beta_grid!r}")
+        beta, _ = choose_beta(embeddings, scores, budget, variant=variant, grid=grid, strata=strata, seed=seed,
+                              secondary=secondary)
     return _prune(scores, budget, beta, variant, strata, seed, secondary)
 
 
@@ -207,11 +208,8 @@ def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int
         targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
         dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
     s = hardness(dyn, score)
-    # forgetting counts tie massively (a linear proxy rarely forgets): AUM orders within a count,
-    # as for the supervised forgetting baseline
-    secondary = hardness(dyn, "aum") if score == "forgetting" else None
     idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid,
-                  secondary=secondary)
+                  secondary=_tie_break(dyn, score))
     return idx, s.float()
 
 
@@ -224,13 +222,9 @@ def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_ep
     return dynamics_for(e, y.long(), seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
 
 
-def _hardest_first(primary: torch.Tensor, budget: int, secondary: torch.Tensor | None = None) -> torch.Tensor:
-    """The `budget` smallest of `primary` (ties: smaller `secondary`, then lower index)."""
-    order = torch.arange(primary.numel())
-    if secondary is not None:
-        order = torch.sort(secondary, stable=True).indices
-    order = order[torch.sort(primary[order], stable=True).indices]
-    return torch.sort(order[:budget]).values
+def _tie_break(dyn: TrainingDynamics, score: str) -> torch.Tensor | None:
+    """Forgetting counts tie massively (a linear proxy rarely forgets): AUM orders within a count."""
+    return hardness(dyn, "aum") if score == "forgetting" else None
 
 
 def _dynamics_baseline(name: str):
@@ -238,8 +232,8 @@ def _dynamics_baseline(name: str):
                proxy_epochs: int = 20, proxy_hidden: int = 0):
         dyn = _supervised_dynamics(name, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
         s = hardness(dyn, name)
-        secondary = hardness(dyn, "aum") if name == "forgetting" else None
-        return _hardest_first(s, budget, secondary), s.float()
+        # the n hardest: double-end pruning with nothing dropped
+        return pruning.double_end_indices(s, budget, 0.0, _tie_break(dyn, name)), s.float()
 
     method.__name__ = name
     method.__doc__ = f"Supervised baseline: the n hardest examples by {name} (module docstring)."

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from coreset_ext.select.pruning import budget_size
-from coreset_ext.select.selection import Selection, check_indices
+from coreset_ext.select.selection import Selection
 
 # A method: fn(budget, *, n, scores, embeddings, labels, seed, <its options>) -> indices, or
 # (indices, scores_used). It declares (as keyword parameters) the inputs it reads and its
@@ -159,12 +159,11 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     idx = torch.as_tensor(idx).long().cpu()
     if idx.numel() != budget:
         raise RuntimeError(f"method {method!r} returned {idx.numel()} indices for a budget of {budget}")
-    try:
-        check_indices(idx, n)
+    try:  # Selection checks its indices
+        return Selection(indices=idx, method=method, options=options, dataset_size=n, seed=seed,
+                         scores=used.detach().float().cpu() if used is not None else None, fingerprint=fingerprint)
     except ValueError as e:
         raise RuntimeError(f"method {method!r} returned bad indices: {e}") from None
-    return Selection(indices=idx, method=method, options=options, dataset_size=n, seed=seed,
-                     scores=used.detach().float().cpu() if used is not None else None, fingerprint=fingerprint)
 
 
 def require(name: str, value, method: str):

@@ -61,7 +61,7 @@ class Selection:
 
     def __post_init__(self) -> None:
         check_indices(self.indices, self.dataset_size)
-        object.__setattr__(self, "indices", self.indices.long())  # int32 from a file, say
+        self.indices = self.indices.long()  # int32 from a file, say
 
     def __len__(self) -> int:
         return int(self.indices.numel())

@@ -28,15 +28,11 @@ from coreset_ext.reference import normalize
 from coreset_ext.scores import load_npz
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
+from coreset_ext.train.models import evaluating_on
 
 __all__ = ["proxy_embeddings", "load_embeddings", "selector_inputs"]
 
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    """Where the model's parameters live (the CPU for a model without any)."""
-    return next(model.parameters(), torch.empty(0)).device
 
 
 def _encode(model: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
@@ -75,13 +71,9 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
         raise ValueError(f"augment must be 'auto', None or a callable (x, generator) -> view, got {augment!r}")
     views = 1 if augment is None else m
     device = torch.device(device)
-    home = _device_of(model)
-    model.to(device)
-    was_training = model.training
-    model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
-    try:
+    with evaluating_on(model, device):
         for s in range(0, len(dataset), batch_size):
             x = dataset.batch(torch.arange(s, min(s + batch_size, len(dataset))), device)
             acc = None
@@ -90,9 +82,6 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
                 e = normalize(_encode(model, v, which).float())
                 acc = e if acc is None else acc + e
             out.append((acc / views).cpu())
-    finally:
-        model.train(was_training)
-        model.to(home)  # the caller's model (and its optimiser's state) stays where it was
     return torch.cat(out)
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from coreset_ext.scores import atomic_write_bytes
 from coreset_ext.train.data import ArrayDataset
-from coreset_ext.train.models import build_encoder
+from coreset_ext.train.models import build_encoder, evaluating_on
 
 EVALUATORS = ("probe", "scratch")
 
@@ -39,18 +39,11 @@ def extract_features(encoder: nn.Module, dataset: ArrayDataset, *, device: str |
                      batch_size: int = 1024) -> torch.Tensor:
     """Encoder features of every example, in eval mode, without augmentation: float32 [N, D] on the
     CPU. The encoder runs on `device` and is moved back to where it was afterwards."""
-    home = next(encoder.parameters(), torch.empty(0)).device
-    encoder.to(device)
-    was_training = encoder.training
-    encoder.eval()
     out = []
-    try:
+    with evaluating_on(encoder, device):
         for s in range(0, len(dataset), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(dataset)))
             out.append(encoder(dataset.batch(idx, device)).float().cpu())
-    finally:
-        encoder.train(was_training)
-        encoder.to(home)
     return torch.cat(out)
 
 

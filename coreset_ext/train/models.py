@@ -11,8 +11,25 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def evaluating_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """`model` in eval mode on `device` for the block; afterwards its mode and device are restored,
+    so a caller's model (and its optimiser's state) stays where it was."""
+    home = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        model.to(home)
 
 ENCODERS = ("small_cnn", "resnet18", "mlp")
 

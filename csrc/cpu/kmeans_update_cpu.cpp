@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kmeans_ranges.h"
 
@@ -54,13 +55,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const 
   const auto out_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sums = at::empty({k, d}, x.options().dtype(out_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "kmeans_update_cpu", [&] {
-    if (out_type == at::kDouble) {
-      kmeans_update_kernel<scalar_t, double>(xc.data_ptr<scalar_t>(), n, d, lp, k,
-                                             sums.data_ptr<double>());
-    } else {
-      kmeans_update_kernel<scalar_t, float>(xc.data_ptr<scalar_t>(), n, d, lp, k,
-                                            sums.data_ptr<float>());
-    }
+    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    kmeans_update_kernel<scalar_t, out_t>(xc.data_ptr<scalar_t>(), n, d, lp, k, sums.data_ptr<out_t>());
   });
   return {sums, counts};
 }
