@@ -76,7 +76,7 @@ class OpBackends:
     cpu: tuple[str, ...]
 
 
-# Filled by coreset_ext.ops as ops are defined; read by `info` and by `select_backend`.
+# Filled by the modules of coreset_ext.ops as ops are defined; read by `info` and `select_backend`.
 OPS: dict[str, OpBackends] = {}
 
 
@@ -129,6 +129,43 @@ def select_backend(op: str, device: torch.device, requested: str | None = None) 
         if why_unavailable(backend, device.type) is None:
             return backend
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def default_backend(op: str, device_type: str) -> str:
+    """The automatic choice for `op` on a kind of device, probed once per process."""
+    return select_backend(op, torch.device(device_type))
+
+
+@torch.compiler.assume_constant_result
+def resolve(op: str, device_type: str, requested: str = "") -> str:
+    """The backend a public op passes to its custom op ("" requests the automatic choice).
+
+    The one way every op chooses its backend. torch.compile cannot trace the probing behind it
+    (module lookups, the environment), so it runs once while tracing and its answer is a constant
+    of the graph; eagerly the automatic choice is a cached lookup.
+    """
+    if not requested:
+        return default_backend(op, device_type)
+    return select_backend(op, torch.device(device_type), requested)
+
+
+_FALLBACK_LIBRARY = None  # a torch.library.Library holding the ops _C did not define (kept alive here)
+
+
+def define_fallback(schema: str, impl) -> None:
+    """Serves an op of csrc/ops.cpp with its Python `impl` (the reference) wherever `_C` does not:
+    defines the schema when `_C` is missing, and registers `impl` for the devices without a
+    compiled kernel. User code and torch.compile then see one op either way."""
+    global _FALLBACK_LIBRARY
+    if _FALLBACK_LIBRARY is None:
+        _FALLBACK_LIBRARY = torch.library.Library("coreset_ext", "FRAGMENT")
+    name = schema.split("(", 1)[0]
+    if not has_extension():
+        _FALLBACK_LIBRARY.define(schema)
+        _FALLBACK_LIBRARY.impl(name, impl, "CPU")
+    if not has_cuda_kernels():
+        _FALLBACK_LIBRARY.impl(name, impl, "CUDA")
 
 
 def report() -> str:

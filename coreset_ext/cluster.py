@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from coreset_ext import ops, reference
+from coreset_ext._validation import POSITIVE_INT, SEED, Interval, Options, check_params, is_int
 
 __all__ = ["KMeans", "ConvergenceWarning"]
 
@@ -80,6 +81,18 @@ class KMeans:
         [50, 50]
     """
 
+    # what each numeric or option argument accepts (scikit-learn's declarative style)
+    _parameter_constraints = {
+        "n_clusters": [POSITIVE_INT],
+        "metric": [Options("euclidean", "cosine")],
+        "n_init": [POSITIVE_INT],
+        "max_iter": [POSITIVE_INT],
+        "tol": [Interval(float, 0, None)],
+        "batch_size": [None, POSITIVE_INT],
+        "seed": [None, SEED],
+        "init_sample_size": [Options("auto"), None, POSITIVE_INT],
+    }
+
     def __init__(
         self,
         n_clusters: int,
@@ -95,39 +108,20 @@ class KMeans:
         verbose: bool = False,
         init_sample_size: int | str | None = "auto",
     ) -> None:
-        def positive_int(v) -> bool:  # True is an int to Python, not a count
-            return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1
-
-        if not positive_int(n_clusters):
-            raise ValueError(f"n_clusters must be an int >= 1, got {n_clusters!r}")
-        if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+        p = check_params(locals(), self._parameter_constraints)
         if isinstance(init, str) and init not in ("k-means++", "random"):
             raise ValueError(f"init must be 'k-means++', 'random' or an array [k, d], got {init!r}")
-        if not positive_int(n_init):
-            raise ValueError(f"n_init must be an int >= 1, got {n_init!r}")
-        if not positive_int(max_iter):
-            raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
-        if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0):
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-        if batch_size is not None and not positive_int(batch_size):
-            raise ValueError(f"batch_size must be None or an int >= 1, got {batch_size!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                                 or not -2**63 <= seed < 2**64):  # what torch.Generator.manual_seed takes
-            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")
-        if not (init_sample_size in (None, "auto") or positive_int(init_sample_size)):
-            raise ValueError(f"init_sample_size must be 'auto', None or an int >= 1, got {init_sample_size!r}")
-        if isinstance(init_sample_size, (int, np.integer)) and init_sample_size < n_clusters:
+        if is_int(init_sample_size) and init_sample_size < n_clusters:
             # k-means++ on fewer points than k would have to pick some centres twice
             raise ValueError(f"init_sample_size = {init_sample_size} is smaller than n_clusters = {n_clusters}")
-        self.n_clusters = int(n_clusters)
+        self.n_clusters = p["n_clusters"]
         self.metric = metric
         self.init = init
-        self.n_init = int(n_init)
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
+        self.n_init = p["n_init"]
+        self.max_iter = p["max_iter"]
+        self.tol = p["tol"]
         self.seed = seed
-        self.batch_size = None if batch_size is None else int(batch_size)
+        self.batch_size = p["batch_size"]
         self.device = None if device is None else torch.device(device)
         self.verbose = bool(verbose)
         self.init_sample_size = init_sample_size
@@ -167,25 +161,19 @@ class KMeans:
         Returns labels [n] and distances [n] on x's device, and sums [k, d] and counts [k] on
         the compute device (None without update). The inertia is `_inertia(dist)`, when needed.
         """
-        k = self.n_clusters
         whole = self.batch_size is None
         labels = dist = sums = counts = None
         if not whole:
             labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
             dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         for s, xc in self._chunks(x):
-            fused = ops._kmeans_lloyd_step_cpu(xc, centers, self.metric) if update else None
-            if fused is not None:  # CPU: assignment and sums in one pass over the rows
-                lab, dst, sc, cc = fused
-            else:
-                # x was checked finite once (fit/predict), not once per iteration
-                lab, dst = ops._kmeans_assign_checked(xc, centers, self.metric)
+            # x was checked finite once (fit/predict), not once per iteration
             if update:
-                if fused is None:
-                    # labels come from kmeans_assign, so in range: skip the wrapper's host check
-                    sc, cc = torch.ops.coreset_ext.kmeans_update(xc, lab, k)
+                lab, dst, sc, cc = ops.kmeans_lloyd_step(xc, centers, metric=self.metric)
                 # chunk sums are added in chunk order: deterministic
                 sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
+            else:
+                lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric, validate=False)
             if whole:
                 labels, dist = lab, dst
             else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import ops, reference
+from coreset_ext._validation import POSITIVE_INT, REDUCTIONS, check, check_temperature
 
 __all__ = ["NTXentLoss", "MoCoLoss"]
 
@@ -29,10 +30,9 @@ class NTXentLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean") -> None:
         super().__init__()
-        self.temperature = ops._check_temperature(temperature)
-        ops._check_reduction(reduction)
+        self.temperature = check_temperature(temperature)
+        self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
-        self.reduction = reduction
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True):
@@ -67,14 +67,11 @@ class MoCoLoss(torch.nn.Module):
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, normalize: bool = True,
                  reduction: str = "mean") -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
-        self.temperature = ops._check_temperature(temperature)
-        ops._check_reduction(reduction)
+        dim = check("dim", dim, POSITIVE_INT)
+        queue_size = check("queue_size", queue_size, POSITIVE_INT)
+        self.temperature = check_temperature(temperature)
+        self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
-        self.reduction = reduction
         self.register_buffer("queue", reference.normalize(torch.randn(queue_size, dim)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 

@@ -17,6 +17,12 @@ EPS = 1e-6
 CHUNK_SIZE = 1024
 
 
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """What every op accumulates (and returns its losses, scores and distances) in: float64 for
+    float64 input, float32 for float32, float16 and bfloat16."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """x_i / max(||x_i||_2, EPS), row-wise."""
     return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)

@@ -144,12 +144,12 @@ def test_opcheck():
     z1.requires_grad_()
     for normalize in (True, False):
         torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows.default, (z1, z2, 0.5, normalize, ""))
-    lse = ops._nt_xent_rows_op(z1, z2, 0.5, True, "")[1].detach()
+    lse = torch.ops.coreset_ext.nt_xent_rows(z1, z2, 0.5, True, "")[1].detach()
     torch.library.opcheck(torch.ops.coreset_ext.nt_xent_rows_backward.default,
                           (torch.rand(10), z1.detach(), z2, lse, 0.5, True, ""))
     queue = torch.randn(9, 6)
     torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows.default, (z1, z2, queue, 0.2, True, ""))
-    lse = ops._info_nce_queue_rows_op(z1, z2, queue, 0.2, True, "")[1].detach()
+    lse = torch.ops.coreset_ext.info_nce_queue_rows(z1, z2, queue, 0.2, True, "")[1].detach()
     torch.library.opcheck(torch.ops.coreset_ext.info_nce_queue_rows_backward.default,
                           (torch.rand(5), z1.detach(), z2, queue, lse, 0.2, True, ""))
     torch.library.opcheck(torch.ops.coreset_ext.pair_cosine.default, (z1, z2.clone().requires_grad_(), ""))

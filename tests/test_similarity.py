@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import coreset_ext as cx
-from coreset_ext import ops, reference
+from coreset_ext import _backend, ops, reference
 
 
 def brute_rowsum(x, y=None, clamp_min=0.0, gx=None, gy=None, exclude_self=False):
@@ -196,8 +196,9 @@ def test_compile_fullgraph_over_triton_path(monkeypatch):
     """The automatic Triton choice (as on a GPU) traces under torch.compile: the op is opaque and
     its fake kernel gives the shapes, so the interpreter runs only at run time."""
     _triton_here()
-    for op in ("cosine_rowsum", "cosine_topk"):
-        monkeypatch.setitem(ops._SIM_AUTO_BACKEND, (op, "cpu"), "triton")
+    auto = _backend.default_backend
+    monkeypatch.setattr(_backend, "default_backend",
+                        lambda op, device: "triton" if op.startswith("cosine_") else auto(op, device))
     x, _, gx, _ = _data(40, 16, seed=12, groups=3)
 
     @torch.compile(fullgraph=True)

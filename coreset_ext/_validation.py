@@ -1,0 +1,221 @@
+"""Argument checks used everywhere in coreset-ext: one place, one message style.
+
+Modelled on scikit-learn's declarative parameter constraints: a parameter is described by a list
+of constraints (an `Interval` of ints or reals, a set of `Options`, `None`, a type), and
+`check(name, value, *constraints)` accepts the value if any constraint does, or raises a
+ValueError worded the same way everywhere:
+
+    <name> must be <what each constraint accepts, joined by "or">, got <value>
+
+Conventions every check keeps: `True`/`False` are not numbers (Python's bool is an int, a count
+of True is a bug); numpy scalars are numbers; NaN satisfies no interval. Tensor checks name the
+argument and describe what was passed (`describe`).
+
+Example:
+    >>> from coreset_ext._validation import Interval, check
+    >>> check("n_clusters", 8, Interval(int, 1, None))
+    8
+    >>> check("tol", True, Interval(float, 0, None))
+    Traceback (most recent call last):
+    ...
+    ValueError: tol must be a real number >= 0, got True
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def is_int(value) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number that is not a bool (ints and numpy scalars included; NaN is a real here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Numbers of one kind (`int` or `float`; float accepts ints too) between two bounds.
+
+    A bound of None is unbounded. `closed` says which ends belong: "both", "left", "right" or
+    "neither" (an open end excludes the bound itself).
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    closed: str = "both"
+
+    def accepts(self, value) -> bool:
+        if not (is_int(value) if self.kind is int else is_real(value)):
+            return False
+        v = float(value) if self.kind is float else int(value)
+        if self.kind is float and math.isnan(v):
+            return False
+        if self.low is not None and (v < self.low or (v == self.low and self.closed in ("right", "neither"))):
+            return False
+        if self.high is not None and (v > self.high or (v == self.high and self.closed in ("left", "neither"))):
+            return False
+        return True
+
+    def describe(self) -> str:
+        what = "an int" if self.kind is int else "a real number"
+        low_op = ">=" if self.closed in ("both", "left") else ">"
+        high_op = "<=" if self.closed in ("both", "right") else "<"
+        if self.low is not None and self.high is not None:
+            lo = "[" if low_op == ">=" else "("
+            hi = "]" if high_op == "<=" else ")"
+            return f"{what} in {lo}{_fmt(self.low)}, {_fmt(self.high)}{hi}"
+        if self.low is not None:
+            return f"{what} {low_op} {_fmt(self.low)}"
+        if self.high is not None:
+            return f"{what} {high_op} {_fmt(self.high)}"
+        return what
+
+    def convert(self, value):
+        return int(value) if self.kind is int else float(value)
+
+
+def _fmt(bound: float) -> str:
+    if isinstance(bound, int) and abs(bound) >= 2**32 and (abs(bound) & (abs(bound) - 1)) == 0:
+        return ("-" if bound < 0 else "") + f"2**{abs(bound).bit_length() - 1}"  # a seed range
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of values (strings, usually); compared with ==, never by type coercion."""
+
+    values: tuple
+
+    def __init__(self, *values) -> None:
+        object.__setattr__(self, "values", tuple(values))
+
+    def accepts(self, value) -> bool:
+        # same type as well as equal: True is not 1, and 1.0 is not the option 1
+        return any(type(value) is type(v) and value == v for v in self.values)
+
+    def describe(self) -> str:
+        if len(self.values) == 1:
+            return repr(self.values[0])
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+    def convert(self, value):
+        return value
+
+
+def _accepts(constraint, value) -> bool:
+    if constraint is None:
+        return value is None
+    if isinstance(constraint, type):
+        return isinstance(value, constraint) and not (constraint is not bool and isinstance(value, bool))
+    return constraint.accepts(value)
+
+
+def _describe_constraint(constraint) -> str:
+    if constraint is None:
+        return "None"
+    if isinstance(constraint, type):
+        return {bool: "a bool", str: "a string"}.get(constraint, f"a {constraint.__name__}")
+    return constraint.describe()
+
+
+def check(name: str, value, *constraints):
+    """Returns `value` (an int for an int interval, a float for a real one) if any constraint
+    accepts it, else raises ValueError naming `name`, what it accepts and what it got."""
+    for constraint in constraints:
+        if _accepts(constraint, value):
+            return constraint.convert(value) if isinstance(constraint, Interval) else value
+    expected = " or ".join(_describe_constraint(c) for c in constraints)
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_params(params: Mapping[str, Any], constraints: Mapping[str, Iterable]) -> dict[str, Any]:
+    """`check` applied to each named parameter; returns the converted values by name."""
+    return {name: check(name, params[name], *rule) for name, rule in constraints.items()}
+
+
+# Shorthands for the constraints that recur.
+POSITIVE_INT = Interval(int, 1, None)
+NONNEGATIVE_INT = Interval(int, 0, None)
+FRACTION = Interval(float, 0, 1, closed="right")  # a share of a data set: (0, 1]
+# What torch.Generator.manual_seed takes.
+SEED = Interval(int, -2**63, 2**64, closed="left")
+
+
+REDUCTIONS = Options("mean", "sum", "none")
+
+# Below this, logits s / t of unit rows exceed what fp32 exponent arithmetic survives (t = 1e-30
+# gives NaN gradients, 1e-40 a NaN loss); contrastive learning uses 0.01 .. 1.
+MIN_TEMPERATURE = 1e-4
+
+
+def check_temperature(temperature) -> float:
+    """A contrastive temperature: a finite real number >= MIN_TEMPERATURE."""
+    t = check("temperature", temperature, Interval(float, MIN_TEMPERATURE, None))
+    if not math.isfinite(t):
+        raise ValueError(f"temperature must be a finite real number >= {MIN_TEMPERATURE}, got {temperature!r}")
+    return t
+
+
+def positive_int(name: str, value) -> int:
+    return check(name, value, POSITIVE_INT)
+
+
+def nonnegative_int(name: str, value) -> int:
+    return check(name, value, NONNEGATIVE_INT)
+
+
+def finite_float(name: str, value) -> float:
+    v = check(name, value, Interval(float))
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def describe(x) -> str:
+    """What was passed, for error messages: dtype, shape and device of a tensor, else the type."""
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def check_tensor(name: str, x, *, dim: int, dtypes: Iterable[torch.dtype], what: str = "") -> torch.Tensor:
+    """x must be a `dim`-D tensor of one of `dtypes`; `what` says what its axes are ("[n, d]")."""
+    dtypes = tuple(dtypes)
+    if not isinstance(x, torch.Tensor) or x.dim() != dim or x.dtype not in dtypes:
+        shape = f" {what}" if what else ""
+        raise ValueError(f"{name} must be a {dim}-D {_dtype_names(dtypes)} tensor{shape}, got {describe(x)}")
+    return x
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    """Every tensor on the first one's device (ValueError naming both otherwise)."""
+    items = list(tensors.items())
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}: they must share a device")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """x holds no NaN or Inf. One host synchronisation on a GPU; traced out under torch.compile."""
+    if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
