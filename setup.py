@@ -117,7 +117,7 @@ def version() -> str:
 
 setup(
     version=version(),
-    packages=["coreset_ext", "coreset_ext.select", "coreset_ext.train", "coreset_ext.triton_kernels"],
+    packages=["coreset_ext", "coreset_ext.ops", "coreset_ext.select", "coreset_ext.train", "coreset_ext.triton_kernels"],
     # triton_kernels/ lives at the top of the repository but installs inside the package: a
     # top-level module named `triton_kernels` would collide with other packages of that name.
     package_dir={"coreset_ext": "coreset_ext", "coreset_ext.triton_kernels": "triton_kernels"},

@@ -1,6 +1,6 @@
 // The op schemas of coreset_ext, in one place. Kernels register their implementations from
 // csrc/cpu/<op>_cpu.cpp and csrc/cuda/<op>_cuda.cu with TORCH_LIBRARY_IMPL; fake kernels and
-// autograd formulas are registered from Python (coreset_ext/ops.py).
+// autograd formulas are registered from Python (coreset_ext/ops/).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -28,7 +28,7 @@ TORCH_LIBRARY(coreset_ext, m) {
   // x grouped by labels (int64). Deterministic, no float atomics. Bounds checked by the kernels
   // (CPU: error before any write; CUDA: out-of-range labels are never read or written).
   m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor, Tensor)");
-  // CPU backend of the Python custom op coreset_ext::kmeans_assign (ops.py): x float32/float64,
+  // CPU backend of the Python custom op coreset_ext::kmeans_assign (ops/kmeans.py): x float32/float64,
   // centroids prepared by the caller (normalised for cosine). -> (labels int64, distance float32).
   m.def("kmeans_assign_cpu(Tensor x, Tensor centroids, bool cosine) -> (Tensor, Tensor)");
   // The same fused with kmeans_update (one pass over x): -> (labels, distance, sums, counts);

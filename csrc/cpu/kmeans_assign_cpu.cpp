@@ -5,7 +5,7 @@
 // avoids a parallel region per GEMM, which on a small or busy machine costs more than the GEMM
 // itself. Only a block x k score matrix exists at a time, in a buffer each task reuses. The
 // argmin keeps the first minimum (lowest index wins ties). Centroids arrive prepared by the
-// caller (coreset_ext/ops.py): normalised for cosine.
+// caller (coreset_ext/ops/kmeans.py): normalised for cosine.
 //
 // kmeans_lloyd_step_cpu fuses the update into the same pass (the rows are still in cache): the
 // sums are formed exactly as kmeans_update_cpu forms them (same fixed row ranges, double
