@@ -1,88 +1,32 @@
-"""Per-example score accumulation during training.
+"""Per-example score accumulation during training: `ScoreTracker` and `TrainingDynamics`.
 
-`ScoreTracker` keeps, for each named metric, a running sum and a count per example of the data
-set, updated in place through `ops.score_scatter_add_` (duplicates summed; one host
-synchronisation per update, for the checks). It saves atomically to a non-pickle `.npz` file holding the
-buffers and a JSON metadata record.
+Both keep per-example buffers on the device where the values are produced, updated in place
+through `ops.score_scatter_add_` (duplicates summed), with every check done before anything is
+written, at one host synchronisation per update. What they share lives in `PerExampleState`: the
+data set they describe (its size and fingerprint), moving between devices, `state_dict`, and
+atomic, pickle-free saving through `coreset_ext.io` (.npz of the buffers plus a JSON record).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from typing import ClassVar, TypeVar
 
-import numpy as np
 import torch
 
 from coreset_ext import ops
+from coreset_ext._validation import (Options, check, check_same_device, check_tensor, describe, nonnegative_int,
+                                     positive_int)
+from coreset_ext.io import load_npz, save_npz
+from coreset_ext.ops.scatter import INDEX_DTYPES, SCATTER_VALUE_DTYPES
 
-FORMAT_VERSION = 1
-_NAN_POLICIES = ("error", "skip", "ignore")
+__all__ = ["PerExampleState", "ScoreTracker", "TrainingDynamics"]
 
+NAN_POLICIES = Options("error", "skip", "ignore")
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-def _library_version() -> str:
-    from coreset_ext import __version__
-
-    return __version__
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` so that a crash at any moment leaves either the old file or the new.
-
-    The bytes go to a temporary file in the same directory, are fsynced, then renamed over `path`
-    (rename is atomic on POSIX), and the directory entry is fsynced too.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Atomically saves arrays plus a JSON metadata record (key `__meta__`) as an uncompressed npz."""
-    import io
-
-    buf = io.BytesIO()
-    payload = dict(arrays)
-    payload["__meta__"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    np.savez(buf, **payload)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads what `save_npz` wrote, without unpickling anything."""
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files if k != "__meta__"}
-        if "__meta__" not in f.files:
-            raise ValueError(f"{path} has no __meta__ record: not a coreset-ext file")
-        meta = json.loads(bytes(f["__meta__"]).decode())
-    return arrays, meta
-
-
-def save_state(path: str | os.PathLike, state: dict) -> None:
-    """Atomically saves a `state_dict()` (tensors plus its "meta" record) with `save_npz`."""
-    state = dict(state)
-    meta = state.pop("meta")
-    save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+State = TypeVar("State", bound="PerExampleState")
 
 
 def _copy_buffer(dst: torch.Tensor, state: dict, key: str) -> None:
@@ -101,26 +45,96 @@ def _copy_buffer(dst: torch.Tensor, state: dict, key: str) -> None:
     dst.copy_(src)
 
 
-def load_checked(
-    path: str | os.PathLike, kind: str, *, num_samples: int | None, fingerprint: str | None,
-) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads what `save_state` wrote for an object of `kind`, checking the format version and,
-    where given, that the file was written for `num_samples` examples of data set `fingerprint`."""
-    arrays, meta = load_npz(path)
-    if meta.get("kind") != kind:
-        raise ValueError(f"{path} is not a {kind} file (kind={meta.get('kind')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
-    if num_samples is not None and num_samples != meta["num_samples"]:
-        raise ValueError(
-            f"num_samples: {path} was written for {meta['num_samples']} examples, not {num_samples}"
-        )
-    if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
-        raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
-    return arrays, meta
+class PerExampleState:
+    """Per-example buffers of one data set on one device, and their saving and loading.
+
+    A subclass allocates its tensors in `self.buffers` (one entry per example along dim 0), keyed
+    by the name each is saved under, and names in `MATCHING` the settings (metadata keys) a saved
+    state must share with the object it is loaded into. The file's `kind` is the class's `kind`.
+    """
+
+    kind: ClassVar[str]
+    noun: ClassVar[str]  # how error messages call an instance ("this tracker has ...")
+    MATCHING: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, num_samples: int, *, fingerprint: str | None = None,
+                 deterministic: bool | None = None) -> None:
+        self.num_samples = positive_int("num_samples", num_samples)
+        self.fingerprint = fingerprint
+        self.deterministic = deterministic
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers.values())).device
+
+    def to(self: State, device: torch.device | str) -> State:
+        """Moves every buffer to `device`; returns self."""
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+    def _check_device(self, **tensors: torch.Tensor) -> None:
+        """Every tensor on the buffers' device (ValueError naming the first that is not)."""
+        check_same_device(**{f"this {self.noun}": next(iter(self.buffers.values())), **tensors})
+
+    def _add(self, buffer: str, index: torch.Tensor, values: torch.Tensor) -> None:
+        # the caller checked the index range once for all its buffers
+        ops.score_scatter_add_(self.buffers[buffer], index, values, deterministic=self.deterministic, validate=False)
+
+    def _meta(self) -> dict:
+        """The JSON record saved with the buffers; subclasses add their settings."""
+        return {"kind": self.kind, "num_samples": self.num_samples, "fingerprint": self.fingerprint}
+
+    def state_dict(self) -> dict:
+        """{"meta": the JSON record, <buffer name>: a CPU copy of the buffer, ...}."""
+        return {"meta": self._meta(), **{k: v.detach().cpu().clone() for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copies a `state_dict()` into the buffers, after checking it describes the same data set
+        (size and, where both know it, fingerprint) with the same settings."""
+        meta, mine = state["meta"], self._meta()
+        if meta.get("kind", self.kind) != self.kind:
+            raise ValueError(f"the state is not {self.kind} (kind={meta.get('kind')!r})")
+        if meta["num_samples"] != self.num_samples:
+            raise ValueError(f"num_samples: the state holds {meta['num_samples']} examples but this {self.noun} has "
+                             f"{self.num_samples}")
+        for key in self.MATCHING:
+            if meta[key] != mine[key]:
+                raise ValueError(f"{key}: the state holds {meta[key]!r} but this {self.noun} has {mine[key]!r}")
+        if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
+            raise ValueError(f"fingerprint: the state was written for data set {meta['fingerprint']!r}, "
+                             f"this {self.noun} is for {self.fingerprint!r}")
+        for key, buffer in self.buffers.items():
+            _copy_buffer(buffer, state, key)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomically writes the buffers to `path` (.npz: buffers plus JSON metadata, no pickle)."""
+        state = self.state_dict()
+        meta = state.pop("meta")
+        save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
+
+    @classmethod
+    def _empty_from(cls: type[State], meta: dict, device: torch.device | str | None) -> State:
+        """A zeroed object with the settings recorded in a file's `meta`."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(
+        cls: type[State], path: str | os.PathLike, *, num_samples: int | None = None,
+        device: torch.device | str | None = None, fingerprint: str | None = None,
+    ) -> State:
+        """Reads what `save` wrote. `num_samples`/`fingerprint`, if given, must match the file."""
+        arrays, meta = load_npz(path, kind=cls.kind)
+        if num_samples is not None and num_samples != meta["num_samples"]:
+            raise ValueError(f"num_samples: {path} was written for {meta['num_samples']} examples, not {num_samples}")
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
+        obj = cls._empty_from(meta, device)
+        obj.load_state_dict({"meta": meta, **arrays})
+        return obj
 
 
-class ScoreTracker:
+class ScoreTracker(PerExampleState):
     """Running per-example sums and counts of named scores, on any device.
 
     Args:
@@ -133,6 +147,8 @@ class ScoreTracker:
         fingerprint: optional string identifying the data set, stored with saves and checked on load.
         deterministic: passed to the scatter op (None: follow torch's deterministic-algorithms flag).
 
+    `sums[m]` and `counts[m]` are the float32 buffers of metric m (saved as "sum/m", "count/m").
+
     Example:
         >>> import torch, coreset_ext as cx
         >>> tracker = cx.ScoreTracker(10, metrics=("css",))
@@ -144,6 +160,10 @@ class ScoreTracker:
         torch.Size([10])
     """
 
+    kind = "ScoreTracker"
+    noun = "tracker"
+    MATCHING = ("metrics",)
+
     def __init__(
         self,
         num_samples: int,
@@ -154,25 +174,26 @@ class ScoreTracker:
         fingerprint: str | None = None,
         deterministic: bool | None = None,
     ) -> None:
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        super().__init__(num_samples, fingerprint=fingerprint, deterministic=deterministic)
         metrics = tuple(metrics)
         if not metrics or len(set(metrics)) != len(metrics) or not all(isinstance(m, str) and m for m in metrics):
             raise ValueError(f"metrics must be distinct non-empty names, got {metrics!r}")
-        if nan not in _NAN_POLICIES:
-            raise ValueError(f"nan must be one of {_NAN_POLICIES}, got {nan!r}")
-        self.num_samples = num_samples
         self.metrics = metrics
-        self.nan = nan
-        self.fingerprint = fingerprint
-        self.deterministic = deterministic
+        self.nan = check("nan", nan, NAN_POLICIES)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.sums = {m: torch.zeros(num_samples, dtype=torch.float32, device=device) for m in metrics}
-        self.counts = {m: torch.zeros(num_samples, dtype=torch.float32, device=device) for m in metrics}
+        for m in metrics:
+            self.buffers[f"sum/{m}"] = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
+            self.buffers[f"count/{m}"] = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
 
     @property
-    def device(self) -> torch.device:
-        return self.sums[self.metrics[0]].device
+    def sums(self) -> dict[str, torch.Tensor]:
+        """Each metric's per-example sum [N] float32 (the buffer itself: ops may add into it)."""
+        return {m: self.buffers[f"sum/{m}"] for m in self.metrics}
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """How many values each example received, per metric [N] float32 (the buffer itself)."""
+        return {m: self.buffers[f"count/{m}"] for m in self.metrics}
 
     def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:
         """Adds each metric's values at the examples' indices (duplicates summed) and counts them."""
@@ -180,18 +201,14 @@ class ScoreTracker:
         if unknown:
             raise ValueError(f"unknown metric(s) {sorted(unknown)}; this tracker has {list(self.metrics)}")
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
-            raise ValueError(f"index must be a 1-D tensor, got {ops._describe(index)}")
-        if index.device != self.device:
-            raise ValueError(f"index is on {index.device} but the tracker's buffers are on {self.device}")
-        if index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index must be a 1-D tensor, got {describe(index)}")
+        if index.dtype not in INDEX_DTYPES:
             raise ValueError(f"index must be int32 or int64, got {index.dtype}")
         for name, v in values.items():
-            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.dtype not in ops._SCATTER_VALUE_DTYPES:
-                raise ValueError(f"{name} must be a 1-D float32, float16 or bfloat16 tensor, got {ops._describe(v)}")
+            check_tensor(name, v, dim=1, dtypes=SCATTER_VALUE_DTYPES)
             if v.shape[0] != index.shape[0]:
                 raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
-            if v.device != self.device:
-                raise ValueError(f"{name} is on {v.device} but the tracker's buffers are on {self.device}")
+        self._check_device(index=index, **values)
         if index.numel() == 0:
             return
         # Everything is checked before anything is written, at one host synchronisation: the index
@@ -216,74 +233,23 @@ class ScoreTracker:
             if self.nan == "skip" and nonfinite[i]:
                 finite = torch.isfinite(v)
                 idx, v = index[finite], v[finite]
-            ops.score_scatter_add_(self.sums[name], idx, v, deterministic=self.deterministic, validate=False)
-            ops.score_scatter_add_(self.counts[name], idx, torch.ones_like(v, dtype=torch.float32),
-                                   deterministic=self.deterministic, validate=False)
+            self._add(f"sum/{name}", idx, v)
+            self._add(f"count/{name}", idx, torch.ones_like(v, dtype=torch.float32))
 
     def mean(self) -> dict[str, torch.Tensor]:
         """Per-example mean of each metric over the times the example was seen (NaN if never)."""
-        return {m: self.sums[m] / self.counts[m] for m in self.metrics}
+        return {m: self.buffers[f"sum/{m}"] / self.buffers[f"count/{m}"] for m in self.metrics}
 
     def reset(self) -> None:
-        for m in self.metrics:
-            self.sums[m].zero_()
-            self.counts[m].zero_()
-
-    def to(self, device: torch.device | str) -> "ScoreTracker":
-        for m in self.metrics:
-            self.sums[m] = self.sums[m].to(device)
-            self.counts[m] = self.counts[m].to(device)
-        return self
+        for buffer in self.buffers.values():
+            buffer.zero_()
 
     def _meta(self) -> dict:
-        return {
-            "kind": "ScoreTracker",
-            "format_version": FORMAT_VERSION,
-            "library_version": _library_version(),
-            "num_samples": self.num_samples,
-            "metrics": list(self.metrics),
-            "fingerprint": self.fingerprint,
-        }
-
-    def state_dict(self) -> dict:
-        state = {"meta": self._meta()}
-        for m in self.metrics:
-            state[f"sum/{m}"] = self.sums[m].detach().cpu().clone()
-            state[f"count/{m}"] = self.counts[m].detach().cpu().clone()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        meta = state["meta"]
-        if meta["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"num_samples: the state holds {meta['num_samples']} examples but this tracker has "
-                f"{self.num_samples}"
-            )
-        if list(meta["metrics"]) != list(self.metrics):
-            raise ValueError(f"metrics: the state holds {meta['metrics']} but this tracker has {list(self.metrics)}")
-        if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
-            raise ValueError(
-                f"fingerprint: the state was written for data set {meta['fingerprint']!r}, "
-                f"this tracker is for {self.fingerprint!r}"
-            )
-        for m in self.metrics:
-            _copy_buffer(self.sums[m], state, f"sum/{m}")
-            _copy_buffer(self.counts[m], state, f"count/{m}")
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Atomically writes the tracker to `path` (.npz: buffers plus JSON metadata, no pickle)."""
-        save_state(path, self.state_dict())
+        return {**super()._meta(), "metrics": list(self.metrics)}
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, *, num_samples: int | None = None, device: torch.device | str | None = None,
-        fingerprint: str | None = None,
-    ) -> "ScoreTracker":
-        """Reads a tracker saved by `save`. `num_samples`/`fingerprint`, if given, must match the file."""
-        arrays, meta = load_checked(path, "ScoreTracker", num_samples=num_samples, fingerprint=fingerprint)
-        tracker = cls(meta["num_samples"], meta["metrics"], device=device, fingerprint=meta.get("fingerprint"))
-        tracker.load_state_dict({"meta": meta, **arrays})
-        return tracker
+    def _empty_from(cls, meta: dict, device: torch.device | str | None) -> "ScoreTracker":
+        return cls(meta["num_samples"], meta["metrics"], device=device, fingerprint=meta.get("fingerprint"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,7 +259,7 @@ class ScoreTracker:
 _NEVER_SEEN, _WAS_WRONG, _WAS_RIGHT = -1, 0, 1
 
 
-class TrainingDynamics:
+class TrainingDynamics(PerExampleState):
     """Per-example training dynamics of a classifier, accumulated on the device step by step.
 
     Each `update(logits, targets, index, epoch=e)` takes a batch's logits [B, C], its (pseudo-)
@@ -321,52 +287,40 @@ class TrainingDynamics:
         (torch.Size([10]), 2)
     """
 
+    kind = "TrainingDynamics"
+    noun = "TrainingDynamics"
+    MATCHING = ("el2n_epochs",)
     _SUMS = ("aum_sum", "seen", "forget_events", "correct_count", "el2n_sum", "el2n_count")
 
     def __init__(
         self, num_samples: int, *, el2n_epochs: int = 10, device: torch.device | str | None = None,
         fingerprint: str | None = None, deterministic: bool | None = None,
     ) -> None:
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        if not isinstance(el2n_epochs, int) or isinstance(el2n_epochs, bool) or el2n_epochs < 0:
-            raise ValueError(f"el2n_epochs must be a non-negative int, got {el2n_epochs!r}")
-        self.num_samples = num_samples
-        self.el2n_epochs = el2n_epochs
-        self.fingerprint = fingerprint
-        self.deterministic = deterministic
+        super().__init__(num_samples, fingerprint=fingerprint, deterministic=deterministic)
+        self.el2n_epochs = nonnegative_int("el2n_epochs", el2n_epochs)
         self.steps = 0
         device = torch.device(device) if device is not None else torch.device("cpu")
-        self.buffers = {k: torch.zeros(num_samples, dtype=torch.float32, device=device) for k in self._SUMS}
-        self.last_correct = torch.full((num_samples,), _NEVER_SEEN, dtype=torch.int8, device=device)
+        for k in self._SUMS:
+            self.buffers[k] = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
+        self.buffers["last_correct"] = torch.full((self.num_samples,), _NEVER_SEEN, dtype=torch.int8, device=device)
 
     @property
-    def device(self) -> torch.device:
-        return self.last_correct.device
-
-    def _add(self, name: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        # update() checked the index range once for all six buffers
-        ops.score_scatter_add_(self.buffers[name], index, values.float(), deterministic=self.deterministic,
-                               validate=False)
+    def last_correct(self) -> torch.Tensor:
+        """Per example [N] int8: -1 never seen, else whether its last sighting was correct (0 or 1)."""
+        return self.buffers["last_correct"]
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, *, epoch: int) -> None:
         """Records one step: logits [B, C], targets [B] in [0, C), index [B] in [0, num_samples)."""
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.dtype.is_floating_point:
-            raise ValueError(f"logits must be a 2-D float tensor [B, C], got {ops._describe(logits)}")
+        check_tensor("logits", logits, dim=2, dtypes=LOGIT_DTYPES, what="[B, C]")
         b, c = logits.shape
         if c < 2:
             raise ValueError(f"logits needs at least 2 classes (columns), got {c}")
-        if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"targets must be a 1-D int32 or int64 tensor, got {ops._describe(targets)}")
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"index must be a 1-D int32 or int64 tensor, got {ops._describe(index)}")
+        check_tensor("targets", targets, dim=1, dtypes=INDEX_DTYPES)
+        check_tensor("index", index, dim=1, dtypes=INDEX_DTYPES)
         if targets.shape[0] != b or index.shape[0] != b:
             raise ValueError(f"logits has {b} rows, targets {targets.shape[0]} and index {index.shape[0]}: they must match")
-        for name, t in (("logits", logits), ("targets", targets), ("index", index)):
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device} but the dynamics' buffers are on {self.device}")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self._check_device(logits=logits, targets=targets, index=index)
+        nonnegative_int("epoch", epoch)
         if b == 0:
             self.steps += 1
             return
@@ -417,8 +371,7 @@ class TrainingDynamics:
         """Per-example AUM [N]: the margins summed over steps ("sum", default) or their mean
         ("mean"); NaN for examples never seen. Low AUM = hard (likely mislabelled)."""
         self._require_steps()
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        check("reduction", reduction, Options("sum", "mean"))
         s, n = self.buffers["aum_sum"], self.buffers["seen"]
         return self._unseen_nan(s if reduction == "sum" else s / n.clamp_min(1), n)
 
@@ -447,61 +400,14 @@ class TrainingDynamics:
         """How many times each example was seen [N] (float32)."""
         return self.buffers["seen"].clone()
 
-    def to(self, device: torch.device | str) -> "TrainingDynamics":
-        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
-        self.last_correct = self.last_correct.to(device)
-        return self
-
     def _meta(self) -> dict:
-        return {
-            "kind": "TrainingDynamics",
-            "format_version": FORMAT_VERSION,
-            "library_version": _library_version(),
-            "num_samples": self.num_samples,
-            "el2n_epochs": self.el2n_epochs,
-            "steps": self.steps,
-            "fingerprint": self.fingerprint,
-        }
-
-    def state_dict(self) -> dict:
-        state = {"meta": self._meta(), "last_correct": self.last_correct.detach().cpu().clone()}
-        for k in self._SUMS:
-            state[k] = self.buffers[k].detach().cpu().clone()
-        return state
+        return {**super()._meta(), "el2n_epochs": self.el2n_epochs, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        meta = state["meta"]
-        if meta.get("kind") != "TrainingDynamics":
-            raise ValueError(f"the state is not TrainingDynamics (kind={meta.get('kind')!r})")
-        if meta["num_samples"] != self.num_samples:
-            raise ValueError(
-                f"num_samples: the state holds dynamics of {meta['num_samples']} examples but this one has "
-                f"{self.num_samples}"
-            )
-        if meta["el2n_epochs"] != self.el2n_epochs:
-            raise ValueError(f"el2n_epochs: the state used {meta['el2n_epochs']}, this one {self.el2n_epochs}")
-        if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
-            raise ValueError(
-                f"fingerprint: the state was written for data set {meta['fingerprint']!r}, "
-                f"these dynamics are for {self.fingerprint!r}"
-            )
-        for k in self._SUMS:
-            _copy_buffer(self.buffers[k], state, k)
-        _copy_buffer(self.last_correct, state, "last_correct")
-        self.steps = int(meta["steps"])
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Atomically writes the dynamics to `path` (.npz: buffers plus JSON metadata, no pickle)."""
-        save_state(path, self.state_dict())
+        super().load_state_dict(state)
+        self.steps = int(state["meta"]["steps"])
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, *, num_samples: int | None = None, device: torch.device | str | None = None,
-        fingerprint: str | None = None,
-    ) -> "TrainingDynamics":
-        """Reads dynamics saved by `save`. `num_samples`/`fingerprint`, if given, must match the file."""
-        arrays, meta = load_checked(path, "TrainingDynamics", num_samples=num_samples, fingerprint=fingerprint)
-        dyn = cls(meta["num_samples"], el2n_epochs=meta["el2n_epochs"], device=device,
-                  fingerprint=meta.get("fingerprint"))
-        dyn.load_state_dict({"meta": meta, **arrays})
-        return dyn
+    def _empty_from(cls, meta: dict, device: torch.device | str | None) -> "TrainingDynamics":
+        return cls(meta["num_samples"], el2n_epochs=meta["el2n_epochs"], device=device,
+                   fingerprint=meta.get("fingerprint"))

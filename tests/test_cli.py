@@ -77,7 +77,7 @@ def test_select_supervised_baseline_and_embeddings_file(tmp_path_factory, capsys
     sel = Selection.load(tmp / "aum.npz")
     assert len(sel) == 144 and sel.method == "aum" and sel.scores is not None
     # An embeddings file in place of the run: same selection as the run's own embeddings.
-    from coreset_ext.scores import load_npz
+    from coreset_ext.io import load_npz
 
     arrays, _ = load_npz(run / "embeddings.npz")
     np.save(tmp / "emb.npy", arrays["train"])
@@ -149,7 +149,7 @@ def test_bad_arguments_fail_cleanly(tmp_path_factory, argv, message, capsys):
     import numpy as np
     import torch
 
-    from coreset_ext.scores import load_npz, save_npz
+    from coreset_ext.io import load_npz, save_npz
     from coreset_ext.select import Selection
 
     tmp = tmp_path_factory.mktemp("bad")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import coreset_ext as cx
-from coreset_ext import scores as scores_mod
+from coreset_ext import io as scores_mod
 
 
 def naive_sums(n, steps):

@@ -258,7 +258,7 @@ def test_out_of_range_or_repeated_method_indices_are_rejected(bad):
 
 
 def test_load_rejects_indices_outside_the_data_set(tmp_path):
-    from coreset_ext.scores import save_npz
+    from coreset_ext.io import save_npz
 
     idx = torch.randperm(20, generator=torch.Generator().manual_seed(8))[:6]
     good = Selection(idx, "random", dataset_size=20)

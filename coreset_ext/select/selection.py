@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from coreset_ext.scores import load_npz, save_npz
-
-FORMAT_VERSION = 1
+from coreset_ext.io import load_npz, save_npz
 
 
 def check_indices(indices: torch.Tensor, n: int) -> None:
@@ -70,7 +68,9 @@ class Selection:
     def fraction(self) -> float:
         return len(self) / self.dataset_size
 
-    def _check_dataset(self, dataset) -> None:
+    def check_dataset(self, dataset) -> None:
+        """ValueError unless `dataset` has the size (and, where both know it, the fingerprint) of
+        the data set this selection was made for."""
         n = len(dataset)
         if n != self.dataset_size:
             raise ValueError(f"dataset: this selection was made for a data set of {self.dataset_size} examples, "
@@ -82,7 +82,7 @@ class Selection:
 
     def subset(self, dataset) -> torch.utils.data.Subset:
         """`torch.utils.data.Subset(dataset, indices)` after checking size and fingerprint match."""
-        self._check_dataset(dataset)
+        self.check_dataset(dataset)
         return torch.utils.data.Subset(dataset, self.indices.tolist())
 
     def save(self, path: str | os.PathLike) -> None:
@@ -90,7 +90,7 @@ class Selection:
         arrays = {"indices": self.indices.cpu().numpy().astype(np.int64)}
         if self.scores is not None:
             arrays["scores"] = self.scores.detach().cpu().numpy().astype(np.float32)
-        meta = {"kind": "Selection", "format_version": FORMAT_VERSION, "method": self.method,
+        meta = {"kind": "Selection", "method": self.method,
                 "options": self.options, "dataset_size": self.dataset_size, "seed": self.seed,
                 "fingerprint": self.fingerprint, "budget": len(self)}
         save_npz(path, arrays, meta)
@@ -98,11 +98,7 @@ class Selection:
     @classmethod
     def load(cls, path: str | os.PathLike, *, dataset=None) -> "Selection":
         """Reads `save`'s file; with `dataset`, also checks it is the data set the selection was made for."""
-        arrays, meta = load_npz(path)
-        if meta.get("kind") != "Selection":
-            raise ValueError(f"path: {path} is not a Selection file (kind={meta.get('kind')!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"path: {path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
+        arrays, meta = load_npz(path, kind="Selection")
         try:  # the constructor checks the indices against dataset_size
             # no .long() here: float indices would be truncated to valid-looking integers
             sel = cls(indices=torch.from_numpy(arrays["indices"]), method=meta["method"],
@@ -113,5 +109,5 @@ class Selection:
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"path: {path} holds an invalid Selection: {e}") from None
         if dataset is not None:
-            sel._check_dataset(dataset)
+            sel.check_dataset(dataset)
         return sel

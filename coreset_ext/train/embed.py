@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from coreset_ext.reference import normalize
-from coreset_ext.scores import load_npz
+from coreset_ext.io import load_npz
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.models import evaluating_on
@@ -124,7 +124,7 @@ def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m
     proxy_embeddings.npz and dynamics_<kind>_seed<seed>.npz (loadable through the methods'
     `dynamics=` option) and adds their paths under "files".
     """
-    from coreset_ext.scores import save_npz
+    from coreset_ext.io import save_npz
     from coreset_ext.select.elfs import dynamics_for, pseudo_labels_for
 
     emb = proxy_embeddings(model, train_ds, m, augment=augment, device=device)

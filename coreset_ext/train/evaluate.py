@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from coreset_ext.scores import atomic_write_bytes
+from coreset_ext.io import atomic_write_bytes
 from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.models import build_encoder, evaluating_on
 
@@ -258,7 +258,7 @@ def evaluate_ssl(selections: list, *, data: str = "digits", data_dir: str | None
     test_ds = load_dataset(data, split="test", data_dir=data_dir)
     jobs = []
     for sel in selections:
-        sel._check_dataset(train_ds)
+        sel.check_dataset(train_ds)
         jobs.append((sel.method, sel))
     if random_baseline:
         jobs += [("random", b) for b in sorted({len(s) for s in selections})]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coreset_ext.scores import atomic_write_bytes, load_npz, save_npz
+from coreset_ext.io import atomic_write_bytes, load_npz, save_npz
 from coreset_ext.select import Selection, select
 from coreset_ext.train.data import ArrayDataset, load_dataset
 from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, train_from_scratch,
@@ -214,7 +214,7 @@ def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | No
     rows = []
     jobs = []
     for sel in selections:
-        sel._check_dataset(train_ds)
+        sel.check_dataset(train_ds)
         jobs.append((sel.method, sel))
     if random_baseline:
         for budget in sorted({len(s) for s in selections}):

@@ -35,7 +35,8 @@ from typing import Callable
 import torch
 
 from coreset_ext.reference import normalize, pair_cosine
-from coreset_ext.scores import ScoreTracker, atomic_write_bytes
+from coreset_ext.io import atomic_write_bytes
+from coreset_ext.scores import ScoreTracker
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.losses import contrastive_step_loss
