@@ -12,8 +12,8 @@ import coreset_ext as cx
 from coreset_ext import TrainingDynamics
 from coreset_ext.select import pruning
 from coreset_ext.select.elfs import choose_beta, coverage, hardness
-from coreset_ext.select.pseudo_labels import deep_cluster_pseudo_labels, kmeans_pseudo_labels, pseudo_labels
-from coreset_ext.train.proxy import train_proxy_classifier
+from coreset_ext.proxy import train_proxy_classifier
+from coreset_ext.pseudo_labels import deep_cluster_pseudo_labels, kmeans_pseudo_labels, pseudo_labels
 
 
 def _blobs(gen, per=30, k=3, d=6):
@@ -194,7 +194,7 @@ def test_bad_input(tmp_path, gen):
 @pytest.mark.parametrize("rows", [7, 4096])
 def test_score_heads_chunked_equals_the_full_formula(gen, rows):
     # The head scoring streams row chunks; it must give what the [H, N, K] formula it replaced gave.
-    from coreset_ext.select.pseudo_labels import _score_heads
+    from coreset_ext.pseudo_labels import _score_heads
 
     h, n, d, k, knn, beta = 3, 53, 5, 4, 6, 0.6
     x = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -215,7 +215,7 @@ def test_score_heads_chunked_equals_the_full_formula(gen, rows):
 
 
 def test_pseudo_label_memo_tells_shapes_apart():
-    from coreset_ext.select.elfs import pseudo_labels_for
+    from coreset_ext.proxy import pseudo_labels_for
 
     x = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
     assert pseudo_labels_for(x, 2).shape == (40,)

@@ -5,13 +5,11 @@
     sel.save("css30.npz"); subset = sel.subset(train_set)
 """
 
-from coreset_ext.select.registry import available_methods, register_method, select
+from coreset_ext.select.registry import (available_methods, needs_labels, register_method, select,
+                                         supervised_methods)
 from coreset_ext.select.selection import Selection
 
 # Importing the method modules registers them.
-from coreset_ext.select import balanced_random, css, kcenter, prototypes, random  # noqa: E402,F401
+from coreset_ext.select import balanced_random, css, elfs, kcenter, prototypes, random, sas  # noqa: E402,F401
 
-__all__ = ["Selection", "available_methods", "register_method", "select"]
-
-# --- SAS and ELFS selectors and the dynamics baselines (issues 6 and 7) ---
-from coreset_ext.select import elfs, sas  # noqa: E402,F401
+__all__ = ["Selection", "available_methods", "needs_labels", "register_method", "select", "supervised_methods"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from coreset_ext._validation import Options, check
+from coreset_ext.cluster import KMeans
 from coreset_ext.select.registry import register_method, require_labels
 
 
@@ -20,8 +22,6 @@ def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor
         order = torch.sort(exact - take, descending=True, stable=True).indices
         take[order[:rest]] += 1
         return take
-    if allocation != "equal":
-        raise ValueError(f"allocation must be 'equal' or 'proportional', got {allocation!r}")
     # Water-filling: the highest level L with sum(min(size, L)) <= budget; then one more each for
     # the groups still open (larger than L), lowest index first, until the budget is spent. Every
     # group that can gets L or L + 1.
@@ -38,20 +38,18 @@ def _allocate(sizes: torch.Tensor, budget: int, allocation: str) -> torch.Tensor
     return take
 
 
-@register_method("balanced_random")
+# by="class" needs the labels; by=None (the default) reads them only if the caller passes them
+@register_method("balanced_random", supervised=lambda options: options.get("by") == "class")
 def balanced_random(budget: int, *, n: int, labels=None, embeddings=None, seed: int = 0, by: str | None = None,
                     n_clusters: int = 10, allocation: str = "equal") -> torch.Tensor:
-    by = by or ("class" if labels is not None else "cluster")
+    check("allocation", allocation, Options("equal", "proportional"))
+    by = check("by", by or ("class" if labels is not None else "cluster"), Options("class", "cluster"))
     if by == "class":
         groups = require_labels(labels, n, "balanced_random by='class'").long().cpu()
-    elif by == "cluster":
+    else:
         if embeddings is None:
             raise ValueError("embeddings: balanced_random by='cluster' needs embeddings, got None")
-        from coreset_ext.cluster import KMeans
-
         groups = torch.as_tensor(KMeans(n_clusters, seed=seed).fit(embeddings.float()).labels_).long().cpu()
-    else:
-        raise ValueError(f"by must be 'class' or 'cluster', got {by!r}")
     uniq, inv = torch.unique(groups, return_inverse=True)
     sizes = torch.bincount(inv, minlength=uniq.numel())
     take = _allocate(sizes, budget, allocation)

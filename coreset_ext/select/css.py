@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from coreset_ext._validation import Options, check
 from coreset_ext.select.registry import register_method, require
 
 
@@ -16,8 +17,7 @@ from coreset_ext.select.registry import register_method, require
 def css(budget: int, *, n: int, scores=None, order: str = "lowest") -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.as_tensor(require("scores", scores, "css"))
     s = s if s.dtype == torch.float64 else s.float()  # float64 scores sort as they are, not rounded
-    if order not in ("lowest", "highest"):
-        raise ValueError(f"order must be 'lowest' or 'highest', got {order!r}")
+    check("order", order, Options("lowest", "highest"))
     bad = ~torch.isfinite(s)
     if bool(bad.any()):
         raise ValueError(f"scores: {int(bad.sum())} of {n} examples have no finite score (never seen in training?)")

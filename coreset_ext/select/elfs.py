@@ -2,8 +2,8 @@
 `el2n`, `ccs`.
 
 ELFS: pseudo-labels (k-means on the embeddings, cosine metric, `n_clusters` K; or
-`pseudo_labels="deep_cluster"`, see `pseudo_labels.py`) -> a proxy classifier trained on them
-(`train.proxy.train_proxy_classifier`: linear or MLP on the frozen embeddings) records
+`pseudo_labels="deep_cluster"`, see `coreset_ext.pseudo_labels`) -> a proxy classifier trained on
+them (`coreset_ext.proxy.train_proxy_classifier`: linear or MLP on the frozen embeddings) records
 `TrainingDynamics` -> AUM (low = hard) -> double-end pruning (`variant="double_end"`, default:
 drop the hardest floor(beta N), keep the next n) or CCS (`variant="ccs"`: drop the hardest
 floor(beta N), spread n over `strata` equal-width AUM strata).
@@ -35,8 +35,8 @@ know the downstream task, and its winner is not guaranteed to be the accuracy-be
 `choose_beta` returns the whole table so a user can see the trade-off.
 
 Dynamics are computed inside the method from `embeddings` (+ `labels` for the supervised
-baselines), and memoised in-process per (embeddings, targets, proxy options, seed), so a sweep
-over fractions trains each proxy once. `dynamics="path.npz"` (a saved `TrainingDynamics`) uses
+baselines), and memoised in-process per (embeddings, targets, proxy options, seed) by
+`coreset_ext.proxy`, so a sweep over fractions trains each proxy once. `dynamics="path.npz"` (a saved `TrainingDynamics`) uses
 the user's dynamics instead (its number of examples must be N). `seed` seeds the pseudo-labels,
 the proxy and CCS's sampling.
 
@@ -49,45 +49,23 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from collections import OrderedDict
-
 import torch
 
 from coreset_ext import ops
+from coreset_ext._validation import Options, check, check_finite
+from coreset_ext.proxy import dynamics_for, pseudo_labels_for
 from coreset_ext.scores import TrainingDynamics
 from coreset_ext.select import pruning
-from coreset_ext.select.pseudo_labels import pseudo_labels as make_pseudo_labels
 from coreset_ext.select.registry import register_method, require, require_labels
 
-__all__ = ["choose_beta", "coverage", "dynamics_for", "hardness", "pseudo_labels_for"]
+__all__ = ["choose_beta", "coverage", "hardness"]
 
 BETA_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # 0.0 .. 0.5
-VARIANTS = ("double_end", "ccs")
+VARIANTS = Options("double_end", "ccs")
 SCORES = ("aum", "forgetting", "el2n")
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 16
 
 
 # ---------------------------------------------------------------------------------- dynamics
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def _memo(key: tuple, make):
-    key = json.dumps(key, sort_keys=True, default=str)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    value = make()
-    _CACHE[key] = value
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return value
-
-
 def _load_dynamics(path, n: int) -> TrainingDynamics:
     if not isinstance(path, str):
         raise ValueError(f"dynamics must be the path of a saved TrainingDynamics (.npz), got {type(path).__name__}")
@@ -97,33 +75,11 @@ def _load_dynamics(path, n: int) -> TrainingDynamics:
     return dyn
 
 
-def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int = 0, epochs: int = 20,
-                 hidden: int = 0, el2n_epochs: int = 2) -> TrainingDynamics:
-    """The proxy classifier's dynamics on (embeddings, targets), memoised in-process (read-only use)."""
-    from coreset_ext.train.proxy import train_proxy_classifier
-
-    key = ("dyn", tuple(embeddings.shape), _digest(embeddings.float()), _digest(targets.long()), seed, epochs,
-           hidden, el2n_epochs)
-    # Trained where the embeddings live (the GPU at scale); the dynamics come back on the CPU.
-    return _memo(key, lambda: train_proxy_classifier(embeddings, targets.to(embeddings.device), epochs=epochs,
-                                                     hidden=hidden, el2n_epochs=el2n_epochs, seed=seed,
-                                                     device=embeddings.device))
-
-
-def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method: str = "kmeans", seed: int = 0,
-                      **options) -> torch.Tensor:
-    """`pseudo_labels.pseudo_labels`, memoised in-process like `dynamics_for`."""
-    e = embeddings.float()
-    return _memo(("pl", tuple(e.shape), _digest(e), n_clusters, method, options, seed),
-                 lambda: make_pseudo_labels(e, n_clusters, method=method, seed=seed, **options))
-
-
 def hardness(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
     """Per-example scores [N] float64, ascending = hardest first, finite (as the pruning functions need):
     AUM; minus the forgetting events (never-learned examples: one more than the most forgotten);
     minus EL2N. Raises ValueError for examples the dynamics never saw."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    check("score", score, Options(*SCORES))
     if score == "aum":
         s = dyn.aum().double()
     elif score == "el2n":
@@ -159,13 +115,12 @@ def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, va
     table [(beta, coverage)] of every feasible grid point (module docstring)."""
     n = scores.numel()
     table = []
-    for beta in grid:
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"beta_grid: every beta must be in [0, 1), got {beta!r}")
-        if math.floor(float(beta) * n + pruning._FLOOR_SLACK) + keep > n:
+    for i, beta in enumerate(grid):
+        beta = check(f"beta_grid[{i}]", beta, pruning.BETA)
+        if pruning.hard_cut(beta, n) + keep > n:
             continue
-        subset = _prune(scores, keep, float(beta), variant, strata, seed, secondary)
-        table.append((float(beta), coverage(embeddings, subset)))
+        subset = _prune(scores, keep, beta, variant, strata, seed, secondary)
+        table.append((beta, coverage(embeddings, subset)))
     if not table:
         raise ValueError(f"beta_grid: no beta on the grid leaves room for {keep} of {n} examples")
     best = max(table, key=lambda t: (t[1], -t[0]))
@@ -173,8 +128,7 @@ def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, va
 
 
 def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_grid, secondary=None) -> torch.Tensor:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    check("variant", variant, VARIANTS)
     if beta is None:
         if embeddings is None:
             raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
@@ -190,12 +144,12 @@ def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_
 
 
 def _check_embeddings(embeddings) -> None:
-    if embeddings is not None and not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("embeddings contains NaN or Inf")
+    if embeddings is not None:
+        check_finite("embeddings", embeddings)
 
 
 # ---------------------------------------------------------------------------------- methods
-@register_method("elfs")
+@register_method("elfs")  # label-free: it reads pseudo-labels of its own
 def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
          pseudo_labels: str = "kmeans", deep_cluster: dict | None = None, score: str = "aum",
          variant: str = "double_end", beta: float | None = None, beta_grid=None, strata: int = 50,
@@ -241,10 +195,10 @@ def _dynamics_baseline(name: str):
 
 
 for _name in SCORES:
-    register_method(_name)(_dynamics_baseline(_name))
+    register_method(_name, supervised=True)(_dynamics_baseline(_name))
 
 
-@register_method("ccs")
+@register_method("ccs", supervised=True)
 def ccs(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, score: str = "aum",
         beta: float | None = None, beta_grid=None, strata: int = 50, dynamics: str | None = None,
         proxy_epochs: int = 20, proxy_hidden: int = 0):

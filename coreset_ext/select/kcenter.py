@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import reference
+from coreset_ext._validation import POSITIVE_INT, check, check_finite
 from coreset_ext.select.registry import register_method, require
 
 
@@ -18,10 +19,8 @@ from coreset_ext.select.registry import register_method, require
 def kcenter(budget: int, *, n: int, embeddings=None, seed: int = 0, normalize: bool = True,
             chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "kcenter").float()
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not bool(torch.isfinite(x).all()):  # NaN distances would make argmax pick centres twice
-        raise ValueError("embeddings contains NaN or Inf")
+    chunk_size = check("chunk_size", chunk_size, POSITIVE_INT)
+    check_finite("embeddings", x)  # NaN distances would make argmax pick centres twice
     if normalize:
         x = reference.normalize(x)
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import reference
+from coreset_ext._validation import Interval, Options, check
+from coreset_ext.cluster import KMeans
 from coreset_ext.select.registry import register_method, require
 
 
@@ -17,14 +19,10 @@ from coreset_ext.select.registry import register_method, require
 def prototypes(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
                keep: str = "hardest", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "prototypes").float()
-    if keep not in ("hardest", "easiest"):
-        raise ValueError(f"keep must be 'hardest' or 'easiest', got {keep!r}")
-    if not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be in 1 .. {n} (the data set size), got {n_clusters}")
+    check("keep", keep, Options("hardest", "easiest"))
+    check("n_clusters", n_clusters, Interval(int, 1, n))  # at most the data set size
     if normalize:
         x = reference.normalize(x)
-    from coreset_ext.cluster import KMeans
-
     km = KMeans(n_clusters, seed=seed).fit(x)
     centers = torch.as_tensor(km.cluster_centers_).to(x.device, x.dtype)
     _, dist = reference.kmeans_assign(x, centers)

@@ -15,19 +15,21 @@ from collections.abc import Sequence
 import torch
 
 from coreset_ext import ops, reference
+from coreset_ext._validation import (FRACTION, POSITIVE_INT, Interval, Options, check, check_finite,
+                                     check_same_device, check_tensor, is_int)
+from coreset_ext.ops.similarity import EMBEDDING_DTYPES
 
-__all__ = ["budget_size", "class_budgets", "sas_indices", "facility_location_greedy", "double_end_indices",
-           "ccs_indices"]
+__all__ = ["budget_size", "class_budgets", "sas_indices", "facility_location_greedy", "hard_cut",
+           "double_end_indices", "ccs_indices"]
 
 # Added before flooring products such as 0.29 * 100 = 28.999999999999996, so that exact
 # multiples are not lost to binary rounding.
 _FLOOR_SLACK = 1e-9
 
-
-def _check_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
-    return float(fraction)
+BETA = Interval(float, 0, 1, closed="left")  # the share of the hardest examples dropped: [0, 1)
+SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GROUP_DTYPES = (torch.int32, torch.int64)
+OBJECTIVES = Options("rowsum", "facility_location")
 
 
 def budget_size(fraction: float, total: int) -> int:
@@ -37,9 +39,8 @@ def budget_size(fraction: float, total: int) -> int:
         >>> budget_size(0.3, 10), budget_size(0.001, 10), budget_size(0.25, 10)
         (3, 1, 3)
     """
-    fraction = _check_fraction(fraction)
-    if total < 1:
-        raise ValueError(f"total must be at least 1, got {total}")
+    fraction = check("fraction", fraction, FRACTION)
+    total = check("total", total, POSITIVE_INT)
     return min(total, max(1, math.floor(fraction * total + 0.5 + _FLOOR_SLACK)))
 
 
@@ -56,7 +57,7 @@ def class_budgets(sizes: Sequence[int] | torch.Tensor, fraction: float) -> torch
         >>> class_budgets([10, 5, 3], 0.5).tolist()
         [5, 3, 1]
     """
-    fraction = _check_fraction(fraction)
+    fraction = check("fraction", fraction, FRACTION)
     sizes = torch.as_tensor(sizes)
     if sizes.dim() != 1 or sizes.dtype.is_floating_point or sizes.dtype == torch.bool:
         raise ValueError(f"sizes must be a 1-D sequence of ints, got {sizes.dtype} of shape {tuple(sizes.shape)}")
@@ -90,17 +91,14 @@ def _dense_groups(groups: torch.Tensor | None, n: int, device) -> tuple[torch.Te
 
 
 def _check_sas_inputs(embeddings, groups) -> None:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
-        raise ValueError(f"embeddings must be a 2-D float tensor, got {ops._describe(embeddings)}")
+    check_tensor("embeddings", embeddings, dim=2, dtypes=EMBEDDING_DTYPES, what="[N, D]")
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings has no rows: there is nothing to select from")
     if groups is not None:
-        if not isinstance(groups, torch.Tensor) or groups.dim() != 1 or groups.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"groups must be a 1-D int32 or int64 tensor, got {ops._describe(groups)}")
+        check_tensor("groups", groups, dim=1, dtypes=GROUP_DTYPES)
         if groups.shape[0] != embeddings.shape[0]:
             raise ValueError(f"groups has {groups.shape[0]} labels but embeddings has {embeddings.shape[0]} rows")
-        if groups.device != embeddings.device:
-            raise ValueError(f"groups is on {groups.device} but embeddings is on {embeddings.device}")
+        check_same_device(embeddings=embeddings, groups=groups)
 
 
 def _top_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
@@ -137,15 +135,13 @@ def sas_indices(
         30
     """
     _check_sas_inputs(embeddings, groups)
-    if objective not in ("rowsum", "facility_location"):
-        raise ValueError(f"objective must be 'rowsum' or 'facility_location', got {objective!r}")
+    check("objective", objective, OBJECTIVES)
     dense, sizes = _dense_groups(groups, embeddings.shape[0], embeddings.device)
     budgets = class_budgets(sizes, fraction)
     if objective == "rowsum":
         r = ops.cosine_rowsum(embeddings, clamp_min=clamp_min, groups=dense, backend=backend)
         return _top_per_group(r, dense, budgets)
-    if clamp_min < 0:
-        raise ValueError(f"clamp_min must be >= 0 for objective='facility_location', got {clamp_min}")
+    _check_facility_clamp(clamp_min)
     picked = []
     for k in range(sizes.numel()):
         if int(budgets[k]) == 0:
@@ -154,6 +150,11 @@ def sas_indices(
         local = facility_location_greedy(embeddings[members], int(budgets[k]), clamp_min=clamp_min)
         picked.append(members[local])
     return torch.sort(torch.cat(picked)).values
+
+
+def _check_facility_clamp(clamp_min) -> float:
+    # F(S) = sum_j max_{i in S} s_ij is monotone (the greedy's guarantee) only for s_ij >= 0
+    return check("clamp_min", clamp_min, Interval(float, 0, None))
 
 
 def _facility_gains(
@@ -185,11 +186,9 @@ def facility_location_greedy(
         >>> facility_location_greedy(torch.eye(3), 2).tolist()
         [0, 1]
     """
-    if clamp_min < 0:
-        raise ValueError(f"clamp_min must be >= 0 (F must be monotone), got {clamp_min}")
+    clamp_min = _check_facility_clamp(clamp_min)
     n = embeddings.shape[0]
-    if not isinstance(budget, int) or not 1 <= budget <= n:
-        raise ValueError(f"budget must be an int between 1 and {n}, got {budget!r}")
+    budget = check("budget", budget, Interval(int, 1, n))
     acc = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     xn = reference.normalize(embeddings.to(acc))
     cover = torch.zeros(n, dtype=acc, device=xn.device)  # max_{i in S} s_ij per column j
@@ -219,36 +218,35 @@ def facility_location_greedy(
     return torch.tensor(picks, dtype=torch.int64, device=embeddings.device)
 
 
-def _check_scores(scores) -> torch.Tensor:
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.dtype.is_floating_point:
-        raise ValueError(f"scores must be a 1-D float tensor, got {ops._describe(scores)}")
+def _check_scores(name: str, scores) -> torch.Tensor:
+    check_tensor(name, scores, dim=1, dtypes=SCORE_DTYPES)
     if scores.numel() == 0:
-        raise ValueError("scores is empty: there is nothing to select from")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores contains NaN or Inf (e.g. examples the dynamics never saw)")
+        raise ValueError(f"{name} is empty: there is nothing to select from")
+    check_finite(name, scores)  # e.g. examples the dynamics never saw
     return scores
 
 
-def _keep_count(keep, total: int) -> int:
-    """`keep` as a count: an int is a count, a float a fraction of `total` (see `budget_size`)."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ValueError(f"keep must be an int (a count) or a float (a fraction), got {keep!r}")
-    if isinstance(keep, int):
-        if not 1 <= keep <= total:
-            raise ValueError(f"keep must be between 1 and {total}, got {keep}")
-        return keep
-    return budget_size(keep, total)
+def hard_cut(beta: float, total: int) -> int:
+    """How many of the hardest examples double-end pruning and CCS drop: floor(beta * total).
+
+    Example:
+        >>> hard_cut(0.1, 50), hard_cut(0.29, 100)
+        (5, 29)
+    """
+    return math.floor(check("beta", beta, BETA) * total + _FLOOR_SLACK)
 
 
-def _hard_cut(beta, total: int, keep: int) -> int:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= float(beta) < 1.0:
-        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
-    cut = math.floor(float(beta) * total + _FLOOR_SLACK)
-    if cut + keep > total:
-        raise ValueError(
-            f"beta + keep exceed the data: dropping floor(beta * N) = {cut} and keeping {keep} of N = {total}"
-        )
-    return cut
+def _prune_split(scores, keep, beta) -> tuple[torch.Tensor, int, int]:
+    """The checked scores, the count `keep` (an int count, or a float fraction of N as in
+    `budget_size`) and the number `hard_cut` drops, which must leave room for `keep`."""
+    scores = _check_scores("scores", scores)
+    n = scores.numel()
+    keep = check("keep", keep, Interval(int, 1, n), FRACTION)
+    keep = keep if is_int(keep) else budget_size(keep, n)
+    cut = hard_cut(beta, n)
+    if cut + keep > n:
+        raise ValueError(f"beta + keep exceed the data: dropping floor(beta * N) = {cut} and keeping {keep} of N = {n}")
+    return scores, keep, cut
 
 
 def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float,
@@ -265,13 +263,11 @@ def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float,
         >>> double_end_indices(torch.tensor([0.5, -1.0, 2.0, 0.1, 0.9]), 2, 0.2).tolist()
         [0, 3]
     """
-    scores = _check_scores(scores)
+    scores, keep, cut = _prune_split(scores, keep, beta)
     n = scores.numel()
-    keep = _keep_count(keep, n)
-    cut = _hard_cut(beta, n, keep)
     order = torch.arange(n)
     if secondary is not None:
-        secondary = _check_scores(secondary)
+        secondary = _check_scores("secondary", secondary)
         if secondary.numel() != n:
             raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
         order = torch.sort(secondary, stable=True).indices
@@ -297,12 +293,8 @@ def ccs_indices(
         >>> ccs_indices(s, 3, strata=2, seed=0).numel()
         3
     """
-    scores = _check_scores(scores)
-    n = scores.numel()
-    keep = _keep_count(keep, n)
-    cut = _hard_cut(beta, n, keep)
-    if not isinstance(strata, int) or isinstance(strata, bool) or strata < 1:
-        raise ValueError(f"strata must be a positive int, got {strata!r}")
+    scores, keep, cut = _prune_split(scores, keep, beta)
+    strata = check("strata", strata, POSITIVE_INT)
     order = torch.sort(scores, stable=True).indices
     pool = order[cut:].cpu()
     vals = scores.cpu().double()[pool]

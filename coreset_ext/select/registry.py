@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import inspect
 import json
-import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
+from coreset_ext._validation import FRACTION, POSITIVE_INT, SEED, check
 from coreset_ext.select.pruning import budget_size
 from coreset_ext.select.selection import Selection
 
@@ -19,11 +20,25 @@ from coreset_ext.select.selection import Selection
 # and rejects any option it does not declare, so a misspelled option is an error, not a no-op.
 # Inputs arrive as tensors (or None), already checked to have n rows.
 MethodFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
-_METHODS: dict[str, MethodFn] = {}
 
 
-def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+@dataclass(frozen=True)
+class _Method:
+    fn: MethodFn
+    # whether it reads the ground-truth labels: always (True), never (False), or as its options
+    # say (a function of the options dict)
+    supervised: bool | Callable[[dict], bool]
+
+
+_METHODS: dict[str, _Method] = {}
+
+
+def register_method(name: str, *, supervised: bool | Callable[[dict], bool] = False) -> Callable[[MethodFn], MethodFn]:
     """Decorator adding a selection method under `name`.
+
+    `supervised` records whether the method reads the ground-truth labels: True for a method that
+    always does (the dynamics baselines), or a function of the options that says whether those
+    options make it read them (sas with classes="labels"). Callers ask `needs_labels`.
 
     Example:
         >>> import torch
@@ -35,7 +50,7 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
         [0, 1]
     """
     def deco(fn: MethodFn) -> MethodFn:
-        _METHODS[name] = fn
+        _METHODS[name] = _Method(fn, supervised)
         return fn
 
     return deco
@@ -43,6 +58,20 @@ def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
+
+
+def supervised_methods() -> list[str]:
+    """The registered methods that always read the ground-truth labels (registered with supervised=True)."""
+    return sorted(name for name, m in _METHODS.items() if m.supervised is True)
+
+
+def needs_labels(method: str, options: dict | None = None) -> bool:
+    """Whether `method` with these `options` reads the ground-truth labels (False for unknown names:
+    e.g. a results row labelled otherwise than by its method)."""
+    m = _METHODS.get(method)
+    if m is None:
+        return False
+    return m.supervised(options or {}) if callable(m.supervised) else m.supervised
 
 
 _INPUTS = ("n", "scores", "embeddings", "labels", "seed")
@@ -70,10 +99,6 @@ def _json_options(method: str, accepted: list[str], options: dict) -> dict:
                              f"Selection), got {type(v).__name__}") from None
         out[k] = v
     return out
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _as_tensor(name: str, x, dim: int | None) -> torch.Tensor | None:
@@ -121,12 +146,10 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     """
     if method not in _METHODS:
         raise ValueError(f"method: unknown method {method!r}; known methods: {', '.join(available_methods())}")
-    fn = _METHODS[method]
+    fn = _METHODS[method].fn
     named, takes_any = _keywords(fn)
     options = _json_options(method, [k for k in named if k not in _INPUTS], options)
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
-    seed = int(seed)
+    seed = check("seed", seed, SEED)
     scores = _as_tensor("scores", scores, 1)
     embeddings = _as_tensor("embeddings", embeddings, 2)
     labels = _as_tensor("labels", labels, 1)
@@ -141,12 +164,10 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     if (fraction is None) == (budget is None):
         raise ValueError(f"fraction/budget: give exactly one of them, got fraction={fraction!r}, budget={budget!r}")
     if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
+        if not FRACTION.accepts(fraction):  # worded as users of the command line have seen it
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         budget = budget_size(float(fraction), n)  # the library's one rounding rule
-    if not _is_int(budget) or budget < 1:
-        raise ValueError(f"budget must be a positive integer, got {budget!r}")
-    budget = int(budget)
+    budget = check("budget", budget, POSITIVE_INT)
     if budget > n:
         raise ValueError(f"budget: {budget} is larger than the data set size {n}")
     if labels is not None:

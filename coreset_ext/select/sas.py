@@ -25,33 +25,29 @@ from __future__ import annotations
 
 import torch
 
+from coreset_ext._validation import Interval, Options, check, check_finite, check_tensor
+from coreset_ext.cluster import KMeans
+from coreset_ext.ops.similarity import EMBEDDING_DTYPES
 from coreset_ext.select import pruning
 from coreset_ext.select.registry import register_method, require, require_labels
 
-CLASSES = ("kmeans", "labels")
+CLASSES = Options("kmeans", "labels")
 
 
 def latent_classes(embeddings: torch.Tensor, n_clusters: int, *, seed: int = 0) -> torch.Tensor:
     """k-means (cosine metric) cluster labels [N] int64 on the CPU: SAS's approximate latent classes."""
-    n = embeddings.shape[0]
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be an int in 1 .. {n} (the data set size), got {n_clusters!r}")
-    from coreset_ext.cluster import KMeans
-
+    check("n_clusters", n_clusters, Interval(int, 1, embeddings.shape[0]))  # at most the data set size
     km = KMeans(n_clusters, metric="cosine", seed=seed).fit(embeddings.float())
     return torch.as_tensor(km.labels_).long().cpu()
 
 
-@register_method("sas")
+@register_method("sas", supervised=lambda options: options.get("classes") == "labels")
 def sas(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, classes: str = "kmeans",
         n_clusters: int = 10, objective: str = "rowsum", clamp_min: float = 0.0) -> tuple[torch.Tensor, None]:
     e = require("embeddings", embeddings, "sas")
-    if not e.dtype.is_floating_point:
-        raise ValueError(f"embeddings must be floating point, got {e.dtype}")
-    if not bool(torch.isfinite(e).all()):
-        raise ValueError("embeddings contains NaN or Inf")
-    if classes not in CLASSES:
-        raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
+    check_tensor("embeddings", e, dim=2, dtypes=EMBEDDING_DTYPES)
+    check_finite("embeddings", e)
+    check("classes", classes, CLASSES)
     if classes == "labels":
         groups = require_labels(labels, n, "sas with classes='labels'",
                                 "use classes='kmeans' for a partly labelled pool").long().to(e.device)

@@ -18,21 +18,26 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from coreset_ext._validation import Options, check, positive_int
+from coreset_ext.io import load_npz, save_npz
+from coreset_ext.proxy import dynamics_for, pseudo_labels_for
 from coreset_ext.reference import normalize
-from coreset_ext.io import load_npz
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.models import evaluating_on
 
-__all__ = ["proxy_embeddings", "load_embeddings", "selector_inputs"]
+__all__ = ["EMBEDDINGS_KIND", "load_embeddings", "proxy_embeddings", "save_embeddings", "selector_inputs"]
 
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+WHICH = Options("backbone", "projection")
+EMBEDDINGS_KIND = "Embeddings"  # the `kind` of embeddings files (coreset_ext.io)
 
 
 def _encode(model: nn.Module, x: torch.Tensor, which: str) -> torch.Tensor:
@@ -61,10 +66,8 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
         seed: seeds the augmentations (same seed, same device -> identical embeddings).
         batch_size: examples per forward pass.
     """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be a positive int (views per example), got {m!r}")
-    if which not in ("backbone", "projection"):
-        raise ValueError(f"which must be 'backbone' or 'projection', got {which!r}")
+    m = positive_int("m", m)  # views per example
+    check("which", which, WHICH)
     if augment == "auto":
         augment = Augment.for_data(dataset.name, dataset.sample_shape)
     elif isinstance(augment, str):
@@ -83,6 +86,14 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
                 acc = e if acc is None else acc + e
             out.append((acc / views).cpu())
     return torch.cat(out)
+
+
+def save_embeddings(path: str | Path, arrays: dict[str, torch.Tensor], dataset: ArrayDataset, **meta) -> None:
+    """Atomically writes `arrays` (e.g. {"train": [N, D] embeddings}) as an embeddings file of
+    `dataset` (its name, size and fingerprint recorded), plus any further `meta` (JSON values)."""
+    save_npz(path, {k: v.numpy() for k, v in arrays.items()},
+             {"kind": EMBEDDINGS_KIND, "dataset": dataset.name, "dataset_size": len(dataset),
+              "fingerprint": dataset.fingerprint, **meta})
 
 
 def load_embeddings(path: str, *, key: str = "train", dataset_size: int | None = None) -> torch.Tensor:
@@ -124,9 +135,6 @@ def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m
     proxy_embeddings.npz and dynamics_<kind>_seed<seed>.npz (loadable through the methods'
     `dynamics=` option) and adds their paths under "files".
     """
-    from coreset_ext.io import save_npz
-    from coreset_ext.select.elfs import dynamics_for, pseudo_labels_for
-
     emb = proxy_embeddings(model, train_ds, m, augment=augment, device=device)
     out = {"embeddings": emb, "dynamics": {}, "files": {}}
     for seed in seeds:
@@ -134,13 +142,9 @@ def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m
         if train_ds.has_labels and bool((train_ds.labels >= 0).all()):
             out["dynamics"][("labels", seed)] = dynamics_for(emb, train_ds.labels, seed=seed)
     if out_dir is not None:
-        from pathlib import Path
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_npz(out_dir / "proxy_embeddings.npz", {"train": emb.numpy()},
-                 {"kind": "Embeddings", "which": "proxy", "m": m, "dataset_size": len(train_ds),
-                  "fingerprint": train_ds.fingerprint})
+        save_embeddings(out_dir / "proxy_embeddings.npz", {"train": emb}, train_ds, which="proxy", m=m)
         out["files"]["embeddings"] = str(out_dir / "proxy_embeddings.npz")
         for (kind, seed), dyn in out["dynamics"].items():
             path = out_dir / f"dynamics_{kind}_seed{seed}.npz"

@@ -31,25 +31,24 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 
 import torch
 
 from coreset_ext import ops, reference
+from coreset_ext._validation import Interval, Options, check, check_finite, check_tensor, positive_int
+from coreset_ext.cluster import KMeans
+from coreset_ext.ops.similarity import EMBEDDING_DTYPES
 
 __all__ = ["kmeans_pseudo_labels", "deep_cluster_pseudo_labels", "pseudo_labels"]
 
-METHODS = ("kmeans", "deep_cluster")
+METHODS = Options("kmeans", "deep_cluster")
 
 
 def _check(embeddings, n_clusters) -> torch.Tensor:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.dtype.is_floating_point:
-        raise ValueError(f"embeddings must be a 2-D float tensor [N, D], got {ops._describe(embeddings)}")
-    n = embeddings.shape[0]
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 2 <= n_clusters <= n:
-        raise ValueError(f"n_clusters must be an int in 2 .. {n} (pseudo-labels need two classes), got {n_clusters!r}")
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("embeddings contains NaN or Inf")
+    check_tensor("embeddings", embeddings, dim=2, dtypes=EMBEDDING_DTYPES, what="[N, D]")
+    # pseudo-labels need two classes, and no more than there are examples
+    check("n_clusters", n_clusters, Interval(int, 2, embeddings.shape[0]))
+    check_finite("embeddings", embeddings)
     return embeddings.float()
 
 
@@ -60,8 +59,6 @@ def _dense(labels: torch.Tensor) -> torch.Tensor:
 def kmeans_pseudo_labels(embeddings: torch.Tensor, n_clusters: int, *, seed: int = 0) -> torch.Tensor:
     """k-means (cosine metric) cluster labels [N] int64 on the CPU, renumbered densely."""
     x = _check(embeddings, n_clusters)
-    from coreset_ext.cluster import KMeans
-
     return _dense(torch.as_tensor(KMeans(n_clusters, metric="cosine", seed=seed).fit(x).labels_))
 
 
@@ -77,16 +74,12 @@ def deep_cluster_pseudo_labels(
     """Labels [N] int64 (CPU) from the lowest-loss of `heads` TEMI-like clustering heads (module docstring)."""
     x = reference.normalize(_check(embeddings, n_clusters))
     n, d = x.shape
-    for name, v in (("heads", heads), ("steps", steps), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if isinstance(knn, bool) or not isinstance(knn, int) or not 1 <= knn <= n - 1:
-        raise ValueError(f"knn must be an int in 1 .. {n - 1}, got {knn!r}")
-    for name, v, ok, rule in (("beta", beta, lambda v: 0 < v <= 1, "in (0, 1]"),
-                              ("lr", lr, lambda v: 0 < v < math.inf, "positive and finite"),
-                              ("prior_momentum", prior_momentum, lambda v: 0 <= v <= 1, "in [0, 1]")):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not ok(float(v)):
-            raise ValueError(f"{name} must be a number {rule}, got {v!r}")
+    heads, steps, batch_size = (positive_int(name, v) for name, v in
+                                (("heads", heads), ("steps", steps), ("batch_size", batch_size)))
+    knn = check("knn", knn, Interval(int, 1, n - 1))
+    beta = check("beta", beta, Interval(float, 0, 1, closed="right"))
+    lr = check("lr", lr, Interval(float, 0, math.inf, closed="neither"))
+    prior_momentum = check("prior_momentum", prior_momentum, Interval(float, 0, 1))
     _, nbr = ops.cosine_topk(x, knn)  # [N, knn], self excluded
     x, nbr = x.cpu(), nbr.cpu()
     g = torch.Generator().manual_seed(seed)
@@ -145,14 +138,12 @@ def _score_heads(x: torch.Tensor, nbr: torch.Tensor, logp, beta: float, rows: in
 def pseudo_labels(embeddings: torch.Tensor, n_clusters: int, *, method: str = "kmeans", seed: int = 0,
                   **options) -> torch.Tensor:
     """`kmeans_pseudo_labels` (method="kmeans") or `deep_cluster_pseudo_labels` (method="deep_cluster")."""
+    check("pseudo_labels", method, METHODS)  # named as ELFS's option, through which users choose it
     if method == "kmeans":
         if options:
             raise ValueError(f"pseudo-label options {sorted(options)} apply only to method='deep_cluster'")
         return kmeans_pseudo_labels(embeddings, n_clusters, seed=seed)
-    if method == "deep_cluster":
-        known = set(inspect.signature(deep_cluster_pseudo_labels).parameters) - {"embeddings", "n_clusters", "seed"}
-        if set(options) - known:
-            raise ValueError(f"deep_cluster options {sorted(set(options) - known)} are unknown; "
-                             f"known: {sorted(known)}")
-        return deep_cluster_pseudo_labels(embeddings, n_clusters, seed=seed, **options)
-    raise ValueError(f"pseudo_labels must be one of {METHODS}, got {method!r}")
+    known = set(inspect.signature(deep_cluster_pseudo_labels).parameters) - {"embeddings", "n_clusters", "seed"}
+    if set(options) - known:
+        raise ValueError(f"deep_cluster options {sorted(set(options) - known)} are unknown; known: {sorted(known)}")
+    return deep_cluster_pseudo_labels(embeddings, n_clusters, seed=seed, **options)

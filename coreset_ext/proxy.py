@@ -6,9 +6,14 @@ with ground-truth labels the same run gives the supervised baselines. Here the p
 classifier (`hidden=0`, default) or a one-hidden-layer MLP on the frozen, standardised embeddings:
 cheap enough to run inside a selector (a few hundred small steps), deterministic for a seed.
 
+The proxy's two inputs that cost real time, pseudo-labels and dynamics, are memoised in-process
+per (embeddings, targets, options, seed) by `pseudo_labels_for` and `dynamics_for`: a sweep over
+fractions trains each proxy once, and `train.embed.selector_inputs` fills the same memo that the
+selectors then read.
+
 Example:
     >>> import torch
-    >>> from coreset_ext.train.proxy import train_proxy_classifier
+    >>> from coreset_ext.proxy import train_proxy_classifier
     >>> x, y = torch.randn(200, 16), torch.randint(0, 4, (200,))
     >>> dyn = train_proxy_classifier(x, y, epochs=3, seed=0)
     >>> dyn.aum().shape, dyn.steps
@@ -17,12 +22,21 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
+from coreset_ext._validation import check_tensor, nonnegative_int, positive_int
+from coreset_ext.ops.similarity import EMBEDDING_DTYPES
+from coreset_ext.pseudo_labels import pseudo_labels
 from coreset_ext.scores import TrainingDynamics
 
-__all__ = ["train_proxy_classifier"]
+__all__ = ["dynamics_for", "pseudo_labels_for", "train_proxy_classifier"]
+
+TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epochs: int = 20, batch_size: int = 128,
@@ -40,15 +54,12 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
         el2n_epochs: EL2N is averaged over the steps of the first `el2n_epochs` epochs.
         seed: seeds the initialisation and the batch order.
     """
-    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.dtype.is_floating_point:
-        raise ValueError(f"features must be a 2-D float tensor [N, D], got {getattr(features, 'shape', features)!r}")
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 1 or targets.dtype.is_floating_point:
-        raise ValueError(f"targets must be a 1-D int tensor [N], got {getattr(targets, 'shape', targets)!r}")
+    check_tensor("features", features, dim=2, dtypes=EMBEDDING_DTYPES, what="[N, D]")
+    check_tensor("targets", targets, dim=1, dtypes=TARGET_DTYPES, what="[N]")
     n = features.shape[0]
     if n == 0:
         raise ValueError("features: the proxy classifier needs at least one example, got 0 rows")
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
-        raise ValueError(f"hidden must be an int >= 0 (0: a linear classifier), got {hidden!r}")
+    hidden = nonnegative_int("hidden", hidden)  # 0: a linear classifier
     if targets.shape[0] != n:
         raise ValueError(f"targets has {targets.shape[0]} labels but features has {n} rows")
     if bool((targets < 0).any()):
@@ -56,9 +67,8 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
     num_classes = int(targets.max()) + 1
     if num_classes < 2:
         raise ValueError(f"targets: the proxy classifier needs at least 2 classes, got {num_classes}")
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    epochs = positive_int("epochs", epochs)
+    batch_size = positive_int("batch_size", batch_size)
     device = torch.device(device)
     x = features.float()
     x = ((x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)).to(device)
@@ -87,3 +97,43 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
             # The dynamics of the logits this step trained on (before the update), as in ELFS.
             dyn.update(logits.detach(), y[index], index, epoch=epoch)
     return dyn.to("cpu")
+
+
+# ---------------------------------------------------------------------------------- the memo
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _memo(key: tuple, make):
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = make()
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def dynamics_for(embeddings: torch.Tensor, targets: torch.Tensor, *, seed: int = 0, epochs: int = 20,
+                 hidden: int = 0, el2n_epochs: int = 2) -> TrainingDynamics:
+    """`train_proxy_classifier`'s dynamics on (embeddings, targets), memoised in-process (read-only use)."""
+    key = ("dyn", tuple(embeddings.shape), _digest(embeddings.float()), _digest(targets.long()), seed, epochs,
+           hidden, el2n_epochs)
+    # Trained where the embeddings live (the GPU at scale); the dynamics come back on the CPU.
+    return _memo(key, lambda: train_proxy_classifier(embeddings, targets.to(embeddings.device), epochs=epochs,
+                                                     hidden=hidden, el2n_epochs=el2n_epochs, seed=seed,
+                                                     device=embeddings.device))
+
+
+def pseudo_labels_for(embeddings: torch.Tensor, n_clusters: int = 10, *, method: str = "kmeans", seed: int = 0,
+                      **options) -> torch.Tensor:
+    """`pseudo_labels.pseudo_labels`, memoised in-process like `dynamics_for`."""
+    e = embeddings.float()
+    return _memo(("pl", tuple(e.shape), _digest(e), n_clusters, method, options, seed),
+                 lambda: pseudo_labels(e, n_clusters, method=method, seed=seed, **options))
