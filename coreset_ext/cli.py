@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 import zipfile
+
+import torch
+
+from coreset_ext import _backend
+from coreset_ext.select import Selection, available_methods, needs_labels, select, supervised_methods
+from coreset_ext.train import TrainConfig
+from coreset_ext.train.data import SOURCES, load_dataset
+from coreset_ext.train.embed import load_embeddings
+from coreset_ext.train.evaluate import EVALUATORS, evaluate_ssl, write_results
+from coreset_ext.train.models import ENCODERS
+from coreset_ext.train.pipeline import DEFAULT_METHODS, evaluate_selections, load_run, run_pipeline, train_and_embed
+from coreset_ext.train.trainer import CSS_ON, METHODS
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from coreset_ext import _backend
-
     print(_backend.report())
     return 0
 
@@ -65,8 +77,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _options(pairs: list[str]) -> dict:
-    import json
-
     out = {}
     for p in pairs or []:
         if "=" not in p:
@@ -80,16 +90,22 @@ def _options(pairs: list[str]) -> dict:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100", "folder", "tensor"],
+    p.add_argument("--data", default="digits", choices=SOURCES.values,
                    help="data source (digits ships with scikit-learn)")
     p.add_argument("--data-dir", default=None,
                    help="directory (cifar10/100 in torchvision's python format, image folder) or .pt/.npz file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
 
 
-def _train_config(args: argparse.Namespace, method: str):
-    from coreset_ext.train import TrainConfig
+def _add_evaluation_args(p: argparse.ArgumentParser, evaluators: list[str], evaluator_help: str | None) -> None:
+    """What `evaluate` and `demo` both ask: the evaluators, the seeds, the ssl protocol's training."""
+    p.add_argument("--evaluator", nargs="+", default=evaluators, choices=EVALUATORS, help=evaluator_help)
+    p.add_argument("--seeds", type=_positive_int, default=3)
+    p.add_argument("--ssl-epochs", type=_positive_int, default=5,
+                   help="contrastive epochs per subset in the ssl protocol")
 
+
+def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, temperature=args.temperature, css_on=args.css_on, seed=args.seed,
                        device=args.device, progress=not args.no_progress, queue_size=args.queue_size,
@@ -97,9 +113,6 @@ def _train_config(args: argparse.Namespace, method: str):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from coreset_ext.train.data import load_dataset
-    from coreset_ext.train.pipeline import train_and_embed
-
     cfg = _train_config(args, args.method)
     train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
     test_ds = load_dataset(args.data, split="test", data_dir=args.data_dir)
@@ -110,41 +123,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Methods that read the ground-truth labels: the supervised dynamics baselines (issue 7).
-_LABELLED_METHODS = ("aum", "forgetting", "el2n", "ccs")
-
-
-def _needs_labels(method: str, opts: dict, by_class: bool) -> bool:
-    return (by_class or method in _LABELLED_METHODS
-            or (method == "sas" and opts.get("classes") == "labels")
-            or (method == "balanced_random" and opts.get("by") == "class"))
-
-
 def _cmd_select(args: argparse.Namespace) -> int:
-    from coreset_ext.select import select
-    from coreset_ext.train.pipeline import load_run
-
     if (args.fraction is None) == (args.budget is None):
         raise ValueError(f"--fraction/--budget: give exactly one, got {args.fraction!r} and {args.budget!r}")
     if args.run is None and args.embeddings is None:
         raise ValueError("--run/--embeddings: give a training run directory, an embeddings file, or both")
     opts = _options(args.option)
+    reads_labels = args.by_class or needs_labels(args.method, opts)
     run = load_run(args.run) if args.run is not None else {}
     train_ds = None
-    if args.embeddings is not None or _needs_labels(args.method, opts, args.by_class):
-        from coreset_ext.train.data import load_dataset
-
+    if args.embeddings is not None or reads_labels:
         train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
         if run and run["config"]["data"]["fingerprint"] != train_ds.fingerprint:
             raise ValueError(f"--data: run {args.run} was trained on data set {run['config']['data']['fingerprint']}, "
                              f"but --data {args.data!r} is {train_ds.fingerprint}")
     embeddings = run.get("train")
     if args.embeddings is not None:
-        from coreset_ext.train.embed import load_embeddings
-
         embeddings = load_embeddings(args.embeddings, dataset_size=len(train_ds))
     labels = None
-    if _needs_labels(args.method, opts, args.by_class):
+    if reads_labels:
         if not train_ds.has_labels:
             raise ValueError(f"--method: {args.method!r} needs the training labels, but {args.data!r} has none")
         labels = train_ds.labels
@@ -157,14 +154,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from coreset_ext.select import Selection
-    from coreset_ext.train.evaluate import write_results
-    from coreset_ext.train.pipeline import evaluate_selections
-
     sels = [Selection.load(p) for p in args.selection]
-    if args.protocol == "ssl":  # SAS's protocol (issue 6): contrastive training on each subset, full-set probe
-        from coreset_ext.train.evaluate import evaluate_ssl
-
+    if args.protocol == "ssl":  # SAS's protocol: contrastive training on each subset, full-set probe
         rows = evaluate_ssl(sels, data=args.data, data_dir=args.data_dir, seeds=tuple(range(args.seeds)),
                             random_baseline=not args.no_random, train_options={"epochs": args.ssl_epochs},
                             device=args.device)
@@ -179,12 +170,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import time
-
-    from coreset_ext.train.pipeline import DEFAULT_METHODS, run_pipeline
-
-    import torch
-
     if args.threads:
         torch.set_num_threads(args.threads)  # small ops on a shared CPU: one thread avoids oversubscription
     t0 = time.perf_counter()
@@ -201,47 +186,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_methods():
-    from coreset_ext.train.pipeline import DEFAULT_METHODS
-
-    return DEFAULT_METHODS
+def _add_job_command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A command of the main job: its parser, which runs `func` and takes the data options."""
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, help=help,
+                       description=description)
+    p.set_defaults(func=func)
+    _add_data_args(p)
+    return p
 
 
 def _add_main_job_commands(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", formatter_class=fmt,
-                       help="train SimCLR or MoCo v2 and score every example (CSS) while training",
-                       description="Train a contrastive model on the training split, accumulating each example's "
-                                   "positive-pair cosine (CSS score). Writes OUT/config.json, OUT/checkpoints/last.pt, "
-                                   "OUT/scores.npz and OUT/embeddings.npz; resumes from OUT's checkpoint if present.")
-    _add_data_args(p)
+    p = _add_job_command(sub, "train", _cmd_train,
+                         help="train SimCLR or MoCo v2 and score every example (CSS) while training",
+                         description="Train a contrastive model on the training split, accumulating each example's "
+                                     "positive-pair cosine (CSS score). Writes OUT/config.json, OUT/checkpoints/last.pt, "
+                                     "OUT/scores.npz and OUT/embeddings.npz; resumes from OUT's checkpoint if present.")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--method", default="simclr", choices=["simclr", "moco"])
-    p.add_argument("--encoder", default="small_cnn", choices=["small_cnn", "resnet18", "mlp"])
+    p.add_argument("--method", default="simclr", choices=METHODS.values)
+    p.add_argument("--encoder", default="small_cnn", choices=ENCODERS.values)
     p.add_argument("--width", type=_positive_int, default=32, help="small_cnn channel width")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--temperature", type=float, default=None, help="None: 0.5 for SimCLR, 0.2 for MoCo")
     p.add_argument("--queue-size", type=int, default=1024, help="MoCo negatives queue")
-    p.add_argument("--css-on", default="projection", choices=["projection", "backbone"],
+    p.add_argument("--css-on", default="projection", choices=CSS_ON.values,
                    help="embedding whose positive-pair cosine is the CSS score")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
 
-    from coreset_ext.select import available_methods
-
-    p = sub.add_parser("select", formatter_class=fmt, help="select a coreset from a training run's scores/embeddings",
-                       description="Select examples with a registered method using RUN's CSS scores and backbone "
-                                   "embeddings (or an --embeddings file); write a Selection file (.npz, no pickle).")
-    _add_data_args(p)
+    p = _add_job_command(sub, "select", _cmd_select, help="select a coreset from a training run's scores/embeddings",
+                         description="Select examples with a registered method using RUN's CSS scores and backbone "
+                                     "embeddings (or an --embeddings file); write a Selection file (.npz, no pickle).")
     p.add_argument("--run", default=None, help="training run directory (from `coreset-ext train`)")
     p.add_argument("--embeddings", default=None, metavar="PATH",
                    help="embeddings file (.npy, .pt, or .npz with array 'train') to use instead of the run's")
     p.add_argument("--method", required=True,
-                   help=f"one of: {', '.join(available_methods())} ({', '.join(_LABELLED_METHODS)} read the "
+                   help=f"one of: {', '.join(available_methods())} ({', '.join(supervised_methods())} read the "
                         "training labels, as do sas with classes=labels and balanced_random with by=class)")
     p.add_argument("--fraction", type=float, default=None, help="subset size as a fraction of the pool, in (0, 1]")
     p.add_argument("--budget", type=int, default=None, help="subset size as a number of examples")
@@ -250,47 +232,37 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. keep=easiest or n_clusters=20 (repeatable)")
     p.add_argument("--out", required=True, help="selection file to write (.npz)")
-    p.set_defaults(func=_cmd_select)
 
-    p = sub.add_parser("evaluate", formatter_class=fmt,
-                       help="test accuracy of classifiers trained on selections vs random subsets of the same size",
-                       description="Train a classifier on each selection only (linear probe on RUN's frozen "
-                                   "features, or a small network from scratch), over seeds, with random subsets "
-                                   "of the same sizes as the reference. Writes the table (Markdown, CSV) and a plot.")
-    _add_data_args(p)
+    p = _add_job_command(sub, "evaluate", _cmd_evaluate,
+                         help="test accuracy of classifiers trained on selections vs random subsets of the same size",
+                         description="Train a classifier on each selection only (linear probe on RUN's frozen "
+                                     "features, or a small network from scratch), over seeds, with random subsets "
+                                     "of the same sizes as the reference. Writes the table (Markdown, CSV) and a plot.")
     p.add_argument("--selection", nargs="+", required=True, help="selection files")
     p.add_argument("--run", default=None, help="training run directory (needed by the probe evaluator)")
-    p.add_argument("--evaluator", nargs="+", default=["probe"], choices=["probe", "scratch"],
-                   help="with --protocol coreset")
+    _add_evaluation_args(p, ["probe"], "with --protocol coreset")
     p.add_argument("--protocol", choices=["coreset", "ssl"], default="coreset",
                    help="coreset: train a classifier on the subset (--evaluator); ssl: SAS's protocol, contrastive "
                         "training on the subset only, then a linear probe on the full labelled training set")
-    p.add_argument("--ssl-epochs", type=_positive_int, default=5, help="contrastive epochs per subset with --protocol ssl")
-    p.add_argument("--seeds", type=_positive_int, default=3)
     p.add_argument("--no-random", action="store_true", help="skip the random baseline")
     p.add_argument("--out", required=True, help="directory for results.{csv,md} and the plot")
-    p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("demo", formatter_class=fmt,
-                       help="the whole pipeline on digits: SimCLR+MoCo with CSS, every selector, table and plot",
-                       description="Train SimCLR and MoCo with CSS scores, select 10/20/30/50%% with every method, "
-                                   "evaluate each subset over seeds (linear probe and from-scratch network), and "
-                                   "write the table and the plot into OUT.")
-    _add_data_args(p)
+    p = _add_job_command(sub, "demo", _cmd_demo,
+                         help="the whole pipeline on digits: SimCLR+MoCo with CSS, every selector, table and plot",
+                         description="Train SimCLR and MoCo with CSS scores, select 10/20/30/50%% with every method, "
+                                     "evaluate each subset over seeds (linear probe and from-scratch network), and "
+                                     "write the table and the plot into OUT.")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--fractions", type=_floats, default=_floats(_FRACTIONS))
-    p.add_argument("--seeds", type=_positive_int, default=3)
-    p.add_argument("--evaluator", nargs="+", default=["probe", "scratch"], choices=["probe", "scratch"])
+    _add_evaluation_args(p, ["probe", "scratch"], None)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
-    labels = list(dict.fromkeys(m.label for m in _demo_methods()))
+    labels = list(dict.fromkeys(m.label for m in DEFAULT_METHODS))
     p.add_argument("--methods", nargs="+", default=None, choices=labels, metavar="LABEL",
                    help=f"rows to run (default: all): {', '.join(labels)}; the SAS/ELFS rows use their own "
                         "fractions (keep 10/30/50/70%%), and sas and random also run the ssl protocol")
-    p.add_argument("--ssl-epochs", type=_positive_int, default=5, help="contrastive epochs per subset in the ssl rows")
     p.add_argument("--scratch-steps", type=_positive_int, default=200, help="steps of the scratch evaluator")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_demo)
 
 
 if __name__ == "__main__":

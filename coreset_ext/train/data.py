@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCES = ("digits", "cifar10", "cifar100", "folder", "tensor")
+from coreset_ext._validation import Options, check
+
+SOURCES = Options("digits", "cifar10", "cifar100", "folder", "tensor")
+SPLITS = Options("train", "test")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -212,10 +215,8 @@ def load_dataset(source: str = "digits", *, split: str = "train", data_dir: str 
     For "folder", `<data_dir>/<split>` is used when it exists (else `data_dir` itself); for
     "tensor", the test split reads the `test_`-prefixed keys of the same file.
     """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    check("source", source, SOURCES)
+    check("split", split, SPLITS)
     if source == "digits":
         return load_digits_split(split)
     if data_dir is None:

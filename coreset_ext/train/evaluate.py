@@ -22,14 +22,17 @@ import io
 import math
 import textwrap
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from coreset_ext.io import atomic_write_bytes
-from coreset_ext.train.data import ArrayDataset
+from coreset_ext.select import Selection, needs_labels, select
+from coreset_ext.train.data import ArrayDataset, load_dataset
 from coreset_ext.train.models import build_encoder, evaluating_on
+from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
 
 EVALUATORS = ("probe", "scratch")
 
@@ -114,8 +117,6 @@ EVALUATOR_NOTES = {
     "ssl": "SAS's protocol: contrastive training on the subset only, then a linear probe on the full "
            "labelled training set",
 }
-# Rows that read the ground-truth labels (reference rows, not label-free selectors): dotted lines.
-SUPERVISED_METHODS = ("aum", "forgetting", "el2n", "ccs")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -148,9 +149,9 @@ def markdown_table(summary: list[dict]) -> str:
                  "| --- |" + " --- |" * len(fracs)]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(cell.get((m, f), "") for f in fracs) + " |")
-        if any(m in SUPERVISED_METHODS for m in methods):
-            lines += ["", f"({', '.join(m for m in methods if m in SUPERVISED_METHODS)}: supervised baselines, "
-                          "they read the ground-truth labels.)"]
+        supervised = [m for m in methods if needs_labels(m)]
+        if supervised:
+            lines += ["", f"({', '.join(supervised)}: supervised baselines, they read the ground-truth labels.)"]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -183,10 +184,10 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
 
     evaluators = sorted({s["evaluator"] for s in summary})
     # One colour per method on every panel (tab20 has room for 19 besides random's black);
-    # random, the reference, is black and dashed; supervised baselines are dotted.
+    # random, the reference, is black and dashed; supervised baselines (reading the labels) are dotted.
     others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "random"]
     cmap = plt.get_cmap("tab20")
-    style = {m: {"color": cmap(i % 20), "linestyle": ":" if m in SUPERVISED_METHODS else "-"}
+    style = {m: {"color": cmap(i % 20), "linestyle": ":" if needs_labels(m) else "-"}
              for i, m in enumerate(others)}
     style["random"] = {"color": "black", "linestyle": "--"}
     fig, axes = plt.subplots(1, len(evaluators), figsize=(6.5 * len(evaluators), 5), squeeze=False)
@@ -224,8 +225,6 @@ def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
         >>> 0.0 <= acc <= 1.0
         True
     """
-    from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
-
     index = torch.as_tensor(index).long().cpu()
     if index.dim() != 1 or index.numel() < 2:
         raise ValueError(f"index: contrastive training needs at least 2 examples, got {index.numel()}")
@@ -246,30 +245,34 @@ def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
                         num_classes=max(train_ds.num_classes, test_ds.num_classes), device=dev)
 
 
-def evaluate_ssl(selections: list, *, data: str = "digits", data_dir: str | None = None,
+def subsets_to_evaluate(selections: list[Selection], train_ds: ArrayDataset, seeds: tuple[int, ...],
+                        random_baseline: bool = True) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(method, indices, seed) for every Selection and seed, then, with `random_baseline`, for
+    random subsets of each selection size (method "random", a fresh one per seed). Every
+    selection is checked against `train_ds` before the first is handed out."""
+    for sel in selections:
+        sel.check_dataset(train_ds)
+    jobs = [(sel.method, sel) for sel in selections]
+    if random_baseline:
+        jobs += [("random", budget) for budget in sorted({len(s) for s in selections})]
+    for name, item in jobs:
+        for seed in seeds:
+            if isinstance(item, Selection):
+                yield name, item.indices, seed
+            else:
+                yield name, select("random", budget=item, dataset_size=len(train_ds), seed=seed).indices, seed
+
+
+def evaluate_ssl(selections: list[Selection], *, data: str = "digits", data_dir: str | None = None,
                  seeds: tuple[int, ...] = (0, 1, 2), random_baseline: bool = True, train_options: dict | None = None,
                  device: str = "auto") -> list[dict]:
     """`ssl_probe_accuracy` for every Selection (and, by default, random subsets of the same sizes, a
     fresh one per seed) over seeds: rows with evaluator "ssl", ready for `write_results`."""
-    from coreset_ext.select import select
-    from coreset_ext.train.data import load_dataset
-
     train_ds = load_dataset(data, split="train", data_dir=data_dir)
     test_ds = load_dataset(data, split="test", data_dir=data_dir)
-    jobs = []
-    for sel in selections:
-        sel.check_dataset(train_ds)
-        jobs.append((sel.method, sel))
-    if random_baseline:
-        jobs += [("random", b) for b in sorted({len(s) for s in selections})]
     rows = []
-    for name, item in jobs:
-        for seed in seeds:
-            if isinstance(item, int):
-                budget, idx = item, select("random", budget=item, dataset_size=len(train_ds), seed=seed).indices
-            else:
-                budget, idx = len(item), item.indices
-            acc = ssl_probe_accuracy(train_ds, idx, test_ds, seed=seed, train_options=train_options, device=device)
-            rows.append({"method": name, "fraction": round(budget / len(train_ds), 4), "budget": budget,
-                         "evaluator": "ssl", "seed": seed, "accuracy": acc})
+    for name, idx, seed in subsets_to_evaluate(selections, train_ds, seeds, random_baseline):
+        acc = ssl_probe_accuracy(train_ds, idx, test_ds, seed=seed, train_options=train_options, device=device)
+        rows.append({"method": name, "fraction": round(idx.numel() / len(train_ds), 4), "budget": idx.numel(),
+                     "evaluator": "ssl", "seed": seed, "accuracy": acc})
     return rows

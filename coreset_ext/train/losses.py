@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import ops
+from coreset_ext._validation import Options, check
 
 
 def contrastive_step_loss(
@@ -21,14 +22,13 @@ def contrastive_step_loss(
             cosines cos(q_i, k_i).
     Inputs are unnormalised projections; they are normalised inside, in float32.
     """
+    check("method", method, Options("simclr", "moco"))
     p1, p2 = p1.float(), p2.float()
     if method == "simclr":
         rows, cos = ops.nt_xent(p1, p2, temperature, reduction="none", return_cos=True)
-    elif method == "moco":
+    else:
         if queue is None:
             raise ValueError("queue: MoCo needs a queue of negatives, got None")
         rows, cos = ops.info_nce_queue(p1, p2, queue.float(), temperature, reduction="none",
                                        return_cos=True)
-    else:
-        raise ValueError(f"method must be 'simclr' or 'moco', got {method!r}")
     return rows.mean(), cos

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from coreset_ext._validation import Options, check
+
 
 @contextlib.contextmanager
 def evaluating_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
@@ -31,7 +33,7 @@ def evaluating_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.M
         model.train(was_training)
         model.to(home)
 
-ENCODERS = ("small_cnn", "resnet18", "mlp")
+ENCODERS = Options("small_cnn", "resnet18", "mlp")
 
 
 def _norm(c: int, norm: bool) -> nn.Module:
@@ -135,8 +137,7 @@ class ContrastiveModel(nn.Module):
 
 def build_encoder(name: str, sample_shape: tuple[int, ...], *, width: int = 32, norm: bool = True) -> nn.Module:
     """`name` in ENCODERS; `sample_shape` is one example's shape ((C, H, W) or (D,))."""
-    if name not in ENCODERS:
-        raise ValueError(f"encoder must be one of {ENCODERS}, got {name!r}")
+    check("encoder", name, ENCODERS)
     if len(sample_shape) == 1:
         if name != "mlp":
             raise ValueError(f"encoder: {name!r} needs images, but the data are embeddings of shape {sample_shape}; use 'mlp'")

@@ -14,11 +14,14 @@ from pathlib import Path
 
 import torch
 
-from coreset_ext.io import atomic_write_bytes, load_npz, save_npz
+from coreset_ext._validation import Options, check
+from coreset_ext.io import atomic_write_bytes, load_npz
+from coreset_ext.scores import ScoreTracker
 from coreset_ext.select import Selection, select
 from coreset_ext.train.data import ArrayDataset, load_dataset
-from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, train_from_scratch,
-                                        write_results)
+from coreset_ext.train.embed import EMBEDDINGS_KIND, save_embeddings
+from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, subsets_to_evaluate,
+                                        train_from_scratch, write_results)
 from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
 
 
@@ -73,11 +76,8 @@ def train_and_embed(config: TrainConfig, train_ds: ArrayDataset, test_ds: ArrayD
     enc = result.model.encoder
     feats = {"train": extract_features(enc, train_ds, device=device),
              "test": extract_features(enc, test_ds, device=device)}
-    save_npz(out_dir / "embeddings.npz",
-             {"train": feats["train"].numpy(), "test": feats["test"].numpy(),
-              "train_labels": train_ds.labels.numpy(), "test_labels": test_ds.labels.numpy()},
-             {"kind": "Embeddings", "which": "backbone", "dataset": train_ds.name,
-              "dataset_size": len(train_ds), "fingerprint": train_ds.fingerprint})
+    save_embeddings(out_dir / "embeddings.npz", {**feats, "train_labels": train_ds.labels,
+                                                  "test_labels": test_ds.labels}, train_ds, which="backbone")
     return {"scores": result.scores(), "train": feats["train"], "test": feats["test"], "history": result.history}
 
 
@@ -91,18 +91,18 @@ def load_run(run_dir: str | Path) -> dict:
         raise ValueError(f"run: {run_dir}/config.json is not a training run's config (no 'data' record)")
     out = {"config": config, "dir": run_dir}
 
-    def arrays_of(name: str, keys: tuple[str, ...]) -> dict:
-        arrays, _ = load_npz(run_dir / name)
+    def arrays_of(name: str, kind: str, keys: tuple[str, ...]) -> dict:
+        arrays, _ = load_npz(run_dir / name, kind=kind)
         missing = [k for k in keys if k not in arrays]
         if missing:
             raise ValueError(f"run: {run_dir}/{name} lacks {missing}")
         return arrays
 
     if (run_dir / "scores.npz").is_file():
-        arrays = arrays_of("scores.npz", ("sum/css", "count/css"))
+        arrays = arrays_of("scores.npz", ScoreTracker.kind, ("sum/css", "count/css"))
         out["scores"] = torch.from_numpy(arrays["sum/css"] / arrays["count/css"])
     if (run_dir / "embeddings.npz").is_file():
-        arrays = arrays_of("embeddings.npz", ("train", "test"))
+        arrays = arrays_of("embeddings.npz", EMBEDDINGS_KIND, ("train", "test"))
         for split in ("train", "test"):
             emb = torch.from_numpy(arrays[split])
             if emb.dim() != 2 or not emb.is_floating_point() or not bool(torch.isfinite(emb).all()):
@@ -118,6 +118,7 @@ def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds
     """Test accuracy of `evaluator` trained on `index`: "probe" (linear, on frozen features), "scratch"
     (a small network on the images), or "ssl" (SAS's protocol: contrastive training on the subset,
     5 epochs unless `ssl_options` say otherwise, then a linear probe on the full labelled set)."""
+    check("evaluator", evaluator, Options("probe", "scratch", "ssl"))
     if evaluator == "probe":
         if features is None:
             raise ValueError("features: the probe evaluator needs frozen features (a training run), got None")
@@ -125,10 +126,8 @@ def evaluate_indices(index: torch.Tensor, *, evaluator: str, seed: int, train_ds
                             seed=seed, num_classes=max(train_ds.num_classes, test_ds.num_classes), device=device)
     if evaluator == "scratch":
         return train_from_scratch(train_ds, index, test_ds, seed=seed, steps=scratch_steps, device=device)
-    if evaluator == "ssl":
-        return ssl_probe_accuracy(train_ds, index, test_ds, seed=seed, device=device,
-                                  train_options={"epochs": 5, **(ssl_options or {})})
-    raise ValueError(f"evaluator must be 'probe', 'scratch' or 'ssl', got {evaluator!r}")
+    return ssl_probe_accuracy(train_ds, index, test_ds, seed=seed, device=device,
+                              train_options={"epochs": 5, **(ssl_options or {})})
 
 
 def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | None = None,
@@ -212,23 +211,10 @@ def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | No
                 raise ValueError(f"run: {run_dir}/embeddings.npz has {features[split].shape[0]} {split} rows, "
                                  f"the {data} {split} split {len(ds)}")
     rows = []
-    jobs = []
-    for sel in selections:
-        sel.check_dataset(train_ds)
-        jobs.append((sel.method, sel))
-    if random_baseline:
-        for budget in sorted({len(s) for s in selections}):
-            jobs.append(("random", budget))
-    for name, item in jobs:
-        for seed in seeds:
-            if isinstance(item, Selection):
-                idx, budget = item.indices, len(item)
-            else:
-                budget = item
-                idx = select("random", budget=budget, dataset_size=len(train_ds), seed=seed).indices
-            for ev in evaluators:
-                acc = evaluate_indices(idx, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
-                                       features=features, device=dev, scratch_steps=scratch_steps)
-                rows.append({"method": name, "fraction": round(budget / len(train_ds), 4), "budget": budget,
-                             "evaluator": ev, "seed": seed, "accuracy": acc})
+    for name, idx, seed in subsets_to_evaluate(selections, train_ds, seeds, random_baseline):
+        for ev in evaluators:
+            acc = evaluate_indices(idx, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
+                                   features=features, device=dev, scratch_steps=scratch_steps)
+            rows.append({"method": name, "fraction": round(idx.numel() / len(train_ds), 4), "budget": idx.numel(),
+                         "evaluator": ev, "seed": seed, "accuracy": acc})
     return rows

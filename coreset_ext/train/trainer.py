@@ -34,8 +34,9 @@ from typing import Callable
 
 import torch
 
-from coreset_ext.reference import normalize, pair_cosine
+from coreset_ext._validation import POSITIVE_INT, Interval, Options, check, check_temperature
 from coreset_ext.io import atomic_write_bytes
+from coreset_ext.reference import normalize, pair_cosine
 from coreset_ext.scores import ScoreTracker
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset
@@ -43,8 +44,8 @@ from coreset_ext.train.losses import contrastive_step_loss
 from coreset_ext.train.models import ContrastiveModel, build_model
 
 CHECKPOINT_VERSION = 1
-METHODS = ("simclr", "moco")
-CSS_ON = ("projection", "backbone")
+METHODS = Options("simclr", "moco")
+CSS_ON = Options("projection", "backbone")
 
 
 @dataclass
@@ -75,19 +76,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.css_on not in CSS_ON:
-            raise ValueError(f"css_on must be one of {CSS_ON}, got {self.css_on!r}")
-        for name in ("epochs", "batch_size", "queue_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
+        check("method", self.method, METHODS)
+        check("css_on", self.css_on, CSS_ON)
+        for name in ("epochs", "queue_size", "checkpoint_every"):
+            setattr(self, name, check(name, getattr(self, name), POSITIVE_INT))
+        # a contrastive batch needs negatives: two examples at least
+        self.batch_size = check("batch_size", self.batch_size, Interval(int, 2, None))
         if self.temperature is None:
             self.temperature = 0.5 if self.method == "simclr" else 0.2
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        self.temperature = check_temperature(self.temperature)
 
     def to_dict(self) -> dict:
         return asdict(self)
