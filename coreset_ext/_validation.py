@@ -206,6 +206,17 @@ def check_tensor(name: str, x, *, dim: int, dtypes: Iterable[torch.dtype], what:
     return x
 
 
+def check_per_row(name: str, t, of: str, rows_of: torch.Tensor, *, dtypes: Iterable[torch.dtype],
+                  entries: str = "entries") -> torch.Tensor:
+    """t: a 1-D tensor of `dtypes` holding one of its `entries` per row of `rows_of` (named `of`),
+    on the same device (labels per embedding, dataset indices per batch row)."""
+    check_tensor(name, t, dim=1, dtypes=dtypes)
+    if t.shape[0] != rows_of.shape[0]:
+        raise ValueError(f"{name} has {t.shape[0]} {entries} but {of} has {rows_of.shape[0]} rows")
+    check_same_device(**{of: rows_of, name: t})
+    return t
+
+
 def check_same_device(**tensors: torch.Tensor) -> None:
     """Every tensor on the first one's device (ValueError naming both otherwise)."""
     items = list(tensors.items())

@@ -346,20 +346,21 @@ class KMeans:
         self.n_iter_ = n_iter
         return self
 
-    def _check_fitted(self, x) -> torch.Tensor:
+    def _fitted_input(self, x) -> tuple[torch.Tensor, torch.device]:
+        """x checked against the fitted model and prepared as in fit, and the device it came from."""
         if not hasattr(self, "cluster_centers_"):
             raise RuntimeError("this KMeans is not fitted yet: call fit first")
         x = _as_tensor(x, "x")
         if x.shape[1] != self.cluster_centers_.shape[1]:
             raise ValueError(f"x has {x.shape[1]} features but the model was fitted on {self.cluster_centers_.shape[1]}")
-        return x
-
-    def predict(self, x) -> torch.Tensor:
-        """Index of the nearest centroid of every row of x: int64 [n], on x's device."""
-        x = self._check_fitted(x)
         source = x.device
         x = self._prepare(x)
         self._check_finite(x)
+        return x, source
+
+    def predict(self, x) -> torch.Tensor:
+        """Index of the nearest centroid of every row of x: int64 [n], on x's device."""
+        x, source = self._fitted_input(x)
         labels, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
         return labels.to(source)
 
@@ -372,10 +373,7 @@ class KMeans:
 
         euclidean: euclidean distances (not squared, like scikit-learn); cosine: 1 - cosine.
         """
-        x = self._check_fitted(x)
-        source = x.device
-        x = self._prepare(x)
-        self._check_finite(x)
+        x, source = self._fitted_input(x)
         c = self.cluster_centers_.to(self._device_, torch.float32)
         if self.metric == "cosine":
             c = reference.normalize(c)

@@ -13,9 +13,9 @@ import torch
 
 from coreset_ext import _backend, reference
 from coreset_ext._validation import (  # noqa: F401  (MIN_TEMPERATURE: public here, where it applies)
-    MIN_TEMPERATURE, REDUCTIONS, check, check_same_device, check_temperature, describe,
+    MIN_TEMPERATURE, REDUCTIONS, check, check_per_row, check_same_device, check_tensor, check_temperature,
 )
-from coreset_ext.ops.scatter import score_scatter_add_
+from coreset_ext.ops.scatter import INDEX_DTYPES, score_scatter_add_
 
 __all__ = ["nt_xent", "info_nce_queue", "pair_cosine", "MIN_TEMPERATURE"]
 
@@ -59,14 +59,11 @@ def nt_xent(
         >>> z1.grad.shape
         torch.Size([8, 16])
     """
-    _check_rows("z1", z1)
-    _check_rows("z2", z2)
+    _check_rows(z1=z1, z2=z2)
     _check_alike("z1", z1, "z2", z2)
-    t = check_temperature(temperature)
-    check("reduction", reduction, REDUCTIONS)
-    _check_scores(z1.shape[0], z1.device, index, scores)
-    chosen = _choose_backend("nt_xent", z1, backend)
-    rows, _, cos = torch.ops.coreset_ext.nt_xent_rows(z1, z2, t, bool(normalize), chosen)
+    t = _check_loss_args(z1, temperature, reduction, index, scores)
+    rows, _, cos = torch.ops.coreset_ext.nt_xent_rows(z1, z2, t, bool(normalize),
+                                                      _choose_backend("nt_xent", z1, backend))
     return _finish(rows, cos, reduction, index, scores, validate, return_cos)
 
 
@@ -156,19 +153,15 @@ def info_nce_queue(
         >>> q.grad.shape
         torch.Size([4, 8])
     """
-    _check_rows("q", q)
-    _check_rows("k", k)
-    _check_rows("queue", queue)
+    _check_rows(q=q, k=k, queue=queue)
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue must have q's dimension {q.shape[1]}, got shape {tuple(queue.shape)}")
     check_same_device(q=q, k=k, queue=queue)
-    t = check_temperature(temperature)
-    check("reduction", reduction, REDUCTIONS)
-    _check_scores(q.shape[0], q.device, index, scores)
-    chosen = _choose_backend("info_nce_queue", q, backend)
-    rows, _, cos = torch.ops.coreset_ext.info_nce_queue_rows(q, k, queue, t, bool(normalize), chosen)
+    t = _check_loss_args(q, temperature, reduction, index, scores)
+    rows, _, cos = torch.ops.coreset_ext.info_nce_queue_rows(q, k, queue, t, bool(normalize),
+                                                             _choose_backend("info_nce_queue", q, backend))
     return _finish(rows, cos, reduction, index, scores, validate, return_cos)
 
 
@@ -243,8 +236,7 @@ def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None)
         >>> cx.ops.pair_cosine(a, torch.tensor([[1.0, 1.0], [0.0, -1.0]]))
         tensor([ 0.7071, -1.0000])
     """
-    _check_rows("a", a)
-    _check_rows("b", b)
+    _check_rows(a=a, b=b)
     _check_alike("a", a, "b", b)
     return torch.ops.coreset_ext.pair_cosine(a, b, _choose_backend("pair_cosine", a, backend))
 
@@ -299,13 +291,12 @@ for _op in ("nt_xent", "info_nce_queue", "pair_cosine"):
 # ------------------------------------------------------------------------ shared by the family
 
 
-def _check_rows(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D [batch, dim] tensor, got {describe(x)}")
-    if x.dtype not in LOSS_DTYPES:
-        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
+def _check_rows(**inputs) -> None:
+    """Each input a non-empty [batch, dim] tensor of a loss dtype."""
+    for name, x in inputs.items():
+        check_tensor(name, x, dim=2, dtypes=LOSS_DTYPES, what="[batch, dim]")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
 
 
 def _check_alike(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
@@ -317,18 +308,16 @@ def _check_alike(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> 
     check_same_device(**{name_a: a, name_b: b})
 
 
-def _check_scores(batch: int, device: torch.device, index, scores) -> None:
+def _check_loss_args(x: torch.Tensor, temperature, reduction, index, scores) -> float:
+    """The arguments every loss takes beside its inputs; returns the temperature as a float."""
+    t = check_temperature(temperature)
+    check("reduction", reduction, REDUCTIONS)
     if (index is None) != (scores is None):
         raise ValueError("index and scores must be given together (index: dataset indices of the batch, "
                          "scores: the float32 buffer to add the positive cosines into)")
-    if index is None:
-        return
-    if not isinstance(index, torch.Tensor) or index.dim() != 1:
-        raise ValueError(f"index must be a 1-D int32 or int64 tensor, got {describe(index)}")
-    if index.shape[0] != batch:
-        raise ValueError(f"index has {index.shape[0]} entries but the batch has {batch} examples")
-    if index.device != device:
-        raise ValueError(f"index is on {index.device} but the embeddings are on {device}")
+    if index is not None:
+        check_per_row("index", index, "the batch", x, dtypes=INDEX_DTYPES)
+    return t
 
 
 def _choose_backend(op: str, x: torch.Tensor, requested: str | None) -> str:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import _backend, reference
-from coreset_ext._validation import check_finite, check_same_device, check_tensor, finite_float, is_int
+from coreset_ext._validation import check_finite, check_per_row, check_same_device, check_tensor, finite_float, is_int
 
 __all__ = ["cosine_rowsum", "cosine_topk", "TOPK_TRITON_MAX_K"]
 
 EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GROUP_DTYPES = (torch.int32, torch.int64)
 TOPK_TRITON_MAX_K = 128  # the kernel holds the running top-k in registers: up to 128 per row
 
 
@@ -47,11 +48,11 @@ def cosine_rowsum(
     y = _check_x_y(x, y)
     clamp_min = finite_float("clamp_min", clamp_min)
     if groups is not None:
-        groups = _check_groups("groups", groups, x, "x")
+        groups = check_per_row("groups", groups, "x", x, dtypes=GROUP_DTYPES, entries="labels").long()
         if y is not None:
             if y_groups is None:
                 raise ValueError("y_groups is required with groups when y is given (a label per row of y)")
-            y_groups = _check_groups("y_groups", y_groups, y, "y")
+            y_groups = check_per_row("y_groups", y_groups, "y", y, dtypes=GROUP_DTYPES, entries="labels").long()
         elif y_groups is not None:
             raise ValueError("y_groups is only for a separate y; with y = x, groups labels both")
     elif y_groups is not None:
@@ -166,14 +167,6 @@ def _check_x_y(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
             raise ValueError(f"y is {y.dtype} but x is {x.dtype}: they must share a dtype")
         check_same_device(x=x, y=y)
     return y
-
-
-def _check_groups(name: str, g, rows_of: torch.Tensor, of: str) -> torch.Tensor:
-    check_tensor(name, g, dim=1, dtypes=(torch.int32, torch.int64), what="(a label per row)")
-    if g.shape[0] != rows_of.shape[0]:
-        raise ValueError(f"{name} has {g.shape[0]} labels but {of} has {rows_of.shape[0]} rows")
-    check_same_device(x=rows_of, **{name: g})
-    return g.long()
 
 
 def _choose_backend(op: str, x: torch.Tensor, m: int, backend: str | None) -> str:

@@ -16,8 +16,8 @@ import torch
 
 from coreset_ext import ops, reference
 from coreset_ext._validation import (FRACTION, POSITIVE_INT, Interval, Options, check, check_finite,
-                                     check_same_device, check_tensor, is_int)
-from coreset_ext.ops.similarity import EMBEDDING_DTYPES
+                                     check_per_row, check_tensor, is_int)
+from coreset_ext.ops.similarity import EMBEDDING_DTYPES, GROUP_DTYPES
 
 __all__ = ["budget_size", "class_budgets", "sas_indices", "facility_location_greedy", "hard_cut",
            "double_end_indices", "ccs_indices"]
@@ -28,7 +28,6 @@ _FLOOR_SLACK = 1e-9
 
 BETA = Interval(float, 0, 1, closed="left")  # the share of the hardest examples dropped: [0, 1)
 SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-GROUP_DTYPES = (torch.int32, torch.int64)
 OBJECTIVES = Options("rowsum", "facility_location")
 
 
@@ -95,10 +94,7 @@ def _check_sas_inputs(embeddings, groups) -> None:
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings has no rows: there is nothing to select from")
     if groups is not None:
-        check_tensor("groups", groups, dim=1, dtypes=GROUP_DTYPES)
-        if groups.shape[0] != embeddings.shape[0]:
-            raise ValueError(f"groups has {groups.shape[0]} labels but embeddings has {embeddings.shape[0]} rows")
-        check_same_device(embeddings=embeddings, groups=groups)
+        check_per_row("groups", groups, "embeddings", embeddings, dtypes=GROUP_DTYPES, entries="labels")
 
 
 def _top_per_group(scores: torch.Tensor, groups: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:

@@ -96,19 +96,6 @@ class ResNet18(nn.Module):
         return self.pool(self.layers(self.stem(x)))
 
 
-class MLPEncoder(nn.Module):
-    """For precomputed embeddings (N, D): two hidden layers."""
-
-    def __init__(self, in_dim: int, hidden: int = 256, out_dim: int = 128) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, out_dim))
-        self.out_dim = out_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head: Linear -> BN -> ReLU -> Linear."""
 
@@ -120,6 +107,13 @@ class ProjectionHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h)
+
+
+class MLPEncoder(ProjectionHead):
+    """For precomputed embeddings (N, D): Linear -> BN -> ReLU -> Linear, a projection head's shape."""
+
+    def __init__(self, in_dim: int, hidden: int = 256, out_dim: int = 128) -> None:
+        super().__init__(in_dim, hidden, out_dim)
 
 
 class ContrastiveModel(nn.Module):
