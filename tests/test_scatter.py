@@ -1,4 +1,6 @@
-"""score_scatter_add_ against a naive float64 loop; determinism; bad input; opcheck; compile."""
+"""score_scatter_add_ against a naive float64 loop for each kind of duplication; bad input; the
+kernels' own bounds checks; the reference backend without _C. opcheck, torch.compile,
+determinism, poisoned outputs and non-contiguous inputs: tests/test_contracts.py."""
 
 import pytest
 import torch
@@ -51,32 +53,6 @@ def test_matches_naive(device, kind, index_dtype, value_dtype, deterministic, ge
     assert out is scores
     err = (scores.double().cpu() - expected).abs().max().item()
     assert err <= tolerance(value_dtype, m) * expected.abs().max().item() + 1e-6
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_non_contiguous_inputs(device, gen):
-    n, m = 100, 64
-    scores = torch.randn(n, generator=gen).to(device)
-    index = torch.randint(0, n, (2 * m,), generator=gen).to(device)[::2]
-    values = torch.randn(m, 3, generator=gen).to(device)[:, 1]
-    assert not index.is_contiguous() and not values.is_contiguous()
-    expected = naive(scores, index, values)
-    cx.ops.score_scatter_add_(scores, index, values)
-    torch.testing.assert_close(scores.double().cpu(), expected, rtol=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_deterministic_bit_identical(device, gen):
-    n, m = 1000, 65536
-    index = torch.randint(0, 50, (m,), generator=gen).to(device)  # heavy duplication
-    values = torch.randn(m, generator=gen).to(device)
-    outs = []
-    for _ in range(2):
-        s = torch.zeros(n, device=device)
-        cx.ops.score_scatter_add_(s, index, values, deterministic=True)
-        outs.append(s)
-    assert torch.equal(outs[0], outs[1])
-    torch.testing.assert_close(outs[0].double().cpu(), naive(torch.zeros(n), index, values), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.cuda
@@ -170,31 +146,6 @@ def test_cuda_kernel_skips_out_of_range():
     torch.ops.coreset_ext.score_scatter_add_(s, torch.tensor([0, 7, -3], device="cuda"),
                                              torch.ones(3, device="cuda"), False)
     assert s.tolist() == [1.0, 0.0, 0.0, 0.0]
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_opcheck(device, deterministic, gen):
-    s = torch.randn(50, generator=gen).to(device)
-    i = torch.randint(0, 50, (30,), generator=gen).to(device)
-    v = torch.randn(30, generator=gen).to(device)
-    torch.library.opcheck(torch.ops.coreset_ext.score_scatter_add_.default, (s, i, v, deterministic))
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_torch_compile_fullgraph(device, gen):
-    def step(scores, index, values):
-        cx.ops.score_scatter_add_(scores, index, values * 2)
-        return scores.sum()
-
-    compiled = torch.compile(step, fullgraph=True)
-    s1 = torch.randn(40, generator=gen).to(device)
-    s2 = s1.clone()
-    i = torch.randint(0, 40, (100,), generator=gen).to(device)
-    v = torch.randn(100, generator=gen).to(device)
-    compiled(s1, i, v)
-    step(s2, i, v)
-    torch.testing.assert_close(s1, s2)
 
 
 def test_reference_backend_without_extension(tmp_path):
