@@ -1,4 +1,5 @@
-"""kmeans_assign, kmeans_update and KMeans against float64 brute force, the reference and scikit-learn."""
+"""kmeans_assign, kmeans_update and KMeans against float64 brute force, the reference and scikit-learn.
+opcheck, torch.compile and the other contracts every op keeps: tests/test_contracts.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _utils import check_assign, triton_interpreter_available
 
 import coreset_ext as cx
 from coreset_ext import _backend, ops, reference
@@ -27,29 +29,6 @@ def _blobs(n, k, d, seed=0, spread=20.0, std=0.5):
     return centers[truth] + std * torch.randn(n, d, generator=g), truth
 
 
-def _check_assign(x, c, labels, dist, metric, tol):
-    """Labels are a nearest centroid in float64 (ties within `tol` aside); distances match."""
-    n, k = x.shape[0], c.shape[0]
-    assert labels.dtype == torch.int64 and dist.dtype == torch.float32
-    assert labels.shape == (n,) and dist.shape == (n,)
-    labels, dist = labels.cpu(), dist.cpu().double()
-    assert bool(((labels >= 0) & (labels < k)).all())
-    x64, c64 = x.cpu().double(), c.cpu().double()
-    if metric == "euclidean":
-        full = torch.cdist(x64, c64) ** 2
-        best = full.min(dim=1).values
-        chosen = full.gather(1, labels[:, None]).squeeze(1)
-        scale = (x64 * x64).sum(1) + (c64 * c64).sum(1).max()
-        assert bool((chosen - best <= tol * scale).all())
-        assert bool(((dist - chosen).abs() <= tol * scale).all())
-    else:
-        sim = reference.normalize(x64) @ reference.normalize(c64).T
-        best = sim.max(dim=1).values
-        chosen = sim.gather(1, labels[:, None]).squeeze(1)
-        assert bool((best - chosen <= tol).all())
-        assert bool(((dist - (1 - chosen)).abs() <= tol).all())
-
-
 # ------------------------------------------------------------------------- kmeans_assign
 
 @pytest.mark.parametrize("backend", [None, "reference"])
@@ -58,14 +37,14 @@ def _check_assign(x, c, labels, dist, metric, tol):
 def test_assign_cpu_matches_float64(metric, n, k, d, backend):
     x, c = _data(n, d, 1), _data(k, d, 2)
     labels, dist = ops.kmeans_assign(x, c, metric=metric, backend=backend)
-    _check_assign(x, c, labels, dist, metric, 1e-5)
+    check_assign(x, c, labels, dist, metric, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_assign_cpu_dtypes(dtype):
     x, c = _data(300, 24, 1, dtype), _data(13, 24, 2)
     labels, dist = ops.kmeans_assign(x, c)
-    _check_assign(x.float(), c, labels, dist, "euclidean", 1e-5)
+    check_assign(x.float(), c, labels, dist, "euclidean", 1e-5)
 
 
 def _first_nearest(x, c, metric):
@@ -90,7 +69,7 @@ def test_assign_noncontiguous_and_ties():
     c[3] = c[1]  # exact duplicate: the lower index must win
     for backend in (None, "reference"):
         labels, dist = ops.kmeans_assign(x, c, backend=backend)
-        _check_assign(x, c, labels, dist, "euclidean", 1e-6)
+        check_assign(x, c, labels, dist, "euclidean", 1e-6)
         assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
         assert not bool((labels == 3).any())
 
@@ -111,23 +90,23 @@ def test_assign_validation():
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("n,k,d", [(70, 37, 19), (33, 40, 200), (5, 1, 16)])
 def test_assign_triton_interpreter(metric, n, k, d):
-    if not _triton_cpu_ok():
+    if not triton_interpreter_available():
         pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
     x, c = _data(n, d, 5), _data(k, d, 6)
     labels, dist = ops.kmeans_assign(x, c, metric=metric, backend="triton")
-    _check_assign(x, c, labels, dist, metric, 1e-5)
+    check_assign(x, c, labels, dist, metric, 1e-5)
 
 
 @pytest.mark.triton
 def test_assign_triton_interpreter_ties_and_strides():
-    if not _triton_cpu_ok():
+    if not triton_interpreter_available():
         pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
     x = _int_data(48, 50, 7).T  # [50, 48] strided
     c = _int_data(40, 48, 8)
     c[35] = c[2]  # duplicate in another centroid tile: the lower index wins across tiles
     c[20] = c[4]  # and within a tile
     labels, dist = ops.kmeans_assign(x, c, backend="triton")
-    _check_assign(x, c, labels, dist, "euclidean", 1e-6)
+    check_assign(x, c, labels, dist, "euclidean", 1e-6)
     assert torch.equal(labels, _first_nearest(x, c, "euclidean"))
     assert not bool(((labels == 35) | (labels == 20)).any())
 
@@ -146,7 +125,7 @@ def _gpu_assign_configs():
 def test_assign_triton_gpu_configs(config, monkeypatch):
     """Each tile shape the GPU autotuner may pick, run by the interpreter (CI runs only the small
     fixed tiles otherwise): ragged tails in n and k, one and several d tiles, ties across tiles."""
-    if not _triton_cpu_ok():
+    if not triton_interpreter_available():
         pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
     from coreset_ext.triton_kernels import kmeans
 
@@ -155,14 +134,8 @@ def test_assign_triton_gpu_configs(config, monkeypatch):
         x, c = _data(n, d, n), _data(k, d, k)
         c[k - 1] = c[1]  # a duplicate centroid in the last tile: the lower index must win
         labels, dist = ops.kmeans_assign(x, c, backend="triton")
-        _check_assign(x, c, labels, dist, "euclidean", 1e-5)
+        check_assign(x, c, labels, dist, "euclidean", 1e-5)
         assert not bool((labels == k - 1).any())
-
-
-def _triton_cpu_ok() -> bool:
-    from coreset_ext import _backend
-
-    return _backend.why_unavailable("triton", "cpu") is None
 
 
 # ------------------------------------------------------------------------- kmeans_update
@@ -218,31 +191,6 @@ def test_update_bounds():
     # the kernel itself refuses out-of-range labels (no out-of-bounds write) when called directly
     with pytest.raises((IndexError, RuntimeError)):
         torch.ops.coreset_ext.kmeans_update(x, labels, 4)
-
-
-# ------------------------------------------------------------------------- opcheck, compile
-
-def test_opcheck_cpu():
-    x, c = _data(50, 8, 11), _data(6, 8, 12)
-    for backend in (_backend.select_backend("kmeans_assign", x.device), "reference"):
-        for metric in ("euclidean", "cosine"):
-            torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, metric, backend))
-    labels = torch.randint(6, (50,), generator=torch.Generator().manual_seed(3))
-    torch.library.opcheck(torch.ops.coreset_ext.kmeans_update.default, (x, labels, 6))
-
-
-def test_compile_cpu():
-    x, c = _data(300, 8, 13), _data(6, 8, 14)
-
-    def step(x, c):
-        labels, dist = ops.kmeans_assign(x, c)
-        sums, counts = ops.kmeans_update(x, labels, 6)
-        return labels, dist, sums / counts.clamp_min(1)[:, None]
-
-    got = torch.compile(step, fullgraph=True)(x, c)
-    want = step(x, c)
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
 
 
 # ------------------------------------------------------------------------- KMeans
@@ -438,7 +386,7 @@ def test_assign_cuda(n, k, d, dtype, metric):
     # compare with the centroids as the kernel sees them (rounded to x's dtype)
     cr = c.to(dtype) if metric == "euclidean" else reference.normalize(c).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    _check_assign(x.float(), cr.float(), labels, dist, metric, tol)
+    check_assign(x.float(), cr.float(), labels, dist, metric, tol)
 
 
 @pytest.mark.cuda
@@ -458,22 +406,6 @@ def test_update_cuda(dtype):
     assert torch.equal(sums, again[0]) and torch.equal(counts, again[1])
     with pytest.raises(ValueError, match="labels"):
         ops.kmeans_update(x, labels + 1, k)
-
-
-@pytest.mark.cuda
-@cuda
-def test_opcheck_and_compile_cuda():
-    x, c = _data(300, 32, 23, device="cuda"), _data(20, 32, 24, device="cuda")
-    labels = torch.randint(20, (300,), device="cuda")
-    torch.library.opcheck(torch.ops.coreset_ext.kmeans_update.default, (x, labels, 20))
-    torch.library.opcheck(torch.ops.coreset_ext.kmeans_assign.default, (x, c, "euclidean", "triton"))
-
-    def step(x, c):
-        labels, dist = ops.kmeans_assign(x, c)
-        return ops.kmeans_update(x, labels, 20)
-
-    got, want = torch.compile(step, fullgraph=True)(x, c), step(x, c)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.cuda
@@ -516,7 +448,7 @@ def test_assign_rejects_non_finite(backend, value):
     with pytest.raises(ValueError, match="^centroids contains NaN or Inf"):
         ops.kmeans_assign(x, _poison(c, value), metric="cosine", backend=backend)
     labels, dist = ops.kmeans_assign(x, c, backend=backend)  # finite input still goes through
-    _check_assign(x, c, labels, dist, "euclidean", 1e-5)
+    check_assign(x, c, labels, dist, "euclidean", 1e-5)
 
 
 @pytest.mark.parametrize("batch_size", [None, 7])
