@@ -1,9 +1,11 @@
-"""cosine_rowsum and cosine_topk against float64 brute force (full n x m matrices, small sizes)."""
+"""cosine_rowsum and cosine_topk against float64 brute force (full n x m matrices, small sizes).
+opcheck, torch.compile and the other contracts every op keeps: tests/test_contracts.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _utils import rel_err, triton_interpreter_available
 
 import coreset_ext as cx
 from coreset_ext import _backend, ops, reference
@@ -38,10 +40,6 @@ def brute_topk(x, k, y=None, exclude_self=True):
         vals.append([-v for v, _ in cand[:k]])
         idxs.append([j for _, j in cand[:k]])
     return torch.tensor(vals, dtype=torch.float64), torch.tensor(idxs, dtype=torch.int64)
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
 
 
 def _data(n, d, seed, groups=0, m=None):
@@ -116,9 +114,7 @@ triton_only = pytest.mark.triton
 
 
 def _triton_here():
-    from coreset_ext import _backend
-
-    if _backend.why_unavailable("triton", "cpu") is not None:
+    if not triton_interpreter_available():
         pytest.skip("needs TRITON_INTERPRET=1 (or a GPU)")
 
 
@@ -182,16 +178,6 @@ def test_topk_triton_ties_keep_lowest_index():
 
 
 @triton_only
-def test_opcheck_triton_path():
-    _triton_here()
-    x, y, gx, gy = _data(19, 16, seed=6, groups=3, m=23)
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, None, gx, None, 0.0, True, "triton"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, y, gx, gy, 0.1, False, "triton"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, None, 4, True, "triton"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, y, 4, False, "triton"))
-
-
-@triton_only
 def test_compile_fullgraph_over_triton_path(monkeypatch):
     """The automatic Triton choice (as on a GPU) traces under torch.compile: the op is opaque and
     its fake kernel gives the shapes, so the interpreter runs only at run time."""
@@ -236,45 +222,7 @@ def test_cuda_rowsum_and_topk(dtype):
     assert (i.cpu() != torch.arange(3001)[:, None]).all()
 
 
-@cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_compile_fullgraph():
-    x, _, gx, _ = _data(700, 64, seed=8, groups=3)
-    xd, gd = x.cuda(), gx.cuda()
-
-    @torch.compile(fullgraph=True)
-    def f(x, g):
-        return ops.cosine_rowsum(x, groups=g) + 1, ops.cosine_topk(x, 5)[0]
-
-    r, v = f(xd, gd)
-    assert rel_err(r.cpu() - 1, brute_rowsum(x, gx=gx)) < 2e-3
-    assert rel_err(v.cpu(), brute_topk(x, 5)[0]) < 2e-3
-
-
 # ---------------------------------------------------------------------------------- plumbing
-
-def test_opcheck():
-    x, y, gx, gy = _data(19, 6, seed=2, groups=3, m=23)
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, None, gx, None, 0.0, True, "reference"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_rowsum.default, (x, y, gx, gy, 0.1, False, "reference"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, None, 4, True, "reference"))
-    torch.library.opcheck(torch.ops.coreset_ext.cosine_topk.default, (x, y, 4, False, "reference"))
-
-
-def test_compile_fullgraph_cpu():
-    x, _, gx, _ = _data(50, 8, seed=4, groups=2)
-
-    @torch.compile(fullgraph=True)
-    def f(x, g):
-        r = ops.cosine_rowsum(x, groups=g, exclude_self=True)
-        v, i = ops.cosine_topk(x, 3)
-        return r * 2, v, i
-
-    r, v, i = f(x, gx)
-    assert rel_err(r, 2 * brute_rowsum(x, gx=gx, exclude_self=True)) < 1e-5
-    want_v, want_i = brute_topk(x, 3)
-    assert torch.equal(i, want_i)
-
 
 def test_bad_input():
     x = torch.randn(10, 4)
