@@ -135,8 +135,9 @@ def check_assign(x, c, labels, dist, metric, tol):
 def check_topk(x, y, exclude_self, values, indices, want_values, want_indices, tol):
     """cosine_topk's answer against the float64 top-k (`want_values`, `want_indices`) [n, k]:
     values within `tol` (relative), every index a distinct candidate whose float64 cosine is the
-    value expected at that place (within `tol`), and the expected indices exactly in every row
-    whose k + 1 best cosines are more than 10 tol apart (elsewhere a near-tie may go either way)."""
+    value expected at that place (within 2 tol: the kernel may swap neighbours whose similarities
+    it computes within tol of each other), and the expected indices exactly in every row whose
+    k + 1 best cosines are more than 10 tol apart."""
     n, k = want_values.shape
     assert values.shape == indices.shape == (n, k) and indices.dtype == torch.int64
     assert rel_err(values, want_values) < tol, rel_err(values, want_values)
@@ -149,7 +150,7 @@ def check_topk(x, y, exclude_self, values, indices, want_values, want_indices, t
     assert bool(((idx >= 0) & (idx < cos.shape[1])).all())
     assert k == 1 or bool((idx.sort(dim=1).values.diff(dim=1) > 0).all()), "an index repeated in a row"
     got = cos.gather(1, idx)
-    assert float((got - want_values.cpu().double()).abs().max()) <= tol, "a neighbour of the wrong similarity"
+    assert float((got - want_values.cpu().double()).abs().max()) <= 2 * tol, "a neighbour of another similarity"
     best = cos.topk(min(k + 1, cos.shape[1]), dim=1).values
     gaps = -best.diff(dim=1)
     clear = (gaps > 10 * tol).all(dim=1) if gaps.shape[1] else torch.ones(n, dtype=torch.bool)
@@ -452,7 +453,8 @@ CONTRACTS: tuple[Contract, ...] = (
         variants=(
             Variant("random", call=dict(deterministic=False), tol=(1e-6, 1e-5)),
             # heavy duplication: 65,536 entries into 50 slots
-            Variant("duplicates-int32-deterministic", make=dict(n=1000, m=65536, buckets=50, index_dtype=torch.int32),
+            Variant("duplicates-int32-deterministic",
+                    make=dict(n=1000, m=65536, buckets=50, index_dtype=torch.int32),
                     call=dict(deterministic=True), tol=(1e-4, 1e-3)),
             Variant("duplicates-default", make=dict(n=1000, m=65536, buckets=50), tol=(1e-4, 1e-3)),
         ),
@@ -472,13 +474,14 @@ CONTRACTS: tuple[Contract, ...] = (
     Contract(
         name="kmeans_assign",
         make=_assign_make,
-        call=lambda inputs, backend, metric: tuple(ops.kmeans_assign(inputs["x"], inputs["centroids"], metric=metric,
-                                                                     backend=backend)),
+        call=lambda inputs, backend, metric: tuple(
+            ops.kmeans_assign(inputs["x"], inputs["centroids"], metric=metric, backend=backend)),
         reference=lambda inputs, metric: tuple(reference.kmeans_assign(inputs["x"], inputs["centroids"],
                                                                        metric=metric)),
         overloads=lambda inputs, backend, metric: [(torch.ops.coreset_ext.kmeans_assign.default,
                                                     (inputs["x"], inputs["centroids"], metric, backend))],
-        variants=(Variant("euclidean", call=dict(metric="euclidean")), Variant("cosine", call=dict(metric="cosine"))),
+        variants=(Variant("euclidean", call=dict(metric="euclidean")),
+                  Variant("cosine", call=dict(metric="cosine"))),
         # the Triton kernel normalises the centroids for cosine, then rounds them to x's dtype
         tol={("triton", F16): 1e-3, ("cuda", BF16): 2e-2, "cpu": 1e-5, "triton": 1e-5, "cuda": 1e-5},
         check=_assign_check, backend_op="kmeans_assign", backends=(None, "reference"), triton=True,
