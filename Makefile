@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
-DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark pybind11 ninja matplotlib tqdm setuptools wheel
+DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark hypothesis pybind11 ninja matplotlib tqdm setuptools wheel
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -28,12 +28,13 @@ NVCC_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=s
 GPU_PY ?= python3
 RESULTS_DIR ?= benchmarks/results/latest
 
-.PHONY: help venv build test test-cpu test-triton triton-aot nvcc-check demo bench gpu-check wheel clean
+.PHONY: help venv build test test-cpu test-triton triton-aot nvcc-check demo bench fuzz gpu-check wheel clean
 
 help:
 	@echo "make demo       set up, then train, score, select and evaluate on the embedded digits data"
 	@echo "make test       set up, build, run the tests (Triton in the interpreter) and the nvcc check"
 	@echo "make bench      run the benchmarks on this machine, write benchmarks/results/<device>.{json,md}"
+	@echo "make fuzz       the fuzz suite at length: FUZZ_EXAMPLES (default 2000) fresh random cases per test"
 	@echo "make gpu-check  on a CUDA machine: build with CUDA, run every test and the GPU benchmarks"
 	@echo "make wheel      build a wheel (CUDA when available) into dist/"
 
@@ -43,7 +44,7 @@ $(PY):
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	@# numpy 2.4 breaks Triton 3.6's interpreter (loops with runtime bounds), hence the pin.
-	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, pybind11, ninja, matplotlib, tqdm, numpy; \
+	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, hypothesis, pybind11, ninja, matplotlib, tqdm, numpy; \
 	  assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null \
 	  || $(PIP) install -q $(TRITON_SPEC) $(DEPS)
 
@@ -96,6 +97,12 @@ nvcc-check: venv
 
 demo: build
 	$(PY) -m coreset_ext demo --out runs/demo
+
+# The fuzz suite runs in `make test` with a bounded, derandomised number of cases; here at length
+# and with fresh randomness every run.
+FUZZ_EXAMPLES ?= 2000
+fuzz: build
+	CORESET_EXT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) CORESET_EXT_FUZZ_RANDOM=1 $(PY) -m pytest -q tests/test_fuzz.py
 
 # faiss-cpu is a CPU k-means peer; only the benchmarks need it.
 bench: build

@@ -50,7 +50,8 @@ class MoCoLoss(torch.nn.Module):
     as a ring: `forward(q, k)` computes the loss against the current queue, then writes k's rows
     at the ring position and advances it. The position lives on the queue's device and the write
     is an index_copy_, so a training step never waits on the host. A batch that does not divide
-    the queue size wraps around; one larger than the queue keeps its last `queue_size` keys.
+    the queue size wraps around; one larger than the queue keeps its last `queue_size` keys. A key
+    row that is not finite is not enqueued (its slot keeps its old key).
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -98,7 +99,11 @@ class MoCoLoss(torch.nn.Module):
             self.ptr.add_(b - size).remainder_(size)
             k, b = k[b - size:], size
         slots = (self.ptr + torch.arange(b, device=self.queue.device)) % size
-        self.queue.index_copy_(0, slots, k.to(self.queue.dtype))
+        k = k.to(self.queue.dtype)
+        # A key holding NaN or Inf would poison every later loss until the ring came round: its
+        # slot keeps the key it held instead (decided on the device, no host synchronisation).
+        finite = torch.isfinite(k).all(dim=1, keepdim=True)
+        self.queue.index_copy_(0, slots, torch.where(finite, k, self.queue.index_select(0, slots)))
         self.ptr.add_(b).remainder_(size)
 
     def extra_repr(self) -> str:
