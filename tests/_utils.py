@@ -260,9 +260,9 @@ def _scatter_reference(inputs, deterministic=None):
 
 
 def _scatter_overloads(inputs, backend, deterministic=None):
-    det = torch.are_deterministic_algorithms_enabled() if deterministic is None else deterministic
+    # both kernels (atomics and the sorted reduction) whatever the variant asks for
     return [(torch.ops.coreset_ext.score_scatter_add_.default,
-             (inputs["scores"].clone(), inputs["index"], inputs["values"], det))]
+             (inputs["scores"].clone(), inputs["index"], inputs["values"], det)) for det in (False, True)]
 
 
 def _scatter_check(out, want, tol, inputs, **call):
@@ -491,6 +491,7 @@ CONTRACTS: tuple[Contract, ...] = (
         make=_rowsum_make, call=_rowsum_call, reference=_rowsum_reference, overloads=_rowsum_overloads,
         variants=(
             Variant("plain"),
+            Variant("groups", make=dict(groups=3)),
             Variant("self-excluded-negative-clamp", call=dict(exclude_self=True, clamp_min=-0.3)),
             Variant("groups-self-excluded", make=dict(groups=3), call=dict(exclude_self=True)),
             Variant("y-with-groups", make=dict(y=True, groups=3), call=dict(clamp_min=0.1)),
