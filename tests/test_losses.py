@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from _utils import rel_err, views
+from _utils import deterministic_algorithms, rel_err, views
 
 import coreset_ext as cx
 from coreset_ext import ops, reference
@@ -571,11 +571,8 @@ def test_gpu_nt_xent_deterministic_split_batch():
         return a.grad
 
     split = grad()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         first, second = grad(), grad()
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert torch.equal(first, second)
     assert rel_err(split, first) < 1e-5
 

@@ -4,6 +4,7 @@ determinism, poisoned outputs and non-contiguous inputs: tests/test_contracts.py
 
 import pytest
 import torch
+from _utils import deterministic_algorithms
 
 import coreset_ext as cx
 from coreset_ext import _backend
@@ -59,15 +60,12 @@ def test_matches_naive(device, kind, index_dtype, value_dtype, deterministic, ge
 def test_deterministic_flag_is_followed_on_cuda(gen):
     index = torch.randint(0, 10, (65536,), generator=gen).cuda()
     values = torch.randn(65536, generator=gen).cuda()
-    torch.use_deterministic_algorithms(True)
-    try:
-        outs = []
+    outs = []
+    with deterministic_algorithms():
         for _ in range(3):
             s = torch.zeros(10, device="cuda")
             cx.ops.score_scatter_add_(s, index, values)
             outs.append(s)
-    finally:
-        torch.use_deterministic_algorithms(False)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
 
 
