@@ -44,11 +44,14 @@ def views(b: int, d: int, *, dtype=torch.float64, device="cpu", seed: int = 0, g
 
 
 def _poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fills t with what no correct kernel leaves behind: NaN, or the largest integer."""
-    if t.is_floating_point():
-        return t.fill_(float("nan"))
-    if t.dtype != torch.bool and not t.is_complex():
-        return t.fill_(torch.iinfo(t.dtype).max)
+    """Fills t with what no correct kernel leaves behind: NaN, or the largest integer. Without
+    autograd: an allocation made with requires_grad=True is a leaf, which may not be filled in
+    place while autograd records."""
+    with torch.no_grad():
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        if t.dtype != torch.bool and not t.is_complex():
+            return t.fill_(torch.iinfo(t.dtype).max)
     return t
 
 
