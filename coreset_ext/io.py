@@ -7,6 +7,10 @@ half of one. One version policy for all of them: `save_npz` stamps `FORMAT_VERSI
 library version, for the record) into the metadata, and `load_npz(path, kind=...)` refuses a file
 of another kind or of a newer format version. Nothing is ever unpickled.
 
+Readers never let a corrupt file escape as whatever the failing layer raises (zipfile, zlib, the
+npy header, EOF): `reading(path, what)` turns it into one ValueError naming the file, so callers
+and the CLI handle one type. A missing file stays a FileNotFoundError.
+
 Example:
     >>> import numpy as np, tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "x.npz")
@@ -22,12 +26,14 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "library_version", "load_npz", "save_npz"]
+__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "library_version", "load_npz", "read_npz", "reading", "save_npz"]
 
 # The version of the layout of every file below; a reader refuses files newer than itself.
 FORMAT_VERSION = 1
@@ -83,20 +89,58 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict)
     atomic_write_bytes(path, buf.getvalue())
 
 
+@contextmanager
+def reading(path: str | os.PathLike, what: str = "file") -> Iterator[None]:
+    """Runs the read of `path` inside it; whatever a corrupt, truncated or empty file makes the
+    reading layer raise (BadZipFile, EOFError, zlib.error, OSError Errno 22, UnpicklingError, a
+    header's ValueError, a huge declared size's MemoryError) becomes one ValueError naming the file.
+
+    A missing file, a folder or a permission problem is the file system's answer, not the file's
+    content: it stays the OSError it is. Keep only the raw read inside: checks made on what was
+    read raise their own ValueErrors outside.
+    """
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file can fail in any layer; callers get one type
+        why = " ".join(str(e).split())  # one line: the CLI prints it as its one error line
+        why = why if isinstance(e, ValueError) else f"{type(e).__name__}: {why}" if why else type(e).__name__
+        raise ValueError(f"path: {path} is not a readable {what} ({why})") from None
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (ours or a plain one), read without unpickling anything; a file
+    that is not a readable .npz is a ValueError naming it (see `reading`)."""
+    with reading(path, ".npz file"), open(path, "rb") as fh:
+        # np.load reads anything that is not a zip as a .npy or a pickle: say what it is instead
+        if fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError("it is not a zip archive")
+        fh.seek(0)
+        with np.load(fh, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+
 def load_npz(path: str | os.PathLike, kind: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Reads what `save_npz` wrote, without unpickling anything: (arrays, metadata).
 
     With `kind`, also checks that the file holds that kind of object in a format version this
     library reads (ValueError naming the path otherwise).
     """
-    with np.load(path, allow_pickle=False) as f:
-        if "__meta__" not in f.files:
-            raise ValueError(f"path: {path} has no __meta__ record: not a coreset-ext file")
-        arrays = {k: f[k] for k in f.files if k != "__meta__"}
-        meta = json.loads(bytes(f["__meta__"]).decode())
+    arrays = read_npz(path)
+    if "__meta__" not in arrays:
+        raise ValueError(f"path: {path} has no __meta__ record: not a coreset-ext file")
+    raw = arrays.pop("__meta__")
+    with reading(path, "coreset-ext file (its __meta__ record is not JSON)"):
+        meta = json.loads(raw.tobytes().decode())
+    if not isinstance(meta, dict):
+        raise ValueError(f"path: {path}: __meta__ must be a JSON object, got {type(meta).__name__}")
     if kind is not None:
         if meta.get("kind") != kind:
             raise ValueError(f"path: {path} is not a {kind} file (kind={meta.get('kind')!r})")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"path: {path} has format version {meta['format_version']}, newer than {FORMAT_VERSION}")
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"path: {path}: format_version must be an int >= 0, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"path: {path} has format version {version}, newer than {FORMAT_VERSION}")
     return arrays, meta
