@@ -18,6 +18,312 @@ from coreset_ext.select import Selection
 from coreset_ext.train.data import ArrayDataset, load_dataset
 from coreset_ext.train.embed import load_embeddings
 
+# ----------------------------------------------------------------------------------------- CIFAR
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2's cPickle wrote for the published CIFAR batches: protocol 2, every str
+    and bytes as a BINSTRING, arrays through numpy.core.multiarray._reconstruct."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def _python2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump(obj)
+    # GLOBAL names are newline-terminated text: numpy 1's module name, as in the real files
+    return buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+def _cifar_batch(rng, n, label_key="labels", classes=10):
+    return {"batch_label": "training batch 1 of 5", label_key: rng.integers(0, classes, n).tolist(),
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(n)]}
+
+
+def _write_cifar10(folder, rng, dump):
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = _cifar_batch(rng, 2)
+        (folder / name).write_bytes(dump(batches[name]))
+    return batches
+
+
+_DUMPS = {
+    "python2": _python2_pickle,  # the published files
+    "protocol2": lambda d: pickle.dumps({k.encode(): v for k, v in d.items()}, protocol=2),  # bytes via _codecs
+    "protocol5": lambda d: pickle.dumps({k.encode(): v for k, v in d.items()}, protocol=5),  # numpy's _frombuffer
+}
+
+
+@pytest.mark.parametrize("how", sorted(_DUMPS))
+def test_genuine_cifar_batches_load(tmp_path, how):
+    rng = np.random.default_rng(0)
+    dump = _DUMPS[how]
+    if how == "python2":  # check the helper writes what the published files hold
+        ops = {str(arg) for op, arg, _ in __import__("pickletools").genops(dump(_cifar_batch(rng, 1)))
+               if op.name == "GLOBAL"}
+        assert ops == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    batches = _write_cifar10(tmp_path / "cifar-10-batches-py", rng, dump)
+    train = load_dataset("cifar10", split="train", data_dir=tmp_path)
+    test = load_dataset("cifar10", split="test", data_dir=tmp_path)
+    assert train.data.shape == (10, 3, 32, 32) and train.num_classes == 10
+    assert train.labels.tolist() == sum((batches[f"data_batch_{i}"]["labels"] for i in range(1, 6)), [])
+    assert torch.equal(test.data.reshape(2, -1), torch.from_numpy(batches["test_batch"]["data"]))
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test"):
+        (folder / name).write_bytes(dump({**_cifar_batch(rng, 3, "fine_labels", 100), "coarse_labels": [0, 1, 2]}))
+    assert load_dataset("cifar100", data_dir=tmp_path).num_classes == 100
+
+
+class _RunsShell:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _EvalsOpen:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+@pytest.mark.parametrize("payload", [_RunsShell, _EvalsOpen])
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path, payload, protocol):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, rng, _DUMPS["protocol2"])
+    marker = tmp_path / "pwned"
+    evil = {b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), b"labels": [0, 1], b"x": payload(marker)}
+    (folder / "data_batch_3").write_bytes(pickle.dumps(evil, protocol=protocol))
+    with pytest.raises(ValueError, match=r"data_batch_3 is not a readable CIFAR batch \(.*refused: it names "
+                                         r"(posix\.system|builtins\.eval|__builtin__\.eval)"):
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert not marker.exists()
+    # the command: one error line, exit 2, nothing ran
+    assert main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                 "--epochs", "1"]) == 2
+    assert not marker.exists()
+
+
+def test_cifar_codecs_other_than_latin1_are_refused(tmp_path):
+    import codecs
+
+    class Zlib:
+        def __reduce__(self):
+            return codecs.encode, ("x", "rot13")
+
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(2), _DUMPS["protocol2"])
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Zlib()}, protocol=2))
+    with pytest.raises(ValueError, match="test_batch is not a readable CIFAR batch.*rot13"):
+        load_dataset("cifar10", split="test", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: {**d, b"data": d[b"data"].astype(np.float32)}, "data must be a uint8 array"),
+    (lambda d: {**d, b"data": d[b"data"].reshape(-1)}, "data must be a uint8 array"),
+    (lambda d: {**d, b"data": d[b"data"][:, :3000]}, "data must be a uint8 array"),
+    (lambda d: {**d, b"data": d[b"data"].tolist()}, "data must be a uint8 array"),
+    (lambda d: {k: v for k, v in d.items() if k != b"labels"}, "labels is missing"),
+    (lambda d: {**d, b"labels": [0, 10]}, r"labels must hold whole numbers in \[0, 9\]"),
+    (lambda d: {**d, b"labels": [0, -1]}, r"labels must hold whole numbers in \[0, 9\]"),
+    (lambda d: {**d, b"labels": [0, 1, 2]}, "labels must be a 1-D array of 2 labels"),
+    (lambda d: {**d, b"labels": [0, [1, 2]]}, "labels must be a 1-D array of 2"),
+    (lambda d: {**d, b"labels": ["a", "b"]}, "labels must hold whole-number labels"),
+    (lambda d: [d], "must hold a dict"),
+])
+def test_cifar_batch_of_the_wrong_structure(tmp_path, edit, message):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(3), _DUMPS["protocol2"])
+    d = pickle.loads((folder / "data_batch_2").read_bytes(), encoding="bytes")
+    (folder / "data_batch_2").write_bytes(pickle.dumps(edit(d), protocol=2))
+    with pytest.raises(ValueError, match=f"data_batch_2.*{message}"):
+        load_dataset("cifar10", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 40, 200, -10])
+def test_truncated_cifar_batch(tmp_path, cut):
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar10(folder, np.random.default_rng(4), _DUMPS["python2"])
+    data = (folder / "test_batch").read_bytes()
+    (folder / "test_batch").write_bytes(data[:cut])
+    with pytest.raises(ValueError, match="test_batch is not a readable CIFAR batch"):
+        load_dataset("cifar10", split="test", data_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------- tensor files
+
+
+def _tensor_file(tmp_path, name="d.npz", **arrays):
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(path, **arrays)
+    else:
+        torch.save(arrays, path)
+    return path
+
+
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_channels_last_images_are_transposed(tmp_path, c):
+    rng = np.random.default_rng(5)
+    nchw = rng.integers(0, 256, (6, c, 10, 12), dtype=np.uint8)
+    first = load_dataset("tensor", data_dir=_tensor_file(tmp_path, "a.npz", images=nchw))
+    last = load_dataset("tensor", data_dir=_tensor_file(tmp_path, "b.npz", images=nchw.transpose(0, 2, 3, 1)))
+    assert last.sample_shape == first.sample_shape == (c, 10, 12)
+    assert torch.equal(last.data, first.data) and last.data.is_contiguous()
+    nhwc = torch.from_numpy(nchw).permute(0, 2, 3, 1)
+    pt = load_dataset("tensor", data_dir=_tensor_file(tmp_path, "c.pt", images=nhwc))
+    assert torch.equal(pt.data, first.data)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((2, 3, 4, 4), r"of shape \(2, 3, 4, 4\) reads both as \(N, C, H, W\) images with C=3 and as \(N, H, W, C\) "
+                   r"with C=4; store them as \(N, C, H, W\)"),
+    ((2, 1, 8, 1), r"of shape \(2, 1, 8, 1\) reads both as"),
+    ((2, 5, 8, 8), r"of shape \(2, 5, 8, 8\) has neither 1, 3 nor 4 channels.*store images as \(N, C, H, W\)"),
+    ((2, 8, 8, 2), r"of shape \(2, 8, 8, 2\) has neither 1, 3 nor 4 channels"),
+])
+def test_images_whose_channels_cannot_be_told_are_refused(tmp_path, shape, message):
+    path = _tensor_file(tmp_path, images=np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match=f"d.npz: images {message}"):
+        load_dataset("tensor", data_dir=path)
+
+
+def test_float_labels_holding_whole_numbers_are_converted(tmp_path):
+    path = _tensor_file(tmp_path, embeddings=np.ones((4, 2), np.float32), labels=np.array([0.0, 2.0, -1.0, 1.0]))
+    ds = load_dataset("tensor", data_dir=path)
+    assert ds.labels.dtype == torch.int64 and ds.labels.tolist() == [0, 2, -1, 1] and ds.num_classes == 3
+    for dtype in (np.uint8, np.int16, np.uint64):
+        path = _tensor_file(tmp_path, embeddings=np.ones((3, 2), np.float32), labels=np.array([2, 0, 1], dtype))
+        assert load_dataset("tensor", data_dir=path).labels.tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array([0.0, 1.5, 2.0, 0.0]), r"labels must hold whole numbers in \[-1, 2\*\*63 - 1\].*got 1.5 at example 1"),
+    (np.array([0.0, np.nan, 2.0, 0.0]), r"labels must hold whole numbers.*got nan at example 1"),
+    (np.array([0.0, np.inf, 2.0, 0.0]), r"labels must hold whole numbers.*got inf"),
+    (np.array([1e19, 0, 0, 0]), r"labels must hold whole numbers"),
+    (np.array([0, 2**64 - 1, 0, 0], np.uint64),
+     r"labels must hold whole numbers.*got 18446744073709551615 at example 1"),
+    (np.array([0, -2, 0, 0]), r"labels must hold whole numbers in \[-1, .*got -2"),
+    (np.zeros((4, 1), np.int64), r"labels must be a 1-D array of 4 labels \(one per example\), got shape \(4, 1\)"),
+    (np.zeros((2, 2), np.int64), r"labels must be a 1-D array of 4 labels"),
+    (np.zeros(3, np.int64), r"labels must be a 1-D array of 4 labels.*got shape \(3,\)"),
+    (np.zeros(4, bool), r"labels must hold whole-number labels \(an integer array\), got bool"),
+    (np.zeros(4, np.complex64), r"labels must hold whole-number labels"),
+    (np.array(["a", "b", "c", "d"]), r"labels must hold whole-number labels"),
+])
+def test_labels_that_would_be_truncated_flattened_or_wrapped_are_refused(tmp_path, labels, message):
+    path = _tensor_file(tmp_path, embeddings=np.ones((4, 2), np.float32), labels=labels)
+    with pytest.raises(ValueError, match=f"d.npz: {message}"):
+        load_dataset("tensor", data_dir=path)
+
+
+def test_test_labels_and_pt_labels_are_checked_too(tmp_path):
+    path = _tensor_file(tmp_path, embeddings=np.ones((2, 2), np.float32), test_embeddings=np.ones((3, 2), np.float32),
+                        test_labels=np.array([0, 1, 0.5]))
+    load_dataset("tensor", data_dir=path)
+    with pytest.raises(ValueError, match=r"d.npz: test_labels must hold whole numbers.*0.5 at example 2"):
+        load_dataset("tensor", data_dir=path, split="test")
+    pt = _tensor_file(tmp_path, "d.pt", embeddings=torch.ones(3, 2), y=torch.tensor([[0], [1], [2]]))
+    with pytest.raises(ValueError, match=r"d.pt: y must be a 1-D array of 3 labels"):
+        load_dataset("tensor", data_dir=pt)
+    pt = _tensor_file(tmp_path, "e.pt", embeddings=torch.ones(3, 2), labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"e.pt: labels must be an array, got list"):
+        load_dataset("tensor", data_dir=pt)
+
+
+def test_array_dataset_refuses_labels_it_would_flatten_or_truncate():
+    data = torch.zeros(3, 2)
+    assert ArrayDataset(data, torch.tensor([0.0, 1.0, 2.0])).labels.tolist() == [0, 1, 2]
+    for labels in (torch.tensor([[0], [1], [2]]), torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0, 1]),
+                   torch.tensor([0.0, float("nan"), 1.0]), torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match="labels must"):
+            ArrayDataset(data, labels)
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"embeddings": np.ones((3, 2)), "test_embeddings": np.ones((3, 5))},
+     r"test_embeddings holds examples of shape \(5,\) but embeddings holds \(2,\)"),
+    ({"images": np.ones((3, 3, 8, 8)), "test_images": np.ones((3, 3, 8, 9))},
+     r"test_images holds examples of shape \(3, 8, 9\) but images holds \(3, 8, 8\)"),
+    ({"images": np.ones((3, 3, 8, 8)), "test_embeddings": np.ones((3, 192))},
+     r"test_embeddings holds examples of shape \(192,\) but images holds \(3, 8, 8\)"),
+])
+def test_test_split_of_another_shape_is_refused(tmp_path, arrays, message):
+    path = _tensor_file(tmp_path, **arrays)
+    load_dataset("tensor", data_dir=path)
+    with pytest.raises(ValueError, match=f"d.npz: {message}: the test split must match the train split"):
+        load_dataset("tensor", data_dir=path, split="test")
+
+
+def test_test_split_stored_channels_last_matches_a_channels_first_train_split(tmp_path):
+    x = np.random.default_rng(6).random((3, 3, 8, 8)).astype(np.float32)
+    path = _tensor_file(tmp_path, images=x, test_images=x.transpose(0, 2, 3, 1))
+    assert torch.equal(load_dataset("tensor", data_dir=path, split="test").data, torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"embeddings": np.array([[0.0, np.nan]])}, "embeddings holds NaN or Inf"),
+    ({"images": np.full((1, 3, 8, 8), np.inf, np.float32)}, "images holds NaN or Inf"),
+    ({"embeddings": np.array([[1e300]])}, "embeddings holds NaN or Inf"),
+    ({"embeddings": np.zeros((0, 3))}, r"embeddings must hold at least one example.*\(0, 3\)"),
+    ({"embeddings": np.zeros((3, 0))}, r"embeddings must hold at least one example"),
+    ({"embeddings": np.zeros((3, 2), np.complex64)}, "embeddings must hold real numbers"),
+    ({"embeddings": np.zeros((3, 2), bool)}, "embeddings must hold real numbers"),
+    ({"embeddings": np.zeros(3)}, r"embeddings must be \(N, C, H, W\) images or \(N, D\) embeddings, got shape \(3,\)"),
+    ({"images": np.zeros((3, 8, 8))}, r"images must be \(N, C, H, W\) images or \(N, D\) embeddings"),
+])
+def test_data_arrays_of_the_wrong_kind_are_refused(tmp_path, arrays, message):
+    with pytest.raises(ValueError, match=f"d.npz: {message}"):
+        load_dataset("tensor", data_dir=_tensor_file(tmp_path, **arrays))
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.pt"])
+@pytest.mark.parametrize("how", ["empty", "garbage", "truncated", "pickle"])
+def test_unreadable_tensor_files(tmp_path, name, how):
+    path = _tensor_file(tmp_path, name, embeddings=np.ones((4, 3), np.float32) if name.endswith("npz")
+                        else torch.ones(4, 3))
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "garbage": os.urandom(100), "truncated": data[: len(data) // 2],
+                      "pickle": pickle.dumps({"embeddings": _RunsShell(tmp_path / "pwned")})}[how])
+    with pytest.raises(ValueError, match=f"path: .*{name} is not a readable"):
+        load_dataset("tensor", data_dir=path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_image_folder_with_a_corrupt_image(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "a.png")
+    (tmp_path / "cat" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match=r"b.png is not a readable image"):
+        load_dataset("folder", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="is not a directory"):
+        load_dataset("folder", data_dir=tmp_path / "cat" / "a.png")
+
+
 # ----------------------------------------------------------------------------------- .npz files
 
 
@@ -55,3 +361,45 @@ def test_load_npz_refuses_a_bad_meta_record(tmp_path, meta, message):
     np.savez(path, a=np.arange(2), __meta__=np.frombuffer(meta, np.uint8))
     with pytest.raises(ValueError, match=f"x.npz.*{message}"):
         load_npz(path, kind="X")
+
+
+# ---------------------------------------------------------------------------------- embeddings
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("e.npy", np.array([[0.0, np.nan]]), "holds NaN or Inf embeddings"),
+    ("e.npy", np.ones(3), r"must hold a 2-D float array \[N, D\], got float64 array of shape \(3,\)"),
+    ("e.npy", np.ones((3, 2), np.int64), r"must hold a 2-D float array \[N, D\], got int64"),
+    ("e.npy", np.ones((0, 2)), r"must hold at least one embedding.*\(0, 2\)"),
+    ("e.pt", torch.tensor([[float("inf"), 0.0]]), "holds NaN or Inf embeddings"),
+    ("e.pt", {"train": torch.ones(2, 2)}, r"must hold a 2-D float array \[N, D\], got dict"),
+    ("e.npz", {"train": np.array([[np.nan]])}, "holds NaN or Inf embeddings"),
+])
+def test_embeddings_files_of_the_wrong_content(tmp_path, name, content, message):
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, content)
+    elif name.endswith(".pt"):
+        torch.save(content, path)
+    else:
+        np.savez(path, **content)
+    with pytest.raises(ValueError, match=f"path: .*{name} {message}"):
+        load_embeddings(str(path))
+
+
+@pytest.mark.parametrize("name", ["e.npy", "e.npz", "e.pt"])
+def test_unreadable_embeddings_files(tmp_path, name):
+    path = tmp_path / name
+    x = np.ones((4, 3), np.float32)
+    np.save(path, x) if name == "e.npy" else np.savez(path, train=x) if name == "e.npz" else torch.save(
+        torch.from_numpy(x), path)
+    good = path.read_bytes()
+    marker = tmp_path / "pwned"
+    bad = [b"", good[: len(good) // 2], os.urandom(64), pickle.dumps(_RunsShell(marker))]
+    for data in bad:
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=f"path: .*{name} is not a readable"):
+            load_embeddings(str(path))
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError):
+        load_embeddings(str(tmp_path / ("absent" + name[1:])))

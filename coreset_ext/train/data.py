@@ -13,6 +13,12 @@ Sources:
 - "folder": an image folder, one sub-directory per class (needs Pillow).
 - "tensor": a `.pt` or `.npz` file with `images` (N, C, H, W) or `embeddings` (N, D), and
   optionally `labels` (N,); `.npz` is read without pickle, `.pt` with `weights_only=True`.
+  Channels-last images (N, H, W, C) are transposed to (N, C, H, W) when only that reading has
+  1, 3 or 4 channels (see `load_tensor_file`).
+
+Every loader checks what it reads before use: a file that is unreadable, of the wrong structure,
+dtype or shape, with labels that are not one whole number per example, or (CIFAR) that asks the
+unpickler for anything but numpy arrays, is a ValueError naming the file and the field.
 
 Example:
     >>> from coreset_ext.train.data import load_dataset
@@ -33,10 +39,49 @@ import numpy as np
 import torch
 
 from coreset_ext._validation import Options, check
+from coreset_ext.io import read_npz, reading
+
+# numpy's own pickle helpers, the only callables a CIFAR batch may name (see _CifarUnpickler)
+try:
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
 
 SOURCES = Options("digits", "cifar10", "cifar100", "folder", "tensor")
 SPLITS = Options("train", "test")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what tells (N, C, H, W) from (N, H, W, C)
+_DATA_KEYS = ("images", "embeddings", "x", "data")
+_LABEL_KEYS = ("labels", "y")
+
+
+def _labels(values, n: int, where: str, *, low: int = -1, high: int | None = None) -> torch.Tensor:
+    """Labels as int64 [n], each in [low, high) (-1: unknown). Integer arrays of any dtype, or
+    float arrays holding only whole numbers; anything else would be truncated (2.7 -> 2), flattened
+    ((N, 1) or (N, 2) -> N or 2N labels) or wrapped (NaN -> int64's minimum) without a word."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = (values.float() if values.dtype == torch.bfloat16 else values).numpy()  # numpy has no bf16
+    try:
+        y = np.asarray(values)
+    except ValueError:  # a ragged list
+        raise ValueError(f"{where} must be a 1-D array of {n} whole-number labels, got a ragged sequence") from None
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{where} must be a 1-D array of {n} labels (one per example), got shape {y.shape}")
+    if y.dtype.kind not in "iuf":
+        raise ValueError(f"{where} must hold whole-number labels (an integer array), got {y.dtype}")
+    top = high if high is not None else 2**63  # int64's range: a uint64 or float beyond it would wrap
+    bad = ~((y >= low) & (y < top))  # NaN fails this too
+    if y.dtype.kind == "f":
+        bad |= y != np.floor(y)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        hi = f"{top - 1}" if high is not None else "2**63 - 1"
+        unknown = " (-1: unknown)" if low == -1 else ""
+        raise ValueError(f"{where} must hold whole numbers in [{low}, {hi}]{unknown}, got {y[i]} at example {i}")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -55,9 +100,7 @@ class ArrayDataset(torch.utils.data.Dataset):
             raise ValueError(f"data must be (N, C, H, W) images or (N, D) embeddings, got shape {tuple(data.shape)}")
         if labels is None:
             labels = torch.full((data.shape[0],), -1, dtype=torch.long)
-        labels = torch.as_tensor(labels).long().reshape(-1)
-        if labels.shape[0] != data.shape[0]:
-            raise ValueError(f"labels has {labels.shape[0]} entries but data has {data.shape[0]} examples")
+        labels = _labels(labels, data.shape[0], "labels")
         self.data = data
         self.labels = labels
         self.name = name
@@ -126,14 +169,51 @@ def load_digits_split(split: str = "train", test_fraction: float = 0.2) -> Array
     return ArrayDataset(x[idx].contiguous(), y[idx].contiguous(), name=f"digits/{split}", num_classes=10)
 
 
+def _latin1_bytes(text, encoding):
+    """What Python 3's pickler writes for bytes under protocol 2: _codecs.encode(text, "latin1").
+    Only that codec: others would let a file pick arbitrary codec modules."""
+    if not isinstance(text, str) or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}, which no CIFAR batch uses")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's python batches, admitting only what they contain: dicts, lists, strings,
+    numbers, and the numpy calls that rebuild an array. Plain pickle.load calls whatever a file
+    names (os.system included): a crafted batch file would run code just by being read."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,   # the published files (numpy 1)
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # re-pickled under numpy 2
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,        # re-pickled with protocol 5
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,                      # bytes, protocol 2 from Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused: it names {module}.{name}, which no CIFAR batch does "
+                                         f"(unpickling it could run code)") from None
+
+
 def _unpickle(path: Path) -> dict:
     # The CIFAR archives are pickled dicts of numpy arrays (that is their published format).
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    with reading(path, "CIFAR batch"), open(path, "rb") as f:
+        d = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a dict (CIFAR's python format), got {type(d).__name__}")
+    return d
 
 
 def load_cifar(root: str | os.PathLike, name: str = "cifar10", split: str = "train") -> ArrayDataset:
-    """CIFAR-10/100 from torchvision's python format under `root` (or `root` itself being the batches folder)."""
+    """CIFAR-10/100 from torchvision's python format under `root` (or `root` itself being the batches folder).
+
+    The batches are unpickled admitting only numpy arrays, lists, strings and numbers; each must
+    hold `data`, a uint8 array [N, 3072], and one label in [0, classes) per row."""
     root = Path(root)
     sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     folder = root / sub if (root / sub).is_dir() else root
@@ -148,11 +228,19 @@ def load_cifar(root: str | os.PathLike, name: str = "cifar10", split: str = "tra
         raise ValueError(f"data_dir: {folder} has no {name} files {missing} (expected torchvision's python format)")
     xs, ys = [], []
     for f in files:
-        d = _unpickle(folder / f)
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
-    return ArrayDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
-                        name=f"{name}/{split}", num_classes=classes)
+        path = folder / f
+        d = _unpickle(path)
+        for key in (b"data", label_key):
+            if key not in d:
+                raise ValueError(f"{path}: {key.decode()} is missing (it has {sorted(map(repr, d))})")
+        x = d[b"data"]
+        if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            got = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else type(x).__name__
+            raise ValueError(f"{path}: data must be a uint8 array [N, 3072] (32x32 RGB rows), got {got}")
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(_labels(d[label_key], x.shape[0], f"{path}: {label_key.decode()}", low=0, high=classes))
+    return ArrayDataset(torch.from_numpy(np.concatenate(xs)), torch.cat(ys), name=f"{name}/{split}",
+                        num_classes=classes)
 
 
 def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> ArrayDataset:
@@ -162,6 +250,8 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> ArrayDat
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the 'folder' data source needs Pillow: pip install pillow") from e
     root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data_dir: {root} is not a directory (the 'folder' source reads an image folder)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     items: list[tuple[Path, int]] = []
     if classes:
@@ -173,7 +263,8 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> ArrayDat
         raise ValueError(f"data_dir: {root} holds no images ({', '.join(_IMAGE_EXTS)})")
     arr = np.empty((len(items), 3, image_size, image_size), dtype=np.uint8)
     for i, (p, _) in enumerate(items):
-        with Image.open(p) as im:
+        # a corrupt or truncated image fails inside Pillow with errors that do not always name it
+        with reading(p, "image"), Image.open(p) as im:
             im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
             arr[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     labels = torch.tensor([c for _, c in items], dtype=torch.long)
@@ -181,30 +272,108 @@ def load_image_folder(root: str | os.PathLike, image_size: int = 32) -> ArrayDat
                         num_classes=len(classes) or None)
 
 
+def read_pt(path: str | os.PathLike):
+    """`torch.load(path, weights_only=True)` of a user's file on the CPU: a corrupt file, or one
+    that pickles more than tensors and containers, is a ValueError naming it."""
+    with reading(path, ".pt file"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message is a page of advice, including to retry with weights_only=False (that
+            # is, to run the file's code); keep only its reason, the paragraph after the first
+            paragraphs = [p.strip() for p in str(e).split("\n\n") if p.strip()]
+            reason = next((p for p in paragraphs[1:] if not p.startswith("Check the documentation")), str(e))
+            raise ValueError(f"torch.load with weights_only=True refuses it: {reason}") from None
+
+
+def _is_channels_last(shape: tuple[int, ...], where: str) -> bool:
+    """Whether 4-D images are (N, H, W, C) rather than (N, C, H, W): the reading with 1, 3 or 4
+    channels wins; a shape that reads both ways, or neither, cannot be told and is an error."""
+    first, last = shape[1] in _CHANNELS, shape[3] in _CHANNELS
+    if first != last:
+        return last
+    if first:
+        raise ValueError(f"{where} of shape {shape} reads both as (N, C, H, W) images with C={shape[1]} and as "
+                         f"(N, H, W, C) with C={shape[3]}; store them as (N, C, H, W) with C in 1, 3 or 4 and "
+                         f"H, W other than 1, 3 and 4 (resize them)")
+    raise ValueError(f"{where} of shape {shape} has neither 1, 3 nor 4 channels, first (N, C, H, W) or last "
+                     f"(N, H, W, C); store images as (N, C, H, W) with C in 1, 3 or 4, or as (N, D) embeddings")
+
+
+def _sample_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """The shape of one example as the loader will hold it (channels first)."""
+    if len(shape) == 4 and _is_channels_last(shape, where):
+        return (shape[3], shape[1], shape[2])
+    return tuple(shape[1:])
+
+
+def _array(content: dict, key: str, path: Path) -> np.ndarray:
+    value = content[key]
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()  # numpy has no bf16
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{path}: {key} must be an array, got {type(value).__name__}")
+    return value
+
+
+def _data(x: np.ndarray, where: str) -> torch.Tensor:
+    """A tensor file's images (N, C, H, W; channels-last transposed) or embeddings (N, D), checked:
+    real numbers, at least one example, finite; uint8 kept (scaled on access), the rest float32."""
+    if x.dtype.kind not in "uif":
+        raise ValueError(f"{where} must hold real numbers (uint8 images or floats), got {x.dtype}")
+    if x.ndim not in (2, 4):
+        raise ValueError(f"{where} must be (N, C, H, W) images or (N, D) embeddings, got shape {x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"{where} must hold at least one example of at least one value, got shape {x.shape}")
+    if x.ndim == 4 and _is_channels_last(x.shape, where):
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if x.dtype != np.uint8:
+        with np.errstate(over="ignore"):  # checked on the next line
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():  # NaN images train to NaN losses; float64 beyond 3e38 overflows here
+            raise ValueError(f"{where} holds NaN or Inf values (or values beyond float32's range)")
+    return torch.from_numpy(x)
+
+
 def load_tensor_file(path: str | os.PathLike, split: str = "train") -> ArrayDataset:
     """`.npz` (no pickle) or `.pt` (weights_only) holding `images` or `embeddings`, optional `labels`.
 
-    The test split reads the same keys prefixed with `test_` (`test_images`, `test_labels`).
+    The test split reads the same keys prefixed with `test_` (`test_images`, `test_labels`), and
+    its examples must have the train split's shape. Images are (N, C, H, W); images stored
+    channels-last, (N, H, W, C), are transposed when only that reading has 1, 3 or 4 channels
+    ((N, 32, 32, 3) is read as (N, 3, 32, 32)); a shape that reads both ways ((N, 3, 4, 4)) or
+    neither ((N, 5, 32, 32)) is an error saying how to store it. Labels are one whole number per
+    example (an integer array, or floats holding whole numbers), -1 where unknown. Anything else
+    is a ValueError naming the file and the key.
     """
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            content = {k: torch.from_numpy(f[k]) for k in f.files}
+        content = read_npz(path)
     elif path.suffix in (".pt", ".pth"):
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        content = read_pt(path)
         if isinstance(content, torch.Tensor):
             content = {"images" if content.dim() == 4 else "embeddings": content}
+        if not isinstance(content, dict):
+            raise ValueError(f"data_dir: {path} must hold a tensor or a dict of tensors, got {type(content).__name__}")
     else:
         raise ValueError(f"data_dir: {path} must be a .npz or .pt file")
     pre = "test_" if split == "test" else ""
-    key = next((pre + k for k in ("images", "embeddings", "x", "data") if pre + k in content), None)
+    key = next((pre + k for k in _DATA_KEYS if pre + k in content), None)
     if key is None:
         raise ValueError(f"data_dir: {path} has none of the keys {pre}images/{pre}embeddings/{pre}x/{pre}data "
-                         f"(has {sorted(content)})")
-    data = content[key]
-    if data.dtype != torch.uint8:
-        data = data.float()
-    labels = content.get(pre + "labels", content.get(pre + "y"))
+                         f"(has {sorted(map(str, content))})")
+    data = _data(_array(content, key, path), f"{path}: {key}")
+    train_key = next((k for k in _DATA_KEYS if k in content), None)
+    if pre and train_key is not None:
+        train_shape = _sample_shape(_array(content, train_key, path).shape, f"{path}: {train_key}")
+        if tuple(data.shape[1:]) != train_shape:
+            raise ValueError(f"{path}: {key} holds examples of shape {tuple(data.shape[1:])} but {train_key} "
+                             f"holds {train_shape}: the test split must match the train split")
+    label_key = next((pre + k for k in _LABEL_KEYS if pre + k in content), None)
+    labels = None
+    if label_key is not None:
+        labels = _labels(_array(content, label_key, path), data.shape[0], f"{path}: {label_key}")
     return ArrayDataset(data, labels, name=f"tensor:{path.name}/{split}")
 
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from coreset_ext._validation import Options, check, positive_int
-from coreset_ext.io import load_npz, save_npz
+from coreset_ext.io import read_npz, reading, save_npz
 from coreset_ext.proxy import dynamics_for, pseudo_labels_for
 from coreset_ext.reference import normalize
 from coreset_ext.train.augment import Augment
-from coreset_ext.train.data import ArrayDataset
+from coreset_ext.train.data import ArrayDataset, read_pt
 from coreset_ext.train.models import evaluating_on
 
 __all__ = ["EMBEDDINGS_KIND", "load_embeddings", "proxy_embeddings", "save_embeddings", "selector_inputs"]
@@ -98,28 +98,44 @@ def save_embeddings(path: str | Path, arrays: dict[str, torch.Tensor], dataset: 
 
 def load_embeddings(path: str, *, key: str = "train", dataset_size: int | None = None) -> torch.Tensor:
     """A user's embeddings file as float32 [N, D]: .npy, .pt (a tensor), or .npz (array `key`, e.g.
-    a run's embeddings.npz). With `dataset_size`, checks it has that many rows."""
+    a run's embeddings.npz). With `dataset_size`, checks it has that many rows.
+
+    Nothing is unpickled (.pt is read with weights_only); a file that cannot be read, or does not
+    hold a finite 2-D float array with at least one row and column, is a ValueError naming it.
+    """
     p = str(path)
     if p.endswith(".npy"):
-        x = torch.from_numpy(np.load(p, allow_pickle=False))
+        with reading(p, ".npy file"), open(p, "rb") as f:
+            # np.load reads anything else as a zip or a pickle (and suggests allow_pickle=True)
+            if f.read(6) != np.lib.format.MAGIC_PREFIX:
+                raise ValueError("it does not start as a .npy file")
+            f.seek(0)
+            x = np.load(f, allow_pickle=False)
     elif p.endswith(".pt"):
-        x = torch.load(p, map_location="cpu", weights_only=True)
+        x = read_pt(p)
     elif p.endswith(".npz"):
-        try:
-            arrays, _ = load_npz(p)
-        except ValueError:  # a plain npz without our metadata record
-            with np.load(p, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        if key not in arrays:
-            raise ValueError(f"key: {p} has no array {key!r} (it has {sorted(arrays)})")
-        x = torch.from_numpy(arrays[key])
+        arrays = read_npz(p)  # ours (a run's embeddings.npz) or a plain one
+        names = sorted(k for k in arrays if k != "__meta__")
+        if key not in names:
+            raise ValueError(f"key: {p} has no array {key!r} (it has {names})")
+        x = arrays[key]
     else:
         raise ValueError(f"path: embeddings must be a .npy, .npz or .pt file, got {p}")
+    is_array = isinstance(x, (np.ndarray, torch.Tensor))
+    got = f"{x.dtype} array of shape {tuple(x.shape)}" if is_array else type(x).__name__
+    if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+        x = torch.from_numpy(x.astype(np.float32))
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
-        raise ValueError(f"path: {p} does not hold a 2-D float array [N, D]")
+        raise ValueError(f"path: {p} must hold a 2-D float array [N, D], got {got}")
+    if 0 in x.shape:
+        raise ValueError(f"path: {p} must hold at least one embedding of at least one value, "
+                         f"got shape {tuple(x.shape)}")
+    x = x.float()
+    if not bool(torch.isfinite(x).all()):  # NaN rows evaluate to chance accuracy without a word
+        raise ValueError(f"path: {p} holds NaN or Inf embeddings")
     if dataset_size is not None and x.shape[0] != dataset_size:
         raise ValueError(f"path: {p} has {x.shape[0]} rows but the data set has {dataset_size} examples")
-    return x.float()
+    return x
 
 
 def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m: int = 1,
