@@ -363,6 +363,79 @@ def test_load_npz_refuses_a_bad_meta_record(tmp_path, meta, message):
         load_npz(path, kind="X")
 
 
+# ------------------------------------------------------------------------------------ selections
+
+
+def _selection_file(tmp_path, indices=None, scores=None, **meta_edits):
+    path = tmp_path / "sel.npz"
+    Selection(torch.tensor([4, 0, 2]), "css", dataset_size=6, scores=torch.arange(6.0)).save(path)
+    arrays, meta = load_npz(path)
+    if indices is not None:
+        arrays["indices"] = indices
+    if scores is not None:
+        arrays["scores"] = scores
+    for k, v in meta_edits.items():
+        if v is _DROP:
+            meta.pop(k)
+        else:
+            meta[k] = v
+    save_npz(path, arrays, meta)
+    return path
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32])
+def test_selection_indices_of_any_integer_dtype_load_as_int64(tmp_path, dtype):
+    sel = Selection.load(_selection_file(tmp_path, indices=np.array([4, 0, 2], dtype)))
+    assert sel.indices.dtype == torch.int64 and sel.indices.tolist() == [4, 0, 2]
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"indices": np.array([4, 2**64 - 1, 2], np.uint64)}, r"indices must be in \[0, 6\).*18446744073709551615"),
+    ({"indices": np.array([4, 2**63, 2], np.uint64)}, r"indices must be in \[0, 6\)"),
+    ({"indices": np.array([4, 0, 6], np.uint16)}, r"indices must be in \[0, 6\)"),
+    ({"indices": np.array([4.0, 0.0, 2.0])}, "indices must be a 1-D integer array, got float64"),
+    ({"indices": np.array([[4, 0, 2]])}, r"indices must be a 1-D integer array, got int64 of shape \(1, 3\)"),
+    ({"indices": np.array([True, False, True])}, "indices must be a 1-D integer array, got bool"),
+    ({"scores": np.arange(5.0)}, r"scores must be a 1-D float array of one score per example \(6\).*\(5,\)"),
+    ({"scores": np.arange(6)}, "scores must be a 1-D float array.*got int64"),
+    ({"scores": np.ones((6, 1))}, "scores must be a 1-D float array"),
+    ({"dataset_size": 6.5}, r"dataset_size must be an int in \[0, 9223372036854775807\], got 6.5"),
+    ({"dataset_size": -6}, "dataset_size must be an int in .*, got -6"),
+    ({"dataset_size": 10**20}, "dataset_size must be an int in .*, got 100000000000000000000"),
+    ({"dataset_size": "6"}, "dataset_size must be an int"),
+    ({"dataset_size": True}, "dataset_size must be an int"),
+    ({"dataset_size": _DROP}, "dataset_size: missing"),
+    ({"budget": 4}, "budget: the file records 4 but holds 3 indices"),
+    ({"budget": 3.5}, "budget: the file records 3.5"),
+    ({"budget": -1}, "budget: the file records -1"),
+    ({"budget": True}, "budget: the file records True"),
+    ({"method": 3}, "method must be a string, got 3"),
+    ({"method": _DROP}, "method: missing"),
+    ({"options": [1]}, "options must be a dict"),
+    ({"seed": 0.5}, "seed must be an int"),
+    ({"fingerprint": 7}, "fingerprint must be None or a string"),
+])
+def test_hand_edited_selection_files_are_refused(tmp_path, edit, message):
+    arrays = {k: edit.pop(k) for k in ("indices", "scores") if k in edit}
+    path = _selection_file(tmp_path, **arrays, **edit)
+    with pytest.raises(ValueError, match=f"path: .*sel.npz holds an invalid Selection: {message}"):
+        Selection.load(path)
+
+
+def test_corrupt_selection_files_are_value_errors(tmp_path):
+    path = _selection_file(tmp_path)
+    good = path.read_bytes()
+    for what, data in _corruptions(good):
+        path.write_bytes(data)
+        try:
+            Selection.load(path)
+        except ValueError as e:
+            assert "sel.npz" in str(e), what
+
+
 # ---------------------------------------------------------------------------------- embeddings
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from coreset_ext._validation import SEED, Interval, check
 from coreset_ext.io import load_npz, save_npz
 
 
@@ -26,6 +27,22 @@ def check_indices(indices: torch.Tensor, n: int) -> None:
     dup = indices.numel() - torch.unique(indices).numel()
     if dup:
         raise ValueError(f"indices must be distinct; {dup} are repeats")
+
+
+_DATASET_SIZE = Interval(int, 0, 2**63 - 1)  # indices are int64
+
+
+def _file_indices(indices: np.ndarray, n: int) -> torch.Tensor:
+    """A file's index array as int64. Any integer dtype is fine (uint16, uint64, ...); the range is
+    checked in the file's own dtype first, so a uint64 above int64's range cannot wrap into a
+    valid-looking index, and floats are refused rather than truncated to valid-looking integers."""
+    if indices.ndim != 1 or indices.dtype.kind not in "iu":
+        raise ValueError(f"indices must be a 1-D integer array, got {indices.dtype} of shape {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        bad = indices[(indices < 0) | (indices >= n)]
+        raise ValueError(f"indices must be in [0, {n}) (the data set size); {bad.size} are not, "
+                         f"e.g. {bad[:5].tolist()}")
+    return torch.from_numpy(indices.astype(np.int64))
 
 
 @dataclass
@@ -97,17 +114,43 @@ class Selection:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, dataset=None) -> "Selection":
-        """Reads `save`'s file; with `dataset`, also checks it is the data set the selection was made for."""
+        """Reads `save`'s file; with `dataset`, also checks it is the data set the selection was made for.
+
+        Every field is checked before use (ValueError naming the file and the field): indices of
+        any integer dtype in range, a whole dataset_size, a budget equal to the number of indices,
+        scores of one float per example of the data set.
+        """
         arrays, meta = load_npz(path, kind="Selection")
-        try:  # the constructor checks the indices against dataset_size
-            # no .long() here: float indices would be truncated to valid-looking integers
-            sel = cls(indices=torch.from_numpy(arrays["indices"]), method=meta["method"],
-                      options=meta.get("options", {}), dataset_size=int(meta["dataset_size"]),
-                      seed=int(meta.get("seed", 0)),
-                      scores=torch.from_numpy(arrays["scores"]) if "scores" in arrays else None,
-                      fingerprint=meta.get("fingerprint"))
-        except (ValueError, KeyError, TypeError) as e:
+        try:
+            sel = cls._from_file(arrays, meta)
+        except ValueError as e:
             raise ValueError(f"path: {path} holds an invalid Selection: {e}") from None
         if dataset is not None:
             sel.check_dataset(dataset)
+        return sel
+
+    @classmethod
+    def _from_file(cls, arrays: dict[str, np.ndarray], meta: dict) -> "Selection":
+        for key in ("method", "dataset_size"):
+            if key not in meta:
+                raise ValueError(f"{key}: missing from the file's record")
+        if "indices" not in arrays:
+            raise ValueError(f"indices: missing from the file (it has {sorted(arrays)})")
+        method = check("method", meta["method"], str)
+        options = check("options", meta.get("options", {}), dict)
+        n = check("dataset_size", meta["dataset_size"], _DATASET_SIZE)
+        seed = check("seed", meta.get("seed", 0), SEED)
+        fingerprint = check("fingerprint", meta.get("fingerprint"), None, str)
+        scores = arrays.get("scores")
+        if scores is not None:
+            if scores.dtype.kind != "f" or scores.shape != (n,):
+                raise ValueError(f"scores must be a 1-D float array of one score per example ({n}), "
+                                 f"got {scores.dtype} of shape {scores.shape}")
+            scores = torch.from_numpy(scores.astype(np.float32))
+        # the constructor checks that the indices are distinct
+        sel = cls(indices=_file_indices(arrays["indices"], n), method=method, options=options, dataset_size=n,
+                  seed=seed, scores=scores, fingerprint=fingerprint)
+        budget = meta.get("budget", len(sel))
+        if type(budget) is not int or budget != len(sel):  # a bool is not a count
+            raise ValueError(f"budget: the file records {budget!r} but holds {len(sel)} indices")
         return sel
