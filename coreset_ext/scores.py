@@ -16,8 +16,8 @@ from typing import ClassVar, TypeVar
 import torch
 
 from coreset_ext import ops
-from coreset_ext._validation import (Options, check, check_same_device, check_tensor, describe, nonnegative_int,
-                                     positive_int)
+from coreset_ext._validation import (NONNEGATIVE_INT, Options, check, check_same_device, check_tensor, describe,
+                                     nonnegative_int, positive_int)
 from coreset_ext.io import load_npz, save_npz
 from coreset_ext.ops.scatter import INDEX_DTYPES, SCATTER_VALUE_DTYPES
 
@@ -29,12 +29,12 @@ LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 State = TypeVar("State", bound="PerExampleState")
 
 
-def _copy_buffer(dst: torch.Tensor, state: dict, key: str) -> None:
-    """dst <- state[key], refusing anything but an array of dst's exact shape: copy_ would
-    broadcast a (1,) array into every example, or wrap an out-of-range integer."""
+def _checked_buffer(dst: torch.Tensor, state: dict, key: str) -> torch.Tensor:
+    """state[key] as a CPU tensor of dst's dtype, refusing anything but an array of dst's exact
+    shape: copy_ would broadcast a (1,) array into every example, or wrap an out-of-range integer."""
     if key not in state:
         raise ValueError(f"{key}: missing from the state (keys: {sorted(k for k in state if k != 'meta')})")
-    src = torch.as_tensor(state[key])
+    src = torch.as_tensor(state[key]).detach().cpu()
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"{key}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
     if src.dtype.is_complex or src.dtype == torch.bool or src.is_floating_point() != dst.is_floating_point():
@@ -42,7 +42,21 @@ def _copy_buffer(dst: torch.Tensor, state: dict, key: str) -> None:
     if not dst.is_floating_point() and src.numel() and (
             int(src.min()) < torch.iinfo(dst.dtype).min or int(src.max()) > torch.iinfo(dst.dtype).max):
         raise ValueError(f"{key}: values outside the range of {dst.dtype}")
-    dst.copy_(src)
+    return src.to(dst.dtype)
+
+
+def _check_counts(key: str, counts: torch.Tensor) -> None:
+    """A buffer that counts things holds whole numbers >= 0 (float32 buffers, so check it)."""
+    bad = ~torch.isfinite(counts) | (counts < 0) | (counts != counts.round())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{key} must hold whole counts >= 0, got {counts[i].item()} at example {i}")
+
+
+def _check_meta(meta: dict, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise ValueError(f"{missing[0]}: missing from the state's record")
 
 
 class PerExampleState:
@@ -92,7 +106,10 @@ class PerExampleState:
     def load_state_dict(self, state: dict) -> None:
         """Copies a `state_dict()` into the buffers, after checking it describes the same data set
         (size and, where both know it, fingerprint) with the same settings."""
+        if not isinstance(state.get("meta"), dict):
+            raise ValueError("meta: the state has no metadata record")
         meta, mine = state["meta"], self._meta()
+        _check_meta(meta, ("num_samples", *self.MATCHING))
         if meta.get("kind", self.kind) != self.kind:
             raise ValueError(f"the state is not {self.kind} (kind={meta.get('kind')!r})")
         if meta["num_samples"] != self.num_samples:
@@ -104,8 +121,15 @@ class PerExampleState:
         if self.fingerprint is not None and meta.get("fingerprint") not in (None, self.fingerprint):
             raise ValueError(f"fingerprint: the state was written for data set {meta['fingerprint']!r}, "
                              f"this {self.noun} is for {self.fingerprint!r}")
+        # everything is checked before anything is written: a bad state leaves this object as it was
+        new = {key: _checked_buffer(buffer, state, key) for key, buffer in self.buffers.items()}
+        self._check_buffers(new, meta)
         for key, buffer in self.buffers.items():
-            _copy_buffer(buffer, state, key)
+            buffer.copy_(new[key])
+
+    def _check_buffers(self, buffers: dict[str, torch.Tensor], meta: dict) -> None:
+        """ValueError naming the buffer unless a loaded state's buffers are consistent (counts whole
+        and >= 0, ...); subclasses say what their buffers can hold."""
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomically writes the buffers to `path` (.npz: buffers plus JSON metadata, no pickle)."""
@@ -123,14 +147,31 @@ class PerExampleState:
         cls: type[State], path: str | os.PathLike, *, num_samples: int | None = None,
         device: torch.device | str | None = None, fingerprint: str | None = None,
     ) -> State:
-        """Reads what `save` wrote. `num_samples`/`fingerprint`, if given, must match the file."""
+        """Reads what `save` wrote. `num_samples`/`fingerprint`, if given, must match the file.
+
+        Every field is checked before use (ValueError naming the file and the field): the record's
+        settings, each buffer's shape, dtype and range, and what the buffers can hold together.
+        """
         arrays, meta = load_npz(path, kind=cls.kind)
-        if num_samples is not None and num_samples != meta["num_samples"]:
-            raise ValueError(f"num_samples: {path} was written for {meta['num_samples']} examples, not {num_samples}")
+        try:
+            _check_meta(meta, ("num_samples",))
+            n = positive_int("num_samples", meta["num_samples"])
+            check("fingerprint", meta.get("fingerprint"), None, str)
+            # before allocating n examples' buffers: a hand-edited 10**12 must not reach torch.zeros
+            for key, array in arrays.items():
+                if array.shape != (n,):
+                    raise ValueError(f"{key}: expected shape ({n},) (num_samples), got {array.shape}")
+        except ValueError as e:
+            raise ValueError(f"path: {path} holds an invalid {cls.kind}: {e}") from None
+        if num_samples is not None and num_samples != n:
+            raise ValueError(f"num_samples: {path} was written for {n} examples, not {num_samples}")
         if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
             raise ValueError(f"fingerprint: {path} was written for {meta['fingerprint']!r}, not {fingerprint!r}")
-        obj = cls._empty_from(meta, device)
-        obj.load_state_dict({"meta": meta, **arrays})
+        try:
+            obj = cls._empty_from(meta, device)
+            obj.load_state_dict({"meta": meta, **arrays})
+        except ValueError as e:
+            raise ValueError(f"path: {path} holds an invalid {cls.kind}: {e}") from None
         return obj
 
 
@@ -247,9 +288,17 @@ class ScoreTracker(PerExampleState):
     def _meta(self) -> dict:
         return {**super()._meta(), "metrics": list(self.metrics)}
 
+    def _check_buffers(self, buffers: dict[str, torch.Tensor], meta: dict) -> None:
+        # sums are not checked: nan="ignore" adds NaN as it is, and the fused losses add into sums
+        # without counting (the documented `scores=tracker.sums["css"]`)
+        for m in self.metrics:
+            _check_counts(f"count/{m}", buffers[f"count/{m}"])
+
     @classmethod
     def _empty_from(cls, meta: dict, device: torch.device | str | None) -> "ScoreTracker":
-        return cls(meta["num_samples"], meta["metrics"], device=device, fingerprint=meta.get("fingerprint"))
+        _check_meta(meta, ("metrics",))
+        metrics = check("metrics", meta["metrics"], list)  # a string would read as its letters
+        return cls(meta["num_samples"], metrics, device=device, fingerprint=meta.get("fingerprint"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,9 +454,35 @@ class TrainingDynamics(PerExampleState):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.steps = int(state["meta"]["steps"])
+        self.steps = int(state["meta"]["steps"])  # checked with the buffers
+
+    def _check_buffers(self, buffers: dict[str, torch.Tensor], meta: dict) -> None:
+        _check_meta(meta, ("steps",))
+        steps = check("steps", meta["steps"], NONNEGATIVE_INT)
+        for key in ("seen", "forget_events", "correct_count", "el2n_count"):
+            _check_counts(key, buffers[key])
+        seen, last, el2n = buffers["seen"], buffers["last_correct"], buffers["el2n_sum"]
+        slack = 1e-3 * seen + 1e-3  # float32 sums of bounded terms round
+        once = "at most seen (one per sighting)"
+        # ~(a <= b) rather than a > b: NaN fails every rule
+        rules = [("correct_count", buffers["correct_count"] > seen, once),
+                 ("forget_events", buffers["forget_events"] > seen, once),
+                 ("el2n_count", buffers["el2n_count"] > seen, once),
+                 ("aum_sum", ~(buffers["aum_sum"].abs() <= seen + slack),
+                  "finite and within [-seen, seen] (each margin lies in [-1, 1])"),
+                 ("el2n_sum", ~((el2n >= 0) & (el2n <= 2**0.5 * buffers["el2n_count"] + slack)),
+                  "finite and within [0, sqrt(2) * el2n_count] (each EL2N lies in [0, sqrt(2)])"),
+                 ("last_correct", (last < _NEVER_SEEN) | (last > _WAS_RIGHT), "-1, 0 or 1"),
+                 ("last_correct", (last == _NEVER_SEEN) != (seen == 0), "-1 exactly for the examples never seen")]
+        for key, bad, what in rules:
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{key} must be {what}, got {buffers[key][i].item()} at example {i}")
+        if steps == 0 and bool((seen > 0).any()):
+            raise ValueError(f"steps must be >= 1 when examples were seen, got {steps}")
 
     @classmethod
     def _empty_from(cls, meta: dict, device: torch.device | str | None) -> "TrainingDynamics":
+        _check_meta(meta, ("el2n_epochs",))
         return cls(meta["num_samples"], el2n_epochs=meta["el2n_epochs"], device=device,
                    fingerprint=meta.get("fingerprint"))

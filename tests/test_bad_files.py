@@ -436,6 +436,142 @@ def test_corrupt_selection_files_are_value_errors(tmp_path):
             assert "sel.npz" in str(e), what
 
 
+# --------------------------------------------------------------------------- trackers, dynamics
+
+
+def _tracker_file(tmp_path, edit=None, meta_edit=None):
+    t = cx.ScoreTracker(5, ("css",))
+    t.update(torch.tensor([0, 3, 3]), css=torch.tensor([0.5, 0.25, 1.0]))
+    path = tmp_path / "t.npz"
+    t.save(path)
+    arrays, meta = load_npz(path)
+    arrays.update(edit or {})
+    meta.update(meta_edit or {})
+    save_npz(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize("edit,meta_edit,message", [
+    ({"count/css": np.array([1, 0, 0, -2, 0], np.float32)}, None,
+     "count/css must hold whole counts >= 0, got -2.0 at example 3"),
+    ({"count/css": np.array([1, 0, 0.5, 2, 0], np.float32)}, None, "count/css must hold whole counts >= 0, got 0.5"),
+    ({"count/css": np.array([np.nan, 0, 0, 2, 0], np.float32)}, None, "count/css must hold whole counts >= 0, got nan"),
+    ({"count/css": np.array([np.inf, 0, 0, 2, 0], np.float32)}, None, "count/css must hold whole counts"),
+    ({"count/css": np.ones(4, np.float32)}, None, r"count/css: expected shape \(5,\) \(num_samples\), got \(4,\)"),
+    (None, {"num_samples": 5.5}, "num_samples must be an int >= 1, got 5.5"),
+    (None, {"num_samples": -5}, "num_samples must be an int >= 1"),
+    (None, {"num_samples": 10**12}, r"sum/css: expected shape \(1000000000000,\) \(num_samples\), got \(5,\)"),
+    (None, {"metrics": "css"}, "metrics must be a list, got 'css'"),
+    (None, {"metrics": ["css", "css"]}, "metrics must be distinct"),
+    (None, {"fingerprint": 3}, "fingerprint must be None or a string"),
+])
+def test_inconsistent_tracker_files_are_refused(tmp_path, edit, meta_edit, message):
+    path = _tracker_file(tmp_path, edit, meta_edit)
+    with pytest.raises(ValueError, match=f"t.npz holds an invalid ScoreTracker: {message}"):
+        cx.ScoreTracker.load(path)
+
+
+def test_tracker_sums_may_be_nan_or_uncounted(tmp_path):
+    """nan='ignore' adds NaN as it is; the fused losses add into sums without counting."""
+    path = _tracker_file(tmp_path, {"sum/css": np.array([np.nan, 2.0, 0, 1.25, 0], np.float32)})
+    back = cx.ScoreTracker.load(path)
+    assert back.sums["css"][1] == 2.0 and back.counts["css"][1] == 0
+
+
+def _dynamics(n=6, steps=3):
+    gen = torch.Generator().manual_seed(0)
+    dyn = cx.TrainingDynamics(n, el2n_epochs=2)
+    for epoch in range(steps):
+        index = torch.tensor([0, 1, 2, 2])
+        dyn.update(torch.randn(4, 3, generator=gen), torch.randint(0, 3, (4,), generator=gen), index, epoch=epoch)
+    return dyn
+
+
+def _dynamics_file(tmp_path, edit=None, meta_edit=None):
+    path = tmp_path / "d.npz"
+    _dynamics().save(path)
+    arrays, meta = load_npz(path)
+    for k, (i, v) in (edit or {}).items():
+        arrays[k][i] = v
+    meta.update(meta_edit or {})
+    save_npz(path, arrays, meta)
+    return path
+
+
+@pytest.mark.parametrize("edit,meta_edit,message", [
+    ({"seen": (0, -3)}, None, "seen must hold whole counts >= 0, got -3.0 at example 0"),
+    ({"seen": (4, 2.5)}, None, "seen must hold whole counts >= 0, got 2.5 at example 4"),
+    ({"forget_events": (1, -1)}, None, "forget_events must hold whole counts >= 0"),
+    ({"el2n_count": (0, np.nan)}, None, "el2n_count must hold whole counts >= 0, got nan"),
+    ({"correct_count": (0, 50)}, None,
+     r"correct_count must be at most seen \(one per sighting\), got 50.0 at example 0"),
+    ({"forget_events": (2, 50)}, None, "forget_events must be at most seen"),
+    ({"el2n_count": (1, 50)}, None, "el2n_count must be at most seen"),
+    ({"aum_sum": (0, np.nan)}, None, r"aum_sum must be finite and within \[-seen, seen\].*got nan at example 0"),
+    ({"aum_sum": (0, np.inf)}, None, "aum_sum must be finite"),
+    ({"aum_sum": (0, 40.0)}, None, r"aum_sum must be finite and within \[-seen, seen\].*got 40.0"),
+    ({"aum_sum": (5, 0.5)}, None, r"aum_sum must be finite and within \[-seen, seen\].*at example 5"),
+    ({"el2n_sum": (0, -0.5)}, None, r"el2n_sum must be finite and within \[0, sqrt\(2\) \* el2n_count\]"),
+    ({"el2n_sum": (2, np.nan)}, None, "el2n_sum must be finite"),
+    ({"last_correct": (0, 5)}, None, "last_correct must be -1, 0 or 1, got 5 at example 0"),
+    ({"last_correct": (0, -1)}, None,
+     "last_correct must be -1 exactly for the examples never seen, got -1 at example 0"),
+    ({"last_correct": (5, 1)}, None, "last_correct must be -1 exactly for the examples never seen, got 1 at example 5"),
+    (None, {"steps": -1}, "steps must be an int >= 0, got -1"),
+    (None, {"steps": 2.5}, "steps must be an int >= 0, got 2.5"),
+    (None, {"steps": 0}, "steps must be >= 1 when examples were seen, got 0"),
+    (None, {"el2n_epochs": -1}, "el2n_epochs must be an int >= 0"),
+    (None, {"el2n_epochs": "2"}, "el2n_epochs must be an int >= 0"),
+    (None, {"num_samples": 6.0}, "num_samples must be an int >= 1, got 6.0"),
+])
+def test_inconsistent_dynamics_files_are_refused(tmp_path, edit, meta_edit, message):
+    path = _dynamics_file(tmp_path, edit, meta_edit)
+    with pytest.raises(ValueError, match=f"d.npz holds an invalid TrainingDynamics: {message}"):
+        cx.TrainingDynamics.load(path)
+
+
+def test_missing_dynamics_record_fields_are_named(tmp_path):
+    path = tmp_path / "d.npz"
+    _dynamics().save(path)
+    arrays, meta = load_npz(path)
+    for key in ("steps", "el2n_epochs", "num_samples"):
+        save_npz(path, arrays, {k: v for k, v in meta.items() if k != key})
+        with pytest.raises(ValueError, match=f"d.npz holds an invalid TrainingDynamics: {key}: missing"):
+            cx.TrainingDynamics.load(path)
+
+
+def test_a_refused_state_leaves_the_object_as_it_was():
+    dyn = _dynamics()
+    before = {k: v.clone() for k, v in dyn.buffers.items()}
+    state = dyn.state_dict()
+    state["seen"] = state["seen"].clone()
+    state["aum_sum"] = torch.full_like(state["aum_sum"], 0.25)
+    state["seen"][0] = -1
+    with pytest.raises(ValueError, match="seen must hold whole counts"):
+        dyn.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in dyn.buffers.items()) and dyn.steps == 3
+
+
+def test_genuine_dynamics_and_trackers_round_trip(tmp_path):
+    dyn = _dynamics(n=9, steps=5)
+    dyn.save(tmp_path / "d.npz")
+    back = cx.TrainingDynamics.load(tmp_path / "d.npz")
+    assert back.steps == 5 and all(torch.equal(dyn.buffers[k], v) for k, v in back.buffers.items())
+    cx.TrainingDynamics(4).save(tmp_path / "fresh.npz")  # never updated: steps 0, nothing seen
+    assert cx.TrainingDynamics.load(tmp_path / "fresh.npz").steps == 0
+
+
+def test_corrupt_tracker_and_dynamics_files_are_value_errors(tmp_path):
+    for cls, path in ((cx.ScoreTracker, _tracker_file(tmp_path)), (cx.TrainingDynamics, _dynamics_file(tmp_path))):
+        good = path.read_bytes()
+        for what, data in _corruptions(good):
+            path.write_bytes(data)
+            try:
+                cls.load(path)
+            except ValueError as e:
+                assert path.name in str(e), what
+
+
 # ---------------------------------------------------------------------------------- embeddings
 
 
