@@ -226,7 +226,23 @@ def check_same_device(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device} but {name0} is on {t0.device}: they must share a device")
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
-    """x holds no NaN or Inf. One host synchronisation on a GPU; traced out under torch.compile."""
-    if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
+# Entries beyond this overflow float32 once squared and summed over a row (norms, distances):
+# 1e17 squared is 1e34, and rows of up to 34,000 features keep the sum below float32's 3.4e38.
+FLOAT32_SQUARES_LIMIT = 1e17
+
+
+def check_finite(name: str, x: torch.Tensor, *, float32_squares: bool = False) -> None:
+    """x holds no NaN or Inf. With `float32_squares` (ops that compute norms or distances in
+    float32), a non-float64 x must also keep |x| < FLOAT32_SQUARES_LIMIT: beyond it the squares
+    overflow and the result would silently be wrong. One host synchronisation on a GPU; traced
+    out under torch.compile."""
+    if torch.compiler.is_compiling() or not x.numel():
+        return
+    bounded = float32_squares and x.dtype != torch.float64
+    ok = (x.abs() < FLOAT32_SQUARES_LIMIT).all() if bounded else torch.isfinite(x).all()
+    if bool(ok):
+        return
+    if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+    raise ValueError(f"{name} has entries of magnitude {float(x.abs().max()):.3g}, beyond {FLOAT32_SQUARES_LIMIT:g}: "
+                     "their squares overflow float32 (scale the rows down, or pass float64)")

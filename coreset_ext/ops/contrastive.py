@@ -40,7 +40,9 @@ def nt_xent(
     Row i's positive is its other view ((i + B) mod 2B); its own similarity is excluded. With
     `normalize` the rows are divided by max(||z||, reference.EPS) inside the op and gradients flow
     through that. `reduction` "mean" or "sum" over the 2B rows, or "none" for the [2B] row losses.
-    Losses are float32 for float32/float16/bfloat16 inputs (fp32 accumulation throughout).
+    Losses are float32 for float32/float16/bfloat16 inputs (fp32 accumulation throughout). Their
+    domain is what float32 can square: entries below 1e17 in magnitude (checking would cost a host
+    synchronisation per step; non-finite inputs give a non-finite loss, never a plausible one).
 
     The positive-pair cosines cos(z1_i, z2_i) [B] (float32, no gradient) are the CSS scores of
     METHODS.md: given `index` [B] (dataset indices) and `scores` (a float32 buffer such as

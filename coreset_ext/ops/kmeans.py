@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import _backend, reference
-from coreset_ext._validation import POSITIVE_INT, Options, check, check_same_device, check_tensor, describe
+from coreset_ext._validation import (POSITIVE_INT, Options, check, check_finite, check_same_device, check_tensor,
+                                     describe)
 
 __all__ = ["kmeans_assign", "kmeans_update", "kmeans_lloyd_step"]
 
@@ -60,11 +61,11 @@ def kmeans_assign(
     if centroids.shape[0] < 1:
         raise ValueError("centroids must hold at least one centroid")
     check_same_device(x=x, centroids=centroids)
-    if validate and not torch.compiler.is_compiling():
-        # one host sync for both
-        bad_x, bad_c = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(centroids).all()]).tolist()
-        if bad_x or bad_c:
-            raise ValueError(f"{'x' if bad_x else 'centroids'} contains NaN or Inf")
+    if validate:
+        # distances are computed from squares: entries beyond float32's range for them would give
+        # a silently wrong label (a NaN row: label 0 and distance NaN)
+        check_finite("x", x, float32_squares=True)
+        check_finite("centroids", centroids, float32_squares=x.dtype != torch.float64)
     chosen = _backend.resolve("kmeans_assign", x.device.type, backend or "")
     if chosen == "triton" and x.dtype == torch.float64:
         if backend is not None:

@@ -151,7 +151,7 @@ def _check_embeddings(name: str, t) -> None:
     check_tensor(name, t, dim=2, dtypes=EMBEDDING_DTYPES)
     if t.shape[1] == 0:
         raise ValueError(f"{name} has 0 columns: embeddings need at least one dimension")
-    check_finite(name, t)
+    check_finite(name, t, float32_squares=True)  # cosines need the norms
 
 
 def _check_x_y(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
