@@ -116,7 +116,7 @@ def _gpu_assign_configs():
         from coreset_ext.triton_kernels import kmeans
     except ImportError:  # no Triton: the test below is skipped anyway
         return []
-    return [dict(c.all_kwargs()) for c in kmeans._configs()]
+    return [dict(c.all_kwargs()) for c in kmeans.CONFIGS]
 
 
 @pytest.mark.triton
@@ -129,7 +129,7 @@ def test_assign_triton_gpu_configs(config, monkeypatch):
         pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
     from coreset_ext.triton_kernels import kmeans
 
-    monkeypatch.setattr(kmeans, "_FIXED", config)
+    monkeypatch.setattr(kmeans, "TILES", config)
     for n, k, d in [(300, 150, 100), (70, 130, 200)]:
         x, c = _data(n, d, n), _data(k, d, k)
         c[k - 1] = c[1]  # a duplicate centroid in the last tile: the lower index must win

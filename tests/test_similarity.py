@@ -157,8 +157,8 @@ def test_triton_gpu_tiles(monkeypatch):
     _triton_here()
     from coreset_ext.triton_kernels import similarity
 
-    cfg = similarity._launch_config
-    monkeypatch.setattr(similarity, "_launch_config", lambda device, d: cfg(torch.device("cuda"), d))
+    cfg = similarity.tiles
+    monkeypatch.setattr(similarity, "tiles", lambda device, d: cfg(torch.device("cuda"), d))
     x, y, gx, gy = _data(150, 100, seed=9, groups=3, m=130)
     got = ops.cosine_rowsum(x, y, groups=gx, y_groups=gy, clamp_min=0.1, backend="triton")
     assert rel_err(got, brute_rowsum(x, y, clamp_min=0.1, gx=gx, gy=gy)) < 1e-5

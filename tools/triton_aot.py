@@ -132,9 +132,9 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (contrastive, "_num_sms", lambda device: 132),
         (contrastive, "_hopper", lambda device: arch >= 90),
         (contrastive, "_autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
-        (kmeans, "_interpreting", lambda x: False),
+        (kmeans, "autotune", lambda x: True),
+        (similarity, "tiles", lambda device, d, f=similarity.tiles: f(cuda, d)),
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
-        (similarity, "_launch_config", lambda device, d, f=similarity._launch_config: f(cuda, d)),
     ]
 
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import load_rows, own_rows
 from .launch import cdiv, next_power_of_2, on_tensor_device
 
 # Placeholder index of an empty top-k slot: larger than any real column, so that among the
@@ -19,50 +20,71 @@ from .launch import cdiv, next_power_of_2, on_tensor_device
 _EMPTY = tl.constexpr(2**31 - 1)  # jit functions may only read constexpr globals
 
 
+def tiles(device: torch.device, d: int) -> dict:
+    """Launch configuration of both kernels for a [*, d] operand on `device`."""
+    # The interpreter runs a program per block in numpy: small blocks keep odd-size tests cheap
+    # and still cover multi-tile paths. tl.dot needs every block dim >= 16.
+    if device.type == "cpu":
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
+    else:
+        # 8 warps: with 4, ptxas (sm_90) spills registers for bf16 row sums and for the top-k.
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=3)
+    cfg["NUM_D"] = cdiv(d, cfg["BLOCK_D"])
+    return cfg
+
+
+def inverse_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / max(||x_i||, eps) in float32, shape [n]: the kernels' inv_x and inv_y."""
+    return 1.0 / x.float().norm(dim=1).clamp_min(eps)
+
+
 @triton.jit
-def _cosine_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr):
-    """<x_i, y_j> for a [BLOCK_M, BLOCK_N] tile, fp32 accumulation."""
+def load_block(inv_x_ptr, n_rows, BLOCK_M: tl.constexpr):
+    """(rows, row_ok, inv_x) of this program's block of x."""
+    rows, row_ok = own_rows(n_rows, BLOCK_M)
+    return rows, row_ok, tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def compute_cosines(x_ptr, y_ptr, inv_x, inv_y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr):
+    """cos(x_i, y_j) for a [BLOCK_M, BLOCK_N] tile: <x_i, y_j> in fp32, scaled by both inverse norms."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ks = tl.arange(0, BLOCK_K)
-    # A static loop: d is small (embeddings), and the interpreter rejects runtime range() bounds.
-    for kk in tl.static_range(NUM_K):
-        k0 = kk * BLOCK_K
-        k_ok = (k0 + ks) < d
-        a = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + (k0 + ks)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(y_ptr + cols.to(tl.int64)[:, None] * stride_y + (k0 + ks)[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+    dims = tl.arange(0, BLOCK_D)
+    # A static (unrolled) loop: d is small (embeddings).
+    for kk in tl.static_range(NUM_D):
+        dk = kk * BLOCK_D + dims
+        a = load_rows(x_ptr, rows, row_ok, dk, dk < d, stride_x)
+        b = load_rows(y_ptr, cols, col_ok, dk, dk < d, stride_y)
         acc = tl.dot(a, tl.trans(b), acc)
-    return acc
+    inv_y = tl.load(inv_y_ptr + cols, mask=col_ok, other=0.0)
+    return acc * inv_x[:, None] * inv_y[None, :]
 
 
 @triton.jit
 def _cosine_rowsum_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, gx_ptr, gy_ptr, lo_ptr, hi_ptr, out_ptr,
-    n, m, d, stride_x, stride_y, clamp_min,
+    n_rows, d, stride_x, stride_y, clamp_min,
     HAS_GROUPS: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
+    rows, row_ok, inv_x = load_block(inv_x_ptr, n_rows, BLOCK_M)
     if HAS_GROUPS:
         gx = tl.load(gx_ptr + rows, mask=row_ok, other=-1)
     # Columns this row block can match: all of y, or (groups sorted) the span of its groups.
-    col_lo = tl.load(lo_ptr + pid)
-    col_hi = tl.load(hi_ptr + pid)
+    col_lo = tl.load(lo_ptr + tl.program_id(0))
+    col_hi = tl.load(hi_ptr + tl.program_id(0))
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # A while loop: the interpreter (with numpy >= 2.3) rejects runtime range() bounds.
+    # While loops over the column tiles, in both kernels: a range() loop would be software-pipelined,
+    # with up to 4x the shared memory of the code the tiles above were sized for (untimed), and
+    # the interpreter's runtime range() bounds break under numpy >= 2.4.
     c0 = col_lo
     while c0 < col_hi:
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < col_hi
-        dot = _cosine_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
-                           BLOCK_M, BLOCK_N, BLOCK_K, NUM_K)
-        inv_y = tl.load(inv_y_ptr + cols, mask=col_ok, other=0.0)
-        sim = tl.maximum(dot * inv_x[:, None] * inv_y[None, :], clamp_min)
+        sim = compute_cosines(x_ptr, y_ptr, inv_x, inv_y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
+                              BLOCK_M, BLOCK_N, BLOCK_D, NUM_D)
+        sim = tl.maximum(sim, clamp_min)
         keep = row_ok[:, None] & col_ok[None, :]
         if HAS_GROUPS:
             gy = tl.load(gy_ptr + cols, mask=col_ok, other=-2)
@@ -74,22 +96,6 @@ def _cosine_rowsum_kernel(
     tl.store(out_ptr + rows, total, mask=row_ok)
 
 
-def _inverse_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return 1.0 / x.float().norm(dim=1).clamp_min(eps)
-
-
-def _launch_config(device: torch.device, d: int) -> dict:
-    # The interpreter runs a program per block in numpy: small blocks keep odd-size tests cheap
-    # and still cover multi-tile paths. tl.dot needs every block dim >= 16.
-    if device.type == "cpu":
-        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    else:
-        # 8 warps: with 4, ptxas (sm_90) spills registers for bf16 row sums and for the top-k.
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    cfg["NUM_K"] = cdiv(d, cfg["BLOCK_K"])
-    return cfg
-
-
 @on_tensor_device
 def cosine_rowsum(
     x: torch.Tensor, y: torch.Tensor, inv_x: torch.Tensor, inv_y: torch.Tensor,
@@ -99,7 +105,7 @@ def cosine_rowsum(
     same dtype; y may be x). Returns [n] float32 in x's row order."""
     n, d = x.shape
     m = y.shape[0]
-    cfg = _launch_config(x.device, d)
+    cfg = tiles(x.device, d)
     bm = cfg["BLOCK_M"]
     nblocks = cdiv(n, bm)
     # Poisoned, so that an element the kernel failed to write shows as NaN (O(n): free).
@@ -130,7 +136,7 @@ def cosine_rowsum(
         gx_arg, gy_arg = inv_x, inv_y  # unused (HAS_GROUPS is False): any valid pointer
     _cosine_rowsum_kernel[(nblocks,)](
         x, y, inv_x, inv_y, gx_arg, gy_arg, lo, hi, out,
-        n, m, d, x.stride(0), y.stride(0), float(clamp_min),
+        n, d, x.stride(0), y.stride(0), float(clamp_min),
         HAS_GROUPS=groups is not None, EXCLUDE_SELF=bool(exclude_self), **cfg,
     )
     if perm is not None:
@@ -141,14 +147,11 @@ def cosine_rowsum(
 @triton.jit
 def _cosine_topk_kernel(
     x_ptr, y_ptr, inv_x_ptr, inv_y_ptr, val_ptr, idx_ptr,
-    n, m, d, k, stride_x, stride_y,
+    n_rows, n_cols, d, k, stride_x, stride_y,
     EXCLUDE_SELF: tl.constexpr, KP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n
-    inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
+    rows, row_ok, inv_x = load_block(inv_x_ptr, n_rows, BLOCK_M)
     slots = tl.arange(0, KP)
     slot_ok = slots < k
     # Running top-k per row: values (slots past k hold +inf so they are never the minimum) and
@@ -156,14 +159,12 @@ def _cosine_topk_kernel(
     vals = tl.where(slot_ok[None, :], float("-inf"), float("inf")) + tl.zeros((BLOCK_M, KP), dtype=tl.float32)
     idxs = tl.full((BLOCK_M, KP), _EMPTY, tl.int32) - slots[None, :]
     ncols = tl.arange(0, BLOCK_N)
-    c0 = pid * 0  # an int32 scalar; while loops because the interpreter rejects runtime range() bounds
-    while c0 < m:
+    c0 = tl.program_id(0) * 0  # an int32 scalar; a while loop as in _cosine_rowsum_kernel
+    while c0 < n_cols:
         cols = c0 + ncols
-        col_ok = cols < m
-        dot = _cosine_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
-                           BLOCK_M, BLOCK_N, BLOCK_K, NUM_K)
-        inv_y = tl.load(inv_y_ptr + cols, mask=col_ok, other=0.0)
-        sim = dot * inv_x[:, None] * inv_y[None, :]
+        col_ok = cols < n_cols
+        sim = compute_cosines(x_ptr, y_ptr, inv_x, inv_y_ptr, rows, cols, row_ok, col_ok, d, stride_x, stride_y,
+                              BLOCK_M, BLOCK_N, BLOCK_D, NUM_D)
         ok = col_ok[None, :] & row_ok[:, None]
         if EXCLUDE_SELF:
             ok = ok & (rows[:, None] != cols[None, :])
@@ -207,7 +208,7 @@ def cosine_topk(
     descending, then index ascending."""
     n, d = x.shape
     m = y.shape[0]
-    cfg = _launch_config(x.device, d)
+    cfg = tiles(x.device, d)
     # Poisoned (NaN, -1), so that a slot the kernel failed to write shows.
     vals = torch.full((n, k), float("nan"), dtype=torch.float32, device=x.device)
     idxs = torch.full((n, k), -1, dtype=torch.int32, device=x.device)
