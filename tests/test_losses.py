@@ -330,7 +330,7 @@ def test_triton_nt_xent_column_splits(splits, t, normalize, monkeypatch, poison)
     splits empty."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits)
+    monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: splits)
     _check_nt_xent_triton(37, 64, t, normalize=normalize, seed=splits, correlated=t > 0.1)
     _check_nt_xent_triton(130, 20, t, normalize=normalize, seed=splits + 1, correlated=t > 0.1)
 
@@ -342,8 +342,8 @@ def test_triton_nt_xent_split_skipped_when_deterministic(monkeypatch, poison):
     give bit-identical gradients."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: 3)
-    monkeypatch.setattr(contrastive, "_nt_xent_bwd_finish_kernel", None)  # the split backward's
+    monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: 3)
+    monkeypatch.setattr(contrastive, "_info_nce_bwd_combine_kernel", None)  # the split backward's
     z1, z2 = views(21, 16, seed=4)
     grads = []
     torch.use_deterministic_algorithms(True)
@@ -435,9 +435,9 @@ def _gpu_fixed_tiles():
             for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 for d in (100, 256):  # block_d 128 and 256, ragged
-                    with mock.patch.object(contrastive, "_interpreting", lambda: False), \
-                            mock.patch.object(contrastive, "_hopper", lambda device: hopper):
-                        out.add((d, contrastive._tiles(d, cuda, dtype)))
+                    with mock.patch.object(contrastive, "interpreting", lambda: False), \
+                            mock.patch.object(contrastive, "hopper", lambda device: hopper):
+                        out.add((d, contrastive.tiles(d, cuda, dtype)))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     return sorted(out)
@@ -451,8 +451,8 @@ def test_triton_gpu_fixed_tiles(d, tiles, monkeypatch, poison):
     by the interpreter in fp32 with ragged edges, column splits and queue splits."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "_tiles", lambda d_, device, dtype: tiles)
-    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: 2)
+    monkeypatch.setattr(contrastive, "tiles", lambda d_, device, dtype: tiles)
+    monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: 2)
     _check_nt_xent_triton(45, d, 0.3, seed=d)
     test_triton_info_nce_queue(3, 130, d, 0.2, poison)
 
@@ -733,9 +733,9 @@ def test_triton_autotuned_launch(splits, monkeypatch, poison):
     winner does not launch, which the forward's combine must not read."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "_autotune", lambda x: True)
-    monkeypatch.setattr(contrastive, "_column_splits", lambda n, block_m, device: splits.get(block_m, 1))
-    for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
+    monkeypatch.setattr(contrastive, "autotune", lambda x: True)
+    monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: splits.get(block_m, 1))
+    for tuned in (contrastive._info_nce_fwd_tuned, contrastive._info_nce_bwd_tuned):
         timings = iter(range(100, 0, -1))  # each config "faster" than the previous one
 
         def fake_bench(kernel_call, quantiles, timings=timings):
@@ -746,8 +746,8 @@ def test_triton_autotuned_launch(splits, monkeypatch, poison):
         monkeypatch.setattr(tuned, "_do_bench", fake_bench)
         monkeypatch.setattr(tuned, "cache", {})
     _check_nt_xent_triton(70, 64, 0.3, seed=5)
-    for tuned in (contrastive._nt_xent_fwd_tuned, contrastive._nt_xent_bwd_tuned):
-        assert tuned.best_config.kwargs == contrastive._NT_CONFIGS[-1].kwargs
+    for tuned in (contrastive._info_nce_fwd_tuned, contrastive._info_nce_bwd_tuned):
+        assert tuned.best_config.kwargs == contrastive.CONFIGS[-1].kwargs
 
 
 def test_positive_cosines_are_not_differentiable(gen):

@@ -127,11 +127,10 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (jit.JITFunction, "run", jit_run_fresh),
         (autotuner.Autotuner, "run", tuned_run),
         # the wrappers choose GPU tiles and autotuning when they see a CUDA tensor
-        (contrastive, "_interpreting", lambda: False),
-        (contrastive, "_tiles", lambda d, device, dtype, f=contrastive._tiles: f(d, cuda, dtype)),
-        (contrastive, "_num_sms", lambda device: 132),
-        (contrastive, "_hopper", lambda device: arch >= 90),
-        (contrastive, "_autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
+        (contrastive, "tiles", lambda d, device, dtype, f=contrastive.tiles: f(d, cuda, dtype)),
+        (contrastive, "num_sms", lambda device: 132),
+        (contrastive, "hopper", lambda device: arch >= 90),
+        (contrastive, "autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
         (kmeans, "autotune", lambda x: True),
         (similarity, "tiles", lambda device, d, f=similarity.tiles: f(cuda, d)),
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
@@ -153,12 +152,12 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
 
 def _without_autotuning(module, thunk):
     def run():
-        autotune = module._autotune
-        module._autotune = lambda x: False
+        autotune = module.autotune
+        module.autotune = lambda x: False
         try:
             thunk()
         finally:
-            module._autotune = autotune
+            module.autotune = autotune
     return run
 
 
