@@ -9,6 +9,7 @@ import torch
 from coreset_ext.train import Augment, TrainConfig, Trainer, load_dataset
 from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.models import build_model
+from coreset_ext.train.trainer import read_checkpoint, write_checkpoint
 
 
 def small_digits(n=48):
@@ -125,9 +126,9 @@ def test_resume_on_another_kind_of_device_warns_and_continues(tmp_path):
     cfg = dict(epochs=2, batch_size=16, width=8, proj_dim=16, progress=False, device="cpu")
     Trainer(TrainConfig(**cfg), ds, tmp_path).fit(stop_after_epochs=1)
     path = tmp_path / "checkpoints" / "last.pt"
-    state = torch.load(path, weights_only=True)
+    state = read_checkpoint(path)
     state["aug_rng"], state["aug_rng_device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
-    torch.save(state, path)
+    write_checkpoint(path, state)  # with a valid checksum: an edit torch.save alone makes is refused
     trainer = Trainer(TrainConfig(**cfg), ds, tmp_path)
     with pytest.warns(UserWarning, match="written by a run on cuda"):
         result = trainer.fit()

@@ -13,6 +13,12 @@ algorithms that are not bit-reproducible unless `torch.use_deterministic_algorit
 run resumed on another kind of device continues with a fresh augmentation stream (with a
 warning): generator states do not carry over between CPU and CUDA.
 
+Resume means resume: a run directory is only continued with the settings it was trained with
+(the device, `epochs` raised, and the progress bar may change; anything else is refused with one
+error naming every changed field), checkpoints carry a sha256 checked on load, and nothing in the
+directory is written or removed before those checks pass. `resume=False` starts afresh and then
+replaces the old run.
+
 Example:
     >>> from coreset_ext.train import TrainConfig, Trainer, load_dataset
     >>> ds = load_dataset("digits")
@@ -24,8 +30,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,9 +51,21 @@ from coreset_ext.train.data import ArrayDataset
 from coreset_ext.train.losses import contrastive_step_loss
 from coreset_ext.train.models import ContrastiveModel, build_model
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a sha256 of the state, and the run's record (config, data set, augmentation)
 METHODS = Options("simclr", "moco")
 CSS_ON = Options("projection", "backbone")
+
+# Upper bounds on the sizes that allocate (weights, the MoCo queue), far above any sensible run,
+# so a mistyped number is an error naming it rather than an attempt to allocate terabytes.
+MAX_WIDTH = 1024  # small_cnn: 2w x 2w x 9 conv weights, 38M at 1024
+MAX_HEAD = 8192  # proj_dim, proj_hidden
+MAX_QUEUE = 2**20  # MoCo negatives: queue_size x proj_dim floats
+MAX_BATCH = 2**24  # examples per step (a larger batch than the data set is the whole data set)
+TRAIN_SEED = Interval(int, 0, 2**32, closed="left")  # the trainer seeds generators with seed + small offsets
+
+# TrainConfig fields a run may be resumed with changed: they change where and how long it runs,
+# or what it prints, never what one epoch trains (`epochs` may not drop below the epochs done).
+RESUMABLE_CHANGES = ("epochs", "device", "amp", "checkpoint_every", "progress")
 
 
 @dataclass
@@ -78,10 +98,24 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check("method", self.method, METHODS)
         check("css_on", self.css_on, CSS_ON)
-        for name in ("epochs", "queue_size", "checkpoint_every"):
+        check("encoder", self.encoder, str)
+        check("device", self.device, str)
+        for name in ("epochs", "checkpoint_every"):
             setattr(self, name, check(name, getattr(self, name), POSITIVE_INT))
+        for name, high in (("width", MAX_WIDTH), ("proj_dim", MAX_HEAD), ("proj_hidden", MAX_HEAD),
+                           ("queue_size", MAX_QUEUE)):
+            setattr(self, name, check(name, getattr(self, name), Interval(int, 1, high)))
         # a contrastive batch needs negatives: two examples at least
-        self.batch_size = check("batch_size", self.batch_size, Interval(int, 2, None))
+        self.batch_size = check("batch_size", self.batch_size, Interval(int, 2, MAX_BATCH))
+        self.seed = check("seed", self.seed, TRAIN_SEED)
+        for name in ("lr", "weight_decay"):  # NaN or Inf would train to NaN without a word
+            value = check(name, getattr(self, name), Interval(float, 0, None))
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
+            setattr(self, name, value)
+        self.momentum = check("momentum", self.momentum, Interval(float, 0, 1))
+        check("amp", self.amp, None, bool)
+        check("progress", self.progress, bool)
         if self.temperature is None:
             self.temperature = 0.5 if self.method == "simclr" else 0.2
         self.temperature = check_temperature(self.temperature)
@@ -90,10 +124,97 @@ class TrainConfig:
         return asdict(self)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N" or "mps", checked against
+    this machine: a device that is not here is a ValueError naming it, not a failure mid-run."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    check("device", device, str)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # torch's message lists dozens of device types this trainer cannot use
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asks for CUDA, but this torch ({torch.__version__}) sees no CUDA "
+                         "device here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} does not exist; this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: {device!r} asks for Apple's MPS, which is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+_STATE_KEYS = ("run", "epoch", "model", "key_model", "queue", "queue_ptr", "optimizer", "tracker", "shuffle_rng",
+               "aug_rng", "aug_rng_device", "torch_rng", "history")
+
+
+def write_checkpoint(path: str | Path, state: dict) -> None:
+    """Atomically writes `state` (torch.save) wrapped with its sha256, which `read_checkpoint` checks."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    out = io.BytesIO()
+    torch.save({"format_version": CHECKPOINT_VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload}, out)
+    atomic_write_bytes(path, out.getvalue())
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The state `write_checkpoint` wrote to `path`, after checking its sha256, its version and its
+    keys: a truncated, empty, corrupt, edited or foreign file is a ValueError naming the file."""
+    def unusable(why: str) -> ValueError:
+        return ValueError(f"checkpoint: {path} {why}; delete it, or start afresh with --no-resume (resume=False)")
+
+    # torch raises a dozen types for a bad file (RuntimeError, UnpicklingError, EOFError, OSError
+    # "Errno 22"...), with messages that are empty, a page long, or advise unpickling it: name the type only
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise unusable(f"cannot be read: it is truncated, empty or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(outer, dict) or not {"format_version", "sha256", "payload"} <= outer.keys():
+        raise unusable("is not a checkpoint with a checksum (one written before coreset-ext's checkpoint version 2, "
+                       "or not a coreset-ext checkpoint), so it cannot be verified")
+    if not isinstance(outer["format_version"], int) or outer["format_version"] > CHECKPOINT_VERSION:
+        raise unusable(f"has checkpoint version {outer['format_version']!r}, newer than this coreset-ext's "
+                       f"{CHECKPOINT_VERSION}")
+    payload = outer["payload"]
+    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer["sha256"]:
+        raise unusable("fails its sha256 check (corrupted or edited)")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- as above; unlikely once the checksum matched
+        raise unusable(f"holds an unreadable state ({type(e).__name__})") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise unusable(f"lacks {missing}")
+    return state
+
+
+def run_changes(stored: dict, new: dict, epochs_done: int = 0) -> list[str]:
+    """What differs between two run records (`Trainer.run_record`) in a way a resume cannot honour:
+    "field: <stored> in the run, <new> now" for every changed field, the data set and the
+    augmentation included; `epochs` only when it drops below `epochs_done`."""
+    def fields(record: dict) -> dict:
+        record = json.loads(json.dumps(record))  # tuples become lists, as in config.json
+        train, data = record.get("train") or {}, record.get("data") or {}
+        out = {k: v for k, v in train.items() if k not in RESUMABLE_CHANGES}
+        out.update({"data set size": f"{data.get('size')} examples", "data set": data.get("fingerprint")})
+        augment = record.get("augment")  # None: a custom augmentation function
+        out.update({f"augment.{k}": v for k, v in augment.items()} if isinstance(augment, dict) else {"augment": None})
+        return out
+
+    old, now = fields(stored), fields(new)
+    changes = [f"{k}: {old.get(k)} in the run, {now.get(k)} now" for k in dict.fromkeys([*now, *old])
+               if old.get(k) != now.get(k)]
+    if new["train"]["epochs"] < epochs_done:
+        changes.append(f"epochs: {epochs_done} already trained, {new['train']['epochs']} now (give "
+                       f"{epochs_done} or more to continue)")
+    return changes
 
 
 @dataclass
@@ -121,6 +242,9 @@ class Trainer:
         self.dataset = dataset
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = resolve_device(config.device)
+        if len(dataset) < 2:  # a contrastive batch needs negatives, and BatchNorm two examples per batch
+            raise ValueError(f"dataset: contrastive training needs at least 2 examples (a batch of one has no "
+                             f"negatives, and BatchNorm needs two per batch), got {len(dataset)}")
         self.amp = (self.device.type == "cuda") if config.amp is None else bool(config.amp)
         torch.manual_seed(config.seed)
         self.model = (model or build_model(config.encoder, dataset.sample_shape, proj_dim=config.proj_dim,
@@ -145,12 +269,21 @@ class Trainer:
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoints" / "last.pt" if self.out_dir is not None else None
 
+    @property
+    def config_path(self) -> Path | None:
+        return self.out_dir / "config.json" if self.out_dir is not None else None
+
+    def run_record(self) -> dict:
+        """What this run trains: its config, its data set and its augmentation (when it is an
+        `Augment`; a custom function is recorded as None). config.json and the checkpoint hold it."""
+        aug = self.augment.to_dict() if isinstance(self.augment, Augment) else None
+        return {"train": self.config.to_dict(),
+                "data": {"name": self.dataset.name, "size": len(self.dataset), "fingerprint": self.dataset.fingerprint},
+                "augment": aug}
+
     def state_dict(self) -> dict:
         return {
-            "format_version": CHECKPOINT_VERSION,
-            "config": self.config.to_dict(),
-            "dataset_size": len(self.dataset),
-            "fingerprint": self.dataset.fingerprint,
+            "run": self.run_record(),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "key_model": self.key_model.state_dict() if self.key_model is not None else None,
@@ -166,43 +299,75 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        write_checkpoint(self.checkpoint_path, self.state_dict())
+
+    def check_resumable(self, stored: dict, epochs_done: int, source: str | Path) -> None:
+        """ValueError naming every field of `stored` (a run record read from `source`) that this
+        run changes in a way a resume cannot honour (`run_changes`)."""
+        changes = run_changes(stored, self.run_record(), epochs_done)
+        if changes:
+            raise ValueError(f"resume: {source} was trained with other settings: {'; '.join(changes)}. Resume "
+                             "with the run's settings, or start afresh with --no-resume (resume=False), which "
+                             "replaces that run")
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["format_version"] > CHECKPOINT_VERSION:
-            raise ValueError(f"{path} has checkpoint version {state['format_version']}, newer than {CHECKPOINT_VERSION}")
-        if state["dataset_size"] != len(self.dataset):
-            raise ValueError(f"dataset size: the checkpoint {path} was written for {state['dataset_size']} examples, "
-                             f"but this data set has {len(self.dataset)}")
-        if state["fingerprint"] != self.dataset.fingerprint:
-            raise ValueError(f"fingerprint: the checkpoint {path} was written for data set {state['fingerprint']}, "
-                             f"but this data set is {self.dataset.fingerprint}")
-        if state["config"]["method"] != self.config.method:
-            raise ValueError(f"method: the checkpoint {path} trained {state['config']['method']!r}, "
-                             f"this run asks for {self.config.method!r}")
-        self.model.load_state_dict(state["model"])
-        if self.key_model is not None:
-            self.key_model.load_state_dict(state["key_model"])
-            self.queue = state["queue"].to(self.device)
-            self.queue_ptr = int(state["queue_ptr"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.shuffle_gen.set_state(state["shuffle_rng"])
-        saved_on = state.get("aug_rng_device")  # absent from older checkpoints: judge by the state's size
-        if saved_on == self.aug_gen.device.type or (
-                saved_on is None and state["aug_rng"].numel() == self.aug_gen.get_state().numel()):
+        """Continues from the checkpoint at `path` (verified, and checked to be this run's)."""
+        state = read_checkpoint(path)
+        self.check_resumable(state["run"], int(state["epoch"]), path)
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.key_model is not None:
+                self.key_model.load_state_dict(state["key_model"])
+                self.queue = state["queue"].to(self.device)
+                self.queue_ptr = int(state["queue_ptr"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.tracker.load_state_dict(state["tracker"])
+            self.shuffle_gen.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            history = json.loads(state["history"])
+        except (KeyError, RuntimeError, TypeError, ValueError, AttributeError) as e:
+            # the record matched, so this is a custom model or a state written by hand
+            raise ValueError(f"checkpoint: {path} does not fit this run's model and state ({type(e).__name__}: "
+                             f"{e}); start afresh with --no-resume (resume=False)") from None
+        if state["aug_rng_device"] == self.aug_gen.device.type:
             self.aug_gen.set_state(state["aug_rng"])
         else:
             self.aug_gen.manual_seed(self.config.seed + 2 + 1_000_003 * int(state["epoch"]))
-            warnings.warn(f"{path} was written by a run on {saved_on or 'another device'}, resumed here on "
+            warnings.warn(f"{path} was written by a run on {state['aug_rng_device']}, resumed here on "
                           f"{self.aug_gen.device.type}: its augmentation random state does not carry over, so "
                           "the views differ from an uninterrupted run's from here on", stacklevel=2)
-        torch.set_rng_state(state["torch_rng"])
         self.epoch = int(state["epoch"])
-        self.history = json.loads(state["history"])
+        self.history = history
+
+    def _open_run_dir(self, resume: bool) -> None:
+        """Checks, then takes over `out_dir`: continues its checkpoint (resume) or starts afresh.
+
+        Every check comes first (a checkpoint of another run, or config.json of one that has not
+        checkpointed yet, refuses); only then is the directory changed: an old run's checkpoint is
+        removed when starting afresh, and its scores and embeddings (which describe the run as it
+        ended, and the pipeline writes embeddings.npz after `fit`) are removed before training
+        changes the run, so a directory never pairs this config.json with another run's outputs.
+        """
+        resuming = resume and self.checkpoint_path.exists()  # a folder there is an unreadable checkpoint
+        if resuming:
+            self.load_checkpoint(self.checkpoint_path)
+        elif resume and self.config_path.is_file():  # a run stopped before its first checkpoint
+            try:
+                stored = json.loads(self.config_path.read_text())
+                ok = isinstance(stored, dict) and isinstance(stored.get("train"), dict) \
+                    and isinstance(stored.get("data"), dict)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"resume: {self.config_path} is not a training run's config.json; use another "
+                                 "output directory, or --no-resume (resume=False) to replace what is there")
+            self.check_resumable(stored, 0, self.config_path)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        stale = ["scores.npz", "embeddings.npz"] + ([] if resuming else ["checkpoints/last.pt"])
+        for name in stale:
+            (self.out_dir / name).unlink(missing_ok=True)
+        atomic_write_bytes(self.config_path, json.dumps(
+            {**self.run_record(), "resolved": {"device": str(self.device), "amp": self.amp}}, indent=2).encode())
 
     # ---------------------------------------------------------------- training
     def _batches(self) -> list[torch.Tensor]:
@@ -262,13 +427,7 @@ class Trainer:
         """
         cfg = self.config
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.out_dir / "config.json", json.dumps(
-                {"train": cfg.to_dict(), "resolved": {"device": str(self.device), "amp": self.amp},
-                 "data": {"name": self.dataset.name, "size": len(self.dataset),
-                                                  "fingerprint": self.dataset.fingerprint}}, indent=2).encode())
-            if resume and self.checkpoint_path.exists():
-                self.load_checkpoint(self.checkpoint_path)
+            self._open_run_dir(resume)
         from tqdm.auto import tqdm
 
         n = len(self.dataset)
