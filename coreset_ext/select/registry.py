@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -77,11 +79,77 @@ def needs_labels(method: str, options: dict | None = None) -> bool:
 _INPUTS = ("n", "scores", "embeddings", "labels", "seed")
 
 
+def _method(name: str) -> _Method:
+    if name not in _METHODS:
+        raise ValueError(f"method: unknown method {name!r}; known methods: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
 def _keywords(fn: MethodFn) -> tuple[list[str], bool]:
     """The keyword parameters `fn` declares after `budget`, and whether it has a `**kwargs` catch-all."""
     params = list(inspect.signature(fn).parameters.values())[1:]
     named = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return named, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _option_parameters(method: str) -> dict[str, inspect.Parameter]:
+    params = list(inspect.signature(_method(method).fn).parameters.values())[1:]
+    return {p.name: p for p in params
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in _INPUTS}
+
+
+def method_options(method: str) -> list[str]:
+    """The options `method` takes (the keyword parameters its function declares, inputs aside)."""
+    return list(_option_parameters(method))
+
+
+_BOOLS = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
+
+
+def parse_option(method: str, key: str, text: str):
+    """The value of `method`'s option `key` given as text (the command line's KEY=VALUE), read as
+    the type its parameter declares (annotation, else default): a bool strictly (true/True/1 or
+    false/False/0), an int, a finite real number, a string; None/none/null where it admits None;
+    JSON for anything else (lists, dicts). Anything that does not parse is a ValueError naming `key`.
+
+    Example:
+        >>> parse_option("kcenter", "normalize", "False"), parse_option("prototypes", "n_clusters", "20")
+        (False, 20)
+    """
+    params = _option_parameters(method)
+    if key not in params:
+        known = ", ".join(params) if params else "none"
+        raise ValueError(f"{key}: unknown option for method {method!r}; its options are: {known}")
+    p = params[key]
+    # the annotation is a string under `from __future__ import annotations`, a type otherwise
+    kinds = set(re.findall(r"[A-Za-z_]\w*", str(p.annotation))) if p.annotation is not p.empty else set()
+    if not kinds and p.default not in (None, p.empty):
+        kinds = {type(p.default).__name__}
+    if "None" in kinds and text in ("None", "none", "null"):
+        return None
+    if "bool" in kinds:
+        if text not in _BOOLS:
+            raise ValueError(f"{key} must be a bool (true/True/1 or false/False/0), got {text!r}")
+        return _BOOLS[text]
+    if "int" in kinds and "float" not in kinds:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key} must be an int, got {text!r}") from None
+    if "float" in kinds:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite real number, got {text!r}")
+        return value
+    if "str" in kinds:
+        return text
+    try:  # lists, dicts (beta_grid, deep_cluster)
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _json_options(method: str, accepted: list[str], options: dict) -> dict:
@@ -144,9 +212,7 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
         >>> len(sel), sel.options
         (20, {'order': 'lowest'})
     """
-    if method not in _METHODS:
-        raise ValueError(f"method: unknown method {method!r}; known methods: {', '.join(available_methods())}")
-    fn = _METHODS[method].fn
+    fn = _method(method).fn
     named, takes_any = _keywords(fn)
     options = _json_options(method, [k for k in named if k not in _INPUTS], options)
     seed = check("seed", seed, SEED)
