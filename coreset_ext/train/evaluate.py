@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import textwrap
 from collections import defaultdict
@@ -119,6 +120,28 @@ EVALUATOR_NOTES = {
 }
 
 
+def _options_text(options: dict) -> str:
+    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                    for k, v in sorted(options.items()))
+
+
+def selection_labels(selections: list[Selection]) -> list[str]:
+    """Each selection's table row: its method, followed by its options in brackets when selections
+    of that method with other options are evaluated too (`sas` and `sas[objective=facility_location]`),
+    so different selections never share a row; selections of one method with the same options (and
+    other seeds) share one."""
+    variants: dict[str, set[str]] = defaultdict(set)
+    for sel in selections:
+        variants[sel.method].add(_options_text(sel.options))
+    return [f"{sel.method}[{_options_text(sel.options)}]" if len(variants[sel.method]) > 1 and sel.options
+            else sel.method for sel in selections]
+
+
+def method_of(label: str) -> str:
+    """The registered method of a table row's label (`selection_labels`), for `needs_labels`."""
+    return label.split("[", 1)[0]
+
+
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean and sample std of accuracy per (evaluator, method, fraction), over seeds; evaluators
     sorted, methods in the order they first appear in `rows`, fractions ascending."""
@@ -149,7 +172,7 @@ def markdown_table(summary: list[dict]) -> str:
                  "| --- |" + " --- |" * len(fracs)]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(cell.get((m, f), "") for f in fracs) + " |")
-        supervised = [m for m in methods if needs_labels(m)]
+        supervised = [m for m in methods if needs_labels(method_of(m))]
         if supervised:
             lines += ["", f"({', '.join(supervised)}: supervised baselines, they read the ground-truth labels.)"]
         parts.append("\n".join(lines))
@@ -187,7 +210,7 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
     # random, the reference, is black and dashed; supervised baselines (reading the labels) are dotted.
     others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "random"]
     cmap = plt.get_cmap("tab20")
-    style = {m: {"color": cmap(i % 20), "linestyle": ":" if needs_labels(m) else "-"}
+    style = {m: {"color": cmap(i % 20), "linestyle": ":" if needs_labels(method_of(m)) else "-"}
              for i, m in enumerate(others)}
     style["random"] = {"color": "black", "linestyle": "--"}
     fig, axes = plt.subplots(1, len(evaluators), figsize=(6.5 * len(evaluators), 5), squeeze=False)
@@ -247,12 +270,26 @@ def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
 
 def subsets_to_evaluate(selections: list[Selection], train_ds: ArrayDataset, seeds: tuple[int, ...],
                         random_baseline: bool = True) -> Iterator[tuple[str, torch.Tensor, int]]:
-    """(method, indices, seed) for every Selection and seed, then, with `random_baseline`, for
-    random subsets of each selection size (method "random", a fresh one per seed). Every
-    selection is checked against `train_ds` before the first is handed out."""
+    """(label, indices, seed) for every Selection and seed (labels from `selection_labels`), then,
+    with `random_baseline`, for random subsets of each selection size (label "random", a fresh one
+    per seed). Every selection is checked against `train_ds`, and the table rows against each
+    other, before the first is handed out."""
     for sel in selections:
         sel.check_dataset(train_ds)
-    jobs = [(sel.method, sel) for sel in selections]
+    labels = selection_labels(selections)
+    seen: dict[tuple, int] = {}
+    for i, (label, sel) in enumerate(zip(labels, selections)):
+        # one row averages a method's selections over their seeds: two with one seed would be
+        # reported as two seeds of one selection
+        first = seen.setdefault((label, len(sel), sel.seed), i)
+        if first != i:
+            raise ValueError(f"selections: #{first + 1} and #{i + 1} (in the order given) are both {label} with "
+                             f"seed {sel.seed} and {len(sel)} examples, so they would be averaged into one row as "
+                             "if they were two seeds; evaluate them separately")
+        if random_baseline and label == "random":
+            raise ValueError(f"selections: #{i + 1} is a random selection, whose row would merge with the random "
+                             "baseline's; evaluate it without the baseline (--no-random, random_baseline=False)")
+    jobs = list(zip(labels, selections))
     if random_baseline:
         jobs += [("random", budget) for budget in sorted({len(s) for s in selections})]
     for name, item in jobs:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coreset_ext._validation import Options, check
+from coreset_ext._validation import FRACTION, Options, check
 from coreset_ext.io import atomic_write_bytes, load_npz
 from coreset_ext.scores import ScoreTracker
 from coreset_ext.select import Selection, select
@@ -86,9 +86,15 @@ def load_run(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ValueError(f"run: {run_dir} is not a training run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
-        raise ValueError(f"run: {run_dir}/config.json is not a training run's config (no 'data' record)")
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except ValueError as e:  # not JSON, or not UTF-8: name the file, not just the position
+        raise ValueError(f"run: {run_dir}/config.json is not valid JSON ({e})") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("fingerprint"), str) \
+            or not isinstance(data.get("size"), int):
+        raise ValueError(f"run: {run_dir}/config.json is not a training run's config (no 'data' record with its "
+                         "'size' and 'fingerprint')")
     out = {"config": config, "dir": run_dir}
 
     def arrays_of(name: str, kind: str, keys: tuple[str, ...]) -> dict:
@@ -147,11 +153,26 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
     out_dir = Path(out_dir)
     methods = list(DEFAULT_METHODS if methods is None else methods)
     train_options = dict(train_options or {})
+    # every check before the first file is written: the settings, the data, each run's config
+    for name, values in (("trainers", trainers), ("methods", methods), ("fractions", fractions), ("seeds", seeds),
+                         ("evaluators", evaluators)):
+        if not values:
+            raise ValueError(f"{name}: give at least one, got none")
+    for frac in [f for m in methods for f in m.fractions or ()] + list(fractions):
+        check("fractions", frac, FRACTION)
+    for ev in [e for m in methods for e in m.evaluators or ()] + list(evaluators):
+        check("evaluator", ev, Options("probe", "scratch", "ssl"))
     dev = resolve_device(device)
     train_ds = load_dataset(data, split="train", data_dir=data_dir)
     test_ds = load_dataset(data, split="test", data_dir=data_dir)
     if not train_ds.has_labels or not test_ds.has_labels:
         raise ValueError(f"data: evaluation needs labels, but {data!r} has none")
+    train_configs = {t: TrainConfig(method=t, device=device, progress=progress, **train_options) for t in trainers}
+    uses_probe = any("probe" in (m.evaluators or evaluators) for m in methods)
+    needed = {m.run for m in methods} | ({probe_run} if uses_probe else set())
+    missing = needed - set(trainers)
+    if missing:
+        raise ValueError(f"trainers: methods or the probe need runs {sorted(missing)}, but trainers are {list(trainers)}")
     config = {"data": data, "data_dir": data_dir, "trainers": list(trainers), "train_options": train_options,
               "methods": [m.__dict__ for m in methods], "fractions": list(fractions), "seeds": list(seeds),
               "evaluators": list(evaluators), "probe_run": probe_run, "ssl_options": dict(ssl_options or {}),
@@ -161,17 +182,11 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
     atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2).encode())
 
     runs = {}
-    for t in trainers:
+    for t, cfg in train_configs.items():
         ts = time.perf_counter()
-        cfg = TrainConfig(method=t, device=device, progress=progress, **train_options)
         runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}")
         log(f"[{t}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
             f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}] loaded")
-    uses_probe = any("probe" in (m.evaluators or evaluators) for m in methods)
-    needed = {m.run for m in methods} | ({probe_run} if uses_probe else set())
-    missing = needed - set(runs)
-    if missing:
-        raise ValueError(f"trainers: methods or the probe need runs {sorted(missing)}, but trainers are {list(trainers)}")
 
     rows = []
     ts = time.perf_counter()
@@ -199,6 +214,9 @@ def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | No
                         seeds: tuple[int, ...] = (0, 1, 2), random_baseline: bool = True,
                         device: str = "auto", scratch_steps: int = 200) -> list[dict]:
     """Evaluates saved selections (and, by default, random subsets of the same sizes) over seeds."""
+    if "probe" in evaluators and run_dir is None:
+        raise ValueError("run_dir: the probe evaluator needs a training run (its frozen features); give one "
+                         "(--run), or another evaluator")
     dev = resolve_device(device)
     train_ds = load_dataset(data, split="train", data_dir=data_dir)
     test_ds = load_dataset(data, split="test", data_dir=data_dir)
@@ -206,6 +224,10 @@ def evaluate_selections(selections: list[Selection], *, run_dir: str | Path | No
     if features is not None and "train" not in features:
         raise ValueError(f"run: {run_dir} has no embeddings.npz (did its training finish?)")
     if features is not None:
+        trained_on = features["config"]["data"]["fingerprint"]
+        if trained_on != train_ds.fingerprint:  # same size is not the same data
+            raise ValueError(f"data: run {run_dir} was trained on data set {trained_on}, but the {data} training "
+                             f"split given is {train_ds.fingerprint}")
         for split, ds in (("train", train_ds), ("test", test_ds)):
             if features[split].shape[0] != len(ds):
                 raise ValueError(f"run: {run_dir}/embeddings.npz has {features[split].shape[0]} {split} rows, "
