@@ -33,15 +33,15 @@ def test_too_much_shared_memory_fails(monkeypatch, capsys):
 
 
 def test_spills_fail_under_max_spill(monkeypatch, capsys):
-    monkeypatch.setattr(triton_aot, "_resource_usage", lambda cubin: (255, 4096))
+    monkeypatch.setattr(triton_aot, "resource_usage", lambda cubin: (255, 4096))
     assert triton_aot.main(["--arch", "90", "-k", "pair_cosine bfloat16", "--max-spill", "64"]) == 1
     assert "spills 4096 bytes" in capsys.readouterr().out
 
 
 def test_mma_kind_reads_the_ptx():
-    assert triton_aot._mma_kind("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
-    assert triton_aot._mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
-    assert triton_aot._mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
+    assert triton_aot.mma_kind("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert triton_aot.mma_kind("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...}") == "mma"
+    assert triton_aot.mma_kind("fma.rn.f32 %f1, %f2, %f3, %f4;") == "-"
 
 
 @pytest.mark.parametrize("case", ["nt_xent bfloat16 d=128 normalize=True fixed tiles",

@@ -41,7 +41,7 @@ class Compiled:
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
-def _mma_kind(ptx: str) -> str:
+def mma_kind(ptx: str) -> str:
     """Which matrix instructions the kernel's dots became: "wgmma" (warpgroup MMA, the only path
     to Hopper's full tensor-core rate), "mma" (Ampere's mma.sync: on sm_90 the slower path), or
     "-" (no tensor cores: FMA products, or no dot at all)."""
@@ -50,7 +50,7 @@ def _mma_kind(ptx: str) -> str:
     return "mma" if re.search(r"\bmma\.sync", ptx) else "-"
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
+def resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers per thread, bytes of local memory (spills) per thread) from cuobjdump."""
     import triton
 
@@ -126,7 +126,8 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
     patches = [
         (jit.JITFunction, "run", jit_run_fresh),
         (autotuner.Autotuner, "run", tuned_run),
-        # the wrappers choose GPU tiles and autotuning when they see a CUDA tensor
+        # the kernel modules' public launch configuration, answering as for a CUDA tensor on a GPU
+        # of this architecture with 132 SMs (an H100); the wrappers read these names at each call
         (contrastive, "tiles", lambda d, device, dtype, f=contrastive.tiles: f(d, cuda, dtype)),
         (contrastive, "num_sms", lambda device: 132),
         (contrastive, "hopper", lambda device: arch >= 90),
@@ -239,9 +240,9 @@ def main(argv=None) -> int:
     case_name = [""]
 
     def record(kernel_name, config, kernel, tuned):
-        regs, spill = _resource_usage(kernel.asm["cubin"])
+        regs, spill = resource_usage(kernel.asm["cubin"])
         results.append(Compiled(case_name[0], kernel_name, config, regs, spill, kernel.metadata.shared,
-                                _mma_kind(kernel.asm["ptx"]), tuned))
+                                mma_kind(kernel.asm["ptx"]), tuned))
 
     failures = []
     with _compile_instead_of_launch(args.arch, record, args.all_configs):
