@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import zipfile
@@ -12,6 +11,7 @@ import torch
 
 from coreset_ext import _backend
 from coreset_ext.select import Selection, available_methods, needs_labels, select, supervised_methods
+from coreset_ext.select.registry import method_options, parse_option
 from coreset_ext.train import TrainConfig
 from coreset_ext.train.data import SOURCES, load_dataset
 from coreset_ext.train.embed import load_embeddings
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        # bad input or an unreadable file (missing, truncated, a folder): one clear line, no traceback
-        print(f"coreset-ext {args.command}: error: {e}", file=sys.stderr)
+        # bad input or an unreadable file (missing, truncated, a folder): one clear line, no traceback;
+        # some of these carry no message (EOFError()), so the line names the exception too
+        print(f"coreset-ext {args.command}: error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
 
 
@@ -69,30 +70,49 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _threads(text: str) -> int:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        value = -1
+    if not 0 <= value <= 4096:  # torch would try to start every one of a huge number
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 4096], got {text!r}")
+    return value
 
 
-def _options(pairs: list[str]) -> dict:
+def _path(text: str) -> str:
+    if not text.strip():  # an empty path is the current directory: never what was meant
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return text
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions in (0, 1], got {text!r}")
+    return values
+
+
+def _options(method: str, pairs: list[str] | None) -> dict:
+    """--option KEY=VALUE pairs, each value read as the type the method's option declares."""
     out = {}
     for p in pairs or []:
-        if "=" not in p:
+        key, eq, text = p.partition("=")
+        if not eq or not key:
             raise ValueError(f"--option: expected KEY=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
+        if key in out:
+            raise ValueError(f"--option: {key} given twice")
+        out[key] = parse_option(method, key, text)
     return out
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", choices=SOURCES.values,
                    help="data source (digits ships with scikit-learn)")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", default=None, type=_path,
                    help="directory (cifar10/100 in torchvision's python format, image folder) or .pt/.npz file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
 
@@ -128,8 +148,14 @@ def _cmd_select(args: argparse.Namespace) -> int:
         raise ValueError(f"--fraction/--budget: give exactly one, got {args.fraction!r} and {args.budget!r}")
     if args.run is None and args.embeddings is None:
         raise ValueError("--run/--embeddings: give a training run directory, an embeddings file, or both")
-    opts = _options(args.option)
-    reads_labels = args.by_class or needs_labels(args.method, opts)
+    opts = _options(args.method, args.option)
+    if args.by_class:  # it sets the method's per-class mode, so only a method with one honours it
+        if "by" not in method_options(args.method):
+            raise ValueError(f"--by-class: method {args.method!r} has no per-class mode (an option 'by'); "
+                             "sas reads classes with --option classes=labels")
+        if opts.setdefault("by", "class") != "class":
+            raise ValueError(f"--by-class: contradicts --option by={opts['by']}")
+    reads_labels = needs_labels(args.method, opts)
     run = load_run(args.run) if args.run is not None else {}
     train_ds = None
     if args.embeddings is not None or reads_labels:
@@ -154,6 +180,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    # the ssl protocol trains its own encoder on each subset: a run or another evaluator would be ignored
+    if args.protocol == "ssl" and (args.evaluator != ["probe"] or args.run is not None):
+        raise ValueError("--evaluator/--run: they apply to --protocol coreset; the ssl protocol trains its own "
+                         "encoder on each subset and probes it")
     sels = [Selection.load(p) for p in args.selection]
     if args.protocol == "ssl":  # SAS's protocol: contrastive training on each subset, full-set probe
         rows = evaluate_ssl(sels, data=args.data, data_dir=args.data_dir, seeds=tuple(range(args.seeds)),
@@ -201,7 +231,7 @@ def _add_main_job_commands(sub) -> None:
                          description="Train a contrastive model on the training split, accumulating each example's "
                                      "positive-pair cosine (CSS score). Writes OUT/config.json, OUT/checkpoints/last.pt, "
                                      "OUT/scores.npz and OUT/embeddings.npz; resumes from OUT's checkpoint if present.")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=_path, help="run directory")
     p.add_argument("--method", default="simclr", choices=METHODS.values)
     p.add_argument("--encoder", default="small_cnn", choices=ENCODERS.values)
     p.add_argument("--width", type=_positive_int, default=32, help="small_cnn channel width")
@@ -219,8 +249,8 @@ def _add_main_job_commands(sub) -> None:
     p = _add_job_command(sub, "select", _cmd_select, help="select a coreset from a training run's scores/embeddings",
                          description="Select examples with a registered method using RUN's CSS scores and backbone "
                                      "embeddings (or an --embeddings file); write a Selection file (.npz, no pickle).")
-    p.add_argument("--run", default=None, help="training run directory (from `coreset-ext train`)")
-    p.add_argument("--embeddings", default=None, metavar="PATH",
+    p.add_argument("--run", default=None, type=_path, help="training run directory (from `coreset-ext train`)")
+    p.add_argument("--embeddings", default=None, metavar="PATH", type=_path,
                    help="embeddings file (.npy, .pt, or .npz with array 'train') to use instead of the run's")
     p.add_argument("--method", required=True,
                    help=f"one of: {', '.join(available_methods())} ({', '.join(supervised_methods())} read the "
@@ -228,35 +258,37 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--fraction", type=float, default=None, help="subset size as a fraction of the pool, in (0, 1]")
     p.add_argument("--budget", type=int, default=None, help="subset size as a number of examples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--by-class", action="store_true", help="pass the labels (balanced_random per class)")
+    p.add_argument("--by-class", action="store_true",
+                   help="select per class, reading the labels (methods with an option 'by': balanced_random)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="method option, e.g. keep=easiest or n_clusters=20 (repeatable)")
-    p.add_argument("--out", required=True, help="selection file to write (.npz)")
+                   help="method option, e.g. keep=easiest or n_clusters=20 (repeatable); read as the option's "
+                        "type: bools as true/True/1 or false/False/0")
+    p.add_argument("--out", required=True, type=_path, help="selection file to write (.npz)")
 
     p = _add_job_command(sub, "evaluate", _cmd_evaluate,
                          help="test accuracy of classifiers trained on selections vs random subsets of the same size",
                          description="Train a classifier on each selection only (linear probe on RUN's frozen "
                                      "features, or a small network from scratch), over seeds, with random subsets "
                                      "of the same sizes as the reference. Writes the table (Markdown, CSV) and a plot.")
-    p.add_argument("--selection", nargs="+", required=True, help="selection files")
-    p.add_argument("--run", default=None, help="training run directory (needed by the probe evaluator)")
+    p.add_argument("--selection", nargs="+", required=True, type=_path, help="selection files")
+    p.add_argument("--run", default=None, type=_path, help="training run directory (needed by the probe evaluator)")
     _add_evaluation_args(p, ["probe"], "with --protocol coreset")
     p.add_argument("--protocol", choices=["coreset", "ssl"], default="coreset",
                    help="coreset: train a classifier on the subset (--evaluator); ssl: SAS's protocol, contrastive "
                         "training on the subset only, then a linear probe on the full labelled training set")
     p.add_argument("--no-random", action="store_true", help="skip the random baseline")
-    p.add_argument("--out", required=True, help="directory for results.{csv,md} and the plot")
+    p.add_argument("--out", required=True, type=_path, help="directory for results.{csv,md} and the plot")
 
     p = _add_job_command(sub, "demo", _cmd_demo,
                          help="the whole pipeline on digits: SimCLR+MoCo with CSS, every selector, table and plot",
                          description="Train SimCLR and MoCo with CSS scores, select 10/20/30/50%% with every method, "
                                      "evaluate each subset over seeds (linear probe and from-scratch network), and "
                                      "write the table and the plot into OUT.")
-    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--out", default="runs/demo", type=_path, help="run directory")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--fractions", type=_floats, default=_floats(_FRACTIONS))
+    p.add_argument("--fractions", type=_fractions, default=_fractions(_FRACTIONS))
     _add_evaluation_args(p, ["probe", "scratch"], None)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=_threads, default=1, help="CPU threads for torch (0: torch's default)")
     labels = list(dict.fromkeys(m.label for m in DEFAULT_METHODS))
     p.add_argument("--methods", nargs="+", default=None, choices=labels, metavar="LABEL",
                    help=f"rows to run (default: all): {', '.join(labels)}; the SAS/ELFS rows use their own "
