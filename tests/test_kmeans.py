@@ -404,8 +404,10 @@ def test_update_cuda(dtype):
     torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-4, atol=1e-3)
     again = ops.kmeans_update(x, labels, k)
     assert torch.equal(sums, again[0]) and torch.equal(counts, again[1])
+    out_of_range = labels.clone()
+    out_of_range[12_345] = k  # labels were drawn below k - 1: adding one would stay in range
     with pytest.raises(ValueError, match="labels"):
-        ops.kmeans_update(x, labels + 1, k)
+        ops.kmeans_update(x, out_of_range, k)
 
 
 @pytest.mark.cuda

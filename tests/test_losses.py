@@ -191,6 +191,21 @@ def test_moco_ring_buffer():
         assert k.grad is None and not crit.queue.requires_grad
 
 
+def test_moco_queue_keeps_no_nan_key(gen):
+    """A key holding NaN or Inf leaves its slot's old key in place (the ring still advances), so
+    later losses stay finite; finite keys of the same batch go in as usual."""
+    crit = cx.nn.MoCoLoss(dim=5, queue_size=7, temperature=0.2)
+    before = crit.queue.clone()
+    k = torch.randn(4, 5, generator=gen)
+    k[1, 3], k[2, 0] = float("nan"), float("inf")
+    crit.enqueue_(k)
+    assert torch.isfinite(crit.queue).all() and int(crit.ptr) == 4
+    assert torch.equal(crit.queue[[1, 2]], before[[1, 2]])
+    assert torch.equal(crit.queue[[0, 3]], k[[0, 3]]) and torch.equal(crit.queue[4:], before[4:])
+    q = torch.randn(3, 5, generator=gen)
+    assert torch.isfinite(crit(q, torch.randn(3, 5, generator=gen)))
+
+
 def test_modules_match_functions_and_validate():
     z1, z2 = views(5, 6, dtype=torch.float32, seed=9)
     crit = cx.nn.NTXentLoss(temperature=0.25, reduction="sum")
