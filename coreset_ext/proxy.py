@@ -29,7 +29,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from coreset_ext._validation import check_tensor, nonnegative_int, positive_int
+from coreset_ext._validation import Interval, check, check_tensor, positive_int
 from coreset_ext.ops.similarity import EMBEDDING_DTYPES
 from coreset_ext.pseudo_labels import pseudo_labels
 from coreset_ext.scores import TrainingDynamics
@@ -37,6 +37,7 @@ from coreset_ext.scores import TrainingDynamics
 __all__ = ["dynamics_for", "pseudo_labels_for", "train_proxy_classifier"]
 
 TARGET_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+MAX_WIDTH = 2**16  # hidden units, and classes (the output layer's width)
 
 
 def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epochs: int = 20, batch_size: int = 128,
@@ -59,7 +60,8 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
     n = features.shape[0]
     if n == 0:
         raise ValueError("features: the proxy classifier needs at least one example, got 0 rows")
-    hidden = nonnegative_int("hidden", hidden)  # 0: a linear classifier
+    # 0: a linear classifier; the bound stops a typo from allocating terabytes of weights
+    hidden = check("hidden", hidden, Interval(int, 0, MAX_WIDTH))
     if targets.shape[0] != n:
         raise ValueError(f"targets has {targets.shape[0]} labels but features has {n} rows")
     if bool((targets < 0).any()):
@@ -67,6 +69,9 @@ def train_proxy_classifier(features: torch.Tensor, targets: torch.Tensor, *, epo
     num_classes = int(targets.max()) + 1
     if num_classes < 2:
         raise ValueError(f"targets: the proxy classifier needs at least 2 classes, got {num_classes}")
+    if num_classes > MAX_WIDTH:  # one output per class id up to the largest
+        raise ValueError(f"targets: the largest label is {num_classes - 1}; the proxy classifier takes labels below "
+                         f"{MAX_WIDTH} (renumber sparse class ids 0, 1, 2, ...)")
     epochs = positive_int("epochs", epochs)
     batch_size = positive_int("batch_size", batch_size)
     device = torch.device(device)

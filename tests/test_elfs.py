@@ -232,6 +232,13 @@ def test_bad_options_name_the_argument():
     y = torch.arange(50) % 2
     with pytest.raises(ValueError, match="hidden"):
         train_proxy_classifier(x, y, hidden=-1)
+    # widths that would allocate terabytes of weights are refused before allocating
+    with pytest.raises(ValueError, match="hidden"):
+        train_proxy_classifier(x, y, hidden=10**12)
+    with pytest.raises(ValueError, match="proxy_hidden|hidden"):
+        cx.select("aum", budget=5, embeddings=x, labels=y, proxy_hidden=10**12, proxy_epochs=1)
+    with pytest.raises(ValueError, match="targets"):
+        train_proxy_classifier(x, y * 10**12)
     with pytest.raises(ValueError, match="features"):
         train_proxy_classifier(x[:0], y[:0])
     with pytest.raises(ValueError, match="beta_grid"):
