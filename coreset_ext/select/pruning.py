@@ -1,7 +1,8 @@
-"""Pure selection algorithms behind the SAS, ELFS and CCS selectors: index in, index out.
+"""Pure selection algorithms behind the SAS, ELFS, CCS and score-based selectors: index in, index out.
 
 Nothing here trains or knows the `Selection` type; the selectors wrap these. Every function
-returns int64 example indices sorted ascending, never an empty or oversized selection.
+returns int64 example indices sorted ascending (`sample_by_score(..., ranked=True)`: in the order
+picked), never an empty or oversized selection.
 
 Budget rule, shared by all: a fraction f of N examples is the budget n = floor(f * N + 1/2)
 (round half up), at least 1 (so a tiny fraction still selects one example) and at most N.
@@ -10,7 +11,8 @@ Budget rule, shared by all: a fraction f of N examples is the budget n = floor(f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 import torch
 
@@ -20,7 +22,8 @@ from coreset_ext._validation import (FRACTION, POSITIVE_INT, Interval, Options, 
 from coreset_ext.ops.similarity import EMBEDDING_DTYPES, GROUP_DTYPES
 
 __all__ = ["budget_size", "class_budgets", "sas_indices", "facility_location_greedy", "hard_cut",
-           "double_end_indices", "ccs_indices"]
+           "double_end_indices", "ccs_indices", "sample_by_score", "auto_sampling", "resolve_sampling",
+           "sampling_option", "check_sampling"]
 
 # Added before flooring products such as 0.29 * 100 = 28.999999999999996, so that exact
 # multiples are not lost to binary rounding.
@@ -232,16 +235,18 @@ def hard_cut(beta: float, total: int) -> int:
     return math.floor(check("beta", beta, BETA) * total + _FLOOR_SLACK)
 
 
-def _prune_split(scores, keep, beta) -> tuple[torch.Tensor, int, int]:
+def _prune_split(scores, keep, beta, name: str = "keep") -> tuple[torch.Tensor, int, int]:
     """The checked scores, the count `keep` (an int count, or a float fraction of N as in
-    `budget_size`) and the number `hard_cut` drops, which must leave room for `keep`."""
+    `budget_size`; `name` in messages) and the number `hard_cut` drops, which must leave room
+    for `keep`."""
     scores = _check_scores("scores", scores)
     n = scores.numel()
-    keep = check("keep", keep, Interval(int, 1, n), FRACTION)
+    keep = check(name, keep, Interval(int, 1, n), FRACTION)
     keep = keep if is_int(keep) else budget_size(keep, n)
     cut = hard_cut(beta, n)
     if cut + keep > n:
-        raise ValueError(f"beta + keep exceed the data: dropping floor(beta * N) = {cut} and keeping {keep} of N = {n}")
+        raise ValueError(f"beta + {name} exceed the data: dropping floor(beta * N) = {cut} and keeping {keep} "
+                         f"of N = {n}")
     return scores, keep, cut
 
 
@@ -311,3 +316,161 @@ def ccs_indices(
         left -= take
     assert left == 0
     return torch.sort(torch.cat(picked)).values.to(scores.device)
+
+
+# ---------------------------------------------------------------------------------- sampling
+# One sampling step for every score-based selector (css, prototypes, elfs, aum, forgetting, el2n,
+# ccs). A selector hands over its per-example scores and says which end is hard (`hard`: "low"
+# for css and AUM, "high" for forgetting, EL2N and the prototype distance); the sampling then
+# picks the budget:
+#
+#   "lowest"      the `budget` lowest scores (the hardest when hard="low")
+#   "highest"     the `budget` highest scores (the hardest when hard="high")
+#   "double_end"  hardest first: drop the hardest floor(beta N), keep the next `budget`
+#                 (beta = 0: the `budget` hardest) -- ELFS's double-end pruning
+#   "ccs"         drop the hardest floor(beta N), spread the budget over `strata` equal-width
+#                 score strata -- coverage-centric selection (Zheng et al. 2023)
+#   "auto"        "ccs" when the budget is below half of the pool, else "double_end" (AUTO_RULE)
+
+SAMPLINGS = Options("lowest", "highest", "double_end", "ccs", "auto")
+HARD_ENDS = Options("low", "high")
+
+# `auto`: a budget below this share of the pool is "scarce" and gets CCS; from it up, hard-first.
+AUTO_CCS_BELOW = Fraction(1, 2)
+
+AUTO_RULE = """sampling="auto" picks by the budget fraction f = budget / N (compared exactly, as
+fractions): f < 1/2 -> "ccs", f >= 1/2 -> "double_end", each with the method's beta (0 unless
+given for css, prototypes, aum, forgetting and el2n: "double_end" is then the n hardest; chosen
+by coverage for elfs and ccs). Keeping only the hardest examples collapses below random when
+little is kept (Zheng et al. 2023: forgetting scores keep 95.4% CIFAR-10 accuracy at 30% pruning
+but 34.0% at 90%, below random, while their stratified coverage stays above random and is
+comparable at low pruning rates), as Sorscher et al. (2022) predict: when data is scarce the
+easy examples must be kept too, and the hardest pay only when data is plentiful. So below half
+of the pool auto keeps a coverage-preserving mix (CCS strata over the whole score range), and
+from half up the hardest: 1/2 is the edge of the low pruning rates (30-50%) of the CCS and ELFS
+tables, where hard-first pruning is not behind."""
+
+
+def auto_sampling(budget: int, total: int) -> str:
+    """The sampling `"auto"` resolves to for `budget` of `total` examples (the rule: `AUTO_RULE`):
+    "ccs" when budget / total < 1/2, else "double_end". Exact integer arithmetic, no rounding.
+
+    Example:
+        >>> auto_sampling(49, 100), auto_sampling(50, 100), auto_sampling(1, 3), auto_sampling(2, 3)
+        ('ccs', 'double_end', 'ccs', 'double_end')
+    """
+    total = check("total", total, POSITIVE_INT)
+    budget = check("budget", budget, Interval(int, 1, total))
+    return "ccs" if Fraction(budget, total) < AUTO_CCS_BELOW else "double_end"
+
+
+def resolve_sampling(sampling: str, budget: int, total: int) -> str:
+    """The concrete sampling a selection uses: `sampling` itself, or for "auto" `auto_sampling`'s choice."""
+    check("sampling", sampling, SAMPLINGS)
+    return auto_sampling(budget, total) if sampling == "auto" else sampling
+
+
+def sampling_option(sampling: str | None, default: str, alias: str | None = None, value=None,
+                    meaning: Mapping | None = None) -> str:
+    """The sampling a selector was asked for (possibly "auto"): `sampling` when given, else what
+    its older option `alias` = `value` means (`meaning` maps that option's values to samplings:
+    css `order`, prototypes `keep`, elfs `variant`), else the method's `default`. Both given and
+    meaning different samplings is a ValueError naming both options.
+
+    Example:
+        >>> sampling_option(None, "highest", "keep", "easiest", {"hardest": "highest", "easiest": "lowest"})
+        'lowest'
+        >>> sampling_option("ccs", "lowest", "order", "highest", {"lowest": "lowest", "highest": "highest"})
+        Traceback (most recent call last):
+        ...
+        ValueError: sampling='ccs' contradicts order='highest' (which means sampling='highest'): give one of them
+    """
+    if sampling is not None:
+        check("sampling", sampling, SAMPLINGS)
+    if value is None:
+        return default if sampling is None else sampling
+    check(alias, value, Options(*meaning))
+    implied = meaning[value]
+    if sampling is not None and sampling != implied:
+        raise ValueError(f"sampling={sampling!r} contradicts {alias}={value!r} (which means sampling={implied!r}): "
+                         "give one of them")
+    return implied
+
+
+def check_sampling(sampling: str, *, beta=0.0, strata=50) -> None:
+    """Refuses, before any work, what `sampling` cannot honour: an unknown sampling, beta outside
+    [0, 1) (None is let through: a selector that chooses beta itself), strata < 1, and a nonzero
+    beta with "lowest" or "highest" (they drop nothing; "double_end", "ccs" and "auto" do)."""
+    check("sampling", sampling, SAMPLINGS)
+    if beta is not None:
+        beta = check("beta", beta, BETA)
+    check("strata", strata, POSITIVE_INT)
+    if sampling in ("lowest", "highest") and beta:
+        raise ValueError(f"beta: sampling={sampling!r} keeps the {sampling} scores and drops none, got beta={beta!r}; "
+                         "beta applies to sampling 'double_end', 'ccs' and 'auto'")
+
+
+def _ranking(scores: torch.Tensor, secondary: torch.Tensor | None, descending: bool) -> torch.Tensor:
+    """All indices by score (descending or not), ties by `secondary` in the same direction, then
+    by lower index (stable sorts)."""
+    if secondary is None:
+        return torch.sort(scores, descending=descending, stable=True).indices
+    order = torch.sort(secondary, descending=descending, stable=True).indices
+    return order[torch.sort(scores[order], descending=descending, stable=True).indices]
+
+
+def sample_by_score(scores: torch.Tensor, budget: int | float, sampling: str = "lowest", *, hard: str = "low",
+                    beta: float = 0.0, strata: int = 50, seed: int = 0, secondary: torch.Tensor | None = None,
+                    ranked: bool = False) -> torch.Tensor:
+    """The one sampling step of the score-based selectors: `budget` (an int count, or a float
+    fraction of N as in `budget_size`) examples picked from `scores` [N] (finite floats).
+
+    `hard` says which end of the scores is hard ("low": css, AUM; "high": forgetting, EL2N,
+    the prototype distance). Samplings ("lowest"/"highest" name score values, the others hardness):
+
+    - "lowest" / "highest": the `budget` lowest / highest scores. beta must be 0.
+    - "double_end": hardest first, drop the hardest floor(beta N), keep the next `budget`
+      (ELFS); beta = 0 gives the `budget` hardest, the same set as "lowest" (hard="low") or
+      "highest" (hard="high").
+    - "ccs": `ccs_indices` on the hardness (the scores, negated when hard="high"): drop the
+      hardest floor(beta N), spread the budget over `strata` equal-width strata, seeded by `seed`.
+    - "auto": `auto_sampling(budget, N)` ("ccs" below half of the pool, else "double_end").
+
+    Ties go to `secondary` [N] (optional; oriented like `scores`: the harder end at the `hard`
+    side), then to the lower index: "lowest" orders by (score, secondary, index) ascending,
+    "highest" by both descending and then the lower index. CCS's strata ignore `secondary`
+    (ties share a stratum and are sampled at random there; its hard cut breaks ties by index).
+
+    Returns int64 indices sorted ascending, or with `ranked=True` in the order picked: by score
+    ascending for "lowest", descending for "highest", hardest first for "double_end" and "ccs".
+    Raises ValueError naming the option for an unknown sampling or `hard`, beta outside [0, 1)
+    or nonzero with "lowest"/"highest", strata < 1, or floor(beta N) + budget > N.
+
+    Example:
+        >>> s = torch.tensor([0.5, -1.0, 2.0, 0.1, 0.9])
+        >>> sample_by_score(s, 2, "lowest").tolist(), sample_by_score(s, 2, "highest", ranked=True).tolist()
+        ([1, 3], [2, 4])
+        >>> sample_by_score(s, 2, "double_end", hard="high", beta=0.2).tolist()  # drops 2 (2.0)
+        [0, 4]
+    """
+    check("hard", hard, HARD_ENDS)
+    check_sampling(sampling, beta=beta, strata=strata)
+    scores, budget, cut = _prune_split(scores, budget, beta, "budget")
+    n = scores.numel()
+    if secondary is not None:
+        secondary = _check_scores("secondary", secondary)
+        if secondary.numel() != n:
+            raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
+    sampling = resolve_sampling(sampling, budget, n)
+    # "lowest" and "highest" say the direction; "double_end" and "ccs" go hardest first
+    descending = sampling == "highest" or (sampling in ("double_end", "ccs") and hard == "high")
+    if sampling == "ccs":
+        picked = ccs_indices(-scores if hard == "high" else scores, budget, beta, strata=strata, seed=seed)
+        if not ranked:
+            return picked
+        order = _ranking(scores, secondary, descending)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=order.device)
+        return picked[torch.sort(rank[picked]).indices]
+    picked = _ranking(scores, secondary, descending)[cut : cut + budget]
+    return picked if ranked else torch.sort(picked).values
