@@ -37,7 +37,9 @@ def test_sizes_exact_distinct_and_reproducible(pool, method, options, fraction):
     assert len(a) == budget and a.indices.unique().numel() == budget
     assert int(a.indices.min()) >= 0 and int(a.indices.max()) < N
     assert torch.equal(a.indices, b.indices)
-    assert a.method == method and a.dataset_size == N and a.options == options
+    # the score-based methods also record the sampling they used (their default here)
+    recorded = {"css": {"sampling": "lowest"}, "prototypes": {"sampling": "highest"}}.get(method, {})
+    assert a.method == method and a.dataset_size == N and a.options == {**options, **recorded}
 
 
 def test_random_changes_with_seed(pool):
@@ -143,7 +145,7 @@ def test_save_load_round_trip_and_subset(tmp_path, pool):
     back = Selection.load(tmp_path / "s.npz", dataset=ds)
     assert torch.equal(back.indices, sel.indices) and torch.equal(back.scores, sel.scores)
     assert (back.method, back.options, back.dataset_size, back.seed, back.fingerprint) == \
-        ("css", {"order": "lowest"}, N, 4, ds.fingerprint)
+        ("css", {"order": "lowest", "sampling": "lowest"}, N, 4, ds.fingerprint)
     sub = back.subset(ds)
     assert len(sub) == len(sel) and sub[0][0] == int(sel.indices[0])
     other = ArrayDataset(torch.rand(N + 3, 1, 4, 4), name="other")

@@ -4,8 +4,8 @@
 ELFS: pseudo-labels (k-means on the embeddings, cosine metric, `n_clusters` K; or
 `pseudo_labels="deep_cluster"`, see `coreset_ext.pseudo_labels`) -> a proxy classifier trained on
 them (`coreset_ext.proxy.train_proxy_classifier`: linear or MLP on the frozen embeddings) records
-`TrainingDynamics` -> AUM (low = hard) -> double-end pruning (`variant="double_end"`, default:
-drop the hardest floor(beta N), keep the next n) or CCS (`variant="ccs"`: drop the hardest
+`TrainingDynamics` -> AUM (low = hard) -> double-end pruning (`sampling="double_end"`, default:
+drop the hardest floor(beta N), keep the next n) or CCS (`sampling="ccs"`: drop the hardest
 floor(beta N), spread n over `strata` equal-width AUM strata).
 
 The supervised baselines read the same dynamics of a proxy trained on the ground-truth labels
@@ -16,6 +16,24 @@ The supervised baselines read the same dynamics of a proxy trained on the ground
   the lower AUM, then the lower index;
 - `el2n`: highest mean EL2N over the first `el2n_epochs` epochs first (ties: lower index);
 - `ccs`: CCS on the AUM, with the hard cutoff beta (given, or chosen as below).
+
+Sampling. Every method here ends in the one sampling step `pruning.sample_by_score`, on its
+score with its hard end: AUM (low = hard), forgetting events (high = hard; never learned: one
+more than the most forgotten), EL2N (high = hard), chosen by `score` for elfs and ccs. Its
+option `sampling` is one of "lowest", "highest" (score values), "double_end", "ccs" (hardest
+first, dropping floor(beta N)) and "auto" (`pruning.AUTO_RULE`: "ccs" below half of the pool,
+else "double_end"). The defaults (the papers') reproduce what these methods always did:
+
+    elfs        "double_end", beta chosen by coverage      (`variant=` is its older alias)
+    ccs         "ccs", beta chosen by coverage
+    aum         "lowest"   (beta 0)
+    forgetting  "highest"  (beta 0; ties by the lower AUM)
+    el2n        "highest"  (beta 0)
+
+beta = None (the default of elfs and ccs) chooses beta for "double_end" and "ccs" as below and
+means 0 for "lowest"/"highest"; the baselines take beta = 0 unless given. The Selection records
+the sampling used (`options["sampling"]`, "auto" resolved) and the scores it ranked by
+(forgetting events and EL2N as they are: high = hard).
 
 Choosing beta (`beta=None`, the default of `elfs` and `ccs`). For every beta on the grid
 (0, 0.05, .., 0.5, or `beta_grid`; those with floor(beta N) + n > N are skipped) the candidate
@@ -58,11 +76,13 @@ from coreset_ext.scores import TrainingDynamics
 from coreset_ext.select import pruning
 from coreset_ext.select.registry import register_method, require, require_labels
 
-__all__ = ["choose_beta", "coverage", "hardness"]
+__all__ = ["choose_beta", "coverage", "dynamics_score", "hardness"]
 
 BETA_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # 0.0 .. 0.5
-VARIANTS = Options("double_end", "ccs")
+VARIANT_MEANS = {"double_end": "double_end", "ccs": "ccs"}  # elfs' `variant`: an alias of `sampling`
 SCORES = ("aum", "forgetting", "el2n")
+HARD = {"aum": "low", "forgetting": "high", "el2n": "high"}  # which end of each score is hard
+DEFAULT_SAMPLING = {"elfs": "double_end", "ccs": "ccs", "aum": "lowest", "forgetting": "highest", "el2n": "highest"}
 
 
 # ---------------------------------------------------------------------------------- dynamics
@@ -75,23 +95,31 @@ def _load_dynamics(path, n: int) -> TrainingDynamics:
     return dyn
 
 
-def hardness(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
-    """Per-example scores [N] float64, ascending = hardest first, finite (as the pruning functions need):
-    AUM; minus the forgetting events (never-learned examples: one more than the most forgotten);
-    minus EL2N. Raises ValueError for examples the dynamics never saw."""
+def dynamics_score(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
+    """Per-example scores [N] float64 on the CPU, finite, as `sample_by_score` reads them with
+    `HARD[score]`: AUM (low = hard); forgetting events (high = hard; never-learned examples: one
+    more than the most forgotten); EL2N (high = hard). Raises ValueError for examples the
+    dynamics never saw."""
     check("score", score, Options(*SCORES))
     if score == "aum":
         s = dyn.aum().double()
     elif score == "el2n":
-        s = -dyn.el2n().double()
+        s = dyn.el2n().double()
     else:
         ev = dyn.forgetting(never_learned=None).double()
-        ev = torch.where(dyn.never_learned(), torch.nan_to_num(ev, nan=0.0).max() + 1, ev)
-        s = -ev
+        s = torch.where(dyn.never_learned(), torch.nan_to_num(ev, nan=0.0).max() + 1, ev)
     if not bool(torch.isfinite(s).all()):
         raise ValueError(f"dynamics: {int((~torch.isfinite(s)).sum())} examples have no {score} "
                          "(never seen in the proxy training, or EL2N epochs never reached)")
     return s.cpu()
+
+
+def hardness(dyn: TrainingDynamics, score: str = "aum") -> torch.Tensor:
+    """Per-example scores [N] float64, ascending = hardest first, finite (as the pruning functions need):
+    AUM; minus the forgetting events (never-learned examples: one more than the most forgotten);
+    minus EL2N. Raises ValueError for examples the dynamics never saw."""
+    s = dynamics_score(dyn, score)
+    return -s if HARD[score] == "high" else s
 
 
 # ---------------------------------------------------------------------------------- beta
@@ -102,24 +130,24 @@ def coverage(embeddings: torch.Tensor, index: torch.Tensor) -> float:
     return float(values.double().mean())
 
 
-def _prune(scores, keep, beta, variant, strata, seed, secondary=None) -> torch.Tensor:
-    if variant == "ccs":  # ties fall in one stratum and are sampled at random there
-        return pruning.ccs_indices(scores, keep, beta, strata=strata, seed=seed)
-    return pruning.double_end_indices(scores, keep, beta, secondary)
-
-
-def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, variant: str = "double_end",
-                grid=BETA_GRID, strata: int = 50, seed: int = 0,
+def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, sampling: str | None = None,
+                variant: str | None = None, hard: str = "low", grid=BETA_GRID, strata: int = 50, seed: int = 0,
                 secondary: torch.Tensor | None = None) -> tuple[float, list[tuple[float, float]]]:
     """The beta on `grid` whose subset has the largest `coverage` (ties: smaller beta), and the
-    table [(beta, coverage)] of every feasible grid point (module docstring)."""
+    table [(beta, coverage)] of every feasible grid point (module docstring). The subsets are
+    `pruning.sample_by_score(scores, keep, sampling, hard=hard, ...)` with sampling "double_end"
+    (default) or "ccs" (`variant`: its older alias); `scores` ascending = hardest first by default."""
+    sampling = pruning.sampling_option(sampling, "double_end", "variant", variant, VARIANT_MEANS)
+    if sampling not in VARIANT_MEANS:
+        raise ValueError(f"sampling: choose_beta chooses the beta of 'double_end' or 'ccs', got {sampling!r}")
     n = scores.numel()
     table = []
     for i, beta in enumerate(grid):
         beta = check(f"beta_grid[{i}]", beta, pruning.BETA)
         if pruning.hard_cut(beta, n) + keep > n:
             continue
-        subset = _prune(scores, keep, beta, variant, strata, seed, secondary)
+        subset = pruning.sample_by_score(scores, keep, sampling, hard=hard, beta=beta, strata=strata, seed=seed,
+                                         secondary=secondary)
         table.append((beta, coverage(embeddings, subset)))
     if not table:
         raise ValueError(f"beta_grid: no beta on the grid leaves room for {keep} of {n} examples")
@@ -127,9 +155,12 @@ def choose_beta(embeddings: torch.Tensor, scores: torch.Tensor, keep: int, *, va
     return best[0], table
 
 
-def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_grid, secondary=None) -> torch.Tensor:
-    check("variant", variant, VARIANTS)
-    if beta is None:
+def _select(budget, n, scores, embeddings, *, hard, sampling, beta, strata, seed, beta_grid,
+            secondary=None) -> tuple[torch.Tensor, dict]:
+    """`sample_by_score` with `sampling` ("auto" resolved) and beta (None: chosen by coverage for
+    "double_end" and "ccs", 0 for "lowest"/"highest"); returns the indices and the record."""
+    used = pruning.resolve_sampling(sampling, budget, n)
+    if beta is None and used in VARIANT_MEANS:
         if embeddings is None:
             raise ValueError("beta: choosing beta (beta=None) needs embeddings for the coverage criterion; "
                              "give embeddings or a beta")
@@ -138,9 +169,11 @@ def _select(budget, n, scores, embeddings, *, beta, variant, strata, seed, beta_
             grid = () if isinstance(beta_grid, (str, bytes)) or not hasattr(beta_grid, "__iter__") else tuple(beta_grid)
             if not grid:
                 raise ValueError(f"beta_grid must be a non-empty sequence of betas in [0, 1), got {beta_grid!r}")
-        beta, _ = choose_beta(embeddings, scores, budget, variant=variant, grid=grid, strata=strata, seed=seed,
-                              secondary=secondary)
-    return _prune(scores, budget, beta, variant, strata, seed, secondary)
+        beta, _ = choose_beta(embeddings, scores, budget, sampling=used, hard=hard, grid=grid, strata=strata,
+                              seed=seed, secondary=secondary)
+    idx = pruning.sample_by_score(scores, budget, used, hard=hard, beta=0.0 if beta is None else beta,
+                                  strata=strata, seed=seed, secondary=secondary)
+    return idx, {"sampling": used}
 
 
 def _check_embeddings(embeddings) -> None:
@@ -149,11 +182,20 @@ def _check_embeddings(embeddings) -> None:
 
 
 # ---------------------------------------------------------------------------------- methods
+def _asked(method: str, sampling, beta, strata, variant=None) -> str:
+    """The sampling asked of `method` (its default, or `variant` for elfs), checked before any work."""
+    asked = pruning.sampling_option(sampling, DEFAULT_SAMPLING[method], "variant", variant, VARIANT_MEANS)
+    pruning.check_sampling(asked, beta=beta, strata=strata)
+    return asked
+
+
 @register_method("elfs")  # label-free: it reads pseudo-labels of its own
 def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int = 10,
          pseudo_labels: str = "kmeans", deep_cluster: dict | None = None, score: str = "aum",
-         variant: str = "double_end", beta: float | None = None, beta_grid=None, strata: int = 50,
-         dynamics: str | None = None, proxy_epochs: int = 20, proxy_hidden: int = 0):
+         variant: str | None = None, beta: float | None = None, beta_grid=None, strata: int = 50,
+         dynamics: str | None = None, proxy_epochs: int = 20, proxy_hidden: int = 0, sampling: str | None = None):
+    asked = _asked("elfs", sampling, beta, strata, variant)
+    check("score", score, Options(*SCORES))
     _check_embeddings(embeddings)
     if dynamics is not None:
         dyn = _load_dynamics(dynamics, n)
@@ -161,10 +203,10 @@ def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int
         e = require("embeddings", embeddings, "elfs").float()
         targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
         dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
-    s = hardness(dyn, score)
-    idx = _select(budget, n, s, embeddings, beta=beta, variant=variant, strata=strata, seed=seed, beta_grid=beta_grid,
-                  secondary=_tie_break(dyn, score))
-    return idx, s.float()
+    s = dynamics_score(dyn, score)
+    idx, record = _select(budget, n, s, embeddings, hard=HARD[score], sampling=asked, beta=beta, strata=strata,
+                          seed=seed, beta_grid=beta_grid, secondary=_tie_break(dyn, score))
+    return idx, s.float(), record
 
 
 def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden):
@@ -177,20 +219,25 @@ def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_ep
 
 
 def _tie_break(dyn: TrainingDynamics, score: str) -> torch.Tensor | None:
-    """Forgetting counts tie massively (a linear proxy rarely forgets): AUM orders within a count."""
-    return hardness(dyn, "aum") if score == "forgetting" else None
+    """Forgetting counts tie massively (a linear proxy rarely forgets): AUM orders within a count,
+    the lower AUM (harder) first; negated to point like the events (high = hard)."""
+    return -dynamics_score(dyn, "aum") if score == "forgetting" else None
 
 
 def _dynamics_baseline(name: str):
     def method(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, dynamics: str | None = None,
-               proxy_epochs: int = 20, proxy_hidden: int = 0):
+               proxy_epochs: int = 20, proxy_hidden: int = 0, sampling: str | None = None, beta: float = 0.0,
+               strata: int = 50):
+        asked = _asked(name, sampling, beta, strata)
         dyn = _supervised_dynamics(name, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
-        s = hardness(dyn, name)
-        # the n hardest: double-end pruning with nothing dropped
-        return pruning.double_end_indices(s, budget, 0.0, _tie_break(dyn, name)), s.float()
+        s = dynamics_score(dyn, name)
+        idx, record = _select(budget, n, s, embeddings, hard=HARD[name], sampling=asked, beta=beta, strata=strata,
+                              seed=seed, beta_grid=None, secondary=_tie_break(dyn, name))
+        return idx, s.float(), record
 
     method.__name__ = name
-    method.__doc__ = f"Supervised baseline: the n hardest examples by {name} (module docstring)."
+    method.__doc__ = (f"Supervised baseline: by default the n hardest examples by {name} "
+                      f"(sampling={DEFAULT_SAMPLING[name]!r}; module docstring).")
     return method
 
 
@@ -201,8 +248,12 @@ for _name in SCORES:
 @register_method("ccs", supervised=True)
 def ccs(budget: int, *, n: int, embeddings=None, labels=None, seed: int = 0, score: str = "aum",
         beta: float | None = None, beta_grid=None, strata: int = 50, dynamics: str | None = None,
-        proxy_epochs: int = 20, proxy_hidden: int = 0):
+        proxy_epochs: int = 20, proxy_hidden: int = 0, sampling: str | None = None):
+    asked = _asked("ccs", sampling, beta, strata)
+    check("score", score, Options(*SCORES))
     dyn = _supervised_dynamics("ccs", n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
-    s = hardness(dyn, score)
-    idx = _select(budget, n, s, embeddings, beta=beta, variant="ccs", strata=strata, seed=seed, beta_grid=beta_grid)
-    return idx, s.float()
+    s = dynamics_score(dyn, score)
+    # (CCS's strata and hard cut ignore the tie-break; "double_end" etc. use it, as elfs does)
+    idx, record = _select(budget, n, s, embeddings, hard=HARD[score], sampling=asked, beta=beta, strata=strata,
+                          seed=seed, beta_grid=beta_grid, secondary=_tie_break(dyn, score))
+    return idx, s.float(), record

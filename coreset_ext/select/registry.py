@@ -17,11 +17,14 @@ from coreset_ext.select.pruning import budget_size
 from coreset_ext.select.selection import Selection
 
 # A method: fn(budget, *, n, scores, embeddings, labels, seed, <its options>) -> indices, or
-# (indices, scores_used). It declares (as keyword parameters) the inputs it reads and its
-# options; `select` passes it only the inputs it declares (all of them to a `**kwargs` catch-all)
+# (indices, scores_used), or (indices, scores_used, resolved), where `resolved` holds options the
+# method settled itself (the score-based ones: the sampling used, "auto" resolved); they are
+# recorded in the Selection over the options given. It declares (as keyword parameters) the
+# inputs it reads and its options; `select` passes it only the inputs it declares (all of them to a `**kwargs` catch-all)
 # and rejects any option it does not declare, so a misspelled option is an error, not a no-op.
 # Inputs arrive as tensors (or None), already checked to have n rows.
-MethodFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
+MethodFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"
+                           " | tuple[torch.Tensor, torch.Tensor | None, dict]"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
         **options: the method's own options, exactly the keyword parameters its function declares
             (an unknown or misspelled one is a ValueError listing the accepted ones). They are
             recorded in the Selection, so they must be JSON-serialisable (numpy scalars are
-            converted to Python numbers).
+            converted to Python numbers), together with what the method resolved itself (the
+            score-based methods record the sampling they used, "auto" resolved).
 
     Raises:
         ValueError: bad input, naming the argument or option.
@@ -210,7 +214,7 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
         >>> import torch, coreset_ext as cx
         >>> sel = cx.select("css", fraction=0.2, scores=torch.rand(100), order="lowest")
         >>> len(sel), sel.options
-        (20, {'order': 'lowest'})
+        (20, {'order': 'lowest', 'sampling': 'lowest'})
     """
     fn = _method(method).fn
     named, takes_any = _keywords(fn)
@@ -242,7 +246,8 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
         labels = labels.long()
     inputs = {"n": n, "scores": scores, "embeddings": embeddings, "labels": labels, "seed": seed}
     out = fn(budget, **{k: v for k, v in inputs.items() if takes_any or k in named}, **options)
-    idx, used = out if isinstance(out, tuple) else (out, scores)
+    idx, used, *resolved = out if isinstance(out, tuple) else (out, scores)
+    options = {**options, **(resolved[0] if resolved else {})}
     idx = torch.as_tensor(idx).long().cpu()
     if idx.numel() != budget:
         raise RuntimeError(f"method {method!r} returned {idx.numel()} indices for a budget of {budget}")
