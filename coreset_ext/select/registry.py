@@ -20,8 +20,9 @@ from coreset_ext.select.selection import Selection
 # (indices, scores_used), or (indices, scores_used, resolved), where `resolved` holds options the
 # method settled itself (the score-based ones: the sampling used, "auto" resolved); they are
 # recorded in the Selection over the options given. It declares (as keyword parameters) the
-# inputs it reads and its options; `select` passes it only the inputs it declares (all of them to a `**kwargs` catch-all)
-# and rejects any option it does not declare, so a misspelled option is an error, not a no-op.
+# inputs it reads and its options; `select` passes it only the inputs it declares (all of them to
+# a `**kwargs` catch-all) and rejects any option it does not declare, so a misspelled option is an
+# error, not a no-op.
 # Inputs arrive as tensors (or None), already checked to have n rows.
 MethodFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"
                            " | tuple[torch.Tensor, torch.Tensor | None, dict]"]
