@@ -5,7 +5,9 @@ Two evaluators:
   features standardised on the subset;
 - "scratch": a small CNN (or MLP for embeddings) trained from scratch on the subset's images.
 Each is repeated over seeds (initialisation and batch order; random subsets change with the seed
-too), and `summarize` reports mean and standard deviation per (method, fraction).
+too), and `summarize` reports mean and standard deviation per (method, fraction), and each
+method's paired difference from random (`paired_difference`: same fraction, same evaluation seed,
+same encoder seed) with a 95% t interval over the pairs.
 
 Example:
     >>> import torch
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coreset_ext._validation import Interval, check
 from coreset_ext.io import atomic_write_bytes
 from coreset_ext.select import Selection, needs_labels, select
 from coreset_ext.train.data import ArrayDataset, load_dataset
@@ -108,7 +111,49 @@ def train_from_scratch(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
 
 
 # ------------------------------------------------------------------------------- tables and plots
-FIELDS = ("method", "fraction", "budget", "evaluator", "seed", "accuracy")
+FIELDS = ("method", "fraction", "budget", "evaluator", "encoder_seed", "seed", "accuracy")
+SUMMARY_FIELDS = ("evaluator", "method", "fraction", "mean", "std", "n", "diff", "diff_low", "diff_high", "pairs")
+REFERENCE = "random"  # the row every method is compared with
+
+# Two-sided 95% quantiles of Student's t, t_{0.975}(df), df = 1..30 (scipy.stats.t.ppf(0.975, df),
+# rounded to 6 decimals); beyond 30, `t_quantile` uses the Cornish-Fisher expansion around the normal.
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
+_Z975 = 1.959963984540054
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975}(df), the two-sided 95% quantile of Student's t with `df` degrees of freedom (df >= 1):
+    a table up to 30 (6 decimals), the Cornish-Fisher expansion (4 terms; error < 1e-7) beyond. No scipy needed."""
+    check("df", df, Interval(int, 1, None))
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, n = _Z975, float(df)
+    return (z + (z ** 3 + z) / (4 * n) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * n ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * n ** 3)
+            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * n ** 4))
+
+
+def paired_difference(values: list[float], reference: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences `values[i] - reference[i]` and its 95% t interval
+    (mean ± t_{0.975}(n-1) · sd / sqrt(n), sd the sample standard deviation): (mean, low, high).
+    Needs at least 2 pairs: one pair has no spread, so no interval.
+
+    Example:
+        >>> [round(v, 4) for v in paired_difference([0.9, 0.8, 0.85], [0.8, 0.75, 0.8])]
+        [0.0667, -0.005, 0.1384]
+    """
+    if len(values) != len(reference):
+        raise ValueError(f"reference: {len(reference)} values to pair with {len(values)}")
+    n = len(values)
+    if n < 2:
+        raise ValueError(f"seeds: a 95% interval of the paired difference needs at least 2 pairs (seeds), got {n}")
+    d = [float(a) - float(b) for a, b in zip(values, reference)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
 
 
 # What each evaluator's number means, printed above its table and on its plot panel.
@@ -142,36 +187,124 @@ def method_of(label: str) -> str:
     return label.split("[", 1)[0]
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and sample std of accuracy per (evaluator, method, fraction), over seeds; evaluators
-    sorted, methods in the order they first appear in `rows`, fractions ascending."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
+def _encoder_seed(row: dict):
+    """A row's encoder seed: None when the row does not say (a single training run, `evaluate`)."""
+    e = row.get("encoder_seed")
+    return None if e is None or e == "" else int(e)
+
+
+def paired_runs(rows: list[dict], reference: str = REFERENCE) -> dict[tuple, tuple[list[float], list[float]]]:
+    """Pairs every method's runs with the reference's, per (evaluator, method, fraction): one pair per
+    (encoder seed, evaluation seed) that both have, in that order. Runs of one method with one key
+    (selections with other selection seeds, evaluated with the same seed) are averaged first, so each
+    pair is one seed. Methods without a reference run at their fraction get no entry."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
     for r in rows:
-        groups[(r["evaluator"], r["method"], float(r["fraction"]))].append(float(r["accuracy"]))
+        acc[(r["evaluator"], r["method"], float(r["fraction"]), _encoder_seed(r), int(r["seed"]))].append(
+            float(r["accuracy"]))
+    mean = {k: sum(v) / len(v) for k, v in acc.items()}
+    out: dict[tuple, tuple[list[float], list[float]]] = {}
+    for (ev, m, f, e, s) in sorted(mean, key=lambda k: (k[0], k[1], k[2], -1 if k[3] is None else k[3], k[4])):
+        ref = mean.get((ev, reference, f, e, s))
+        if m == reference or ref is None:
+            continue
+        vals, refs = out.setdefault((ev, m, f), ([], []))
+        vals.append(mean[(ev, m, f, e, s)])
+        refs.append(ref)
+    return out
+
+
+def summarize(rows: list[dict], reference: str = REFERENCE) -> list[dict]:
+    """Mean and sample std of accuracy per (evaluator, method, fraction), over every run (encoder seeds
+    x seeds); evaluators sorted, methods in the order they first appear in `rows`, fractions
+    ascending. Each method's paired difference from `reference` (`paired_runs`, `paired_difference`):
+    `diff`, its 95% t interval `diff_low`..`diff_high` (None with fewer than 2 pairs), and `pairs`;
+    all None where there is no reference run to pair with, and for the reference itself."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    encoder_seeds: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        key = (r["evaluator"], r["method"], float(r["fraction"]))
+        groups[key].append(float(r["accuracy"]))
+        encoder_seeds[key].add(_encoder_seed(r))
+    pairs = paired_runs(rows, reference)
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     out = []
     for (ev, m, f), accs in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], kv[0][2])):
         mean = sum(accs) / len(accs)
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-        out.append({"evaluator": ev, "method": m, "fraction": f, "mean": mean, "std": std, "n": len(accs)})
+        row = {"evaluator": ev, "method": m, "fraction": f, "mean": mean, "std": std, "n": len(accs),
+               "encoder_seeds": len(encoder_seeds[(ev, m, f)] - {None}) or 1,
+               "diff": None, "diff_low": None, "diff_high": None, "pairs": 0}
+        if (ev, m, f) in pairs:
+            vals, refs = pairs[(ev, m, f)]
+            row["pairs"] = len(vals)
+            if len(vals) >= 2:
+                row["diff"], row["diff_low"], row["diff_high"] = paired_difference(vals, refs)
+            else:
+                row["diff"] = vals[0] - refs[0]
+        out.append(row)
     return out
 
 
-def markdown_table(summary: list[dict]) -> str:
-    """One table per evaluator: methods as rows, fractions as columns, 'mean ± std' accuracy in %."""
+def _runs_text(rows: list[dict]) -> str:
+    """How many runs each cell averages, as the header says it: 'N seeds', or 'N runs (E encoder
+    seeds x S seeds)' when the encoder was retrained per seed; a range when cells differ."""
+    ns = sorted({s["n"] for s in rows})
+    encs = sorted({s.get("encoder_seeds", 1) for s in rows})
+    n_text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    if encs == [1]:
+        return f"{n_text} seeds"
+    if len(ns) == 1 and len(encs) == 1 and ns[0] % encs[0] == 0:
+        per = ns[0] // encs[0]
+        return f"{n_text} runs ({encs[0]} encoder seeds × {per} seed{'s' if per > 1 else ''})"
+    return f"{n_text} runs (encoder seeds × seeds)"
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def difference_cell(s: dict) -> str:
+    """'+2.1 [+0.8, +3.4]': the paired difference from random in percentage points and its 95%
+    interval; the difference alone with one pair; empty without a reference run."""
+    if s.get("diff") is None:
+        return ""
+    if s.get("diff_low") is None:
+        return _pp(s["diff"])
+    return f"{_pp(s['diff'])} [{_pp(s['diff_low'])}, {_pp(s['diff_high'])}]"
+
+
+def markdown_table(summary: list[dict], reference: str = REFERENCE) -> str:
+    """One table per evaluator: methods as rows, fractions as columns, 'mean ± std' accuracy in %;
+    then, where the evaluator has `reference` rows, a second table of each method's paired difference
+    from it with its 95% t interval ('+2.1 [+0.8, +3.4]', percentage points)."""
     parts = []
     for ev in sorted({s["evaluator"] for s in summary}):
         rows = [s for s in summary if s["evaluator"] == ev]
         fracs = sorted({s["fraction"] for s in rows})
         methods = list(dict.fromkeys(s["method"] for s in rows))
         cell = {(s["method"], s["fraction"]): f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" for s in rows}
-        n = max(s["n"] for s in rows)
         note = f"; {EVALUATOR_NOTES[ev]}" if ev in EVALUATOR_NOTES else ""
-        lines = [f"Evaluator: {ev} (test accuracy %, mean ± std over {n} seeds{note})", "",
+        lines = [f"Evaluator: {ev} (test accuracy %, mean ± std over {_runs_text(rows)}{note})", "",
                  "| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |",
                  "| --- |" + " --- |" * len(fracs)]
         for m in methods:
             lines.append(f"| {m} | " + " | ".join(cell.get((m, f), "") for f in fracs) + " |")
+        diffs = [s for s in rows if s.get("diff") is not None]
+        if diffs:
+            pairs = sorted({s["pairs"] for s in diffs})
+            p_text = str(pairs[0]) if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
+            paired_on = "a pair shares the fraction, " + ("the encoder seed and the seed" if any(
+                s.get("encoder_seeds", 1) > 1 for s in rows) else "the seed")
+            interval = "95% t interval" if pairs[-1] >= 2 else "no interval: one pair"
+            dcell = {(s["method"], s["fraction"]): difference_cell(s) for s in diffs}
+            lines += ["", f"Paired difference from {reference} ({ev}; percentage points, method − {reference}, "
+                          f"mean [{interval}] over {p_text} pairs: {paired_on})", "",
+                      "| method | " + " | ".join(f"{f:.0%}" for f in fracs) + " |",
+                      "| --- |" + " --- |" * len(fracs)]
+            for m in methods:
+                if m != reference and any((m, f) in dcell for f in fracs):
+                    lines.append(f"| {m} | " + " | ".join(dcell.get((m, f), "") for f in fracs) + " |")
         supervised = [m for m in methods if needs_labels(method_of(m))]
         if supervised:
             lines += ["", f"({', '.join(supervised)}: supervised baselines, they read the ground-truth labels.)"]
@@ -180,12 +313,13 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], out_dir: str | Path, *, title: str = "accuracy vs subset fraction") -> dict:
-    """Writes results.csv (every run), summary.csv, results.md and accuracy_vs_fraction.png into out_dir."""
+    """Writes results.csv (every run), summary.csv, results.md and accuracy_vs_fraction.png into out_dir,
+    and, where random rows give the methods a paired difference, difference_vs_fraction.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
     for name, fields, data in (("results.csv", FIELDS, rows),
-                               ("summary.csv", ("evaluator", "method", "fraction", "mean", "std", "n"), summary)):
+                               ("summary.csv", SUMMARY_FIELDS, summary)):
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
@@ -195,7 +329,11 @@ def write_results(rows: list[dict], out_dir: str | Path, *, title: str = "accura
     atomic_write_bytes(out_dir / "results.md", md.encode())
     plot = out_dir / "accuracy_vs_fraction.png"
     plot_summary(summary, plot, title=title)
-    return {"summary": summary, "markdown": md, "plot": plot}
+    out = {"summary": summary, "markdown": md, "plot": plot, "difference_plot": None}
+    if any(s["diff"] is not None for s in summary):
+        out["difference_plot"] = out_dir / "difference_vs_fraction.png"
+        plot_differences(summary, out["difference_plot"], title=title)
+    return out
 
 
 def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> None:
@@ -206,13 +344,7 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
     import matplotlib.pyplot as plt
 
     evaluators = sorted({s["evaluator"] for s in summary})
-    # One colour per method on every panel (tab20 has room for 19 besides random's black);
-    # random, the reference, is black and dashed; supervised baselines (reading the labels) are dotted.
-    others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "random"]
-    cmap = plt.get_cmap("tab20")
-    style = {m: {"color": cmap(i % 20), "linestyle": ":" if needs_labels(method_of(m)) else "-"}
-             for i, m in enumerate(others)}
-    style["random"] = {"color": "black", "linestyle": "--"}
+    style = _method_styles(summary)
     fig, axes = plt.subplots(1, len(evaluators), figsize=(6.5 * len(evaluators), 5), squeeze=False)
     for ax, ev in zip(axes[0], evaluators):
         rows = [s for s in summary if s["evaluator"] == ev]
@@ -220,12 +352,63 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
             pts = sorted((s["fraction"], s["mean"], s["std"]) for s in rows if s["method"] == m)
             ax.errorbar([100 * p[0] for p in pts], [100 * p[1] for p in pts], yerr=[100 * p[2] for p in pts],
                         marker="o", markersize=4, capsize=3, label=m, **style[m])
-        ax.set_xlabel("subset size (% of the training pool)")
         ax.set_ylabel("test accuracy (%)")
-        note = "\n" + textwrap.fill(EVALUATOR_NOTES[ev], 70) if ev in EVALUATOR_NOTES else ""
-        ax.set_title(f"{title} [{ev}]{note}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_panel(ax, ev, title)
+    _save_figure(fig, path)
+
+
+def plot_differences(summary: list[dict], path: str | Path, *, title: str = "", reference: str = REFERENCE) -> None:
+    """Each method's paired difference from `reference` (percentage points) against subset fraction,
+    error bars = its 95% t interval (none with one pair); one panel per evaluator with differences."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = _method_styles(summary)  # the colours of the accuracy plot
+    summary = [s for s in summary if s.get("diff") is not None]
+    evaluators = sorted({s["evaluator"] for s in summary})
+    if not evaluators:
+        raise ValueError(f"summary: no method has a paired difference from {reference} to plot")
+    fig, axes = plt.subplots(1, len(evaluators), figsize=(6.5 * len(evaluators), 5), squeeze=False)
+    for ax, ev in zip(axes[0], evaluators):
+        rows = [s for s in summary if s["evaluator"] == ev]
+        ax.axhline(0.0, color="black", linestyle="--", linewidth=1, label=f"{reference} (0)")
+        for m in dict.fromkeys(s["method"] for s in rows):
+            pts = sorted((s["fraction"], s["diff"], s["diff_low"], s["diff_high"]) for s in rows if s["method"] == m)
+            lo = [100 * (p[1] - p[2]) if p[2] is not None else 0.0 for p in pts]
+            hi = [100 * (p[3] - p[1]) if p[3] is not None else 0.0 for p in pts]
+            ax.errorbar([100 * p[0] for p in pts], [100 * p[1] for p in pts], yerr=[lo, hi],
+                        marker="o", markersize=4, capsize=3, label=m, **style[m])
+        ax.set_ylabel(f"accuracy − {reference} (points, paired; 95% t interval)")
+        _finish_panel(ax, ev, title)
+    _save_figure(fig, path)
+
+
+def _method_styles(summary: list[dict]) -> dict:
+    import matplotlib.pyplot as plt
+
+    # One colour per method on every panel (tab20 has room for 19 besides random's black);
+    # random, the reference, is black and dashed; supervised baselines (reading the labels) are dotted.
+    others = [m for m in dict.fromkeys(s["method"] for s in summary) if m != "random"]
+    cmap = plt.get_cmap("tab20")
+    style = {m: {"color": cmap(i % 20), "linestyle": ":" if needs_labels(method_of(m)) else "-"}
+             for i, m in enumerate(others)}
+    style["random"] = {"color": "black", "linestyle": "--"}
+    return style
+
+
+def _finish_panel(ax, ev: str, title: str) -> None:
+    ax.set_xlabel("subset size (% of the training pool)")
+    note = "\n" + textwrap.fill(EVALUATOR_NOTES[ev], 70) if ev in EVALUATOR_NOTES else ""
+    ax.set_title(f"{title} [{ev}]{note}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
