@@ -17,7 +17,8 @@ from coreset_ext.train.data import SOURCES, load_dataset
 from coreset_ext.train.embed import load_embeddings
 from coreset_ext.train.evaluate import EVALUATORS, evaluate_ssl, write_results
 from coreset_ext.train.models import ENCODERS
-from coreset_ext.train.pipeline import DEFAULT_METHODS, evaluate_selections, load_run, run_pipeline, train_and_embed
+from coreset_ext.train.pipeline import (DEFAULT_METHODS, MethodSpec, evaluate_selections, load_run, run_pipeline,
+                                        train_and_embed)
 from coreset_ext.train.trainer import CSS_ON, METHODS
 
 
@@ -195,7 +196,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                    random_baseline=not args.no_random, device=args.device)
     report = write_results(rows, args.out, title=args.data)
     print(report["markdown"])
-    print(f"wrote {args.out}/results.csv, summary.csv, results.md, accuracy_vs_fraction.png")
+    diff_plot = f", {report['difference_plot'].name}" if report["difference_plot"] is not None else ""
+    print(f"wrote {args.out}/results.csv, summary.csv, results.md, accuracy_vs_fraction.png{diff_plot}")
     return 0
 
 
@@ -208,11 +210,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_pipeline(args.out, data=args.data, data_dir=args.data_dir, train_options=opts, methods=methods,
                           fractions=args.fractions, seeds=tuple(range(args.seeds)), evaluators=tuple(args.evaluator),
                           scratch_steps=args.scratch_steps, ssl_options={"epochs": args.ssl_epochs},
-                          device=args.device, progress=not args.no_progress)
+                          encoder_seeds=tuple(range(args.encoder_seeds)), device=args.device,
+                          progress=not args.no_progress)
+    _print_report(report, args.out, t0)
+    return 0
+
+
+def _print_report(report: dict, out: str, t0: float) -> None:
     print()
     print(report["markdown"])
-    print(f"pipeline wall time: {time.perf_counter() - t0:.1f}s; wrote {args.out}/config.json, train_*/, "
-          f"selections/, results.csv, summary.csv, results.md, {report['plot'].name}")
+    plots = ", ".join(p.name for p in (report["plot"], report.get("difference_plot")) if p is not None)
+    print(f"pipeline wall time: {time.perf_counter() - t0:.1f}s; wrote {out}/config.json, train_*/, "
+          f"selections/, results.csv, summary.csv, results.md, {plots}")
+
+
+def benchmark_methods(labels: list[str] | None = None) -> list[MethodSpec]:
+    """The leaderboard's rows: every label-free and supervised row of the demo (`DEFAULT_METHODS`), each
+    at the benchmark's fractions (not the demo's own pruning rates), under the coreset evaluators only
+    (the ssl protocol's rows are left out: it trains an encoder per subset), with random always in.
+    `labels` picks rows by label (random is added when missing)."""
+    out: dict[str, MethodSpec] = {}
+    for m in DEFAULT_METHODS:
+        if m.evaluators is not None or m.label in out or (labels is not None and m.label not in labels
+                                                            and m.label != "random"):
+            continue
+        out[m.label] = MethodSpec(m.label, m.method, dict(m.options), run=m.run)
+    return list(out.values())
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    # an interval needs a spread over the whole pipeline: at least two encoders, each re-scoring and re-selecting
+    if args.encoder_seeds < 2:
+        raise ValueError(f"--encoder-seeds: a 95% interval over the whole pipeline needs at least 2 encoder seeds "
+                         f"(each retrains, re-scores and re-selects), got {args.encoder_seeds}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    methods = benchmark_methods(args.methods)
+    trainers = tuple(t for t in METHODS.values if t == "simclr" or any(m.run == t for m in methods))  # probe: simclr
+    report = run_pipeline(args.out, data=args.data, data_dir=args.data_dir, train_options={"epochs": args.epochs},
+                          trainers=trainers, methods=methods, fractions=args.fractions,
+                          seeds=tuple(range(args.seeds)), evaluators=tuple(args.evaluator),
+                          scratch_steps=args.scratch_steps, encoder_seeds=tuple(range(args.encoder_seeds)),
+                          device=args.device, progress=not args.no_progress)
+    _print_report(report, args.out, t0)
     return 0
 
 
@@ -293,6 +334,32 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None, choices=labels, metavar="LABEL",
                    help=f"rows to run (default: all): {', '.join(labels)}; the SAS/ELFS rows use their own "
                         "fractions (keep 10/30/50/70%%), and sas and random also run the ssl protocol")
+    p.add_argument("--scratch-steps", type=_positive_int, default=200, help="steps of the scratch evaluator")
+    p.add_argument("--encoder-seeds", type=_positive_int, default=1,
+                   help="train the contrastive encoders once per encoder seed (0..N-1), re-scoring, re-selecting "
+                        "and re-evaluating with each: the spread and the paired differences cover the whole pipeline")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = _add_job_command(sub, "benchmark", _cmd_benchmark,
+                         help="leaderboard: every label-free and supervised selector against random, over encoder "
+                              "seeds, with paired differences and 95%% intervals",
+                         description="Run every label-free and supervised method of the demo against random through "
+                                     "the whole pipeline once per encoder seed (SimCLR+MoCo retrained, re-scored, "
+                                     "re-selected), evaluate each subset over seeds, and write the table (accuracy, "
+                                     "and each method's paired difference from random with its 95% t interval over "
+                                     "encoder seeds x seeds), the CSVs, and plots of accuracy and of the paired "
+                                     "difference against fraction into OUT.")
+    p.add_argument("--out", default="runs/benchmark", type=_path, help="run directory")
+    p.add_argument("--epochs", type=int, default=15, help="contrastive epochs per encoder")
+    p.add_argument("--fractions", type=_fractions, default=_fractions("0.1,0.3"))
+    p.add_argument("--encoder-seeds", type=int, default=3,
+                   help="encoders trained per trainer (seeds 0..N-1), at least 2: the interval's spread")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="evaluation (and selection) seeds per encoder")
+    p.add_argument("--evaluator", nargs="+", default=["probe"], choices=["probe", "scratch"])
+    p.add_argument("--methods", nargs="+", default=None, choices=[m.label for m in benchmark_methods()],
+                   metavar="LABEL", help=f"rows to run (default: all; random is always in): "
+                                         f"{', '.join(m.label for m in benchmark_methods())}")
+    p.add_argument("--threads", type=_threads, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--scratch-steps", type=_positive_int, default=200, help="steps of the scratch evaluator")
     p.add_argument("--no-progress", action="store_true")
 

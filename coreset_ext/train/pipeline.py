@@ -22,7 +22,7 @@ from coreset_ext.train.data import ArrayDataset, load_dataset
 from coreset_ext.train.embed import EMBEDDINGS_KIND, save_embeddings
 from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, subsets_to_evaluate,
                                         train_from_scratch, write_results)
-from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
+from coreset_ext.train.trainer import TRAIN_SEED, TrainConfig, Trainer, resolve_device
 
 
 @dataclass
@@ -141,13 +141,21 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
                  methods: list[MethodSpec] | None = None, fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5),
                  seeds: tuple[int, ...] = (0, 1, 2), evaluators: tuple[str, ...] = ("probe", "scratch"),
                  probe_run: str = "simclr", scratch_steps: int = 200, ssl_options: dict | None = None,
-                 device: str = "auto", progress: bool = True, log=print) -> dict:
+                 encoder_seeds: tuple[int, ...] | None = None, device: str = "auto", progress: bool = True,
+                 log=print) -> dict:
     """Trains each of `trainers` with CSS scores, selects every fraction with every method and seed,
-    evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plot.
+    evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plots.
     A `MethodSpec` with its own `fractions`/`evaluators` uses those instead of the pipeline's;
     `ssl_options` are the trainer options of the "ssl" evaluator (default: 5 epochs).
 
-    Returns {"rows": per-run results, "summary": ..., "markdown": the table, "plot": path, "seconds": ...}.
+    `encoder_seeds` (default: one, `train_options`' seed or 0) retrains the contrastive encoders once
+    per encoder seed, and so re-scores, re-selects and re-evaluates: the spread, and each method's
+    paired difference from random (paired on encoder seed and seed), cover the whole pipeline. With
+    one encoder seed the runs are OUT/train_<trainer> and selections/<label>_<pct>pct_seed<s>.npz;
+    with several, OUT/train_<trainer>_enc<e> and selections/<label>_<pct>pct_enc<e>_seed<s>.npz.
+
+    Returns {"rows": per-run results, "summary": ..., "markdown": the table, "plot": path,
+    "difference_plot": path or None, "seconds": ...}.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -158,6 +166,19 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
                          ("evaluators", evaluators)):
         if not values:
             raise ValueError(f"{name}: give at least one, got none")
+    if encoder_seeds is None:
+        encoder_seeds = (train_options.get("seed", 0),)
+    elif "seed" in train_options:
+        raise ValueError(f"train_options: seed={train_options['seed']!r} contradicts encoder_seeds; give the seeds "
+                         "as encoder_seeds only")
+    encoder_seeds = tuple(encoder_seeds)
+    if not encoder_seeds:
+        raise ValueError("encoder_seeds: give at least one, got none")
+    for e in encoder_seeds:
+        check("encoder_seeds", e, TRAIN_SEED)
+    if len(set(encoder_seeds)) != len(encoder_seeds):
+        raise ValueError(f"encoder_seeds: must be distinct, got {list(encoder_seeds)}")
+    train_options.pop("seed", None)
     for frac in [f for m in methods for f in m.fractions or ()] + list(fractions):
         check("fractions", frac, FRACTION)
     for ev in [e for m in methods for e in m.evaluators or ()] + list(evaluators):
@@ -167,7 +188,8 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
     test_ds = load_dataset(data, split="test", data_dir=data_dir)
     if not train_ds.has_labels or not test_ds.has_labels:
         raise ValueError(f"data: evaluation needs labels, but {data!r} has none")
-    train_configs = {t: TrainConfig(method=t, device=device, progress=progress, **train_options) for t in trainers}
+    train_configs = {(e, t): TrainConfig(method=t, device=device, progress=progress, seed=e, **train_options)
+                     for e in encoder_seeds for t in trainers}
     uses_probe = any("probe" in (m.evaluators or evaluators) for m in methods)
     needed = {m.run for m in methods} | ({probe_run} if uses_probe else set())
     missing = needed - set(trainers)
@@ -175,35 +197,39 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
         raise ValueError(f"trainers: methods or the probe need runs {sorted(missing)}, but trainers are {list(trainers)}")
     config = {"data": data, "data_dir": data_dir, "trainers": list(trainers), "train_options": train_options,
               "methods": [m.__dict__ for m in methods], "fractions": list(fractions), "seeds": list(seeds),
-              "evaluators": list(evaluators), "probe_run": probe_run, "ssl_options": dict(ssl_options or {}),
+              "evaluators": list(evaluators), "encoder_seeds": list(encoder_seeds), "probe_run": probe_run,
+              "ssl_options": dict(ssl_options or {}),
               "scratch_steps": scratch_steps, "device": str(dev),
               "dataset_size": len(train_ds), "fingerprint": train_ds.fingerprint}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2).encode())
 
-    runs = {}
-    for t, cfg in train_configs.items():
-        ts = time.perf_counter()
-        runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}")
-        log(f"[{t}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
-            f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}] loaded")
-
+    several = len(encoder_seeds) > 1
     rows = []
-    ts = time.perf_counter()
-    for spec in methods:
-        run = runs[spec.run]
-        for frac in spec.fractions or fractions:
-            for seed in seeds:
-                sel = select(spec.method, fraction=frac, scores=run["scores"], embeddings=run["train"],
-                             labels=train_ds.labels, seed=seed, fingerprint=train_ds.fingerprint, **spec.options)
-                sel.save(out_dir / "selections" / f"{spec.label}_{round(100 * frac)}pct_seed{seed}.npz")
-                for ev in spec.evaluators or evaluators:
-                    acc = evaluate_indices(sel.indices, evaluator=ev, seed=seed, train_ds=train_ds, test_ds=test_ds,
-                                           features=runs.get(probe_run), device=dev, scratch_steps=scratch_steps,
-                                           ssl_options=ssl_options)
-                    rows.append({"method": spec.label, "fraction": frac, "budget": len(sel), "evaluator": ev,
-                                 "seed": seed, "accuracy": acc})
-        log(f"[{spec.label}] selected and evaluated ({time.perf_counter() - ts:.1f}s so far)")
+    for e in encoder_seeds:
+        tag = f"_enc{e}" if several else ""
+        runs = {}
+        for t in trainers:
+            cfg = train_configs[(e, t)]
+            ts = time.perf_counter()
+            runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}{tag}")
+            log(f"[{t}{tag}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
+                f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}{tag}] loaded")
+        ts = time.perf_counter()
+        for spec in methods:
+            run = runs[spec.run]
+            for frac in spec.fractions or fractions:
+                for seed in seeds:
+                    sel = select(spec.method, fraction=frac, scores=run["scores"], embeddings=run["train"],
+                                 labels=train_ds.labels, seed=seed, fingerprint=train_ds.fingerprint, **spec.options)
+                    sel.save(out_dir / "selections" / f"{spec.label}_{round(100 * frac)}pct{tag}_seed{seed}.npz")
+                    for ev in spec.evaluators or evaluators:
+                        acc = evaluate_indices(sel.indices, evaluator=ev, seed=seed, train_ds=train_ds,
+                                               test_ds=test_ds, features=runs.get(probe_run), device=dev,
+                                               scratch_steps=scratch_steps, ssl_options=ssl_options)
+                        rows.append({"method": spec.label, "fraction": frac, "budget": len(sel), "evaluator": ev,
+                                     "encoder_seed": e, "seed": seed, "accuracy": acc})
+            log(f"[{spec.label}{tag}] selected and evaluated ({time.perf_counter() - ts:.1f}s so far)")
     report = write_results(rows, out_dir, title=data)
     report.update(rows=rows, seconds=time.perf_counter() - t0)
     return report
