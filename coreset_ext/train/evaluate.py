@@ -294,8 +294,8 @@ def markdown_table(summary: list[dict], reference: str = REFERENCE) -> str:
         if diffs:
             pairs = sorted({s["pairs"] for s in diffs})
             p_text = str(pairs[0]) if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
-            paired_on = "a pair shares the fraction, " + ("the encoder seed and the seed" if any(
-                s.get("encoder_seeds", 1) > 1 for s in rows) else "the seed")
+            paired_on = "a pair shares the fraction" + (", the encoder seed and the seed" if any(
+                s.get("encoder_seeds", 1) > 1 for s in rows) else " and the seed")
             interval = "95% t interval" if pairs[-1] >= 2 else "no interval: one pair"
             dcell = {(s["method"], s["fraction"]): difference_cell(s) for s in diffs}
             lines += ["", f"Paired difference from {reference} ({ev}; percentage points, method − {reference}, "
