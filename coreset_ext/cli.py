@@ -355,7 +355,7 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--encoder-seeds", type=int, default=3,
                    help="encoders trained per trainer (seeds 0..N-1), at least 2: the interval's spread")
     p.add_argument("--seeds", type=_positive_int, default=3, help="evaluation (and selection) seeds per encoder")
-    p.add_argument("--evaluator", nargs="+", default=["probe"], choices=["probe", "scratch"])
+    p.add_argument("--evaluator", nargs="+", default=["probe", "scratch"], choices=["probe", "scratch"])
     p.add_argument("--methods", nargs="+", default=None, choices=[m.label for m in benchmark_methods()],
                    metavar="LABEL", help=f"rows to run (default: all; random is always in): "
                                          f"{', '.join(m.label for m in benchmark_methods())}")

@@ -142,7 +142,8 @@ def test_one_pair_gives_the_difference_without_an_interval(tmp_path):
 def test_benchmark_tiny_run(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["benchmark", "--out", str(out), "--epochs", "1", "--fractions", "0.2", "--encoder-seeds", "2",
-                 "--seeds", "1", "--methods", "random", "kcenter", "css_simclr", "--no-progress"]) == 0
+                 "--seeds", "1", "--methods", "random", "kcenter", "css_simclr", "--scratch-steps", "3",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "mean ± std over 2 runs (2 encoder seeds × 1 seed" in printed
     for name in ("config.json", "results.md", "results.csv", "summary.csv", "accuracy_vs_fraction.png",
@@ -151,6 +152,8 @@ def test_benchmark_tiny_run(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert not (out / "train_moco_enc0").exists()  # no row reads MoCo's scores: not trained
     rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["evaluator"] for r in rows} == {"probe", "scratch"}  # both coreset evaluators by default
+    rows = [r for r in rows if r["evaluator"] == "probe"]
     assert {(r["method"], r["encoder_seed"]) for r in rows} == {(m, e) for m in ("random", "kcenter", "css_simclr")
                                                                 for e in ("0", "1")}
     # each encoder is its own: retrained with its seed, so re-scored (css selects by score)
@@ -160,7 +163,7 @@ def test_benchmark_tiny_run(tmp_path, capsys):
     assert set(css[0].tolist()) != set(css[1].tolist())
     # the summary's paired difference, recomputed from the per-run CSV
     acc = {(r["method"], r["encoder_seed"]): float(r["accuracy"]) for r in rows}
-    summary = {r["method"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    summary = {r["method"]: r for r in csv.DictReader((out / "summary.csv").open()) if r["evaluator"] == "probe"}
     d = np.array([acc[("kcenter", e)] - acc[("random", e)] for e in ("0", "1")])
     half = _t975(1) * d.std(ddof=1) / math.sqrt(2)
     assert int(summary["kcenter"]["pairs"]) == 2
