@@ -47,6 +47,10 @@ DEFAULT_METHODS = [
     MethodSpec("balanced_random", "balanced_random", {"by": "cluster", "n_clusters": 10}),
     MethodSpec("css_simclr", "css", run="simclr"),
     MethodSpec("css_moco", "css", run="moco"),
+    # the same scores through the budget-aware sampling (ccs below half the pool: coverage, not
+    # only the hardest), to show what it changes
+    MethodSpec("css_simclr_auto", "css", {"sampling": "auto"}, run="simclr"),
+    MethodSpec("css_moco_auto", "css", {"sampling": "auto"}, run="moco"),
     MethodSpec("prototypes", "prototypes", {"n_clusters": 10, "keep": "hardest"}),
     MethodSpec("kcenter", "kcenter"),
     # SAS and ELFS (issues 6, 7), at the pruning rates of their papers; the supervised dynamics
