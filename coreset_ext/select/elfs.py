@@ -203,10 +203,7 @@ def elfs(budget: int, *, n: int, embeddings=None, seed: int = 0, n_clusters: int
         e = require("embeddings", embeddings, "elfs").float()
         targets = pseudo_labels_for(e, n_clusters, method=pseudo_labels, seed=seed, **dict(deep_cluster or {}))
         dyn = dynamics_for(e, targets, seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
-    s = dynamics_score(dyn, score)
-    idx, record = _select(budget, n, s, embeddings, hard=HARD[score], sampling=asked, beta=beta, strata=strata,
-                          seed=seed, beta_grid=beta_grid, secondary=_tie_break(dyn, score))
-    return idx, s.float(), record
+    return _sample_dynamics(budget, n, dyn, score, embeddings, asked, beta, strata, seed, beta_grid)
 
 
 def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden):
@@ -216,6 +213,14 @@ def _supervised_dynamics(method, n, embeddings, labels, dynamics, seed, proxy_ep
     e = require("embeddings", embeddings, method).float()
     y = require_labels(labels, n, method, "the supervised baselines need every label (or a dynamics file)")
     return dynamics_for(e, y.long(), seed=seed, epochs=proxy_epochs, hidden=proxy_hidden)
+
+
+def _sample_dynamics(budget, n, dyn, score, embeddings, sampling, beta, strata, seed, beta_grid):
+    """The `score` of the dynamics, sampled as asked: (indices, scores, the sampling record)."""
+    s = dynamics_score(dyn, score)
+    idx, record = _select(budget, n, s, embeddings, hard=HARD[score], sampling=sampling, beta=beta, strata=strata,
+                          seed=seed, beta_grid=beta_grid, secondary=_tie_break(dyn, score))
+    return idx, s.float(), record
 
 
 def _tie_break(dyn: TrainingDynamics, score: str) -> torch.Tensor | None:
@@ -230,10 +235,7 @@ def _dynamics_baseline(name: str):
                strata: int = 50):
         asked = _asked(name, sampling, beta, strata)
         dyn = _supervised_dynamics(name, n, embeddings, labels, dynamics, seed, proxy_epochs, proxy_hidden)
-        s = dynamics_score(dyn, name)
-        idx, record = _select(budget, n, s, embeddings, hard=HARD[name], sampling=asked, beta=beta, strata=strata,
-                              seed=seed, beta_grid=None, secondary=_tie_break(dyn, name))
-        return idx, s.float(), record
+        return _sample_dynamics(budget, n, dyn, name, embeddings, asked, beta, strata, seed, None)
 
     method.__name__ = name
     method.__doc__ = (f"Supervised baseline: by default the n hardest examples by {name} "

@@ -225,6 +225,16 @@ def _check_scores(name: str, scores) -> torch.Tensor:
     return scores
 
 
+def _check_secondary(secondary, n: int) -> torch.Tensor | None:
+    """The tie-breaking scores, one per example, checked like the scores (None: no tie-break)."""
+    if secondary is None:
+        return None
+    secondary = _check_scores("secondary", secondary)
+    if secondary.numel() != n:
+        raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
+    return secondary
+
+
 def hard_cut(beta: float, total: int) -> int:
     """How many of the hardest examples double-end pruning and CCS drop: floor(beta * total).
 
@@ -267,10 +277,8 @@ def double_end_indices(scores: torch.Tensor, keep: int | float, beta: float,
     scores, keep, cut = _prune_split(scores, keep, beta)
     n = scores.numel()
     order = torch.arange(n)
+    secondary = _check_secondary(secondary, n)
     if secondary is not None:
-        secondary = _check_scores("secondary", secondary)
-        if secondary.numel() != n:
-            raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
         order = torch.sort(secondary, stable=True).indices
     order = order[torch.sort(scores[order], stable=True).indices]
     return torch.sort(order[cut : cut + keep]).values
@@ -457,10 +465,7 @@ def sample_by_score(scores: torch.Tensor, budget: int | float, sampling: str = "
     check_sampling(sampling, beta=beta, strata=strata)
     scores, budget, cut = _prune_split(scores, budget, beta, "budget")
     n = scores.numel()
-    if secondary is not None:
-        secondary = _check_scores("secondary", secondary)
-        if secondary.numel() != n:
-            raise ValueError(f"secondary must have one score per example ({n}), got {secondary.numel()}")
+    secondary = _check_secondary(secondary, n)
     sampling = resolve_sampling(sampling, budget, n)
     # "lowest" and "highest" say the direction; "double_end" and "ccs" go hardest first
     descending = sampling == "highest" or (sampling in ("double_end", "ccs") and hard == "high")
