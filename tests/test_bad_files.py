@@ -439,16 +439,20 @@ def test_corrupt_selection_files_are_value_errors(tmp_path):
 # --------------------------------------------------------------------------- trackers, dynamics
 
 
-def _tracker_file(tmp_path, edit=None, meta_edit=None):
-    t = cx.ScoreTracker(5, ("css",))
-    t.update(torch.tensor([0, 3, 3]), css=torch.tensor([0.5, 0.25, 1.0]))
-    path = tmp_path / "t.npz"
-    t.save(path)
+def _save_edited(obj, path, edit_arrays, meta_edit):
+    """obj saved to path, then its arrays (edit_arrays, in place) and metadata edited by hand."""
+    obj.save(path)
     arrays, meta = load_npz(path)
-    arrays.update(edit or {})
+    edit_arrays(arrays)
     meta.update(meta_edit or {})
     save_npz(path, arrays, meta)
     return path
+
+
+def _tracker_file(tmp_path, edit=None, meta_edit=None):
+    t = cx.ScoreTracker(5, ("css",))
+    t.update(torch.tensor([0, 3, 3]), css=torch.tensor([0.5, 0.25, 1.0]))
+    return _save_edited(t, tmp_path / "t.npz", lambda arrays: arrays.update(edit or {}), meta_edit)
 
 
 @pytest.mark.parametrize("edit,meta_edit,message", [
@@ -488,14 +492,11 @@ def _dynamics(n=6, steps=3):
 
 
 def _dynamics_file(tmp_path, edit=None, meta_edit=None):
-    path = tmp_path / "d.npz"
-    _dynamics().save(path)
-    arrays, meta = load_npz(path)
-    for k, (i, v) in (edit or {}).items():
-        arrays[k][i] = v
-    meta.update(meta_edit or {})
-    save_npz(path, arrays, meta)
-    return path
+    def set_entries(arrays):
+        for k, (i, v) in (edit or {}).items():
+            arrays[k][i] = v
+
+    return _save_edited(_dynamics(), tmp_path / "d.npz", set_entries, meta_edit)
 
 
 @pytest.mark.parametrize("edit,meta_edit,message", [

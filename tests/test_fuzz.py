@@ -16,7 +16,6 @@ import re
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +23,7 @@ from hypothesis import strategies as st
 import coreset_ext as cx
 from coreset_ext import reference
 from coreset_ext.cli import main as cli_main
+from coreset_ext.io import load_npz, save_npz
 
 EXAMPLES = int(os.environ.get("CORESET_EXT_FUZZ_EXAMPLES", "25"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("CORESET_EXT_FUZZ_RANDOM") != "1",
@@ -293,12 +293,6 @@ def test_corrupted_files(tmp_path_factory, name, how, where, seed):
         assert str(path) in str(e) or path.name in str(e), f"error names no file: {e}"
 
 
-def _npz_with(path, arrays, meta):
-    from coreset_ext.io import save_npz
-
-    save_npz(path, arrays, meta)
-
-
 @fuzz
 @given(field=st.sampled_from(["indices", "scores", "meta.dataset_size", "meta.budget"]),
        value=st.sampled_from([-1, 2.5, 10**20, "x", None, [1, 2], np.nan]))
@@ -306,8 +300,6 @@ def test_hand_edited_selection(tmp_path_factory, field, value):
     tmp = tmp_path_factory.mktemp("sel")
     path = tmp / "sel.npz"
     cx.select("random", budget=3, dataset_size=6, seed=0).save(path)
-    from coreset_ext.io import load_npz
-
     arrays, meta = load_npz(path)
     if field.startswith("meta."):
         meta[field[5:]] = value
@@ -318,7 +310,7 @@ def test_hand_edited_selection(tmp_path_factory, field, value):
             return
         if arrays[field].dtype == object:
             return
-    _npz_with(path, arrays, meta)
+    save_npz(path, arrays, meta)
     sel = outcome(lambda: cx.Selection.load(path), "sel.npz", str(path), field.split(".")[-1])
     if sel is not None:  # accepted only if it still means a valid selection of a data set
         idx = np.asarray(sel.indices)

@@ -11,7 +11,7 @@ import torch
 from coreset_ext import _backend, reference
 from coreset_ext._validation import check_same_device, check_tensor
 
-__all__ = ["score_scatter_add_", "SCATTER_VALUE_DTYPES"]
+__all__ = ["score_scatter_add_", "INDEX_DTYPES", "SCATTER_VALUE_DTYPES"]
 
 SCATTER_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
