@@ -451,8 +451,9 @@ def _forward_outputs(n: int, n_pairs: int, device: torch.device):
 
 
 @on_tensor_device
-def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float):
-    """x = [z1; z2] contiguous [2B, d]. Returns (loss_rows [2B], lse [2B], cos [B]), fp32."""
+def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, eps: float):
+    """z1, z2 [B, d], one dtype. Returns (loss_rows [2B], lse [2B], cos [B]), fp32."""
+    x = torch.cat([z1, z2], dim=0).contiguous()
     n, d = x.shape
     half = n // 2
     r = row_rnorm(x, eps)
@@ -479,9 +480,11 @@ def nt_xent_fwd(x: torch.Tensor, temperature: float, normalize: bool, eps: float
 
 
 @on_tensor_device
-def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, temperature: float,
-                normalize: bool, eps: float) -> torch.Tensor:
-    """Gradient of sum_i grad_rows_i * loss_i with respect to x = [z1; z2]; dtype of x."""
+def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse: torch.Tensor,
+                temperature: float, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_i grad_rows_i * loss_i with respect to z1 and z2 (two separate tensors,
+    dtype of z1)."""
+    x = torch.cat([z1, z2], dim=0).contiguous()
     n, d = x.shape
     half = n // 2
     # without normalisation no kernel reads the norms: lse stands in for them
@@ -505,7 +508,7 @@ def nt_xent_bwd(grad_rows: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, tem
         _info_nce_bwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
             x, r, lse, g, gx, acc, n, half, d, x.stride(0), gx.stride(0), 1, inv_t, eps, x, r, x.stride(0),
             BLOCK_M=_combine_rows(d), num_warps=4, **const)
-    return gx
+    return gx[:half].clone(), gx[half:].clone()
 
 
 @on_tensor_device

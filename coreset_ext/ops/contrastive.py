@@ -74,8 +74,7 @@ def _nt_xent_rows_op(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        x = torch.cat([z1, z2], dim=0).contiguous()
-        return _triton().nt_xent_fwd(x, temperature, normalize, reference.EPS)
+        return _triton().nt_xent_fwd(z1, z2, temperature, normalize, reference.EPS)
     acc = reference.accumulation_dtype(z1)
     a, b = z1.to(acc), z2.to(acc)
     rows, cos = reference.nt_xent_rows(a, b, temperature, normalize_input=normalize)
@@ -96,9 +95,7 @@ def _nt_xent_rows_backward_op(
     normalize: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        x = torch.cat([z1, z2], dim=0).contiguous()
-        gx = _triton().nt_xent_bwd(grad_rows, x, lse.contiguous(), temperature, normalize, reference.EPS)
-        return gx[: z1.shape[0]].clone(), gx[z1.shape[0]:].clone()
+        return _triton().nt_xent_bwd(grad_rows, z1, z2, lse.contiguous(), temperature, normalize, reference.EPS)
     acc = reference.accumulation_dtype(z1)
     g1, g2 = reference.nt_xent_rows_backward(grad_rows.to(acc), z1.to(acc), z2.to(acc), temperature,
                                             normalize_input=normalize, lse=lse.to(acc))
