@@ -30,8 +30,6 @@ Names follow the package's conventions (triton_kernels/__init__.py); the launch 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,7 +38,9 @@ from ._tiles import (
     LN2, LOG2E, compute_logits, feature_dims, load_logit_scale, load_rows, merge_lse, normalize_backward,
     own_rows, reciprocal_norms, row_ptrs, split_columns, store_rows, update_lse,
 )
-from .launch import block_d, cdiv, hopper, interpreting, num_sms, on_tensor_device, precision
+from .launch import (
+    autotune_enabled, autotuned, block_d, cdiv, hopper, interpreting, num_sms, on_tensor_device, precision,
+)
 
 # Widest feature dimension the tiles below are sized for; coreset_ext.ops sends wider inputs to
 # the reference unless Triton is requested explicitly.
@@ -101,8 +101,7 @@ CONFIGS = [
 
 
 def autotune(x: torch.Tensor) -> bool:
-    return (x.device.type == "cuda" and not interpreting() and block_d(x.shape[1]) <= 128
-            and os.environ.get("CORESET_EXT_NO_AUTOTUNE") != "1")
+    return x.device.type == "cuda" and block_d(x.shape[1]) <= 128 and autotune_enabled()
 
 
 def column_splits(n: int, block_m: int, device: torch.device) -> int:
@@ -424,9 +423,9 @@ def _info_nce_bwd_combine_kernel(
 
 
 _TUNING_KEY = ["n_rows", "n_cols", "d", "EXCLUDE_DIAG", "NORMALIZE", "FIXED_BOUND", "SPLIT", "PRECISION"]
-_info_nce_fwd_tuned = triton.autotune(configs=CONFIGS, key=_TUNING_KEY)(_info_nce_fwd_kernel)
+_info_nce_fwd_tuned = autotuned(CONFIGS, _TUNING_KEY)(_info_nce_fwd_kernel)
 # the split backward accumulates into acc_ptr: the autotuner zeroes it before every trial launch
-_info_nce_bwd_tuned = triton.autotune(configs=CONFIGS, key=_TUNING_KEY, reset_to_zero=["acc_ptr"])(
+_info_nce_bwd_tuned = autotuned(CONFIGS, _TUNING_KEY, reset_to_zero=["acc_ptr"])(
     _info_nce_bwd_kernel)
 
 
