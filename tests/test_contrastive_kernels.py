@@ -5,10 +5,14 @@ symmetric NT-Xent kernels against the float64 reference and against the non-symm
 from __future__ import annotations
 
 import pytest
+import torch
+from _utils import rel_err, views
+
+from coreset_ext import reference
 
 pytest.importorskip("triton")
 
-from coreset_ext.triton_kernels import launch  # noqa: E402
+from coreset_ext.triton_kernels import launch
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -39,3 +43,141 @@ def test_autotuned_caches_winners_on_disk():
     tuned = launch.autotuned([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n"])(kernel)
     # Triton keeps winners in its cache directory when asked, except under its interpreter
     assert tuned.cache_results is not launch.interpreting()
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent launchers in the interpreter: symmetric kernels (normalised rows, t >= FIXED_BOUND_MIN_T)
+# against the float64 reference and against the non-symmetric kernels
+# --------------------------------------------------------------------------------------------
+
+interpreter = pytest.mark.skipif(not launch.interpreting(), reason="runs the kernels in Triton's interpreter")
+
+
+def _launch_nt_xent(z1, z2, t, g, normalize=True, eps=1e-6):
+    from coreset_ext.triton_kernels import contrastive
+
+    loss, lse, cos = contrastive.nt_xent_fwd(z1, z2, t, normalize, eps)
+    g1, g2 = contrastive.nt_xent_bwd(g, z1, z2, lse, t, normalize, eps)
+    return loss, lse, cos, g1, g2
+
+
+def _reference_nt_xent(z1, z2, t, g, normalize=True):
+    loss, lse, cos = reference.nt_xent_forward(z1, z2, t, normalize_input=normalize)
+    g1, g2 = reference.nt_xent_rows_backward(g, z1, z2, t, normalize_input=normalize, lse=lse)
+    return loss, lse, cos, g1, g2
+
+
+def _check_against_reference(b, d, t, dtype, tol, seed, normalize=True, correlated=True):
+    z1, z2 = views(b, d, seed=seed, correlated=correlated)
+    g = torch.rand(2 * b, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.1
+    ours = _launch_nt_xent(z1.to(dtype), z2.to(dtype), t, g.float(), normalize)
+    # the reference sees the inputs as rounded to dtype: the error left is the kernels' own
+    want = _reference_nt_xent(z1.to(dtype).double(), z2.to(dtype).double(), t, g, normalize)
+    for name, a, w in zip(("loss", "lse", "cos", "g1", "g2"), ours, want):
+        assert a.dtype == (dtype if name in ("g1", "g2") else torch.float32), name
+        assert a.shape == w.shape, name
+        assert rel_err(a.double(), w) < tol, (name, rel_err(a.double(), w))
+    return ours
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("b,d", [(1, 3), (3, 16), (17, 100), (37, 64), (70, 20)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_symmetric_matches_reference(b, d, dtype, tol, poison):
+    """Sizes that are no multiple of the 32-row tile (2B = 34, 74, 140 rows: ragged last blocks),
+    B = 1 (the positive is the only other row), d not a power of two."""
+    from coreset_ext.triton_kernels import contrastive
+
+    assert contrastive.symmetric(True, 0.2, 64)
+    _check_against_reference(b, d, 0.2, dtype, tol, seed=b * d)
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("run", [2, 3, 32])
+def test_symmetric_tile_runs(run, monkeypatch, poison):
+    """Several tiles per program (what large batches get on a GPU), runs that end before the last
+    column block and runs cut by it: 2B = 260 rows in 9 blocks of 32."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "symmetric_run", lambda n_blocks, device: run)
+    _check_against_reference(130, 48, 0.1, torch.float32, 1e-5, seed=run)
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("b,d,t", [(37, 64, 0.5), (70, 100, 0.025)])
+def test_symmetric_equals_non_symmetric(b, d, t, monkeypatch, poison):
+    """The symmetric and the row-streaming kernels compute the same sums in another order: they
+    agree to fp32 rounding, down to the smallest temperature that takes the fixed bound."""
+    from coreset_ext.triton_kernels import contrastive
+
+    assert t >= contrastive.FIXED_BOUND_MIN_T
+    # independent views: with correlated ones at t = 0.025 every loss is ~1e-6, a difference of
+    # two logits near 40 that fp32 resolves to its rounding alone
+    z1, z2 = views(b, d, seed=b, dtype=torch.float32, correlated=False)
+    g = torch.rand(2 * b, generator=torch.Generator().manual_seed(b)) + 0.1
+    sym = _launch_nt_xent(z1, z2, t, g)
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: False)
+    plain = _launch_nt_xent(z1, z2, t, g)
+    for a, w in zip(sym, plain):
+        assert rel_err(a, w) < 2e-6
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("normalize,t", [(False, 0.3), (True, 0.01)])
+def test_fallback_where_the_fixed_bound_does_not_hold(normalize, t, poison):
+    """Raw rows, or a temperature below FIXED_BOUND_MIN_T: the row-streaming kernels with a running
+    maximum, against the reference."""
+    from coreset_ext.triton_kernels import contrastive
+
+    assert not contrastive.symmetric(normalize, t, 40)
+    _check_against_reference(37, 40, t, torch.float32, 1e-4, seed=3, normalize=normalize, correlated=False)
+
+
+@pytest.mark.triton
+@interpreter
+def test_symmetric_not_under_deterministic_algorithms():
+    from coreset_ext.triton_kernels import contrastive
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not contrastive.symmetric(True, 0.2, 64)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _count_launches(monkeypatch):
+    """Records the name of every Triton kernel launched (interpreter or compiled)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    names = []
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted)
+    return names
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("symmetric,launches", [(True, 6), (False, 4)])
+def test_launches_per_step(symmetric, launches, monkeypatch):
+    """A forward and backward launch: symmetric, prologue + tiles + finish each way; the
+    row-streaming kernels unsplit, prologue + tiles each way. No concatenation of z1 and z2 and no
+    copy of the gradient halves: the only tensors made are outputs and fp32 work buffers."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: symmetric)
+    monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: 1)
+    names = _count_launches(monkeypatch)
+    z1, z2 = views(20, 16, seed=1, dtype=torch.float32)
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in a launcher") or cat(*a, **k))
+    _launch_nt_xent(z1, z2, 0.2, torch.ones(40))
+    assert len(names) == launches, names

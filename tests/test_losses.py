@@ -439,19 +439,19 @@ def test_triton_info_nce_queue(b, kq, d, t, poison):
 
 
 def _gpu_fixed_tiles():
-    """Every distinct (d, tiles) the wrappers choose on a GPU, for sm_80 and sm_90 and each precision."""
+    """Every distinct (d, tiles) the wrappers choose on a GPU, for each architecture and precision."""
     from coreset_ext.triton_kernels import contrastive
 
     out = set()
     cuda = torch.device("cuda")
     before = torch.backends.cuda.matmul.allow_tf32
     try:
-        for hopper in (False, True):
+        for arch in contrastive.TILE_TABLE:
             for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
                 torch.backends.cuda.matmul.allow_tf32 = tf32
                 for d in (100, 256):  # block_d 128 and 256, ragged
                     with mock.patch.object(contrastive, "interpreting", lambda: False), \
-                            mock.patch.object(contrastive, "hopper", lambda device: hopper):
+                            mock.patch.object(contrastive, "_arch", lambda device: arch):
                         out.add((d, contrastive.tiles(d, cuda, dtype)))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
@@ -749,6 +749,7 @@ def test_triton_autotuned_launch(splits, monkeypatch, poison):
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "autotune", lambda x: True)
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: False)  # never tuned
     monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: splits.get(block_m, 1))
     for tuned in (contrastive._info_nce_fwd_tuned, contrastive._info_nce_bwd_tuned):
         timings = iter(range(100, 0, -1))  # each config "faster" than the previous one

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -56,3 +57,28 @@ def test_tensor_core_tiles_take_wgmma_on_sm90(case, capsys):
             and "combine" not in line and "finish" not in line]
     assert len(rows) >= 2, out
     assert all(r[8].strip() == "wgmma" for r in rows), out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_batch_sizes_share_one_compiled_kernel(normalize):
+    """The batch size is no compile-time constant: sizes are passed with do_not_specialize, so
+    2B = 2000 (divisible by 16, which Triton would otherwise specialise on) and 2B = 2002 launch
+    the same compiled kernels (symmetric with normalised rows; row-streaming with column splits
+    without), and a new batch size costs no compile."""
+    from coreset_ext.triton_kernels import contrastive as C
+
+    launched = {1000: [], 1001: []}  # (kernel, compiled hash) of each launch, in order
+    batch = [0]
+
+    def record(kernel_name, config, kernel, tuned):
+        launched[batch[0]].append((kernel_name, kernel.hash))
+
+    with triton_aot._compile_instead_of_launch(90, record, False):
+        for b in launched:
+            batch[0] = b
+            z1, z2 = torch.randn(b, 64), torch.randn(b, 64)
+            _, lse, _ = C.nt_xent_fwd(z1, z2, 0.2, normalize, 1e-6)
+            C.nt_xent_bwd(torch.ones(2 * b), z1, z2, lse, 0.2, normalize, 1e-6)
+    names = [name for name, _ in launched[1000]]
+    assert ("_nt_xent_sym_bwd_kernel" in names) == normalize, names
+    assert len(names) >= 4 and launched[1000] == launched[1001], launched

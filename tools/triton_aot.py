@@ -89,9 +89,8 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
     """Route every launch to a compile for `arch`; autotuned launches compile their first config,
     or each one with `all_configs`."""
     import triton
-    from triton.runtime import autotuner, driver, jit
-
     from coreset_ext.triton_kernels import contrastive, kmeans, similarity
+    from triton.runtime import autotuner, driver, jit
 
     tuning = [False]
 
@@ -130,7 +129,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         # of this architecture with 132 SMs (an H100); the wrappers read these names at each call
         (contrastive, "tiles", lambda d, device, dtype, f=contrastive.tiles: f(d, cuda, dtype)),
         (contrastive, "num_sms", lambda device: 132),
-        (contrastive, "hopper", lambda device: arch >= 90),
+        (contrastive, "_arch", lambda device: 90 if arch >= 90 else 80 if arch == 80 else "default"),
         (contrastive, "autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
         (kmeans, "autotune", lambda x: True),
         (similarity, "tiles", lambda device, d, f=similarity.tiles: f(cuda, d)),
@@ -159,6 +158,21 @@ def _without_autotuning(module, thunk):
             thunk()
         finally:
             module.autotune = autotune
+    return run
+
+
+def _streaming(thunk):
+    """NT-Xent through the row-streaming kernels where it would take the symmetric ones (what
+    deterministic algorithms get)."""
+    from coreset_ext.triton_kernels import contrastive as C
+
+    def run():
+        symmetric = C.symmetric
+        C.symmetric = lambda normalize, temperature, d: False
+        try:
+            thunk()
+        finally:
+            C.symmetric = symmetric
     return run
 
 
@@ -191,10 +205,16 @@ def _cases():
                         z1, z2 = rand(n // 2, d, dtype=dtype), rand(n // 2, d, dtype=dtype)
                         _, lse, _ = C.nt_xent_fwd(z1, z2, 0.1, normalize, 1e-6)
                         C.nt_xent_bwd(torch.ones(n), z1, z2, lse, 0.1, normalize, 1e-6)
+                # normalised: the symmetric kernels; raw rows: the row-streaming ones
                 out.append((f"nt_xent {tag} d={d} normalize={normalize}", nt_xent))
-                if d <= 128:  # the fixed tiles these sizes take under CORESET_EXT_NO_AUTOTUNE=1
+                if d <= 128:  # the fixed tiles, the default (autotuning is an opt-in)
                     out.append((f"nt_xent {tag} d={d} normalize={normalize} fixed tiles",
                                 _without_autotuning(C, nt_xent)))
+                if normalize:
+                    out.append((f"nt_xent {tag} d={d} normalize=True streaming", _streaming(nt_xent)))
+                    if d <= 128:
+                        out.append((f"nt_xent {tag} d={d} normalize=True streaming fixed tiles",
+                                    _without_autotuning(C, _streaming(nt_xent))))
 
         def info_nce(dtype=dtype):
             q, k, queue = rand(64, 128, dtype=dtype), rand(64, 128, dtype=dtype), rand(4096, 128, dtype=dtype)

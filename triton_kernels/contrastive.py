@@ -1,45 +1,60 @@
 """Triton kernels for the fused contrastive losses: NT-Xent, MoCo InfoNCE against a queue, pair cosine.
 
-NT-Xent and MoCo are one kernel family, InfoNCE over streamed column tiles: each program owns a
-block of rows x_i (NT-Xent: x = [z1; z2]; MoCo: the queries q) and streams column tiles y_j (NT-Xent:
-x itself; MoCo: the queue), and a combine kernel merges column splits. Compile-time flags:
-- EXCLUDE_DIAG: the columns are the rows themselves (NT-Xent). The diagonal (each row's own
-  similarity) is left out; row i's positive is row p(i) = (i + B) mod 2B, one of the columns; and in
-  the backward, column j's own loss term depends on x_i too (p_ji). Otherwise (MoCo) the positive
-  is row i of the keys, a logit of its own outside the columns.
-- SPLIT: the columns are split across grid axis 1, for when the row blocks alone are too few to fill
-  the GPU: the forward writes per-split (max, sum) partials, the backward per-split gradient sums,
-  and the combine kernels merge them and finish.
-- NORMALIZE (cosine logits), FIXED_BOUND (see below), PRECISION (tl.dot's input precision).
+NT-Xent has two kernel families:
+- Symmetric (the default where it is exact): with normalised rows and the fixed bound (below) the
+  exponentials are symmetric, e_ij = e_ji, so only the tiles on or above the diagonal are computed
+  and each gives its rows' sums and its columns' sums (`_nt_xent_sym_*`, see their section).
+- Row-streaming, InfoNCE over streamed column tiles, shared with MoCo: each program owns a block
+  of rows x_i (NT-Xent: x = [z1; z2]; MoCo: the queries q) and streams column tiles y_j (NT-Xent:
+  x itself; MoCo: the queue), and a combine kernel merges column splits. It serves raw rows,
+  temperatures below FIXED_BOUND_MIN_T and deterministic algorithms. Compile-time flags:
+  - EXCLUDE_DIAG: the columns are the rows themselves (NT-Xent). The diagonal (each row's own
+    similarity) is left out; row i's positive is row p(i) = (i + B) mod 2B, one of the columns; and
+    in the backward, column j's own loss term depends on x_i too (p_ji). Otherwise (MoCo) the
+    positive is row i of the keys, a logit of its own outside the columns.
+  - SPLIT: the columns are split across grid axis 1, for when the row blocks alone are too few to
+    fill the GPU: the forward writes per-split (max, sum) partials, the backward per-split gradient
+    sums, and the combine kernels merge them and finish.
+  - NORMALIZE (cosine logits), FIXED_BOUND (see below), PRECISION (tl.dot's input precision).
 
 Conventions shared by every kernel here (the helpers live in _tiles.py):
+- z1 and z2 are never concatenated: NT-Xent's kernels take both row pointers and write both
+  gradients (`load_pair_rows`, `store_pair_rows`). One prologue launch per pass reads each pair
+  once: reciprocal norms r_i = 1 / max(||x_i||, EPS), the positive cosines and logits (forward), the
+  normalised rows (backward: the right operand of w @ xhat), and zeroes the fp32 buffer that
+  float atomics add into. Per fwd+bwd: 3 + 3 launches (symmetric), 2 + 2 (row-streaming, unsplit),
+  3 + 3 (split).
 - Inputs stay in their own dtype (fp32, fp16, bf16); products accumulate in fp32 (tl.dot) and all
-  softmax arithmetic is fp32. The similarity matrix exists only one [BLOCK_M, BLOCK_N] tile at a
-  time, in registers; backward passes recompute tiles from the saved per-row log-sum-exp.
-- Normalisation is fused: `_row_rnorm_kernel` writes r_i = 1 / max(||x_i||, EPS) (O(N) floats),
-  and logit tiles are scaled by r_i r_j after the dot product of the raw rows. Backward passes also
-  take a normalised copy (O(N d), written by the same kernel) as the right operand of w @ yhat.
+  softmax arithmetic is fp32. fp32 multiplies in TF32 where torch would, else in 3xTF32 (fp32
+  accuracy on the tensor cores; launch.precision). The similarity matrix exists only one tile at a
+  time, in registers; backward passes recompute tiles from the saved per-row log-sum-exp. Logit
+  tiles are scaled by r_i r_j after the dot product of the raw rows.
 - Log-sum-exps run in base 2 (exp2/log2 are the fast units) and are stored in natural units.
   Each row keeps an online maximum, so temperatures down to 0.01 (logits up to 100) never overflow;
   for normalised rows and t >= FIXED_BOUND_MIN_T the bound |u| <= log2(e)/t makes every 2^u a
   normal fp32 as it stands, and no maximum is kept (FIXED_BOUND).
+- Sizes (rows, pairs, columns, splits, tile runs) are runtime arguments that Triton does not
+  specialise on (do_not_specialize): a new batch size compiles nothing; tiles are constexprs
+  chosen from per-architecture tables (TILE_TABLE, SYMMETRIC_TABLE), and autotuning is an opt-in.
 - Row offsets are computed in int64 so N * d beyond 2**31 elements cannot wrap.
 Names follow the package's conventions (triton_kernels/__init__.py); the launch configuration
-(`tiles`, `CONFIGS`, `column_splits`, `autotune`) is public, for tools.
+(`tiles`, `symmetric_tiles`, `symmetric`, `CONFIGS`, `column_splits`, `autotune`) is public, for tools.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from ._tiles import (
-    LN2, LOG2E, compute_logits, feature_dims, load_logit_scale, load_rows, merge_lse, normalize_backward,
-    own_rows, reciprocal_norms, row_ptrs, split_columns, store_rows, update_lse,
+    LN2, LOG2E, compute_logits, feature_dims, load_logit_scale, load_rows, merge_lse, normalize_backward, own_rows,
+    reciprocal_norms, row_ptrs, split_columns, store_rows, update_lse,
 )
 from .launch import (
-    autotune_enabled, autotuned, block_d, cdiv, hopper, interpreting, num_sms, on_tensor_device, precision,
+    autotune_enabled, autotuned, block_d, capability, cdiv, interpreting, num_sms, on_tensor_device, precision,
 )
 
 # Widest feature dimension the tiles below are sized for; coreset_ext.ops sends wider inputs to
@@ -55,48 +70,95 @@ FIXED_BOUND_MIN_T = 0.025
 # launch configuration
 # --------------------------------------------------------------------------------------------
 
+# Fixed tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) by architecture, operand kind and feature
+# width (block_d <= 128, <= 256, wider), so that the first call at a new shape compiles one kernel
+# and times nothing (autotuning is an opt-in: launch.autotune_enabled). Each is sized so that the
+# pipelined column tiles (the raw rows and, in backward passes, their normalised copy) plus the row
+# tile fit the shared memory of its architecture, and so that ptxas spills nothing:
+# tools/triton_aot.py checks both for sm_80 and sm_90. e.g. bf16, d = 128 on sm_80:
+# 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB of 163. Row tiles of 64 on Hopper: its
+# warpgroup MMA (wgmma) takes 64 rows per warpgroup; with 32 Triton falls back to Ampere's
+# mma.sync, Hopper's slower path (the tool's MMA column shows which one a launch got). "32bit" is
+# fp32 on the tensor cores, TF32 or 3xTF32 (launch.precision). Other architectures take "default":
+# two pipeline stages, within the 99 KiB of sm_86/sm_89/sm_120. The batch size needs no entry:
+# small batches split the columns (column_splits) or take short tile runs (symmetric_run).
+TILE_TABLE = {
+    90: {"16bit": ((64, 64, 8, 3), (64, 32, 8, 2)), "32bit": ((64, 64, 8, 2), (32, 32, 8, 2))},
+    80: {"16bit": ((64, 64, 8, 3), (32, 64, 8, 2)), "32bit": ((32, 64, 4, 2), (32, 32, 8, 2))},
+    "default": {"16bit": ((64, 64, 8, 2), (32, 32, 4, 2)), "32bit": ((32, 32, 4, 2), (32, 32, 4, 1))},
+}
+WIDE_TILES = (16, 32, 4, 1)  # block_d > 256 (Triton requested explicitly): small enough for any d
+
+
+def _arch(device: torch.device):
+    """The TILE_TABLE entry of a GPU: 90 for compute capability 9 and later, 80 for sm_80."""
+    cc = capability(device)
+    return 90 if cc >= 90 else 80 if cc == 80 else "default"
+
 
 def tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand.
-
-    Sized so that the pipelined column tiles (the raw rows and, in backward passes, their
-    normalised copy) plus the row tile fit the shared memory of an A100 (163 KiB), and so that
-    ptxas spills no registers: tools/triton_aot.py checks both for sm_80 and sm_90. e.g. bf16,
-    d = 128: 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB. Row tiles of 64 on the tensor
-    cores: Hopper's warpgroup MMA (wgmma) takes 64 rows per warpgroup; with 32 Triton falls back
-    to Ampere's mma.sync, Hopper's slower path (the tool's MMA column shows which one a launch got).
-    fp32 without TF32 multiplies on the FMA units, whose accumulators need small tiles and no
-    second pipeline stage."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand, from
+    TILE_TABLE (Hopper reports as 90 and keeps 64-row tiles; see there)."""
     if interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = block_d(d)
-    fma = precision(dtype) == "ieee"
-    wide = dtype == torch.float32
-    # Where 64 rows spill more than 32 (TF32, and bf16 at d = 256, on sm_80) and no wgmma is to
-    # be had, the older GPUs keep 32-row tiles.
-    is_hopper = hopper(device)
-    if bd <= 128:
-        if fma:
-            return 32, 32, 8, 1
-        if wide:
-            return (64, 64, 8, 2) if is_hopper else (32, 64, 4, 2)
-        return 64, 64, 8, 3
-    if bd <= 256:
-        if wide:  # TF32 at 64 rows spills hundreds of bytes in the backward, on either GPU
-            return 32, 32, 8, 2
-        return (64, 32, 8, 2) if is_hopper else (32, 64, 8, 2)
-    return 16, 32, 4, 1
+    if bd > 256:
+        return WIDE_TILES
+    by_width = TILE_TABLE[_arch(device)]["32bit" if dtype == torch.float32 else "16bit"]
+    return by_width[0 if bd <= 128 else 1]
 
 
-# On the GPU, for d <= 128, the NT-Xent kernels pick their tiles by autotuning (once per N, d and
-# dtype; configs that exceed shared memory are skipped by the autotuner). The fixed `tiles` choice
-# serves wider d, the interpreter, MoCo's queue, and CORESET_EXT_NO_AUTOTUNE=1.
+def symmetric(normalize: bool, temperature: float, d: int) -> bool:
+    """Whether NT-Xent takes the symmetric kernels: with normalised rows and the fixed bound
+    (t >= FIXED_BOUND_MIN_T) the exponentials are symmetric; their sums meet in float atomics, so
+    not under deterministic algorithms; and d <= MAX_D (SYMMETRIC_TABLE's widths)."""
+    return (normalize and temperature >= FIXED_BOUND_MIN_T and block_d(d) <= MAX_D
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+# The symmetric kernels' square tiles (BLOCK, num_warps, num_stages), by the same keys as
+# TILE_TABLE. Their backward keeps a [BLOCK, d] gradient tile and the row block's normalised copy
+# besides the pipelined column tiles (raw and normalised): bf16, d = 128, 64 rows take 178 KiB of
+# shared memory with three stages, which only Hopper has (sm_80: two stages, 146 KiB).
+SYMMETRIC_TABLE = {
+    90: {"16bit": ((64, 8, 3), (32, 8, 2)), "32bit": ((64, 8, 2), (32, 8, 1))},
+    80: {"16bit": ((64, 8, 2), (32, 8, 2)), "32bit": ((32, 4, 2), (32, 8, 1))},
+    "default": {"16bit": ((32, 4, 2), (32, 4, 1)), "32bit": ((32, 4, 1), (16, 4, 1))},
+}
+
+
+def symmetric_tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, num_stages) of the symmetric kernels, from SYMMETRIC_TABLE (d <= 256)."""
+    if interpreting() or device.type != "cuda":
+        return 32, 4, 1
+    by_width = SYMMETRIC_TABLE[_arch(device)]["32bit" if dtype == torch.float32 else "16bit"]
+    return by_width[0 if block_d(d) <= 128 else 1]
+
+
+def symmetric_run(n_blocks: int, device: torch.device) -> int:
+    """Tiles per program of the symmetric kernels: about eight programs per SM, at most 32 tiles
+    (a program's row block is loaded once per run, and its row sums leave in one atomic add)."""
+    n_tiles = n_blocks * (n_blocks + 1) // 2
+    return max(1, min(32, n_tiles // (8 * num_sms(device))))
+
+
+@functools.lru_cache(maxsize=32)
+def _tile_table(n_blocks: int, run: int, device: torch.device) -> torch.Tensor:
+    """int32 [programs, 2]: (row block I, first column block J0) of each run of tiles on or above
+    the diagonal, longest rows first; cached per size class, so a launch builds nothing."""
+    starts = [(i, j) for i in range(n_blocks) for j in range(i, n_blocks, run)]
+    return torch.tensor(starts, dtype=torch.int32).to(device)
+
+
+# With CORESET_EXT_AUTOTUNE=1 on the GPU, for d <= 128, the non-symmetric NT-Xent kernels pick
+# their tiles by autotuning (once per N, d and dtype, the winners kept on disk; configs that exceed
+# shared memory are skipped by the autotuner).
 CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
     for m, n, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 2),
                         (64, 64, 8, 3), (32, 64, 4, 3),  # more programs for small N
                         (64, 64, 8, 2),  # TF32: the one 64-row (wgmma) tile whose backward fits and does not spill
-                        (32, 32, 4, 2))  # fp32 without TF32 (FMA products): the larger tiles spill
+                        (32, 32, 4, 2))  # 32-row tiles for fp32 on sm_80
 ]
 
 
@@ -145,7 +207,7 @@ def _rowwise_rows(d: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _row_rnorm_kernel(x_ptr, inv_x_ptr, xh_ptr, n_rows, d, stride_x, stride_xh, eps, WRITE_XHAT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, row_ok = own_rows(n_rows, BLOCK_M)
@@ -179,31 +241,90 @@ def row_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# InfoNCE over streamed column tiles: NT-Xent (x against itself) and MoCo (q against a queue)
+# InfoNCE over streamed column tiles: NT-Xent (x = [z1; z2] against itself) and MoCo (q against a
+# queue)
 #
-# Each kernel's arguments: first what every launch reads (the rows x, outputs, sizes), then the
+# NT-Xent's rows x = [z1; z2] are never concatenated: row i < B is read from z1 and row i >= B from
+# z2 (`load_pair_rows`), and gradients are written straight into g1 and g2 (`store_pair_rows`).
+# Each kernel's arguments: first what every launch reads (the rows x, x2, outputs, sizes), then the
 # columns y and positives p when they are not x itself: MoCo's queue and keys. With EXCLUDE_DIAG
-# the kernels read those from x's own arguments and ignore the trailing ones (a layout that also
-# leaves ptxas' register allocation for NT-Xent as it was before MoCo shared the kernels).
+# the kernels read those from x's own arguments and ignore the trailing ones.
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def positive_rows(rows, n_rows, n_pairs, EXCLUDE_DIAG: tl.constexpr):
-    if EXCLUDE_DIAG:
-        return (rows + n_pairs) % n_rows  # the other view of the same example
+def load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_first, stride_x, stride_x2, PAIRED: tl.constexpr):
+    """[rows, dims] block of [x; x2] (rows below n_first from x, the others from x2) without the
+    concatenated copy; of x alone when not PAIRED. Each row is fetched once: the other load's
+    mask is off for it."""
+    if PAIRED:
+        first = rows < n_first
+        a = load_rows(x_ptr, rows, row_ok & first, dims, dim_ok, stride_x)
+        b = load_rows(x2_ptr, rows - n_first, row_ok & (rows >= n_first), dims, dim_ok, stride_x2)
+        return tl.where(first[:, None], a, b)
     else:
-        return rows  # the key of the same example
+        return load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
 
 
 @triton.jit
-def load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, n_rows, n_pairs, stride_p, inv_t,
-                  EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr):
-    """(positive logit, cosine) of each row's pair: one row-wise dot in fp32, not a tile entry."""
-    prow = positive_rows(rows, n_rows, n_pairs, EXCLUDE_DIAG)
-    xp = load_rows(p_ptr, prow, row_ok, dims, dim_ok, stride_p)
+def store_pair_rows(g_ptr, g2_ptr, rows, row_ok, dims, dim_ok, n_first, stride_g, stride_g2, value,
+                    PAIRED: tl.constexpr):
+    """Stores a [rows, dims] block into [g; g2] (rows below n_first into g), or into g alone."""
+    if PAIRED:
+        store_rows(g_ptr, rows, row_ok & (rows < n_first), dims, dim_ok, stride_g, value)
+        store_rows(g2_ptr, rows - n_first, row_ok & (rows >= n_first), dims, dim_ok, stride_g2, value)
+    else:
+        store_rows(g_ptr, rows, row_ok, dims, dim_ok, stride_g, value)
+
+
+@triton.jit(do_not_specialize=["n_pairs"])
+def _nt_xent_prologue_kernel(
+    z1_ptr, z2_ptr, inv_ptr, cos_ptr, pos_ptr, xh_ptr, zero_ptr, n_pairs, d, stride_1, stride_2, inv_t, eps,
+    NORMALIZE: tl.constexpr, FORWARD: tl.constexpr, WRITE_XHAT: tl.constexpr, ZERO_SUMS: tl.constexpr,
+    ZERO_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One pass over each pair (z1_i, z2_i), before the tile kernels: the reciprocal norms r of the
+    # 2B rows; in the forward the positive cosine and logit (stored into both rows' loss slots,
+    # which the forward's epilogue turns into lse - pos); in the backward the normalised rows xhat
+    # (the right operand of the gradient products); and zeroes the fp32 buffer that float atomics
+    # add into (row sums [2B], ZERO_SUMS, or gradient rows [2B, d], ZERO_ROWS).
+    rows, row_ok = own_rows(n_pairs, BLOCK_M)
+    dims, dim_ok = feature_dims(d, BLOCK_D)
+    a = load_rows(z1_ptr, rows, row_ok, dims, dim_ok, stride_1).to(tl.float32)
+    b = load_rows(z2_ptr, rows, row_ok, dims, dim_ok, stride_2).to(tl.float32)
+    inv_a = reciprocal_norms(a, eps)
+    inv_b = reciprocal_norms(b, eps)
+    tl.store(inv_ptr + rows, inv_a, mask=row_ok)
+    tl.store(inv_ptr + n_pairs + rows, inv_b, mask=row_ok)
+    if FORWARD:
+        dot = tl.sum(a * b, axis=1)
+        cos = dot * inv_a * inv_b
+        tl.store(cos_ptr + rows, cos, mask=row_ok)
+        if NORMALIZE:
+            pos = cos * inv_t
+        else:
+            pos = dot * inv_t
+        tl.store(pos_ptr + rows, pos, mask=row_ok)
+        tl.store(pos_ptr + n_pairs + rows, pos, mask=row_ok)
+    if WRITE_XHAT:
+        store_rows(xh_ptr, rows, row_ok, dims, dim_ok, d, a * inv_a[:, None])
+        store_rows(xh_ptr, n_pairs + rows, row_ok, dims, dim_ok, d, b * inv_b[:, None])
+    if ZERO_SUMS:
+        tl.store(zero_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
+        tl.store(zero_ptr + n_pairs + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
+    if ZERO_ROWS:
+        zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        store_rows(zero_ptr, rows, row_ok, dims, dim_ok, d, zero)
+        store_rows(zero_ptr, n_pairs + rows, row_ok, dims, dim_ok, d, zero)
+
+
+@triton.jit
+def load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, stride_p, inv_t,
+                  NORMALIZE: tl.constexpr):
+    """MoCo: (positive logit, cosine) of each query with its key, one row-wise dot in fp32."""
+    xp = load_rows(p_ptr, rows, row_ok, dims, dim_ok, stride_p)
     inv_xr = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
-    inv_xp = tl.load(inv_p_ptr + prow, mask=row_ok, other=0.0)
+    inv_xp = tl.load(inv_p_ptr + rows, mask=row_ok, other=0.0)
     pdot = tl.sum(xr.to(tl.float32) * xp.to(tl.float32), axis=1)
     cos = pdot * inv_xr * inv_xp
     if NORMALIZE:
@@ -221,26 +342,20 @@ def finish_lse(m_i, l_i, FIXED_BOUND: tl.constexpr):
         return (m_i + tl.log2(l_i)) * LN2
 
 
-@triton.jit
-def store_forward(lse, pos, cos, rows, row_ok, loss_ptr, lse_ptr, cos_ptr, n_pairs):
-    tl.store(loss_ptr + rows, lse - pos, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(cos_ptr + rows, cos, mask=rows < n_pairs)  # NT-Xent meets each pair twice: B cosines
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_cols"])
 def _info_nce_fwd_kernel(
-    x_ptr, inv_x_ptr, loss_ptr, lse_ptr, cos_ptr, m_part_ptr, l_part_ptr, n_rows, n_pairs, d, stride_x, inv_t,
-    y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y, stride_p,
+    x_ptr, x2_ptr, inv_x_ptr, loss_ptr, lse_ptr, m_part_ptr, l_part_ptr, n_rows, n_pairs, d, stride_x, stride_x2,
+    inv_t, y_ptr, inv_y_ptr, n_cols, stride_y,
     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    if EXCLUDE_DIAG:
-        y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y, stride_p = (x_ptr, inv_x_ptr, x_ptr, inv_x_ptr,
-                                                                          n_rows, stride_x, stride_x)
+    if EXCLUDE_DIAG:  # the columns are the rows [z1; z2]
+        y_ptr, y2_ptr, inv_y_ptr, n_cols, stride_y, stride_y2 = x_ptr, x2_ptr, inv_x_ptr, n_rows, stride_x, stride_x2
+    else:
+        y2_ptr, stride_y2 = y_ptr, stride_y
     rows, row_ok = own_rows(n_rows, BLOCK_M)
     dims, dim_ok = feature_dims(d, BLOCK_D)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
+    xr = load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, EXCLUDE_DIAG)
     scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, NORMALIZE, BLOCK_M)
     lo, hi = split_columns(n_cols, SPLIT, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -248,7 +363,7 @@ def _info_nce_fwd_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        yc = load_rows(y_ptr, cols, col_ok, dims, dim_ok, stride_y)
+        yc = load_pair_rows(y_ptr, y2_ptr, cols, col_ok, dims, dim_ok, n_pairs, stride_y, stride_y2, EXCLUDE_DIAG)
         u = compute_logits(xr, yc, scale_r, inv_y_ptr, cols, col_ok, NORMALIZE, PRECISION)
         valid = col_ok[None, :]
         if EXCLUDE_DIAG:
@@ -261,48 +376,56 @@ def _info_nce_fwd_kernel(
     else:
         tl.static_assert(EXCLUDE_DIAG, "a queue's positive starts the sum in the combine kernel")
         lse = finish_lse(m_i, l_i, FIXED_BOUND)
-        pos, cos = load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, n_rows, n_pairs,
-                                 stride_p, inv_t, EXCLUDE_DIAG, NORMALIZE)
-        store_forward(lse, pos, cos, rows, row_ok, loss_ptr, lse_ptr, cos_ptr, n_pairs)
+        pos = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)  # the prologue's positive logit
+        tl.store(loss_ptr + rows, lse - pos, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_split"])
 def _info_nce_fwd_combine_kernel(
-    x_ptr, inv_x_ptr, loss_ptr, lse_ptr, cos_ptr, m_part_ptr, l_part_ptr, n_rows, n_pairs, d, stride_x, n_split,
+    x_ptr, inv_x_ptr, loss_ptr, lse_ptr, cos_ptr, m_part_ptr, l_part_ptr, n_rows, d, stride_x, n_split,
     inv_t, p_ptr, inv_p_ptr, stride_p,
     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # Merges the splits' partials in split order (deterministic), then the forward's epilogue.
-    if EXCLUDE_DIAG:
-        p_ptr, inv_p_ptr, stride_p = x_ptr, inv_x_ptr, stride_x
+    # Merges the splits' partials in split order (deterministic), then the forward's epilogue:
+    # loss = lse - pos. NT-Xent's positive logit is in loss_ptr already (the prologue's); MoCo's
+    # positive key is no column: its logit starts the sum.
     rows, row_ok = own_rows(n_rows, BLOCK_M)
-    dims, dim_ok = feature_dims(d, BLOCK_D)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
-    pos, cos = load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, n_rows, n_pairs,
-                             stride_p, inv_t, EXCLUDE_DIAG, NORMALIZE)
     if EXCLUDE_DIAG:
+        pos = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    else:  # the positive key is no column: its logit (finite) starts the sum
+    else:
+        dims, dim_ok = feature_dims(d, BLOCK_D)
+        xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
+        pos, cos = load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, stride_p, inv_t,
+                                 NORMALIZE)
+        tl.store(cos_ptr + rows, cos, mask=row_ok)
         m_i = pos * LOG2E
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     for s in range(0, n_split):
         m_s = tl.load(m_part_ptr + s * n_rows + rows, mask=row_ok, other=float("-inf"))
         l_s = tl.load(l_part_ptr + s * n_rows + rows, mask=row_ok, other=0.0)
         m_i, l_i = merge_lse(m_i, l_i, m_s, l_s, FIXED_BOUND)
-    store_forward(finish_lse(m_i, l_i, FIXED_BOUND), pos, cos, rows, row_ok, loss_ptr, lse_ptr, cos_ptr, n_pairs)
+    lse = finish_lse(m_i, l_i, FIXED_BOUND)
+    tl.store(loss_ptr + rows, lse - pos, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
 
 
 @triton.jit
-def finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, p_ptr, inv_p_ptr,
-                    n_rows, n_pairs, stride_p, stride_gx, inv_t, eps,
+def finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, p_ptr, p2_ptr,
+                    inv_p_ptr, n_rows, n_pairs, stride_p, stride_p2, stride_gx, stride_gx2, inv_t, eps,
                     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr):
     # the positive pair's term (see _info_nce_bwd_kernel), then the normalisation's backward
-    prow = positive_rows(rows, n_rows, n_pairs, EXCLUDE_DIAG)
+    if EXCLUDE_DIAG:
+        prow = (rows + n_pairs) % n_rows  # the other view of the same example
+    else:
+        prow = rows  # the key of the same example
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-    xp = load_rows(p_ptr, prow, row_ok, dims, dim_ok, stride_p).to(tl.float32)
+    xp = load_pair_rows(p_ptr, p2_ptr, prow, row_ok, dims, dim_ok, n_pairs, stride_p, stride_p2,
+                        EXCLUDE_DIAG).to(tl.float32)
     if EXCLUDE_DIAG:
         g_p = tl.load(g_ptr + prow, mask=row_ok, other=0.0)
         lse_p = tl.load(lse_ptr + prow, mask=row_ok, other=0.0)
@@ -327,13 +450,14 @@ def finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_p
         gz = (acc + (tl.exp(pos - lse_r) - 1.0)[:, None] * xp) * (g_r * inv_t)[:, None]
     if NORMALIZE:
         gz = normalize_backward(xr.to(tl.float32), inv_xr, gz, eps)
-    store_rows(gx_ptr, rows, row_ok, dims, dim_ok, stride_gx, gz)
+    store_pair_rows(gx_ptr, gx2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_gx, stride_gx2, gz, EXCLUDE_DIAG)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_cols"])
 def _info_nce_bwd_kernel(
-    x_ptr, yh_ptr, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, acc_ptr, n_rows, n_pairs, d, stride_x, stride_yh, stride_gx,
-    inv_t, eps, y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y, stride_p,
+    x_ptr, x2_ptr, yh_ptr, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, acc_ptr, n_rows, n_pairs, d, stride_x,
+    stride_x2, stride_yh, stride_gx, stride_gx2, inv_t, eps, y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y,
+    stride_p,
     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -347,22 +471,26 @@ def _info_nce_bwd_kernel(
     # low temperatures, late training) the two terms nearly cancel, and rounding the weight and
     # zhat_p(i) to bf16 inside the tile product would leave an error of the size of the terms.
     # Logits come from the raw rows scaled by r_i r_j (as in the forward, so p matches its lse);
-    # the product w @ yhat reads yh, normalised once before the launch: normalising each column
-    # tile here costs a [BLOCK_N, BLOCK_D] fp32 tile of registers and a trip back to shared memory.
+    # with NORMALIZE the product w @ yhat reads yh (one [n_cols, d] buffer), normalised once before
+    # the launch: normalising each column tile here costs a [BLOCK_N, BLOCK_D] fp32 tile of
+    # registers and a trip back to shared memory; without, it reuses the raw column tile.
     # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij c_i / g_i with e_ij = 2^u_ij and
     # c_i = g_i 2^-lse_i, so one exponential per logit serves both p_ij and p_ji. With |u| <= 58,
     # e and 2^-lse stay within 2^+-75 for 2B <= 2^17 rows: c overflows only for weights g > 2^70.
     # SPLIT: this program's columns only; its sum goes to acc_ptr (fp32) for the combine kernel.
-    if EXCLUDE_DIAG:
-        y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y, stride_p = (x_ptr, inv_x_ptr, x_ptr, inv_x_ptr,
-                                                                          n_rows, stride_x, stride_x)
+    if EXCLUDE_DIAG:  # the columns and the positives are the rows [z1; z2]
+        y_ptr, y2_ptr, inv_y_ptr, n_cols, stride_y, stride_y2 = x_ptr, x2_ptr, inv_x_ptr, n_rows, stride_x, stride_x2
+        p_ptr, p2_ptr, inv_p_ptr, stride_p, stride_p2 = x_ptr, x2_ptr, inv_x_ptr, stride_x, stride_x2
+    else:
+        y2_ptr, stride_y2, p2_ptr, stride_p2 = y_ptr, stride_y, p_ptr, stride_p
     rows, row_ok = own_rows(n_rows, BLOCK_M)
-    prow = positive_rows(rows, n_rows, n_pairs, EXCLUDE_DIAG)  # a column for NT-Xent only
     dims, dim_ok = feature_dims(d, BLOCK_D)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
+    xr = load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, EXCLUDE_DIAG)
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, NORMALIZE, BLOCK_M)
+    if EXCLUDE_DIAG:
+        prow = (rows + n_pairs) % n_rows
     if FIXED_BOUND:
         c_r = g_r * tl.exp2(-lse_r)
     lo, hi = split_columns(n_cols, SPLIT, BLOCK_N)
@@ -370,7 +498,7 @@ def _info_nce_bwd_kernel(
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
-        yc = load_rows(y_ptr, cols, col_ok, dims, dim_ok, stride_y)
+        yc = load_pair_rows(y_ptr, y2_ptr, cols, col_ok, dims, dim_ok, n_pairs, stride_y, stride_y2, EXCLUDE_DIAG)
         if EXCLUDE_DIAG:
             lse_c = tl.load(lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
             g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
@@ -389,7 +517,7 @@ def _info_nce_bwd_kernel(
             # The normalised tile (|yhat| <= 1 fits any dtype); folding r_j into w instead
             # overflows fp16/bf16 for near-zero rows (r_j = 1/EPS) and gives inf * 0.
             yc = load_rows(yh_ptr, cols, col_ok, dims, dim_ok, stride_yh)
-        acc += tl.dot(w.to(y_ptr.dtype.element_ty), yc, input_precision=PRECISION)
+        acc += tl.dot(w.to(x_ptr.dtype.element_ty), yc, input_precision=PRECISION)
     if SPLIT:
         if EXCLUDE_DIAG:
             # 2B rows: one [2B, d] buffer that every split adds into with float atomics, in no
@@ -399,42 +527,138 @@ def _info_nce_bwd_kernel(
         else:  # a queue's B rows are few: a [B, d] slot per split, summed in order by the combine
             store_rows(acc_ptr, tl.program_id(1) * n_rows + rows, row_ok, dims, dim_ok, d, acc)
     else:
-        finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, p_ptr, inv_p_ptr,
-                        n_rows, n_pairs, stride_p, stride_gx, inv_t, eps, EXCLUDE_DIAG, NORMALIZE)
+        finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, p_ptr, p2_ptr,
+                        inv_p_ptr, n_rows, n_pairs, stride_p, stride_p2, stride_gx, stride_gx2, inv_t, eps,
+                        EXCLUDE_DIAG, NORMALIZE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_split"])
 def _info_nce_bwd_combine_kernel(
-    x_ptr, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, acc_ptr, n_rows, n_pairs, d, stride_x, stride_gx, n_split, inv_t, eps,
-    p_ptr, inv_p_ptr, stride_p,
+    x_ptr, x2_ptr, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, acc_ptr, n_rows, n_pairs, d, stride_x, stride_x2,
+    stride_gx, stride_gx2, n_split, inv_t, eps, p_ptr, inv_p_ptr, stride_p,
     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Sums the splits' gradient slots in split order, then the backward's epilogue.
     if EXCLUDE_DIAG:
-        p_ptr, inv_p_ptr, stride_p = x_ptr, inv_x_ptr, stride_x
+        p_ptr, p2_ptr, inv_p_ptr, stride_p, stride_p2 = x_ptr, x2_ptr, inv_x_ptr, stride_x, stride_x2
+    else:
+        p2_ptr, stride_p2 = p_ptr, stride_p
     rows, row_ok = own_rows(n_rows, BLOCK_M)
     dims, dim_ok = feature_dims(d, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for s in range(0, n_split):
         acc += load_rows(acc_ptr, s * n_rows + rows, row_ok, dims, dim_ok, d)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
-    finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, p_ptr, inv_p_ptr,
-                    n_rows, n_pairs, stride_p, stride_gx, inv_t, eps, EXCLUDE_DIAG, NORMALIZE)
+    xr = load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, EXCLUDE_DIAG)
+    finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, p_ptr, p2_ptr,
+                    inv_p_ptr, n_rows, n_pairs, stride_p, stride_p2, stride_gx, stride_gx2, inv_t, eps,
+                    EXCLUDE_DIAG, NORMALIZE)
 
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent's symmetric kernels: with normalised rows and the fixed bound, e_ij = 2^u_ij with
+# u_ij = s_ij log2(e) / t is symmetric (s_ij = s_ji and no per-row maximum), so a tile of block
+# rows I against block columns J gives both the row sums of I and the column sums of J, and in
+# the backward w_ij = e_ij (c_i + c_j) is symmetric too: W_IJ yhat_J goes to rows I and
+# W_IJ^T xhat_I to rows J. Only tiles with J >= I are computed: half the exponentials and half
+# the logit products of the kernels above (the backward's two gradient products per tile make it
+# 3 products per computed tile against 4 per pair of tiles). Each program takes a run of tiles
+# (I, J0 .. J0 + run - 1) from a table; its row sums (or gradient rows) stay in registers across
+# the run, and every sum leaves the program through float atomics into an fp32 buffer that the
+# prologue zeroed (so the wrappers take these kernels only where deterministic algorithms are
+# off). A diagonal tile is square and symmetric: its row sums are its column sums, counted once.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_run(tile_ptr, n_blocks, run):
+    """(row block I, first and last+1 column block) of this program's run of tiles."""
+    bi = tl.load(tile_ptr + 2 * tl.program_id(0))
+    bj0 = tl.load(tile_ptr + 2 * tl.program_id(0) + 1)
+    return bi, bj0, tl.minimum(bj0 + run, n_blocks)
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_blocks", "run"])
+def _nt_xent_sym_fwd_kernel(
+    x_ptr, x2_ptr, inv_x_ptr, l_ptr, tile_ptr, n_rows, n_pairs, d, stride_x, stride_x2, inv_t, n_blocks, run,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    bi, bj0, bj1 = tile_run(tile_ptr, n_blocks, run)
+    rows = bi * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    dims, dim_ok = feature_dims(d, BLOCK_D)
+    xr = load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, True)
+    scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, True, BLOCK)
+    l_r = tl.zeros([BLOCK], dtype=tl.float32)
+    for bj in range(bj0, bj1):
+        cols = bj * BLOCK + tl.arange(0, BLOCK)
+        col_ok = cols < n_rows
+        yc = load_pair_rows(x_ptr, x2_ptr, cols, col_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, True)
+        u = compute_logits(xr, yc, scale_r, inv_x_ptr, cols, col_ok, True, PRECISION)
+        valid = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != rows[:, None])
+        e = tl.exp2(tl.where(valid, u, float("-inf")))  # |u| <= 58: no maximum needed (FIXED_BOUND)
+        l_r += tl.sum(e, axis=1)
+        tl.atomic_add(l_ptr + cols, tl.sum(e, axis=0), mask=col_ok & (bj != bi), sem="relaxed")
+    tl.atomic_add(l_ptr + rows, l_r, mask=row_ok, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_blocks", "run"])
+def _nt_xent_sym_bwd_kernel(
+    x_ptr, x2_ptr, xh_ptr, inv_x_ptr, lse_ptr, g_ptr, acc_ptr, tile_ptr, n_rows, n_pairs, d, stride_x, stride_x2,
+    inv_t, n_blocks, run,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # w_ij = g_i p_ij + g_j p_ji = e_ij (c_i + c_j), c_i = g_i 2^-lse_i, with the diagonal and the
+    # positive pair left out (the positive is added in fp32 by the finishing kernel, as in
+    # _info_nce_bwd_kernel): acc_I += W_IJ xhat_J and acc_J += W_IJ^T xhat_I.
+    bi, bj0, bj1 = tile_run(tile_ptr, n_blocks, run)
+    rows = bi * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n_rows
+    prow = (rows + n_pairs) % n_rows
+    dims, dim_ok = feature_dims(d, BLOCK_D)
+    xr = load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, True)
+    xhr = load_rows(xh_ptr, rows, row_ok, dims, dim_ok, d)
+    scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, True, BLOCK)
+    c_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0) * tl.exp2(
+        -tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for bj in range(bj0, bj1):
+        cols = bj * BLOCK + tl.arange(0, BLOCK)
+        col_ok = cols < n_rows
+        yc = load_pair_rows(x_ptr, x2_ptr, cols, col_ok, dims, dim_ok, n_pairs, stride_x, stride_x2, True)
+        c_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0) * tl.exp2(
+            -tl.load(lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E)
+        u = compute_logits(xr, yc, scale_r, inv_x_ptr, cols, col_ok, True, PRECISION)
+        valid = (row_ok[:, None] & col_ok[None, :] & (cols[None, :] != rows[:, None])
+                 & (cols[None, :] != prow[:, None]))
+        w = (tl.exp2(tl.where(valid, u, float("-inf"))) * (c_r[:, None] + c_c[None, :])).to(x_ptr.dtype.element_ty)
+        acc += tl.dot(w, load_rows(xh_ptr, cols, col_ok, dims, dim_ok, d), input_precision=PRECISION)
+        acc_c = tl.dot(tl.trans(w), xhr, input_precision=PRECISION)
+        tl.atomic_add(row_ptrs(acc_ptr, cols, dims, d), acc_c, mask=(col_ok & (bj != bi))[:, None] & dim_ok[None, :],
+                      sem="relaxed")
+    tl.atomic_add(row_ptrs(acc_ptr, rows, dims, d), acc, mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# launch wrappers
+# --------------------------------------------------------------------------------------------
+
+# elementwise rows per program of the forward's finishing launch (NT-Xent reads no feature rows)
+_FINISH_ROWS = 128
 
 _TUNING_KEY = ["n_rows", "n_cols", "d", "EXCLUDE_DIAG", "NORMALIZE", "FIXED_BOUND", "SPLIT", "PRECISION"]
-_info_nce_fwd_tuned = autotuned(CONFIGS, _TUNING_KEY)(_info_nce_fwd_kernel)
+# the unsplit forward turns the prologue's positive logits in loss_ptr into losses: every trial
+# launch must start from them
+_info_nce_fwd_tuned = autotuned(CONFIGS, _TUNING_KEY, restore_value=["loss_ptr"])(_info_nce_fwd_kernel)
 # the split backward accumulates into acc_ptr: the autotuner zeroes it before every trial launch
-_info_nce_bwd_tuned = autotuned(CONFIGS, _TUNING_KEY, reset_to_zero=["acc_ptr"])(
-    _info_nce_bwd_kernel)
+_info_nce_bwd_tuned = autotuned(CONFIGS, _TUNING_KEY, reset_to_zero=["acc_ptr"])(_info_nce_bwd_kernel)
 
 
-def _launch_columns(kernel, tuned, x: torch.Tensor, args: tuple, const: dict, splits, fixed=None) -> int:
-    """Launches kernel with the fixed tiles (`fixed`, else `tiles`) or, where there is a tuned
-    version and `autotune` says so, that, over (row tiles, splits(BLOCK_M)). Returns how many
+def _launch_columns(kernel, tuned, n: int, d: int, x: torch.Tensor, args: tuple, const: dict, splits,
+                    fixed=None) -> int:
+    """Launches kernel over n rows with the fixed tiles (`fixed`, else `tiles`) or, where there is a
+    tuned version and `autotune` says so, that, over (row tiles, splits(BLOCK_M)). Returns how many
     splits ran: the tile choice decides, and the combine kernel must read those alone (an
     autotuner's trial configs leave partials in the splits beyond)."""
-    n, d = x.shape
     if tuned is not None and autotune(x):
         tuned[lambda meta: (cdiv(n, meta["BLOCK_M"]), splits(meta["BLOCK_M"]))](*args, **const)
         return splits(tuned.best_config.kwargs["BLOCK_M"])
@@ -449,32 +673,76 @@ def _forward_outputs(n: int, n_pairs: int, device: torch.device):
             torch.empty(n_pairs, device=device, dtype=torch.float32))
 
 
+def _rows(z: torch.Tensor) -> torch.Tensor:
+    """z with unit column stride, the only layout the kernels read (rows may have any stride)."""
+    return z if z.stride(1) == 1 or z.shape[1] == 1 else z.contiguous()
+
+
+def _prologue(z1, z2, inv, eps, inv_t=1.0, normalize=True, cos=None, pos=None, xh=None, zero=None):
+    """One launch of _nt_xent_prologue_kernel: r into inv [2B]; with cos and pos, the positives;
+    with xh, the normalised rows; with zero, an fp32 buffer of [2B] or [2B, d] zeroed."""
+    b, d = z1.shape
+    bm = _rowwise_rows(d)
+    _nt_xent_prologue_kernel[(cdiv(b, bm),)](
+        z1, z2, inv, inv if cos is None else cos, inv if pos is None else pos, z1 if xh is None else xh,
+        inv if zero is None else zero, b, d, z1.stride(0), z2.stride(0), inv_t, eps,
+        NORMALIZE=normalize, FORWARD=cos is not None, WRITE_XHAT=xh is not None,
+        ZERO_SUMS=zero is not None and zero.dim() == 1, ZERO_ROWS=zero is not None and zero.dim() == 2,
+        BLOCK_M=bm, BLOCK_D=block_d(d))
+
+
+def _symmetric_launch(kernel, z1: torch.Tensor, z2: torch.Tensor, buffers: tuple, inv_t: float):
+    """Launches a symmetric kernel over its table of tile runs: (z1, z2, *buffers, table, sizes)."""
+    half, d = z1.shape
+    n = 2 * half
+    block, nw, ns = symmetric_tiles(d, z1.device, z1.dtype)
+    n_blocks = cdiv(n, block)
+    run = symmetric_run(n_blocks, z1.device)
+    table = _tile_table(n_blocks, run, z1.device)
+    kernel[(table.shape[0],)](z1, z2, *buffers, table, n, half, d, z1.stride(0), z2.stride(0), inv_t, n_blocks, run,
+                              BLOCK=block, BLOCK_D=block_d(d), PRECISION=precision(z1.dtype, "tf32x3"),
+                              num_warps=nw, num_stages=ns)
+
+
 @on_tensor_device
 def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, eps: float):
     """z1, z2 [B, d], one dtype. Returns (loss_rows [2B], lse [2B], cos [B]), fp32."""
-    x = torch.cat([z1, z2], dim=0).contiguous()
-    n, d = x.shape
-    half = n // 2
-    r = row_rnorm(x, eps)
-    loss, lse, cos = _forward_outputs(n, half, x.device)
+    z1, z2 = _rows(z1), _rows(z2)
+    half, d = z1.shape
+    n = 2 * half
+    device = z1.device
+    inv_t = 1.0 / temperature
+    inv = torch.empty(n, device=device, dtype=torch.float32)
+    loss, lse, cos = _forward_outputs(n, half, device)  # loss holds the positive logits until the end
+    sym = symmetric(normalize, temperature, d)
     fixed = normalize and temperature >= FIXED_BOUND_MIN_T
-    parts = _max_column_splits(n, x.device)
+    sums = torch.empty(n, device=device, dtype=torch.float32) if sym else None
+    _prologue(z1, z2, inv, eps, inv_t, normalize, cos=cos, pos=loss, zero=sums)
+    const = dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d))
+    combine = (z1, inv, loss, lse, cos)
+    if sym:
+        _symmetric_launch(_nt_xent_sym_fwd_kernel, z1, z2, (inv, sums), inv_t)
+        _info_nce_fwd_combine_kernel[(cdiv(n, _FINISH_ROWS),)](
+            *combine, sums, sums, n, d, z1.stride(0), 1, inv_t, z1, inv, z1.stride(0),
+            BLOCK_M=_FINISH_ROWS, num_warps=4, **const)
+        return loss, lse, cos
+    parts = _max_column_splits(n, device)
     split = parts > 1
     if split:  # every launched split writes its (max, sum) for all its rows
-        m_part = torch.empty((parts, n), device=x.device, dtype=torch.float32)
-        l_part = torch.empty((parts, n), device=x.device, dtype=torch.float32)
+        m_part = torch.empty((parts, n), device=device, dtype=torch.float32)
+        l_part = torch.empty((parts, n), device=device, dtype=torch.float32)
     else:
         m_part = l_part = loss  # not read by the unsplit kernel
-    head = (x, r, loss, lse, cos, m_part, l_part, n, half, d, x.stride(0))
-    const = dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d))
     launched = _launch_columns(
-        _info_nce_fwd_kernel, _info_nce_fwd_tuned, x,
-        head + (1.0 / temperature,) + (x, r, x, r, n, x.stride(0), x.stride(0)),  # the columns: x itself
-        dict(const, SPLIT=split, PRECISION=precision(x.dtype)),
-        lambda bm: min(parts, column_splits(n, bm, x.device)) if split else 1)
+        _info_nce_fwd_kernel, _info_nce_fwd_tuned, n, d, z1,
+        (z1, z2, inv, loss, lse, m_part, l_part, n, half, d, z1.stride(0), z2.stride(0), inv_t, z1, inv, n,
+         z1.stride(0)),  # the columns: the rows themselves
+        dict(const, SPLIT=split, PRECISION=precision(z1.dtype, "tf32x3")),
+        lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
     if split:
-        _info_nce_fwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
-            *head, launched, 1.0 / temperature, x, r, x.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
+        _info_nce_fwd_combine_kernel[(cdiv(n, _FINISH_ROWS),)](
+            *combine, m_part, l_part, n, d, z1.stride(0), launched, inv_t, z1, inv, z1.stride(0),
+            BLOCK_M=_FINISH_ROWS, num_warps=4, **const)
     return loss, lse, cos
 
 
@@ -483,31 +751,42 @@ def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse
                 temperature: float, normalize: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_rows_i * loss_i with respect to z1 and z2 (two separate tensors,
     dtype of z1)."""
-    x = torch.cat([z1, z2], dim=0).contiguous()
-    n, d = x.shape
-    half = n // 2
-    # without normalisation no kernel reads the norms: lse stands in for them
-    r, xh = row_normalize(x, eps) if normalize else (lse, x)
-    g = grad_rows.to(torch.float32).contiguous()
-    gx = torch.empty_like(x)
-    # Splitting the columns sums each row's gradient with float atomics, in no fixed order.
-    parts = 1 if torch.are_deterministic_algorithms_enabled() else _max_column_splits(n, x.device)
-    split = parts > 1
-    acc = torch.zeros(n, d, device=x.device, dtype=torch.float32) if split else gx
+    z1, z2 = _rows(z1), _rows(z2)
+    half, d = z1.shape
+    n = 2 * half
+    device = z1.device
     inv_t = 1.0 / temperature
+    g = grad_rows.to(torch.float32).contiguous()
+    g1, g2 = torch.empty_like(z1), torch.empty_like(z2)
+    sym = symmetric(normalize, temperature, d)
+    # Splitting the columns sums each row's gradient with float atomics, in no fixed order.
+    parts = 1 if sym or torch.are_deterministic_algorithms_enabled() else _max_column_splits(n, device)
+    split = parts > 1
+    acc = torch.empty(n, d, device=device, dtype=torch.float32) if split or sym else None
+    xh = torch.empty((n, d), device=device, dtype=z1.dtype) if normalize else None
+    if normalize or acc is not None:
+        inv = torch.empty(n, device=device, dtype=torch.float32)
+        _prologue(z1, z2, inv, eps, xh=xh, zero=acc)
+    else:
+        inv = lse  # without normalisation no kernel reads the norms: lse stands in for them
+    finish = (z1, z2, inv, lse, g, g1, g2, acc, n, half, d, z1.stride(0), z2.stride(0), g1.stride(0), g2.stride(0),
+              1, inv_t, eps, z1, inv, z1.stride(0))
     const = dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, BLOCK_D=block_d(d))
-    _launch_columns(
-        _info_nce_bwd_kernel, _info_nce_bwd_tuned, x,
-        (x, xh, r, lse, g, gx, acc, n, half, d, x.stride(0), xh.stride(0), gx.stride(0), inv_t, eps,
-         x, r, x, r, n, x.stride(0), x.stride(0)),  # the columns: x itself
-        dict(const, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, SPLIT=split,
-             PRECISION=precision(x.dtype)),
-        lambda bm: min(parts, column_splits(n, bm, x.device)) if split else 1)
-    if split:  # the atomics summed every split into one slot
+    if sym:
+        _symmetric_launch(_nt_xent_sym_bwd_kernel, z1, z2, (xh, inv, lse, g, acc), inv_t)
+    else:
+        yh = z1 if xh is None else xh  # not read without normalisation
+        _launch_columns(
+            _info_nce_bwd_kernel, _info_nce_bwd_tuned, n, d, z1,
+            (z1, z2, yh, inv, lse, g, g1, g2, g1 if acc is None else acc, n, half, d, z1.stride(0), z2.stride(0),
+             yh.stride(0), g1.stride(0), g2.stride(0), inv_t, eps, z1, inv, z1, inv, n, z1.stride(0), z1.stride(0)),
+            dict(const, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, SPLIT=split,
+                 PRECISION=precision(z1.dtype, "tf32x3")),
+            lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
+    if acc is not None:  # the atomics summed every split (or tile) into one slot per row
         _info_nce_bwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
-            x, r, lse, g, gx, acc, n, half, d, x.stride(0), gx.stride(0), 1, inv_t, eps, x, r, x.stride(0),
-            BLOCK_M=_combine_rows(d), num_warps=4, **const)
-    return gx[:half].clone(), gx[half:].clone()
+            *finish, BLOCK_M=_combine_rows(d), num_warps=4, **const)
+    return g1, g2
 
 
 @on_tensor_device
@@ -521,14 +800,16 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
     m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
     loss, lse, cos = _forward_outputs(b, b, q.device)
-    head = (q, rq, loss, lse, cos, m_part, l_part, b, b, d, q.stride(0))
+    inv_t = 1.0 / temperature
     const = dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, FIXED_BOUND=False, BLOCK_D=block_d(d))
     _launch_columns(
-        _info_nce_fwd_kernel, None, q,
-        head + (1.0 / temperature, queue, rqu, k, rk, kq, queue.stride(0), k.stride(0)),
-        dict(const, SPLIT=True, PRECISION=precision(q.dtype)), lambda bm: n_split, fixed)
+        _info_nce_fwd_kernel, None, b, d, q,
+        (q, q, rq, loss, lse, m_part, l_part, b, b, d, q.stride(0), q.stride(0), inv_t, queue, rqu, kq,
+         queue.stride(0)),
+        dict(const, SPLIT=True, PRECISION=precision(q.dtype, "tf32x3")), lambda bm: n_split, fixed)
     _info_nce_fwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
-        *head, n_split, 1.0 / temperature, k, rk, k.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
+        q, rq, loss, lse, cos, m_part, l_part, b, d, q.stride(0), n_split, inv_t, k, rk, k.stride(0),
+        BLOCK_M=_combine_rows(d), num_warps=4, **const)
     return loss, lse, cos
 
 
@@ -548,13 +829,13 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     inv_t = 1.0 / temperature
     const = dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, BLOCK_D=block_d(d))
     _launch_columns(
-        _info_nce_bwd_kernel, None, q,
-        (q, quh, rq, lse, g, gq, part, b, b, d, q.stride(0), quh.stride(0), gq.stride(0), inv_t, eps,
-         queue, rqu, k, rk, kq, queue.stride(0), k.stride(0)),
-        dict(const, FIXED_BOUND=False, SPLIT=True, PRECISION=precision(q.dtype)), lambda bm: n_split, fixed)
+        _info_nce_bwd_kernel, None, b, d, q,
+        (q, q, quh, rq, lse, g, gq, gq, part, b, b, d, q.stride(0), q.stride(0), quh.stride(0), gq.stride(0),
+         gq.stride(0), inv_t, eps, queue, rqu, k, rk, kq, queue.stride(0), k.stride(0)),
+        dict(const, FIXED_BOUND=False, SPLIT=True, PRECISION=precision(q.dtype, "tf32x3")), lambda bm: n_split, fixed)
     _info_nce_bwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
-        q, rq, lse, g, gq, part, b, b, d, q.stride(0), gq.stride(0), n_split, inv_t, eps, k, rk, k.stride(0),
-        BLOCK_M=_combine_rows(d), num_warps=4, **const)
+        q, q, rq, lse, g, gq, gq, part, b, b, d, q.stride(0), q.stride(0), gq.stride(0), gq.stride(0), n_split, inv_t,
+        eps, k, rk, k.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
     return gq
 
 
@@ -573,7 +854,7 @@ def load_pair(a_ptr, b_ptr, n_rows, d, stride_a, stride_b, eps, BLOCK_M: tl.cons
     return rows, row_ok, dims, dim_ok, a, b, reciprocal_norms(a, eps), reciprocal_norms(b, eps)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _pair_cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, n_rows, d, stride_a, stride_b, eps,
                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, row_ok, _, _, a, b, inv_a, inv_b = load_pair(a_ptr, b_ptr, n_rows, d, stride_a, stride_b, eps,
@@ -581,7 +862,7 @@ def _pair_cosine_fwd_kernel(a_ptr, b_ptr, cos_ptr, n_rows, d, stride_a, stride_b
     tl.store(cos_ptr + rows, tl.sum(a * b, axis=1) * inv_a * inv_b, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _pair_cosine_bwd_kernel(a_ptr, b_ptr, g_ptr, ga_ptr, gb_ptr, n_rows, d, stride_a, stride_b, stride_ga,
                             stride_gb, eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, row_ok, dims, dim_ok, a, b, inv_a, inv_b = load_pair(a_ptr, b_ptr, n_rows, d, stride_a, stride_b, eps,
