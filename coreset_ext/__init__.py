@@ -5,6 +5,7 @@
     criterion = cx.nn.NTXentLoss(temperature=0.5)
     loss = criterion(z1, z2, index=batch_index, scores=tracker.sums["css"])
     selection = cx.select("css", fraction=0.1, scores=tracker.mean("css"))
+    scores = cx.score(pretrained_encoder, dataset, views=4)["css"]   # CSS of any encoder, no training
 
 `python -m coreset_ext info` shows which backend serves each op on this machine.
 """
@@ -19,6 +20,8 @@ from coreset_ext import nn, ops, reference  # noqa: E402
 from coreset_ext.cluster import KMeans  # noqa: E402
 from coreset_ext.scores import ScoreTracker, TrainingDynamics  # noqa: E402
 from coreset_ext.select import Selection, select  # noqa: E402
+from coreset_ext.train.data import with_index  # noqa: E402
+from coreset_ext.train.embed import score  # noqa: E402
 
-__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "nn", "ops", "reference", "select",
-           "__version__"]
+__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "nn", "ops", "reference", "score", "select",
+           "with_index", "__version__"]

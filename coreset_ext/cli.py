@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 import time
 import zipfile
+from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -16,10 +20,10 @@ from coreset_ext.train import TrainConfig
 from coreset_ext.train.data import SOURCES, load_dataset
 from coreset_ext.train.embed import load_embeddings
 from coreset_ext.train.evaluate import EVALUATORS, evaluate_ssl, write_results
-from coreset_ext.train.models import ENCODERS
+from coreset_ext.train.models import ENCODERS, PREFIXES
 from coreset_ext.train.pipeline import (DEFAULT_METHODS, MethodSpec, evaluate_selections, load_run, run_pipeline,
                                         train_and_embed)
-from coreset_ext.train.trainer import CSS_ON, METHODS
+from coreset_ext.train.trainer import AMP, CSS_ON, LR_SCHEDULES, METHODS
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -35,8 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="build information and the backend serving each op here")
     p.set_defaults(func=_cmd_info)
-    _add_main_job_commands(sub)
+    parser.train_parser = _add_main_job_commands(sub)
     return parser
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes each record to whatever sys.stdout is at the time (a caller may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_library_logs() -> None:
+    """The library reports progress through logging (`coreset_ext.*`); the command prints it as plain lines."""
+    log = logging.getLogger("coreset_ext")
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    _show_library_logs()
     try:
+        if getattr(args, "config", None) is not None:  # the file's values become defaults; flags given win
+            parser.train_parser.set_defaults(**read_train_config(args.config))
+            args = parser.parse_args(argv)
         return args.func(args)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         # bad input or an unreadable file (missing, truncated, a folder): one clear line, no traceback;
@@ -126,22 +156,70 @@ def _add_evaluation_args(p: argparse.ArgumentParser, evaluators: list[str], eval
                    help="contrastive epochs per subset in the ssl protocol")
 
 
+# TrainConfig fields a config file may set (every field but `progress`, which a flag sets), and the
+# two data options; the file's values become the train command's defaults.
+_CONFIG_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "progress") + ("data", "data_dir")
+
+
+def read_train_config(path: str) -> dict:
+    """The train command's settings from a .json/.yaml/.yml file: a run's config.json (its "train"
+    record, and the data of its "source"), or a flat mapping of TrainConfig fields plus `data` and
+    `data_dir`. Unknown keys and unreadable files are a ValueError naming the file."""
+    p = Path(path)
+    if p.suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"--config: {p} must be a .json, .yaml or .yml file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            content = json.loads(text)
+        else:
+            import yaml
+
+            content = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 -- json and yaml each raise their own error types
+        raise ValueError(f"--config: {p} cannot be parsed ({type(e).__name__}: {e})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"--config: {p} must hold a mapping of settings, got {type(content).__name__}")
+    if isinstance(content.get("train"), dict):  # a run's config.json
+        source = content.get("source") if isinstance(content.get("source"), dict) else {}
+        content = {**content["train"], **{k: source[k] for k in ("data", "data_dir") if k in source}}
+        content.pop("progress", None)
+    unknown = sorted(set(content) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"--config: {p} has unknown settings {unknown}; known: {', '.join(_CONFIG_KEYS)}")
+    if content.get("amp") is None and "amp" in content:
+        content["amp"] = "auto"
+    return content
+
+
 def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
     return TrainConfig(method=method, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, temperature=args.temperature, css_on=args.css_on, seed=args.seed,
-                       device=args.device, progress=not args.no_progress, queue_size=args.queue_size,
-                       width=args.width)
+                       lr=args.lr, weight_decay=args.weight_decay, temperature=args.temperature, css_on=args.css_on,
+                       seed=args.seed, device=args.device, progress=not args.no_progress, queue_size=args.queue_size,
+                       width=args.width, proj_dim=args.proj_dim, proj_hidden=args.proj_hidden,
+                       momentum=args.momentum, amp=None if args.amp == "auto" else args.amp,
+                       checkpoint_every=args.checkpoint_every, lr_schedule=args.lr_schedule,
+                       warmup_epochs=args.warmup_epochs, pretrained=args.pretrained)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args, args.method)
     train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
     test_ds = load_dataset(args.data, split="test", data_dir=args.data_dir)
-    out = train_and_embed(cfg, train_ds, test_ds, args.out, resume=not args.no_resume)
+    out = train_and_embed(cfg, train_ds, test_ds, args.out, resume=not args.no_resume,
+                          source={"data": args.data, "data_dir": args.data_dir})
     s = out["scores"]
     print(f"trained {cfg.method} on {train_ds.name} ({len(train_ds)} examples) for {cfg.epochs} epochs; "
-          f"CSS mean {float(s.nanmean()):.4f}; wrote {args.out}/scores.npz, embeddings.npz, checkpoints/last.pt")
+          f"CSS mean {float(s.nanmean()):.4f}; wrote {args.out}/config.json, metrics.csv, scores.npz, "
+          "embeddings.npz, checkpoints/last.pt, checkpoints/encoder.safetensors")
     return 0
+
+
+def _encoder(text: str) -> str:
+    if text.startswith(PREFIXES) and text.partition(":")[2] or text in ENCODERS.values:
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(ENCODERS.values)}, torchvision:<name> or "
+                                     f"timm:<name>, got {text!r}")
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
@@ -266,21 +344,39 @@ def _add_job_command(sub, name: str, func, help: str, description: str) -> argpa
     return p
 
 
-def _add_main_job_commands(sub) -> None:
-    p = _add_job_command(sub, "train", _cmd_train,
+def _add_main_job_commands(sub) -> argparse.ArgumentParser:
+    train = p = _add_job_command(sub, "train", _cmd_train,
                          help="train SimCLR or MoCo v2 and score every example (CSS) while training",
                          description="Train a contrastive model on the training split, accumulating each example's "
-                                     "positive-pair cosine (CSS score). Writes OUT/config.json, OUT/checkpoints/last.pt, "
-                                     "OUT/scores.npz and OUT/embeddings.npz; resumes from OUT's checkpoint if present.")
+                                     "positive-pair cosine (CSS score). Writes OUT/config.json, OUT/metrics.csv, "
+                                     "OUT/checkpoints/last.pt and encoder.safetensors, OUT/scores.npz and "
+                                     "OUT/embeddings.npz; resumes from OUT's checkpoint if present. --config replays "
+                                     "a run's config.json (or reads a .yaml/.json of settings); flags given win.")
     p.add_argument("--out", required=True, type=_path, help="run directory")
+    p.add_argument("--config", default=None, type=_path, metavar="FILE",
+                   help="settings from a .json/.yaml file, e.g. a run's config.json (flags given override them)")
     p.add_argument("--method", default="simclr", choices=METHODS.values)
-    p.add_argument("--encoder", default="small_cnn", choices=ENCODERS.values)
+    p.add_argument("--encoder", default="auto", type=_encoder,
+                   help=f"{', '.join(ENCODERS.values)}, torchvision:<name> (e.g. torchvision:resnet18) or "
+                        "timm:<name> (when timm is installed); auto: small_cnn for images and signals, mlp for vectors")
+    p.add_argument("--pretrained", default=None, type=_path, metavar="PATH",
+                   help="local weights for the encoder (.pt/.pth state dict or .safetensors); nothing is downloaded")
     p.add_argument("--width", type=_positive_int, default=32, help="small_cnn channel width")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--lr-schedule", default="constant", choices=LR_SCHEDULES.values,
+                   help="cosine: decays to 0 at the last epoch, after --warmup-epochs of linear warm-up")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--amp", default="auto", choices=["auto", *AMP.values],
+                   help="bf16 autocast (also on the CPU), off, or auto: bf16 on CUDA, off on the CPU")
     p.add_argument("--temperature", type=float, default=None, help="None: 0.5 for SimCLR, 0.2 for MoCo")
+    p.add_argument("--proj-dim", type=int, default=64, help="projection head output width")
+    p.add_argument("--proj-hidden", type=int, default=128, help="projection head hidden width")
     p.add_argument("--queue-size", type=int, default=1024, help="MoCo negatives queue")
+    p.add_argument("--momentum", type=float, default=0.99, help="MoCo key encoder momentum")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     p.add_argument("--css-on", default="projection", choices=CSS_ON.values,
                    help="embedding whose positive-pair cosine is the CSS score")
     p.add_argument("--seed", type=int, default=0)
@@ -362,6 +458,7 @@ def _add_main_job_commands(sub) -> None:
     p.add_argument("--threads", type=_threads, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--scratch-steps", type=_positive_int, default=200, help="steps of the scratch evaluator")
     p.add_argument("--no-progress", action="store_true")
+    return train
 
 
 if __name__ == "__main__":

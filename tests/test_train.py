@@ -134,7 +134,7 @@ def test_resume_on_another_kind_of_device_warns_and_continues(tmp_path):
         result = trainer.fit()
     assert trainer.epoch == 2 and bool(torch.isfinite(result.scores()).all())
     config = __import__("json").loads((tmp_path / "config.json").read_text())
-    assert config["resolved"] == {"device": "cpu", "amp": False}
+    assert config["resolved"] == {"device": "cpu", "amp": "off"}
 
 
 @pytest.mark.cuda

@@ -1,9 +1,18 @@
 """Data sets for the trainer: every example comes with its data set index.
 
 All loaders return an `ArrayDataset`: the whole split held in memory as one tensor (uint8 images,
-or float images/embeddings) plus labels (-1 where unknown). Small pools such as CIFAR fit easily,
-and holding them as one tensor lets the trainer gather a batch and augment it on the device
-without a DataLoader. `dataset[i]` returns `(i, x_i, y_i)`, so scores land on the right example.
+or float images/signals/embeddings) plus labels (-1 where unknown). Small pools such as CIFAR fit
+easily, and holding them as one tensor lets the trainer gather a batch and augment it on the
+device without a DataLoader. `dataset[i]` returns `(i, x_i, y_i)`, so scores land on the right example.
+
+Any other map-style `torch.utils.data.Dataset` (yielding `x`, `(x, y)`, or `((view1, view2), y)`
+as lightly and solo-learn datasets do), or a `DataLoader` over `with_index(dataset)`, is read
+through `as_data`, which gives the trainer, the embedding helpers and the evaluators one interface.
+
+Each example's modality is read from its shape (`sample_layout`), and batches reach the
+augmentations and the encoders in one canonical layout: images (C, H, W) (stored channels first or
+last; integer images, 0..255, scaled to [0, 1]), 1-D signals (C, L) (also (C, 1, L) and (C, L, 1),
+e.g. N x 1 x 1 x 40), and vectors (D,) (also (D, 1) and (D, 1, 1)).
 
 Sources:
 - "digits": scikit-learn's handwritten digits (1,797 real 8x8 images shipped inside scikit-learn,
@@ -11,8 +20,9 @@ Sources:
 - "cifar10" / "cifar100": a directory in torchvision's python-pickle format
   (`cifar-10-batches-py/data_batch_1..5, test_batch` or `cifar-100-python/train, test`).
 - "folder": an image folder, one sub-directory per class (needs Pillow).
-- "tensor": a `.pt` or `.npz` file with `images` (N, C, H, W) or `embeddings` (N, D), and
-  optionally `labels` (N,); `.npz` is read without pickle, `.pt` with `weights_only=True`.
+- "tensor": a `.pt` or `.npz` file with `images` (N, C, H, W), `signals` (N, C, L) or
+  `embeddings` (N, D), and optionally `labels` (N,); `.npz` is read without pickle, `.pt` with
+  `weights_only=True`.
   Channels-last images (N, H, W, C) are transposed to (N, C, H, W) when only that reading has
   1, 3 or 4 channels (see `load_tensor_file`).
 
@@ -33,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +64,7 @@ SOURCES = Options("digits", "cifar10", "cifar100", "folder", "tensor")
 SPLITS = Options("train", "test")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what tells (N, C, H, W) from (N, H, W, C)
-_DATA_KEYS = ("images", "embeddings", "x", "data")
+_DATA_KEYS = ("images", "embeddings", "signals", "x", "data")
 _LABEL_KEYS = ("labels", "y")
 
 
@@ -84,11 +95,97 @@ def _labels(values, n: int, where: str, *, low: int = -1, high: int | None = Non
     return torch.from_numpy(y.astype(np.int64))
 
 
+KINDS = {"image": "images", "signal": "signals", "vector": "embeddings"}  # modality -> ArrayDataset.kind
+_HOW = ("pass transform= (a callable making one view of an example; it is called twice per example) and "
+        "your own encoder, or reshape the data to (N, C, H, W) images, (N, C, L) signals or (N, D) vectors")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one stored example reads: its modality ("image", "signal", "vector"), its canonical
+    shape ((C, H, W), (C, L) or (D,)), and whether images are stored channels last."""
+
+    modality: str
+    shape: tuple[int, ...]
+    channels_last: bool = False
+
+    def canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch (N, *stored shape) in the canonical layout (N, *shape): a view where possible."""
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return x.reshape(x.shape[0], *self.shape)
+
+
+def sample_layout(shape: tuple[int, ...], where: str = "data", *, strict: bool = False) -> Layout:
+    """The layout of an example of `shape` (without the batch dimension).
+
+    (D,) is a vector; (C, L) a signal ((D, 1) a vector); (A, B, C) is an image when it has two
+    spatial sizes >= 2, channels first, or channels last when the last size is 1, 3 or 4 (and,
+    where both readings fit, only the last is 1, 3 or 4); otherwise a signal (C, 1, L) or (C, L, 1),
+    or a vector (D, 1, 1). `strict` (tensor files) refuses images whose channels cannot be told
+    (both readings with 1, 3 or 4 channels, or neither), where a Dataset's are read channels first.
+    Any other shape is a ValueError naming it and what to do.
+
+    Example:
+        >>> sample_layout((1, 1, 40)), sample_layout((16, 16, 3)).shape
+        (Layout(modality='signal', shape=(1, 40), channels_last=False), (3, 16, 16))
+    """
+    s = tuple(int(v) for v in shape)
+    if not s or min(s) < 1:
+        raise ValueError(f"{where}: an example must hold at least one value, got shape {s}")
+    if len(s) == 1:
+        return Layout("vector", s)
+    if len(s) == 2:
+        return Layout("vector", (s[0],)) if s[1] == 1 else Layout("signal", s)
+    if len(s) != 3:
+        raise ValueError(f"{where}: examples of shape {s} fit none of the built-in modalities (images (C, H, W) "
+                         f"or (H, W, C), 1-D signals (C, L), vectors (D,)); {_HOW}")
+    a, b, c = s
+    first = b >= 2 and c >= 2
+    last = a >= 2 and b >= 2 and c in _CHANNELS
+    if not first and not last:  # one spatial size or none: a signal, or a vector
+        return Layout("vector", (a,)) if b == c == 1 else Layout("signal", (a, b * c))
+    if first and last and (a in _CHANNELS) != (c in _CHANNELS):
+        channels_last = c in _CHANNELS
+    elif first and last:
+        if strict and a in _CHANNELS:
+            raise ValueError(f"{where} reads both as (N, C, H, W) images with C={a} and as (N, H, W, C) with C={c}; "
+                             f"store them as (N, C, H, W) with C in 1, 3 or 4 and H, W other than 1, 3 and 4 (resize "
+                             "them)")
+        if strict:
+            raise ValueError(f"{where} has neither 1, 3 nor 4 channels, first (N, C, H, W) or last (N, H, W, C); "
+                             "store images as (N, C, H, W) with C in 1, 3 or 4, or as (N, D) embeddings")
+        channels_last = False
+    else:
+        channels_last = last
+        if strict and not last and a not in _CHANNELS:
+            raise ValueError(f"{where} has neither 1, 3 nor 4 channels, first (N, C, H, W) or last (N, H, W, C); "
+                             "store images as (N, C, H, W) with C in 1, 3 or 4, or as (N, D) embeddings")
+    return Layout("image", (c, a, b) if channels_last else s, channels_last)
+
+
+def to_float(x: torch.Tensor, modality: str, where: str = "data") -> torch.Tensor:
+    """A canonical batch as floats: integer images (0..255) scaled to [0, 1], anything else cast;
+    integer images beyond 0..255 are a ValueError naming `where` (scaling them would be a guess)."""
+    if x.is_floating_point():
+        return x.float()
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{where} must hold real numbers (integers or floats), got {x.dtype}")
+    if modality != "image":
+        return x.float()
+    if x.dtype != torch.uint8 and x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+        raise ValueError(f"{where}: integer images must hold values in 0..255 (they are scaled by 1/255), got "
+                         f"{int(x.min())}..{int(x.max())}; store other ranges as floats")
+    return x.float().div_(255.0)
+
+
 class ArrayDataset(torch.utils.data.Dataset):
-    """An in-memory data set of images (N, C, H, W) or embeddings (N, D) with labels (N,).
+    """An in-memory data set of images (N, C, H, W), 1-D signals (N, C, L) or vectors (N, D) with labels (N,).
 
     Args:
-        data: uint8 images (scaled to [0, 1] on access) or float images/embeddings.
+        data: uint8/integer images (0..255, scaled to [0, 1] on access) or float images, signals
+            or embeddings; other layouts of the same modalities (channels-last images, signals
+            (N, C, 1, L) and (N, C, L, 1)) are reshaped to these (`sample_layout`).
         labels: int64 labels, -1 where unknown; None means all unknown.
         name: where the data came from (recorded in configs and selections).
         num_classes: number of classes (None: inferred from the labels).
@@ -96,8 +193,16 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, *, name: str = "tensor",
                  num_classes: int | None = None) -> None:
-        if data.dim() not in (2, 4):
-            raise ValueError(f"data must be (N, C, H, W) images or (N, D) embeddings, got shape {tuple(data.shape)}")
+        if not isinstance(data, torch.Tensor) or data.dim() < 2:
+            got = f"shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+            raise ValueError(f"data must be (N, C, H, W) images, (N, C, L) signals or (N, D) embeddings, got {got}")
+        self.layout = sample_layout(tuple(data.shape[1:]), "data")
+        data = self.layout.canonical(data)
+        self.layout = Layout(self.layout.modality, self.layout.shape)
+        if not data.is_floating_point():
+            to_float(data[:0], self.layout.modality)  # bool/complex refused here
+            if self.layout.modality == "image" and data.dtype != torch.uint8:
+                to_float(data, "image")  # integer images beyond 0..255 are refused here, not mid-run
         if labels is None:
             labels = torch.full((data.shape[0],), -1, dtype=torch.long)
         labels = _labels(labels, data.shape[0], "labels")
@@ -110,8 +215,8 @@ class ArrayDataset(torch.utils.data.Dataset):
 
     @property
     def kind(self) -> str:
-        """"images" or "embeddings"."""
-        return "images" if self.data.dim() == 4 else "embeddings"
+        """"images", "signals" or "embeddings"."""
+        return KINDS[self.layout.modality]
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -125,15 +230,24 @@ class ArrayDataset(torch.utils.data.Dataset):
         return self.data.shape[0]
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, int]:
-        return int(i), self._as_float(self.data[i]), int(self.labels[i])
+        return int(i), self._as_float(self.data[i][None])[0], int(self.labels[i])
 
     def _as_float(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return to_float(x, self.layout.modality)
 
     def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """The float examples at `index`, moved to `device` (uint8 moves first: 4x less traffic)."""
         x = self.data[index.cpu()].to(device, non_blocking=True)
         return self._as_float(x)
+
+    def views(self, index: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        """None: an in-memory data set has no views of its own (the trainer augments its batches)."""
+        return None
+
+    def subset(self, index: torch.Tensor) -> "ArrayDataset":
+        """The examples at `index` as a new data set (same name and classes)."""
+        index = torch.as_tensor(index).long().cpu()
+        return ArrayDataset(self.data[index], self.labels[index], name=self.name, num_classes=self.num_classes)
 
     @property
     def fingerprint(self) -> str:
@@ -286,25 +400,18 @@ def read_pt(path: str | os.PathLike):
             raise ValueError(f"torch.load with weights_only=True refuses it: {reason}") from None
 
 
-def _is_channels_last(shape: tuple[int, ...], where: str) -> bool:
-    """Whether 4-D images are (N, H, W, C) rather than (N, C, H, W): the reading with 1, 3 or 4
-    channels wins; a shape that reads both ways, or neither, cannot be told and is an error."""
-    first, last = shape[1] in _CHANNELS, shape[3] in _CHANNELS
-    if first != last:
-        return last
-    if first:
-        raise ValueError(f"{where} of shape {shape} reads both as (N, C, H, W) images with C={shape[1]} and as "
-                         f"(N, H, W, C) with C={shape[3]}; store them as (N, C, H, W) with C in 1, 3 or 4 and "
-                         f"H, W other than 1, 3 and 4 (resize them)")
-    raise ValueError(f"{where} of shape {shape} has neither 1, 3 nor 4 channels, first (N, C, H, W) or last "
-                     f"(N, H, W, C); store images as (N, C, H, W) with C in 1, 3 or 4, or as (N, D) embeddings")
+def _layout(shape: tuple[int, ...], where: str) -> Layout:
+    """The strict layout of a tensor file's array of `shape` (N, ...): images whose channels
+    cannot be told are refused (see `sample_layout`)."""
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(f"{where} must be (N, C, H, W) images or (N, D) embeddings, got shape {tuple(shape)} "
+                         "((N, C, L) holds 1-D signals)")
+    return sample_layout(tuple(shape[1:]), f"{where} of shape {tuple(shape)}", strict=True)
 
 
 def _sample_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """The shape of one example as the loader will hold it (channels first)."""
-    if len(shape) == 4 and _is_channels_last(shape, where):
-        return (shape[3], shape[1], shape[2])
-    return tuple(shape[1:])
+    """The shape of one example as the loader will hold it (canonical)."""
+    return _layout(shape, where).shape
 
 
 def _array(content: dict, key: str, path: Path) -> np.ndarray:
@@ -318,22 +425,27 @@ def _array(content: dict, key: str, path: Path) -> np.ndarray:
 
 
 def _data(x: np.ndarray, where: str) -> torch.Tensor:
-    """A tensor file's images (N, C, H, W; channels-last transposed) or embeddings (N, D), checked:
-    real numbers, at least one example, finite; uint8 kept (scaled on access), the rest float32."""
+    """A tensor file's images (N, C, H, W; channels-last transposed), signals (N, C, L) or
+    embeddings (N, D), checked: real numbers, at least one example, finite; uint8 kept (scaled on
+    access), the rest float32 (integer images, 0..255, scaled to [0, 1] here)."""
     if x.dtype.kind not in "uif":
         raise ValueError(f"{where} must hold real numbers (uint8 images or floats), got {x.dtype}")
-    if x.ndim not in (2, 4):
-        raise ValueError(f"{where} must be (N, C, H, W) images or (N, D) embeddings, got shape {x.shape}")
     if 0 in x.shape:
         raise ValueError(f"{where} must hold at least one example of at least one value, got shape {x.shape}")
-    if x.ndim == 4 and _is_channels_last(x.shape, where):
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    if x.dtype != np.uint8:
-        with np.errstate(over="ignore"):  # checked on the next line
-            x = x.astype(np.float32)
-        if not np.isfinite(x).all():  # NaN images train to NaN losses; float64 beyond 3e38 overflows here
-            raise ValueError(f"{where} holds NaN or Inf values (or values beyond float32's range)")
-    return torch.from_numpy(x)
+    if x.ndim == 3 and where.endswith("images"):  # (N, H, W) would read as signals of H channels
+        raise ValueError(f"{where} must be (N, C, H, W) images or (N, D) embeddings, got shape {x.shape}; store "
+                         "grey images as (N, 1, H, W), and 1-D signals (N, C, L) under the key 'signals'")
+    layout = _layout(x.shape, where)
+    t = layout.canonical(torch.from_numpy(x)).contiguous()
+    if x.dtype == np.uint8:
+        return t
+    if x.dtype.kind in "iu":
+        return to_float(t, layout.modality, where) if layout.modality == "image" else t.float()
+    with np.errstate(over="ignore"):  # checked on the next line
+        x = layout.canonical(torch.from_numpy(x.astype(np.float32))).contiguous()
+    if not bool(torch.isfinite(x).all()):  # NaN images train to NaN losses; float64 beyond 3e38 overflows here
+        raise ValueError(f"{where} holds NaN or Inf values (or values beyond float32's range)")
+    return x
 
 
 def load_tensor_file(path: str | os.PathLike, split: str = "train") -> ArrayDataset:
@@ -343,7 +455,9 @@ def load_tensor_file(path: str | os.PathLike, split: str = "train") -> ArrayData
     its examples must have the train split's shape. Images are (N, C, H, W); images stored
     channels-last, (N, H, W, C), are transposed when only that reading has 1, 3 or 4 channels
     ((N, 32, 32, 3) is read as (N, 3, 32, 32)); a shape that reads both ways ((N, 3, 4, 4)) or
-    neither ((N, 5, 32, 32)) is an error saying how to store it. Labels are one whole number per
+    neither ((N, 5, 32, 32)) is an error saying how to store it. 1-D signals are (N, C, L) under
+    `signals`, `x` or `data`, or (N, C, 1, L) / (N, C, L, 1) under any key (N x 1 x 1 x 40 is 40
+    samples of one channel), and (N, D, 1, 1) reads as vectors. Labels are one whole number per
     example (an integer array, or floats holding whole numbers), -1 where unknown. Anything else
     is a ValueError naming the file and the key.
     """
@@ -353,7 +467,7 @@ def load_tensor_file(path: str | os.PathLike, split: str = "train") -> ArrayData
     elif path.suffix in (".pt", ".pth"):
         content = read_pt(path)
         if isinstance(content, torch.Tensor):
-            content = {"images" if content.dim() == 4 else "embeddings": content}
+            content = {"images" if content.dim() == 4 else "embeddings" if content.dim() == 2 else "x": content}
         if not isinstance(content, dict):
             raise ValueError(f"data_dir: {path} must hold a tensor or a dict of tensors, got {type(content).__name__}")
     else:
@@ -361,7 +475,8 @@ def load_tensor_file(path: str | os.PathLike, split: str = "train") -> ArrayData
     pre = "test_" if split == "test" else ""
     key = next((pre + k for k in _DATA_KEYS if pre + k in content), None)
     if key is None:
-        raise ValueError(f"data_dir: {path} has none of the keys {pre}images/{pre}embeddings/{pre}x/{pre}data "
+        raise ValueError(f"data_dir: {path} has none of the keys {pre}images/{pre}embeddings/{pre}signals/{pre}x/"
+                         f"{pre}data "
                          f"(has {sorted(map(str, content))})")
     data = _data(_array(content, key, path), f"{path}: {key}")
     train_key = next((k for k in _DATA_KEYS if k in content), None)
@@ -398,3 +513,216 @@ def load_dataset(source: str = "digits", *, split: str = "train", data_dir: str 
         root = Path(data_dir) / split if (Path(data_dir) / split).is_dir() else Path(data_dir)
         return load_image_folder(root, image_size)
     return load_tensor_file(data_dir, split)
+
+
+# ------------------------------------------------------------------ any Dataset or DataLoader
+class IndexedDataset(torch.utils.data.Dataset):
+    """`dataset` whose items carry their index: `(i, x, y)` (y = -1 where the data set has no labels).
+    Made by `with_index`; a DataLoader over it yields `(index, x, y)` batches the trainer can score."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = split_item(self.dataset[i], i)
+        return int(i), x, y
+
+
+def with_index(dataset: torch.utils.data.Dataset) -> IndexedDataset:
+    """Wraps a map-style data set yielding `x` or `(x, y)` so that it yields `(i, x, y)`.
+
+    Example:
+        >>> import torch
+        >>> ds = with_index(torch.utils.data.TensorDataset(torch.rand(5, 3), torch.arange(5)))
+        >>> i, x, y = ds[2]
+        >>> i, x.shape, y
+        (2, torch.Size([3]), 2)
+    """
+    if isinstance(dataset, (IndexedDataset, ArrayDataset)):
+        return dataset
+    return IndexedDataset(dataset)
+
+
+def _tensor(x, where: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if hasattr(x, "size") and hasattr(x, "mode"):  # a PIL image: (H, W) or (H, W, C) uint8
+        return torch.from_numpy(np.array(x))
+    raise ValueError(f"{where} must be a tensor, a numpy array or a PIL image, got {type(x).__name__}")
+
+
+def _label(y, where: str) -> int:
+    if y is None:
+        return -1
+    if isinstance(y, torch.Tensor) and y.numel() == 1 and not y.is_floating_point():
+        return int(y)
+    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+        return int(y)
+    raise ValueError(f"{where} must be a whole-number label (an int), got "
+                     f"{type(y).__name__}{' of shape ' + str(tuple(y.shape)) if hasattr(y, 'shape') else ''}; a data "
+                     "set yields x, (x, y) or ((view1, view2), y)")
+
+
+def split_item(item, i: int):
+    """(x, y) of a data set's item: `x`, `(x, y)` or `(x, y, ...)`; y -1 when absent."""
+    if isinstance(item, (tuple, list)) and len(item) >= 2 and not (
+            isinstance(item, list) and len(item) == 2 and all(isinstance(v, torch.Tensor) for v in item)):
+        return item[0], _label(item[1], f"data: item {i}'s label")
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        return item[0], -1
+    return item, -1
+
+
+def _is_views(x) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) == 2
+
+
+class DatasetData:
+    """A map-style Dataset (or a DataLoader's) read the way the trainer reads an `ArrayDataset`.
+
+    Items may be `x`, `(x, y)` or `((view1, view2), y)` (two views made by the data set's own
+    transform, as lightly and solo-learn data sets yield them); `transform`, when given, makes one
+    view of an example (called twice per example per step). `batch` returns the clean examples in
+    the canonical layout (`sample_layout`), as floats; `views` the two views, or None when neither
+    the data set nor `transform` makes them (the trainer then augments `batch` itself).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, *, transform=None, loader=None, name: str | None = None):
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__getitem__"):
+            raise ValueError(f"data: needs a map-style Dataset (with __len__ and __getitem__) or a DataLoader over "
+                             f"one, got {type(dataset).__name__}")
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise ValueError(f"data: {type(dataset).__name__} has no len(); a map-style Dataset is needed") from None
+        if n < 1:
+            raise ValueError("data: the data set is empty")
+        self.dataset = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+        self.transform = transform
+        self.loader = loader
+        self.name = name or type(self.dataset).__name__
+        x0, _ = self._item(0)
+        self.views_given = _is_views(x0) and transform is None
+        if _is_views(x0) and transform is not None:
+            raise ValueError("transform: the data set already yields two views per example; give no transform")
+        first = _tensor(x0[0] if self.views_given else x0, "data: item 0")
+        self.stored_shape = tuple(first.shape)
+        self.layout = sample_layout(self.stored_shape, f"data: item 0 of shape {self.stored_shape}")
+        self._n = n
+        self._labels: torch.Tensor | None = None
+        self._fingerprint: str | None = None
+
+    def _item(self, i: int):
+        return split_item(self.dataset[int(i)], int(i))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def kind(self) -> str:
+        return KINDS[self.layout.modality]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    def _stack(self, xs: list, where: str) -> torch.Tensor:
+        ts = [_tensor(x, where) for x in xs]
+        shapes = {tuple(t.shape) for t in ts}
+        if len(shapes) > 1:
+            raise ValueError(f"{where}: examples of different shapes {sorted(shapes)[:3]} cannot form a batch; "
+                             "resize them in the data set, or pass transform=")
+        return torch.stack(ts)
+
+    def canonical(self, x: torch.Tensor, where: str = "data") -> torch.Tensor:
+        """A stacked batch of stored examples in the canonical layout, as floats."""
+        if tuple(x.shape[1:]) != self.stored_shape:
+            raise ValueError(f"{where}: examples of shape {tuple(x.shape[1:])}, but item 0 has shape "
+                             f"{self.stored_shape}; every example must have one shape (resize them, or pass transform=)")
+        return to_float(self.layout.canonical(x), self.layout.modality, where)
+
+    def batch(self, index: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The clean examples at `index` (the first view, where the data set yields views)."""
+        xs = [self._item(i)[0] for i in index.tolist()]
+        if self.views_given:
+            xs = [x[0] for x in xs]
+        return self.canonical(self._stack(xs, "data"), "data").to(device)
+
+    def views(self, index: torch.Tensor, device: torch.device | str = "cpu"):
+        """(view1, view2) float batches of the examples at `index`, or None (see the class)."""
+        if not self.views_given and self.transform is None:
+            return None
+        xs = [self._item(i)[0] for i in index.tolist()]
+        pairs = [x for x in xs] if self.views_given else [(self.transform(x), self.transform(x)) for x in xs]
+        return tuple(self._stack([p[k] for p in pairs], "views").float().to(device) for k in (0, 1))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 [N], -1 where unknown (a data set's `targets` when it has them, else read item by item)."""
+        if self._labels is None:
+            targets = getattr(self.dataset, "targets", None)
+            if targets is not None and len(targets) == len(self):
+                self._labels = _labels(torch.as_tensor(targets), len(self), "data: targets")
+            else:
+                self._labels = _labels(np.array([self._item(i)[1] for i in range(len(self))]), len(self),
+                                       "data: labels")
+        return self._labels
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).any())
+
+    @property
+    def num_classes(self) -> int:
+        known = self.labels[self.labels >= 0]
+        return int(known.max()) + 1 if known.numel() else 0
+
+    def subset(self, index: torch.Tensor) -> "DatasetData":
+        return DatasetData(torch.utils.data.Subset(self.dataset, torch.as_tensor(index).long().tolist()),
+                           transform=self.transform, name=self.name)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the data set's type, size and example shape, and a strided sample of up to 16
+        clean examples (of the first view, where the data set makes views: those are random)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(f"{self.name}|{len(self)}|{self.layout}".encode())
+            if not self.views_given:
+                idx = torch.linspace(0, len(self) - 1, steps=min(16, len(self))).long()
+                h.update(np.ascontiguousarray(self.batch(idx).numpy()).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+
+def as_data(data, *, transform=None, name: str | None = None):
+    """The trainer's view of `data`: an `ArrayDataset` as it is, any other map-style Dataset (or a
+    DataLoader's data set, keeping the loader) as a `DatasetData`. Anything else is a ValueError.
+
+    Example:
+        >>> import torch
+        >>> d = as_data(torch.utils.data.TensorDataset(torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8)))
+        >>> d.kind, d.sample_shape, float(d.batch(torch.arange(4)).max()) <= 1.0
+        ('images', (3, 8, 8), True)
+    """
+    if isinstance(data, (ArrayDataset, DatasetData)) and transform is None:
+        return data
+    if isinstance(data, ArrayDataset):
+        return DatasetData(data, transform=transform, name=name or data.name)
+    if isinstance(data, DatasetData):
+        return DatasetData(data.dataset, transform=transform, loader=data.loader, name=name or data.name)
+    if isinstance(data, torch.utils.data.DataLoader):
+        inner = data.dataset
+        if isinstance(inner, ArrayDataset) and transform is None:
+            return inner
+        return DatasetData(inner, transform=transform, loader=data, name=name)
+    if isinstance(data, torch.utils.data.Dataset) or hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if isinstance(data, torch.Tensor):
+            return ArrayDataset(data)
+        return DatasetData(data, transform=transform, name=name)
+    raise ValueError(f"data: expected a map-style torch Dataset, a DataLoader or an ArrayDataset, got "
+                     f"{type(data).__name__}")

@@ -1,4 +1,8 @@
-"""Proxy embeddings for the selectors (SAS, ELFS): a trained encoder on m augmentations per example.
+"""Proxy embeddings for the selectors (SAS, ELFS), and `score`: CSS and embeddings of any encoder.
+
+`score(encoder, data, views=m)` is what a user with a pre-trained encoder (CLIP, DINO, SimCLR...)
+wants without training: each example's CSS (its mean positive-pair cosine over m pairs of views)
+and its embedding.
 
 SAS (METHODS.md, method 2) measures how alike two examples' augmentations are through a proxy
 contrastive model: each example's embedding is the mean of its m views' L2-normalised
@@ -28,12 +32,13 @@ from torch import nn
 from coreset_ext._validation import Options, check, positive_int
 from coreset_ext.io import read_npz, reading, save_npz
 from coreset_ext.proxy import dynamics_for, pseudo_labels_for
+from coreset_ext import ops
 from coreset_ext.reference import normalize
 from coreset_ext.train.augment import Augment
-from coreset_ext.train.data import ArrayDataset, read_pt
+from coreset_ext.train.data import ArrayDataset, as_data, read_pt
 from coreset_ext.train.models import evaluating_on
 
-__all__ = ["EMBEDDINGS_KIND", "load_embeddings", "proxy_embeddings", "save_embeddings", "selector_inputs"]
+__all__ = ["EMBEDDINGS_KIND", "load_embeddings", "proxy_embeddings", "save_embeddings", "score", "selector_inputs"]
 
 AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 WHICH = Options("backbone", "projection")
@@ -57,7 +62,7 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
 
     Args:
         model: an encoder (x -> h) or a `ContrastiveModel` (x -> (h, z)); run in eval mode.
-        dataset: the pool (`ArrayDataset`).
+        dataset: the pool: an `ArrayDataset`, any map-style Dataset or a DataLoader (`data.as_data`).
         m: views per example (>= 1).
         augment: `(x, generator) -> view`; "auto" is `Augment.for_data(dataset)` (the trainer's
             default); None uses the clean example, once (m is then irrelevant).
@@ -68,6 +73,7 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
     """
     m = positive_int("m", m)  # views per example
     check("which", which, WHICH)
+    dataset = as_data(dataset)
     if augment == "auto":
         augment = Augment.for_data(dataset.name, dataset.sample_shape)
     elif isinstance(augment, str):
@@ -86,6 +92,79 @@ def proxy_embeddings(model: nn.Module, dataset: ArrayDataset, m: int = 1, *, aug
                 acc = e if acc is None else acc + e
             out.append((acc / views).cpu())
     return torch.cat(out)
+
+
+METRICS = Options("css")
+
+
+@torch.no_grad()
+def score(encoder: nn.Module, data, *, views: int = 4, transform: Callable | None = None,
+          augment: AugmentFn | None = None, metrics: tuple[str, ...] = ("css",), device: str | torch.device = "cpu",
+          seed: int = 0, batch_size: int = 256, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """CSS and embeddings of a pre-trained `encoder` on `data`, without training.
+
+    For every example, `views` pairs of views are encoded and the cosine of each pair's two
+    embeddings averaged: its CSS (METHODS.md, method 1; low means the encoder finds its views
+    unlike each other). The views come from `transform` (a per-example `x -> view`, e.g. a
+    torchvision transform, called twice per pair), or from `augment` (`(batch, generator) -> views`),
+    or, by default, the built-in augmentation of the data's modality, drawn from a generator seeded
+    with `seed` on `device`: per batch, per pair, view 1 then view 2. A data set that yields two
+    views per example ((view1, view2), y) gives one pair per example per call of its __getitem__.
+
+    Args:
+        encoder: any nn.Module mapping a batch to [batch, features] (a `ContrastiveModel`'s backbone
+            output is used); run in eval mode, and left where it was.
+        data: an `ArrayDataset`, any map-style Dataset (x, (x, y) or ((view1, view2), y)) or a DataLoader.
+        metrics: which scores to compute ("css").
+        autocast: encode under bf16 autocast on `device` (cosines are taken in float32).
+
+    Returns:
+        {"css": float32 [N], "embeddings": float32 [N, D] (the clean examples' encoder outputs)}, on the CPU.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> data = torch.utils.data.TensorDataset(torch.rand(32, 3, 8, 8), torch.arange(32) % 4)
+        >>> encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 16))
+        >>> out = cx.score(encoder, data, views=2, seed=0)
+        >>> out["css"].shape, out["embeddings"].shape
+        (torch.Size([32]), torch.Size([32, 16]))
+    """
+    views = positive_int("views", views)
+    metrics = tuple(metrics)
+    for m in metrics:
+        check("metrics", m, METRICS)
+    if transform is not None and augment is not None:
+        raise ValueError("transform/augment: give one way to make views, not both")
+    data = as_data(data, transform=transform)
+    device = torch.device(device)
+    if augment is None and data.views(torch.arange(1)) is None:
+        augment = Augment.for_data(data.name, data.sample_shape)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = len(data)
+    css, emb = torch.zeros(n), []
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return _encode(encoder, x, "backbone").float()
+
+    with evaluating_on(encoder, device):
+        for s in range(0, n, batch_size):
+            index = torch.arange(s, min(s + batch_size, n))
+            x = data.batch(index, device)
+            emb.append(encode(x).cpu())
+            if "css" not in metrics:
+                continue
+            total = torch.zeros(index.numel(), device=device)
+            for _ in range(views):
+                pair = data.views(index, device)
+                if pair is None:
+                    pair = (augment(x, gen), augment(x, gen))
+                total += ops.pair_cosine(encode(pair[0]), encode(pair[1]))
+            css[index] = (total / views).cpu()
+    out = {"embeddings": torch.cat(emb)}
+    if "css" in metrics:
+        out["css"] = css
+    return out
 
 
 def save_embeddings(path: str | Path, arrays: dict[str, torch.Tensor], dataset: ArrayDataset, **meta) -> None:

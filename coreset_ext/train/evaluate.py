@@ -34,7 +34,7 @@ from torch import nn
 from coreset_ext._validation import Interval, check
 from coreset_ext.io import atomic_write_bytes
 from coreset_ext.select import Selection, needs_labels, select
-from coreset_ext.train.data import ArrayDataset, load_dataset
+from coreset_ext.train.data import ArrayDataset, as_data, load_dataset
 from coreset_ext.train.models import build_encoder, evaluating_on
 from coreset_ext.train.trainer import TrainConfig, Trainer, resolve_device
 
@@ -45,7 +45,9 @@ EVALUATORS = ("probe", "scratch")
 def extract_features(encoder: nn.Module, dataset: ArrayDataset, *, device: str | torch.device = "cpu",
                      batch_size: int = 1024) -> torch.Tensor:
     """Encoder features of every example, in eval mode, without augmentation: float32 [N, D] on the
-    CPU. The encoder runs on `device` and is moved back to where it was afterwards."""
+    CPU. The encoder runs on `device` and is moved back to where it was afterwards. `dataset` may
+    be any map-style Dataset or a DataLoader (`data.as_data`)."""
+    dataset = as_data(dataset)
     out = []
     with evaluating_on(encoder, device):
         for s in range(0, len(dataset), batch_size):
@@ -81,13 +83,15 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 def train_from_scratch(train_ds: ArrayDataset, index: torch.Tensor, test_ds: ArrayDataset, *, seed: int = 0,
                        steps: int = 200, batch_size: int = 64, lr: float = 1e-2, width: int = 8,
                        device: str | torch.device = "cpu") -> float:
-    """Test accuracy of a small network trained from scratch on `train_ds[index]` only (fixed step count)."""
+    """Test accuracy of a small network trained from scratch on `train_ds[index]` only (fixed step
+    count): the small CNN of the data's modality (2-D for images, 1-D for signals), or an MLP for
+    vectors. The data sets may be any map-style Datasets or DataLoaders (`data.as_data`)."""
+    train_ds, test_ds = as_data(train_ds), as_data(test_ds)
     torch.manual_seed(seed)
     k = max(train_ds.num_classes, test_ds.num_classes)
-    if train_ds.kind == "images":
-        enc = build_encoder("small_cnn", train_ds.sample_shape, width=width)
-    else:
-        enc = build_encoder("mlp", train_ds.sample_shape)
+    if k < 1 or not train_ds.has_labels:
+        raise ValueError("train_ds: the scratch evaluator needs labels (the data set yields none)")
+    enc = build_encoder("auto", train_ds.sample_shape, width=width)
     net = nn.Sequential(enc, nn.Linear(enc.out_dim, k)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -431,6 +435,7 @@ def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
         >>> 0.0 <= acc <= 1.0
         True
     """
+    train_ds, test_ds = as_data(train_ds), as_data(test_ds)
     index = torch.as_tensor(index).long().cpu()
     if index.dim() != 1 or index.numel() < 2:
         raise ValueError(f"index: contrastive training needs at least 2 examples, got {index.numel()}")
@@ -442,9 +447,7 @@ def ssl_probe_accuracy(train_ds: ArrayDataset, index: torch.Tensor, test_ds: Arr
     if "device" not in opts:
         opts["device"] = str(device)
     dev = resolve_device(opts["device"])
-    subset = ArrayDataset(train_ds.data[index], train_ds.labels[index], name=train_ds.name,
-                          num_classes=train_ds.num_classes)
-    encoder = Trainer(TrainConfig(**opts), subset).fit().model.encoder
+    encoder = Trainer(TrainConfig(**opts), train_ds.subset(index)).fit().model.encoder
     feats_tr = extract_features(encoder, train_ds, device=dev)
     feats_te = extract_features(encoder, test_ds, device=dev)
     return linear_probe(feats_tr, train_ds.labels, feats_te, test_ds.labels, seed=seed, steps=probe_steps,

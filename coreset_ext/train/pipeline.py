@@ -8,6 +8,7 @@ passes) and appears in the table and the plot.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from coreset_ext.train.embed import EMBEDDINGS_KIND, save_embeddings
 from coreset_ext.train.evaluate import (extract_features, linear_probe, ssl_probe_accuracy, subsets_to_evaluate,
                                         train_from_scratch, write_results)
 from coreset_ext.train.trainer import TRAIN_SEED, TrainConfig, Trainer, resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,11 +74,12 @@ DEFAULT_METHODS = [
 
 
 def train_and_embed(config: TrainConfig, train_ds: ArrayDataset, test_ds: ArrayDataset, out_dir: str | Path, *,
-                    resume: bool = True) -> dict:
-    """Trains with CSS scores into out_dir (config.json, checkpoints/, scores.npz), then writes the
-    frozen backbone features of both splits to out_dir/embeddings.npz. Returns scores and features."""
+                    resume: bool = True, source: dict | None = None) -> dict:
+    """Trains with CSS scores into out_dir (config.json, metrics.csv, checkpoints/, scores.npz), then
+    writes the frozen backbone features of both splits to out_dir/embeddings.npz. Returns scores and
+    features. `source` (where the data came from) is recorded in config.json."""
     out_dir = Path(out_dir)
-    result = Trainer(config, train_ds, out_dir).fit(resume=resume)
+    result = Trainer(config, train_ds, out_dir, source=source).fit(resume=resume)
     device = resolve_device(config.device)
     enc = result.model.encoder
     feats = {"train": extract_features(enc, train_ds, device=device),
@@ -146,7 +150,7 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
                  seeds: tuple[int, ...] = (0, 1, 2), evaluators: tuple[str, ...] = ("probe", "scratch"),
                  probe_run: str = "simclr", scratch_steps: int = 200, ssl_options: dict | None = None,
                  encoder_seeds: tuple[int, ...] | None = None, device: str = "auto", progress: bool = True,
-                 log=print) -> dict:
+                 log=logger.info) -> dict:
     """Trains each of `trainers` with CSS scores, selects every fraction with every method and seed,
     evaluates each subset, and writes config.json, the runs, selections/, results.{csv,md} and the plots.
     A `MethodSpec` with its own `fractions`/`evaluators` uses those instead of the pipeline's;
@@ -216,7 +220,8 @@ def run_pipeline(out_dir: str | Path, *, data: str = "digits", data_dir: str | N
         for t in trainers:
             cfg = train_configs[(e, t)]
             ts = time.perf_counter()
-            runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}{tag}")
+            runs[t] = train_and_embed(cfg, train_ds, test_ds, out_dir / f"train_{t}{tag}",
+                                      source={"data": data, "data_dir": data_dir})
             log(f"[{t}{tag}] trained {cfg.epochs} epochs in {time.perf_counter() - ts:.1f}s, "
                 f"final loss {runs[t]['history'][-1]['loss']:.3f}" if runs[t]["history"] else f"[{t}{tag}] loaded")
         ts = time.perf_counter()

@@ -1,10 +1,16 @@
 """A minimal SimCLR / MoCo v2 trainer that scores every example while it trains (CSS).
 
-Each step: gather a batch by data set index, make two augmented views on the device, encode,
-compute the contrastive loss and the positive-pair cosines in one call
-(`losses.contrastive_step_loss`), step the optimiser, and scatter-add the cosines into a
-`ScoreTracker` at the examples' indices. After training, `tracker.mean()["css"]` is each example's
-contrastive similarity score (METHODS.md, method 1): low means hard to pull together.
+Each step: gather a batch by data set index (or take the next batch of a DataLoader over
+`with_index(dataset)`), make two views (the data set's own, a user `transform`'s, or the built-in
+augmentations of the data's modality, on the device), encode and compute the loss under autocast
+with the library's own loss module (`cx.nn.NTXentLoss`, or `cx.nn.MoCoLoss`, whose queue is the
+run's one queue), which also returns the positive-pair cosines; step the optimiser, and add the
+cosines into a `ScoreTracker` at the examples' indices. After training, `tracker.mean()["css"]` is
+each example's contrastive similarity score (METHODS.md, method 1): low means hard to pull together.
+
+A run directory holds config.json (the run's record; `coreset-ext train --config` replays it),
+metrics.csv (one row per epoch: loss, lr, throughput, CSS mean), checkpoints/last.pt and, beside
+it, checkpoints/encoder.safetensors (the encoder's weights alone), then scores.npz.
 
 Checkpoints are written atomically at the end of every `checkpoint_every` epochs and hold the
 model(s), optimiser, MoCo queue, ScoreTracker and every RNG state, so a resumed run ends with the
@@ -30,9 +36,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import time
 import warnings
@@ -41,19 +49,26 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
-from coreset_ext._validation import POSITIVE_INT, Interval, Options, check, check_temperature
+from coreset_ext import nn as cxnn
+from coreset_ext._validation import NONNEGATIVE_INT, POSITIVE_INT, Interval, Options, check, check_temperature
 from coreset_ext.io import atomic_write_bytes
-from coreset_ext.reference import normalize, pair_cosine
+from coreset_ext.reference import pair_cosine
 from coreset_ext.scores import ScoreTracker
 from coreset_ext.train.augment import Augment
-from coreset_ext.train.data import ArrayDataset
-from coreset_ext.train.losses import contrastive_step_loss
-from coreset_ext.train.models import ContrastiveModel, build_model
+from coreset_ext.train.data import IndexedDataset, as_data
+from coreset_ext.train.models import ENCODERS, PREFIXES, ContrastiveModel, as_encoder, build_encoder, ProjectionHead
 
-CHECKPOINT_VERSION = 2  # 2: a sha256 of the state, and the run's record (config, data set, augmentation)
+logger = logging.getLogger(__name__)
+
+# 2: a sha256 of the state, and the run's record; 3: the loss module's state (MoCoLoss's queue)
+CHECKPOINT_VERSION = 3
 METHODS = Options("simclr", "moco")
 CSS_ON = Options("projection", "backbone")
+AMP = Options("bf16", "off")
+LR_SCHEDULES = Options("constant", "cosine")
+METRICS_FIELDS = ("epoch", "loss", "lr", "throughput", "css_mean", "seconds")
 
 # Upper bounds on the sizes that allocate (weights, the MoCo queue), far above any sensible run,
 # so a mistyped number is an error naming it rather than an attempt to allocate terabytes.
@@ -66,6 +81,7 @@ TRAIN_SEED = Interval(int, 0, 2**32, closed="left")  # the trainer seeds generat
 # TrainConfig fields a run may be resumed with changed: they change where and how long it runs,
 # or what it prints, never what one epoch trains (`epochs` may not drop below the epochs done).
 RESUMABLE_CHANGES = ("epochs", "device", "amp", "checkpoint_every", "progress")
+# (a cosine schedule's length is `epochs`: raising it on resume changes the rates from then on)
 
 
 @dataclass
@@ -73,11 +89,16 @@ class TrainConfig:
     """Everything that determines a training run (saved as JSON with the run).
 
     temperature None picks the method's usual value (SimCLR 0.5, MoCo v2 0.2).
-    amp None means bf16 autocast on CUDA, off on the CPU.
+    amp: "bf16" (autocast, the CPU's too), "off", or None: bf16 on CUDA, off on the CPU (True and
+    False read as "bf16" and "off").
+    encoder: "auto" (small_cnn for images and signals, mlp for vectors), "small_cnn", "resnet18"
+    (torchvision's, CIFAR stem), "mlp", "torchvision:<name>" or "timm:<name>"; `pretrained` a
+    local state dict for it (.pt/.pth/.safetensors).
+    lr_schedule: "constant", or "cosine" (to 0 at the last epoch) after `warmup_epochs` of linear warm-up.
     """
 
     method: str = "simclr"
-    encoder: str = "small_cnn"
+    encoder: str = "auto"
     width: int = 32
     epochs: int = 20
     batch_size: int = 256
@@ -91,15 +112,23 @@ class TrainConfig:
     css_on: str = "projection"
     seed: int = 0
     device: str = "auto"
-    amp: bool | None = None
+    amp: str | None = None
     checkpoint_every: int = 1
     progress: bool = True
+    lr_schedule: str = "constant"
+    warmup_epochs: int = 0
+    pretrained: str | None = None
 
     def __post_init__(self) -> None:
         check("method", self.method, METHODS)
         check("css_on", self.css_on, CSS_ON)
         check("encoder", self.encoder, str)
+        if not self.encoder.startswith(PREFIXES):
+            check("encoder", self.encoder, ENCODERS)
+        check("pretrained", self.pretrained, None, str)
         check("device", self.device, str)
+        check("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        self.warmup_epochs = check("warmup_epochs", self.warmup_epochs, NONNEGATIVE_INT)
         for name in ("epochs", "checkpoint_every"):
             setattr(self, name, check(name, getattr(self, name), POSITIVE_INT))
         for name, high in (("width", MAX_WIDTH), ("proj_dim", MAX_HEAD), ("proj_hidden", MAX_HEAD),
@@ -114,7 +143,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite real number >= 0, got {value!r}")
             setattr(self, name, value)
         self.momentum = check("momentum", self.momentum, Interval(float, 0, 1))
-        check("amp", self.amp, None, bool)
+        if isinstance(self.amp, bool):
+            self.amp = "bf16" if self.amp else "off"
+        check("amp", self.amp, None, AMP)
         check("progress", self.progress, bool)
         if self.temperature is None:
             self.temperature = 0.5 if self.method == "simclr" else 0.2
@@ -122,6 +153,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lr_at(self, epoch: float) -> float:
+        """The learning rate at `epoch` (fractional: step / steps per epoch) under `lr_schedule`."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        if epoch < self.warmup_epochs:
+            return self.lr * (epoch + 1e-3) / self.warmup_epochs
+        span = max(self.epochs - self.warmup_epochs, 1e-9)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * min((epoch - self.warmup_epochs) / span, 1.0)))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -149,7 +189,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-_STATE_KEYS = ("run", "epoch", "model", "key_model", "queue", "queue_ptr", "optimizer", "tracker", "shuffle_rng",
+_STATE_KEYS = ("run", "epoch", "model", "key_model", "criterion", "optimizer", "tracker", "shuffle_rng",
                "aug_rng", "aug_rng_device", "torch_rng", "history")
 
 
@@ -182,6 +222,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(outer["format_version"], int) or outer["format_version"] > CHECKPOINT_VERSION:
         raise unusable(f"has checkpoint version {outer['format_version']!r}, newer than this coreset-ext's "
                        f"{CHECKPOINT_VERSION}")
+    if outer["format_version"] < CHECKPOINT_VERSION:
+        raise unusable(f"has checkpoint version {outer['format_version']}, written before the trainer kept its "
+                       f"MoCo queue in cx.nn.MoCoLoss (version {CHECKPOINT_VERSION})")
     payload = outer["payload"]
     if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != outer["sha256"]:
         raise unusable("fails its sha256 check (corrupted or edited)")
@@ -229,40 +272,86 @@ class TrainResult:
         return self.tracker.mean()["css"].cpu()
 
 
-class Trainer:
-    """Trains `config.method` on `dataset` and tracks CSS scores; `out_dir` enables checkpoints.
+AugmentFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
-    `augment(x, generator) -> view` may replace the default augmentation (tests pass a fixed one).
+
+class Trainer:
+    """Trains `config.method` on `data` and tracks CSS scores; `out_dir` enables checkpoints.
+
+    Args:
+        config: the run's settings.
+        data: an `ArrayDataset`, any map-style Dataset (yielding x, (x, y) or ((view1, view2), y)),
+            or a DataLoader over `with_index(dataset)` (its batches, workers and order are used).
+        out_dir: the run directory (config.json, metrics.csv, checkpoints/, scores.npz).
+        augment: `(batch, generator) -> view` replacing the built-in augmentation of the data's
+            modality (tests pass a fixed one).
+        transform: a per-example `x -> view`, called twice per example per step (as a torchvision
+            transform); the views it makes reach the model as they are.
+        model: any nn.Module encoder (its output width is found by a dry forward; a projection
+            head is added) or a `ContrastiveModel`; None builds `config.encoder`.
+        source: where the data came from, recorded in config.json (the CLI stores --data and
+            --data-dir, so the config can be replayed).
     """
 
-    def __init__(self, config: TrainConfig, dataset: ArrayDataset, out_dir: str | Path | None = None, *,
-                 augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-                 model: ContrastiveModel | None = None) -> None:
+    def __init__(self, config: TrainConfig, data, out_dir: str | Path | None = None, *,
+                 augment: AugmentFn | None = None, transform: Callable | None = None,
+                 model: nn.Module | None = None, source: dict | None = None) -> None:
         self.config = config
-        self.dataset = dataset
+        self.data = as_data(data, transform=transform)
+        self.dataset = self.data
+        self.loader = getattr(self.data, "loader", None)
+        if self.loader is not None and not isinstance(self.loader.dataset, IndexedDataset):
+            raise ValueError("data: a DataLoader's batches must carry each example's data set index, so that scores "
+                             "land on the right example: build it over cx.with_index(dataset)")
+        if self.loader is not None and transform is not None:
+            raise ValueError("transform: a DataLoader's data set makes its own views; put the transform in it "
+                             "(yield ((view1, view2), y)), or pass the data set instead of the loader")
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.source = source
         self.device = resolve_device(config.device)
-        if len(dataset) < 2:  # a contrastive batch needs negatives, and BatchNorm two examples per batch
+        n = len(self.data)
+        if n < 2:  # a contrastive batch needs negatives, and BatchNorm two examples per batch
             raise ValueError(f"dataset: contrastive training needs at least 2 examples (a batch of one has no "
-                             f"negatives, and BatchNorm needs two per batch), got {len(dataset)}")
-        self.amp = (self.device.type == "cuda") if config.amp is None else bool(config.amp)
+                             f"negatives, and BatchNorm needs two per batch), got {n}")
+        self.amp = (self.device.type == "cuda") if config.amp is None else config.amp == "bf16"
+        self.augment = augment
+        if augment is None and self.data.views(torch.arange(1)) is None:
+            self.augment = Augment.for_data(self.data.name, self.data.sample_shape)
         torch.manual_seed(config.seed)
-        self.model = (model or build_model(config.encoder, dataset.sample_shape, proj_dim=config.proj_dim,
-                                           proj_hidden=config.proj_hidden, width=config.width)).to(self.device)
+        self.custom_model = None if model is None else type(model).__name__
+        if model is None or not isinstance(model, ContrastiveModel):
+            probe = self._probe_batch()
+            enc = (build_encoder(config.encoder, tuple(probe.shape[1:]), width=config.width,
+                                 pretrained=config.pretrained)
+                   if model is None else as_encoder(model, probe))
+            model = ContrastiveModel(enc, ProjectionHead(enc.out_dim, config.proj_hidden, config.proj_dim))
+        self.model = model.to(self.device)
         self.key_model = None
-        self.queue = None
-        self.queue_ptr = 0
         if config.method == "moco":
             self.key_model = copy.deepcopy(self.model).requires_grad_(False)
             g = torch.Generator().manual_seed(config.seed + 1)
-            self.queue = normalize(torch.randn(config.queue_size, config.proj_dim, generator=g)).to(self.device)
-        self.augment = augment or Augment.for_data(dataset.name, dataset.sample_shape)
+            self.criterion = cxnn.MoCoLoss(config.proj_dim, config.queue_size, config.temperature)
+            with torch.no_grad():  # the queue's first keys: seeded apart from the model's initialisation
+                self.criterion.queue.copy_(torch.nn.functional.normalize(
+                    torch.randn(config.queue_size, config.proj_dim, generator=g), dim=1))
+        else:
+            self.criterion = cxnn.NTXentLoss(config.temperature)
+        self.criterion.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.tracker = ScoreTracker(len(dataset), ("css",), device=self.device, fingerprint=dataset.fingerprint)
+        self.tracker = ScoreTracker(n, ("css",), device=self.device, fingerprint=self.data.fingerprint)
         self.shuffle_gen = torch.Generator().manual_seed(config.seed)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(config.seed + 2)
         self.epoch = 0
         self.history: list[dict] = []
+
+    def _probe_batch(self) -> torch.Tensor:
+        """Two examples as the model will see them (views where the data make them): for the dry
+        forward that finds an encoder's output width and input shape."""
+        index = torch.arange(2)
+        views = self.data.views(index)
+        if views is not None:
+            return views[0]
+        return self.data.batch(index)
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -274,12 +363,16 @@ class Trainer:
         return self.out_dir / "config.json" if self.out_dir is not None else None
 
     def run_record(self) -> dict:
-        """What this run trains: its config, its data set and its augmentation (when it is an
-        `Augment`; a custom function is recorded as None). config.json and the checkpoint hold it."""
-        aug = self.augment.to_dict() if isinstance(self.augment, Augment) else None
-        return {"train": self.config.to_dict(),
-                "data": {"name": self.dataset.name, "size": len(self.dataset), "fingerprint": self.dataset.fingerprint},
-                "augment": aug}
+        """What this run trains: its config, its data set, its augmentation (when it is a built-in
+        one; a custom function or transform is recorded as None) and, for a model passed in, its
+        class. config.json and the checkpoint hold it."""
+        aug = self.augment.to_dict() if hasattr(self.augment, "to_dict") else None
+        record = {"train": self.config.to_dict(),
+                  "data": {"name": self.data.name, "size": len(self.data), "fingerprint": self.data.fingerprint},
+                  "augment": aug}
+        if self.custom_model is not None:
+            record["model"] = self.custom_model
+        return record
 
     def state_dict(self) -> dict:
         return {
@@ -287,8 +380,7 @@ class Trainer:
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "key_model": self.key_model.state_dict() if self.key_model is not None else None,
-            "queue": self.queue.cpu() if self.queue is not None else None,
-            "queue_ptr": self.queue_ptr,
+            "criterion": {k: v.cpu() for k, v in self.criterion.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "tracker": self.tracker.state_dict(),
             "shuffle_rng": self.shuffle_gen.get_state(),
@@ -300,6 +392,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         write_checkpoint(self.checkpoint_path, self.state_dict())
+        export_encoder(self.model.encoder, self.checkpoint_path.parent / "encoder.safetensors")
 
     def check_resumable(self, stored: dict, epochs_done: int, source: str | Path) -> None:
         """ValueError naming every field of `stored` (a run record read from `source`) that this
@@ -318,8 +411,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             if self.key_model is not None:
                 self.key_model.load_state_dict(state["key_model"])
-                self.queue = state["queue"].to(self.device)
-                self.queue_ptr = int(state["queue_ptr"])
+            self.criterion.load_state_dict(state["criterion"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.tracker.load_state_dict(state["tracker"])
             self.shuffle_gen.set_state(state["shuffle_rng"])
@@ -338,7 +430,6 @@ class Trainer:
                           "the views differ from an uninterrupted run's from here on", stacklevel=2)
         self.epoch = int(state["epoch"])
         self.history = history
-
     def _open_run_dir(self, resume: bool) -> None:
         """Checks, then takes over `out_dir`: continues its checkpoint (resume) or starts afresh.
 
@@ -363,20 +454,40 @@ class Trainer:
                                  "output directory, or --no-resume (resume=False) to replace what is there")
             self.check_resumable(stored, 0, self.config_path)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stale = ["scores.npz", "embeddings.npz"] + ([] if resuming else ["checkpoints/last.pt"])
+        stale = ["scores.npz", "embeddings.npz"] + ([] if resuming else ["checkpoints/last.pt",
+                                                                       "checkpoints/encoder.safetensors", "metrics.csv"])
         for name in stale:
             (self.out_dir / name).unlink(missing_ok=True)
+        extra = {"source": self.source} if self.source is not None else {}
         atomic_write_bytes(self.config_path, json.dumps(
-            {**self.run_record(), "resolved": {"device": str(self.device), "amp": self.amp}}, indent=2).encode())
+            {**self.run_record(), **extra, "resolved": {"device": str(self.device), "amp": "bf16" if self.amp else "off"}},
+            indent=2).encode())
 
     # ---------------------------------------------------------------- training
-    def _batches(self) -> list[torch.Tensor]:
-        n, b = len(self.dataset), self.config.batch_size
+    def _batches(self):
+        """This epoch's batches: (index, x, views), x the clean batch or None where views are given."""
+        if self.loader is not None:
+            for batch in self.loader:
+                index, x = batch[0], batch[1]
+                if isinstance(x, (list, tuple)):
+                    yield index, None, tuple(v.float().to(self.device) for v in x)
+                else:
+                    yield index, self.data.canonical(x, "data").to(self.device), None
+            return
+        n, b = len(self.data), self.config.batch_size
         perm = torch.randperm(n, generator=self.shuffle_gen)
         batches = list(perm.split(b))
         if len(batches) > 1 and batches[-1].numel() < 2:  # a 1-example batch has no negatives
             batches[-2] = torch.cat([batches[-2], batches.pop()])
-        return batches
+        for index in batches:
+            views = self.data.views(index, self.device)
+            yield index, (self.data.batch(index, self.device) if views is None else None), views
+
+    def _steps_per_epoch(self) -> int:
+        if self.loader is not None:
+            return len(self.loader)
+        n, b = len(self.data), self.config.batch_size
+        return max(1, n // b + (1 if n % b >= 2 else 0)) if n > b else 1
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
@@ -386,21 +497,21 @@ class Trainer:
         for bk, bq in zip(self.key_model.buffers(), self.model.buffers()):
             bk.copy_(bq)
 
-    @torch.no_grad()
-    def _enqueue(self, k: torch.Tensor) -> None:
-        k = normalize(k.float())
-        size = self.queue.shape[0]
-        pos = (self.queue_ptr + torch.arange(k.shape[0], device=k.device)) % size
-        self.queue[pos[-size:]] = k[-size:]
-        self.queue_ptr = int((self.queue_ptr + k.shape[0]) % size)
-
-    def step(self, index: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """One optimisation step on the examples at `index`; returns (loss, positive cosines)."""
+    def step(self, index: torch.Tensor, x: torch.Tensor | None = None,
+             views: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, torch.Tensor]:
+        """One optimisation step on the examples at `index` (their clean batch `x`, or their two
+        `views`; read from the data when neither is given); returns (loss, positive cosines)."""
         cfg = self.config
-        x = self.dataset.batch(index, self.device)
-        with torch.no_grad():
-            v1 = self.augment(x, self.aug_gen)
-            v2 = self.augment(x, self.aug_gen)
+        if views is None:
+            if x is None:
+                views = self.data.views(index, self.device)
+                x = self.data.batch(index, self.device) if views is None else None
+            if views is None:
+                with torch.no_grad():
+                    views = (self.augment(x, self.aug_gen), self.augment(x, self.aug_gen))
+        v1, v2 = views
+        if v1.shape[0] < 2:
+            raise ValueError(f"data: a batch of {v1.shape[0]} example has no negatives; use batches of 2 or more")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             h1, p1 = self.model(v1)
             if cfg.method == "simclr":
@@ -409,16 +520,29 @@ class Trainer:
                 self._momentum_update()
                 with torch.no_grad():
                     h2, p2 = self.key_model(v2)
-        loss, cos = contrastive_step_loss(cfg.method, p1, p2, cfg.temperature, self.queue)
+            loss, cos = self.criterion(p1, p2, return_cos=True)
         if cfg.css_on == "backbone":
             cos = pair_cosine(h1.detach().float(), h2.detach().float())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.tracker.update(index.to(self.device), css=cos.detach().float())
-        if cfg.method == "moco":
-            self._enqueue(p2)
+        cos = cos.detach().float()
+        self.tracker.update(index.to(self.device), css=cos)
         return float(loss.detach()), cos
+
+    def _set_lr(self, epoch: float) -> float:
+        lr = self.config.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def write_metrics(self) -> None:
+        """metrics.csv: one row per epoch trained (METRICS_FIELDS), rewritten atomically."""
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=METRICS_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write_bytes(self.out_dir / "metrics.csv", buf.getvalue().encode())
 
     def fit(self, *, resume: bool = True, stop_after_epochs: int | None = None) -> TrainResult:
         """Trains to `config.epochs` (resuming from `out_dir`'s checkpoint when `resume` and one exists).
@@ -430,33 +554,47 @@ class Trainer:
             self._open_run_dir(resume)
         from tqdm.auto import tqdm
 
-        n = len(self.dataset)
-        steps = -(-n // cfg.batch_size)
+        steps = self._steps_per_epoch()
         last = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
         bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, disable=not cfg.progress,
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         self.model.train()
         while self.epoch < last:
-            t0, seen, total = time.perf_counter(), 0, 0.0
-            batches = self._batches()
-            for index in batches:
-                loss, _ = self.step(index)
+            t0, seen, total, css = time.perf_counter(), 0, 0.0, 0.0
+            for k, (index, x, views) in enumerate(self._batches()):
+                lr = self._set_lr(self.epoch + k / steps)
+                loss, cos = self.step(index, x, views)
                 seen += index.numel()
                 total += loss * index.numel()
+                css += float(cos.sum())
                 bar.update(1)
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}",
-                                img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+                                ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             self.epoch += 1
-            self.history.append({"epoch": self.epoch, "loss": total / seen,
-                                 "seconds": time.perf_counter() - t0})
-            if self.out_dir is not None and (self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs):
-                self.save_checkpoint()
+            seconds = time.perf_counter() - t0
+            self.history.append({"epoch": self.epoch, "loss": total / seen, "lr": lr,
+                                 "throughput": seen / max(seconds, 1e-9), "css_mean": css / seen, "seconds": seconds})
+            logger.info("%s epoch %d/%d: loss %.4f, lr %.3g, %.0f examples/s, CSS mean %.4f", cfg.method, self.epoch,
+                        cfg.epochs, total / seen, lr, self.history[-1]["throughput"], css / seen)
+            if self.out_dir is not None:
+                self.write_metrics()
+                if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
+                    self.save_checkpoint()
         bar.close()
         if self.out_dir is not None and self.epoch == cfg.epochs:
             self.tracker.save(self.out_dir / "scores.npz")
         return TrainResult(self.model, self.tracker, cfg, self.history)
 
 
-def train(config: TrainConfig, dataset: ArrayDataset, out_dir: str | Path | None = None, **kwargs) -> TrainResult:
-    """Functional form: `Trainer(config, dataset, out_dir).fit(**kwargs)`."""
-    return Trainer(config, dataset, out_dir).fit(**kwargs)
+def export_encoder(encoder: nn.Module, path: str | Path) -> None:
+    """Writes `encoder`'s weights (its state dict, on the CPU, contiguous) as a .safetensors file,
+    atomically: what `build_encoder(..., pretrained=path)` or any safetensors reader loads."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write_bytes(path, save(state))
+
+
+def train(config: TrainConfig, data, out_dir: str | Path | None = None, **kwargs) -> TrainResult:
+    """Functional form: `Trainer(config, data, out_dir).fit(**kwargs)`."""
+    return Trainer(config, data, out_dir).fit(**kwargs)
