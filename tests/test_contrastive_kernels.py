@@ -181,3 +181,62 @@ def test_launches_per_step(symmetric, launches, monkeypatch):
     monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat in a launcher") or cat(*a, **k))
     _launch_nt_xent(z1, z2, 0.2, torch.ones(40))
     assert len(names) == launches, names
+
+
+# --------------------------------------------------------------------------------------------
+# MoCo InfoNCE against a queue
+# --------------------------------------------------------------------------------------------
+
+
+def _launch_moco(q, k, queue, t, g, **kwargs):
+    from coreset_ext.triton_kernels import contrastive
+
+    loss, lse, cos = contrastive.info_nce_queue_fwd(q, k, queue, t, True, 1e-6, **kwargs)
+    return loss, lse, cos, contrastive.info_nce_queue_bwd(g, q, k, queue, lse, t, True, 1e-6)
+
+
+def _moco_inputs(b, kq, d, seed):
+    q, k = views(b, d, seed=seed, dtype=torch.float32)
+    queue = torch.randn(kq, d, generator=torch.Generator().manual_seed(seed))
+    return q, k, queue, torch.rand(b, generator=torch.Generator().manual_seed(seed)) + 0.1
+
+
+@pytest.mark.triton
+@interpreter
+@pytest.mark.parametrize("t", [0.2, 0.01])
+def test_moco_many_splits_against_reference(t, monkeypatch, poison):
+    """More queue splits than the combine merges per load (16), some of them empty; with the fixed
+    bound (t = 0.2) and with a running maximum (t = 0.01)."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_queue_splits", lambda b, k, bm, bn, device: 20)
+    q, k, queue, g = _moco_inputs(5, 700, 24, seed=2)
+    loss, lse, cos, gq = _launch_moco(q, k, queue, t, g)
+    ref_loss, ref_lse, ref_cos = reference.info_nce_queue_forward(q.double(), k.double(), queue.double(), t)
+    ref_gq = reference.info_nce_queue_rows_backward(g.double(), q.double(), k.double(), queue.double(), t,
+                                                    lse=ref_lse)
+    for a, w in ((loss, ref_loss), (lse, ref_lse), (cos, ref_cos), (gq, ref_gq)):
+        assert rel_err(a.double(), w) < 1e-5
+
+
+@pytest.mark.triton
+@interpreter
+def test_moco_deterministic_and_cached_queue_norms(monkeypatch, poison):
+    """Under deterministic algorithms the splits' gradients go to slots summed in order (two runs
+    bit-identical, equal to the atomics' sum within rounding); a caller's cached queue norms give
+    the forward it computes itself."""
+    from coreset_ext.triton_kernels import contrastive
+
+    monkeypatch.setattr(contrastive, "_queue_splits", lambda b, k, bm, bn, device: 3)
+    q, k, queue, g = _moco_inputs(7, 200, 16, seed=3)
+    atomics = _launch_moco(q, k, queue, 0.2, g)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _launch_moco(q, k, queue, 0.2, g), _launch_moco(q, k, queue, 0.2, g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first[3], second[3])
+    assert rel_err(first[3], atomics[3]) < 1e-6
+    cached = _launch_moco(q, k, queue, 0.2, g, queue_rnorm=contrastive.row_rnorm(queue, 1e-6))
+    for a, w in zip(cached, atomics):
+        assert torch.equal(a, w)

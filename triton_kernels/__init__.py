@@ -12,5 +12,5 @@ Kernel arguments: pointers `<tensor>_ptr`, row strides `stride_<tensor>`, recipr
 (BLOCK_M rows, BLOCK_N columns, BLOCK_D features); in the kernels, `rows`, `cols`, `dims` and their
 masks `row_ok`, `col_ok`, `dim_ok`. Each module's launch configuration is public, for tools
 (tools/triton_aot.py): fixed tiles `tiles(...)` or `TILES`, autotuning candidates `CONFIGS`, and
-`autotune(x)`, whether a launch autotunes.
+`autotune(x)`, whether a launch autotunes (an opt-in: launch.autotune_enabled).
 """

@@ -278,16 +278,17 @@ def store_pair_rows(g_ptr, g2_ptr, rows, row_ok, dims, dim_ok, n_first, stride_g
 
 
 @triton.jit(do_not_specialize=["n_pairs"])
-def _nt_xent_prologue_kernel(
+def _info_nce_prologue_kernel(
     z1_ptr, z2_ptr, inv_ptr, cos_ptr, pos_ptr, xh_ptr, zero_ptr, n_pairs, d, stride_1, stride_2, inv_t, eps,
     NORMALIZE: tl.constexpr, FORWARD: tl.constexpr, WRITE_XHAT: tl.constexpr, ZERO_SUMS: tl.constexpr,
-    ZERO_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZERO_ROWS: tl.constexpr, BOTH_VIEWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One pass over each pair (z1_i, z2_i), before the tile kernels: the reciprocal norms r of the
-    # 2B rows; in the forward the positive cosine and logit (stored into both rows' loss slots,
-    # which the forward's epilogue turns into lse - pos); in the backward the normalised rows xhat
-    # (the right operand of the gradient products); and zeroes the fp32 buffer that float atomics
-    # add into (row sums [2B], ZERO_SUMS, or gradient rows [2B, d], ZERO_ROWS).
+    # One pass over each pair (NT-Xent: z1_i, z2_i; MoCo: q_i, k_i), before the tile kernels: the
+    # reciprocal norms r of the 2B rows; in the forward the positive cosine and logit (stored into
+    # the rows' loss slots, which the forward's epilogue turns into lse - pos); in the backward the
+    # normalised rows xhat (NT-Xent: the right operand of the gradient products); and zeroes the
+    # fp32 buffer that float atomics add into (row sums, ZERO_SUMS, or gradient rows [*, d],
+    # ZERO_ROWS). BOTH_VIEWS (NT-Xent): losses and sums have 2B rows, one per view; MoCo's B.
     rows, row_ok = own_rows(n_pairs, BLOCK_M)
     dims, dim_ok = feature_dims(d, BLOCK_D)
     a = load_rows(z1_ptr, rows, row_ok, dims, dim_ok, stride_1).to(tl.float32)
@@ -305,32 +306,20 @@ def _nt_xent_prologue_kernel(
         else:
             pos = dot * inv_t
         tl.store(pos_ptr + rows, pos, mask=row_ok)
-        tl.store(pos_ptr + n_pairs + rows, pos, mask=row_ok)
+        if BOTH_VIEWS:
+            tl.store(pos_ptr + n_pairs + rows, pos, mask=row_ok)
     if WRITE_XHAT:
         store_rows(xh_ptr, rows, row_ok, dims, dim_ok, d, a * inv_a[:, None])
         store_rows(xh_ptr, n_pairs + rows, row_ok, dims, dim_ok, d, b * inv_b[:, None])
     if ZERO_SUMS:
         tl.store(zero_ptr + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
-        tl.store(zero_ptr + n_pairs + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
+        if BOTH_VIEWS:
+            tl.store(zero_ptr + n_pairs + rows, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_ok)
     if ZERO_ROWS:
         zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         store_rows(zero_ptr, rows, row_ok, dims, dim_ok, d, zero)
-        store_rows(zero_ptr, n_pairs + rows, row_ok, dims, dim_ok, d, zero)
-
-
-@triton.jit
-def load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, stride_p, inv_t,
-                  NORMALIZE: tl.constexpr):
-    """MoCo: (positive logit, cosine) of each query with its key, one row-wise dot in fp32."""
-    xp = load_rows(p_ptr, rows, row_ok, dims, dim_ok, stride_p)
-    inv_xr = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0)
-    inv_xp = tl.load(inv_p_ptr + rows, mask=row_ok, other=0.0)
-    pdot = tl.sum(xr.to(tl.float32) * xp.to(tl.float32), axis=1)
-    cos = pdot * inv_xr * inv_xp
-    if NORMALIZE:
-        return cos * inv_t, cos
-    else:
-        return pdot * inv_t, cos
+        if BOTH_VIEWS:
+            store_rows(zero_ptr, n_pairs + rows, row_ok, dims, dim_ok, d, zero)
 
 
 @triton.jit
@@ -383,31 +372,34 @@ def _info_nce_fwd_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "n_split"])
 def _info_nce_fwd_combine_kernel(
-    x_ptr, inv_x_ptr, loss_ptr, lse_ptr, cos_ptr, m_part_ptr, l_part_ptr, n_rows, d, stride_x, n_split,
-    inv_t, p_ptr, inv_p_ptr, stride_p,
-    EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    loss_ptr, lse_ptr, m_part_ptr, l_part_ptr, n_rows, n_split,
+    EXCLUDE_DIAG: tl.constexpr, FIXED_BOUND: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
 ):
-    # Merges the splits' partials in split order (deterministic), then the forward's epilogue:
-    # loss = lse - pos. NT-Xent's positive logit is in loss_ptr already (the prologue's); MoCo's
-    # positive key is no column: its logit starts the sum.
+    # Merges the splits' partials (SPLIT_CHUNK splits per load, in a fixed order: deterministic),
+    # then the forward's epilogue loss = lse - pos, with the prologue's positive logit in loss_ptr.
+    # NT-Xent's positive is one of the columns; MoCo's positive key is none: its logit starts the sum.
     rows, row_ok = own_rows(n_rows, BLOCK_M)
-    if EXCLUDE_DIAG:
-        pos = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    else:
-        dims, dim_ok = feature_dims(d, BLOCK_D)
-        xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
-        pos, cos = load_positive(xr, rows, row_ok, dims, dim_ok, inv_x_ptr, p_ptr, inv_p_ptr, stride_p, inv_t,
-                                 NORMALIZE)
-        tl.store(cos_ptr + rows, cos, mask=row_ok)
-        m_i = pos * LOG2E
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    for s in range(0, n_split):
-        m_s = tl.load(m_part_ptr + s * n_rows + rows, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(l_part_ptr + s * n_rows + rows, mask=row_ok, other=0.0)
-        m_i, l_i = merge_lse(m_i, l_i, m_s, l_s, FIXED_BOUND)
+    pos = tl.load(loss_ptr + rows, mask=row_ok, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if not EXCLUDE_DIAG:
+        if FIXED_BOUND:
+            l_i += tl.exp2(pos * LOG2E)
+        else:
+            m_i = pos * LOG2E
+            l_i += 1.0
+    for s0 in range(0, n_split, SPLIT_CHUNK):
+        split = s0 + tl.arange(0, SPLIT_CHUNK)
+        part = split[:, None] * n_rows + rows[None, :]
+        ok = (split < n_split)[:, None] & row_ok[None, :]
+        l_s = tl.load(l_part_ptr + part, mask=ok, other=0.0)
+        if FIXED_BOUND:
+            l_i += tl.sum(l_s, axis=0)
+        else:
+            m_s = tl.load(m_part_ptr + part, mask=ok, other=float("-inf"))
+            m_c = tl.max(m_s, axis=0)
+            m_safe = tl.where(m_c == float("-inf"), 0.0, m_c)  # no split saw a valid column
+            m_i, l_i = merge_lse(m_i, l_i, m_c, tl.sum(l_s * tl.exp2(m_s - m_safe[None, :]), axis=0), False)
     lse = finish_lse(m_i, l_i, FIXED_BOUND)
     tl.store(loss_ptr + rows, lse - pos, mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
@@ -459,7 +451,8 @@ def _info_nce_bwd_kernel(
     stride_x2, stride_yh, stride_gx, stride_gx2, inv_t, eps, y_ptr, inv_y_ptr, p_ptr, inv_p_ptr, n_cols, stride_y,
     stride_p,
     EXCLUDE_DIAG: tl.constexpr, NORMALIZE: tl.constexpr, FIXED_BOUND: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # dL/dxhat_i = (1/t) [ sum_j w_ij yhat_j + (the positive's term) ], p_ij = exp(s_ij/t - lse_i).
     # MoCo: w_ij = p_ij; the weight g_i, the positive's (p_i,pos - 1) khat_i and 1/t come at the end.
@@ -477,7 +470,9 @@ def _info_nce_bwd_kernel(
     # FIXED_BOUND (normalised rows, t >= 0.025): p_ij = e_ij c_i / g_i with e_ij = 2^u_ij and
     # c_i = g_i 2^-lse_i, so one exponential per logit serves both p_ij and p_ji. With |u| <= 58,
     # e and 2^-lse stay within 2^+-75 for 2B <= 2^17 rows: c overflows only for weights g > 2^70.
-    # SPLIT: this program's columns only; its sum goes to acc_ptr (fp32) for the combine kernel.
+    # SPLIT: this program's columns only; its sum goes to acc_ptr (fp32) for the combine kernel:
+    # added into one [n_rows, d] buffer with float atomics, in no fixed order, or with SLOTS
+    # (deterministic algorithms) stored in a [n_rows, d] slot per split, summed in split order.
     if EXCLUDE_DIAG:  # the columns and the positives are the rows [z1; z2]
         y_ptr, y2_ptr, inv_y_ptr, n_cols, stride_y, stride_y2 = x_ptr, x2_ptr, inv_x_ptr, n_rows, stride_x, stride_x2
         p_ptr, p2_ptr, inv_p_ptr, stride_p, stride_p2 = x_ptr, x2_ptr, inv_x_ptr, stride_x, stride_x2
@@ -519,13 +514,11 @@ def _info_nce_bwd_kernel(
             yc = load_rows(yh_ptr, cols, col_ok, dims, dim_ok, stride_yh)
         acc += tl.dot(w.to(x_ptr.dtype.element_ty), yc, input_precision=PRECISION)
     if SPLIT:
-        if EXCLUDE_DIAG:
-            # 2B rows: one [2B, d] buffer that every split adds into with float atomics, in no
-            # fixed order (the wrapper does not split under deterministic algorithms)
+        if SLOTS:
+            store_rows(acc_ptr, tl.program_id(1) * n_rows + rows, row_ok, dims, dim_ok, d, acc)
+        else:
             tl.atomic_add(row_ptrs(acc_ptr, rows, dims, d), acc, mask=row_ok[:, None] & dim_ok[None, :],
                           sem="relaxed")
-        else:  # a queue's B rows are few: a [B, d] slot per split, summed in order by the combine
-            store_rows(acc_ptr, tl.program_id(1) * n_rows + rows, row_ok, dims, dim_ok, d, acc)
     else:
         finish_backward(acc, xr, rows, row_ok, dims, dim_ok, inv_x_ptr, lse_ptr, g_ptr, gx_ptr, gx2_ptr, p_ptr, p2_ptr,
                         inv_p_ptr, n_rows, n_pairs, stride_p, stride_p2, stride_gx, stride_gx2, inv_t, eps,
@@ -642,7 +635,7 @@ def _nt_xent_sym_bwd_kernel(
 # launch wrappers
 # --------------------------------------------------------------------------------------------
 
-# elementwise rows per program of the forward's finishing launch (NT-Xent reads no feature rows)
+# rows per program of the forward's finishing launch (elementwise: it reads no feature rows)
 _FINISH_ROWS = 128
 
 _TUNING_KEY = ["n_rows", "n_cols", "d", "EXCLUDE_DIAG", "NORMALIZE", "FIXED_BOUND", "SPLIT", "PRECISION"]
@@ -678,17 +671,27 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(1) == 1 or z.shape[1] == 1 else z.contiguous()
 
 
-def _prologue(z1, z2, inv, eps, inv_t=1.0, normalize=True, cos=None, pos=None, xh=None, zero=None):
-    """One launch of _nt_xent_prologue_kernel: r into inv [2B]; with cos and pos, the positives;
-    with xh, the normalised rows; with zero, an fp32 buffer of [2B] or [2B, d] zeroed."""
+def _prologue(z1, z2, inv, eps, inv_t=1.0, normalize=True, cos=None, pos=None, xh=None, zero=None,
+              both_views=True):
+    """One launch of _info_nce_prologue_kernel: r of z1's and z2's rows into inv [2B]; with cos and
+    pos, the positives; with xh, the normalised rows; with zero, an fp32 buffer of sums or of
+    [*, d] gradient rows zeroed (2B rows with both_views, NT-Xent; else B, MoCo)."""
     b, d = z1.shape
     bm = _rowwise_rows(d)
-    _nt_xent_prologue_kernel[(cdiv(b, bm),)](
+    _info_nce_prologue_kernel[(cdiv(b, bm),)](
         z1, z2, inv, inv if cos is None else cos, inv if pos is None else pos, z1 if xh is None else xh,
         inv if zero is None else zero, b, d, z1.stride(0), z2.stride(0), inv_t, eps,
         NORMALIZE=normalize, FORWARD=cos is not None, WRITE_XHAT=xh is not None,
         ZERO_SUMS=zero is not None and zero.dim() == 1, ZERO_ROWS=zero is not None and zero.dim() == 2,
-        BLOCK_M=bm, BLOCK_D=block_d(d))
+        BOTH_VIEWS=both_views, BLOCK_M=bm, BLOCK_D=block_d(d))
+
+
+def _finish_forward(loss, lse, m_part, l_part, n_split: int, exclude_diag: bool, fixed_bound: bool):
+    """The forward's last launch: merges n_split partials per row, loss = lse - pos."""
+    n = loss.shape[0]
+    _info_nce_fwd_combine_kernel[(cdiv(n, _FINISH_ROWS),)](
+        loss, lse, m_part, l_part, n, n_split, EXCLUDE_DIAG=exclude_diag, FIXED_BOUND=fixed_bound,
+        BLOCK_M=_FINISH_ROWS, SPLIT_CHUNK=16, num_warps=4)
 
 
 def _symmetric_launch(kernel, z1: torch.Tensor, z2: torch.Tensor, buffers: tuple, inv_t: float):
@@ -718,13 +721,9 @@ def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normaliz
     fixed = normalize and temperature >= FIXED_BOUND_MIN_T
     sums = torch.empty(n, device=device, dtype=torch.float32) if sym else None
     _prologue(z1, z2, inv, eps, inv_t, normalize, cos=cos, pos=loss, zero=sums)
-    const = dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d))
-    combine = (z1, inv, loss, lse, cos)
     if sym:
         _symmetric_launch(_nt_xent_sym_fwd_kernel, z1, z2, (inv, sums), inv_t)
-        _info_nce_fwd_combine_kernel[(cdiv(n, _FINISH_ROWS),)](
-            *combine, sums, sums, n, d, z1.stride(0), 1, inv_t, z1, inv, z1.stride(0),
-            BLOCK_M=_FINISH_ROWS, num_warps=4, **const)
+        _finish_forward(loss, lse, sums, sums, 1, True, True)
         return loss, lse, cos
     parts = _max_column_splits(n, device)
     split = parts > 1
@@ -737,12 +736,11 @@ def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normaliz
         _info_nce_fwd_kernel, _info_nce_fwd_tuned, n, d, z1,
         (z1, z2, inv, loss, lse, m_part, l_part, n, half, d, z1.stride(0), z2.stride(0), inv_t, z1, inv, n,
          z1.stride(0)),  # the columns: the rows themselves
-        dict(const, SPLIT=split, PRECISION=precision(z1.dtype, "tf32x3")),
+        dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d), SPLIT=split,
+             PRECISION=precision(z1.dtype, "tf32x3")),
         lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
     if split:
-        _info_nce_fwd_combine_kernel[(cdiv(n, _FINISH_ROWS),)](
-            *combine, m_part, l_part, n, d, z1.stride(0), launched, inv_t, z1, inv, z1.stride(0),
-            BLOCK_M=_FINISH_ROWS, num_warps=4, **const)
+        _finish_forward(loss, lse, m_part, l_part, launched, True, fixed)
     return loss, lse, cos
 
 
@@ -769,8 +767,6 @@ def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse
         _prologue(z1, z2, inv, eps, xh=xh, zero=acc)
     else:
         inv = lse  # without normalisation no kernel reads the norms: lse stands in for them
-    finish = (z1, z2, inv, lse, g, g1, g2, acc, n, half, d, z1.stride(0), z2.stride(0), g1.stride(0), g2.stride(0),
-              1, inv_t, eps, z1, inv, z1.stride(0))
     const = dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, BLOCK_D=block_d(d))
     if sym:
         _symmetric_launch(_nt_xent_sym_bwd_kernel, z1, z2, (xh, inv, lse, g, acc), inv_t)
@@ -780,36 +776,52 @@ def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse
             _info_nce_bwd_kernel, _info_nce_bwd_tuned, n, d, z1,
             (z1, z2, yh, inv, lse, g, g1, g2, g1 if acc is None else acc, n, half, d, z1.stride(0), z2.stride(0),
              yh.stride(0), g1.stride(0), g2.stride(0), inv_t, eps, z1, inv, z1, inv, n, z1.stride(0), z1.stride(0)),
-            dict(const, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, SPLIT=split,
+            dict(const, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, SPLIT=split, SLOTS=False,
                  PRECISION=precision(z1.dtype, "tf32x3")),
             lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
     if acc is not None:  # the atomics summed every split (or tile) into one slot per row
         _info_nce_bwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
-            *finish, BLOCK_M=_combine_rows(d), num_warps=4, **const)
+            z1, z2, inv, lse, g, g1, g2, acc, n, half, d, z1.stride(0), z2.stride(0), g1.stride(0), g2.stride(0),
+            1, inv_t, eps, z1, inv, z1.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
     return g1, g2
 
 
+def _queue_fixed_bound(normalize: bool, temperature: float, k: int) -> bool:
+    """MoCo's sums skip the running maximum where the bound holds: the positive and K queue terms
+    stay within the 2^17 the bound is sized for."""
+    return normalize and temperature >= FIXED_BOUND_MIN_T and k < 2 ** 17
+
+
 @on_tensor_device
-def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float):
-    """q, k [B, d], queue [K, d], contiguous, one dtype. Returns (loss [B], lse [B], cos [B]), fp32."""
+def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: float,
+                       queue_rnorm: torch.Tensor | None = None):
+    """q, k [B, d], queue [K, d], contiguous, one dtype. Returns (loss [B], lse [B], cos [B]), fp32.
+    `queue_rnorm` [K] fp32: the queue's `row_rnorm(queue, eps)`, for a caller that keeps it across
+    steps (the queue changes by B rows a step); computed here when None."""
     b, d = q.shape
     kq = queue.shape[0]
-    rq, rk, rqu = row_rnorm(q, eps), row_rnorm(k, eps), row_rnorm(queue, eps)
-    fixed = tiles(d, q.device, q.dtype)
-    n_split = _queue_splits(b, kq, fixed[0], fixed[1], q.device)
-    m_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
-    l_part = torch.empty(n_split, b, device=q.device, dtype=torch.float32)
-    loss, lse, cos = _forward_outputs(b, b, q.device)
+    device = q.device
     inv_t = 1.0 / temperature
-    const = dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, FIXED_BOUND=False, BLOCK_D=block_d(d))
+    inv = torch.empty(2 * b, device=device, dtype=torch.float32)  # [r_q; r_k]
+    loss, lse, cos = _forward_outputs(b, b, device)  # loss holds the positive logits until the end
+    _prologue(q, k, inv, eps, inv_t, normalize, cos=cos, pos=loss, both_views=False)
+    if not normalize:
+        rqu = inv  # not read without normalisation
+    else:
+        rqu = row_rnorm(queue, eps) if queue_rnorm is None else queue_rnorm
+    fixed_bound = _queue_fixed_bound(normalize, temperature, kq)
+    fixed = tiles(d, device, q.dtype)
+    n_split = _queue_splits(b, kq, fixed[0], fixed[1], device)
+    m_part = torch.empty(n_split, b, device=device, dtype=torch.float32)
+    l_part = torch.empty(n_split, b, device=device, dtype=torch.float32)
     _launch_columns(
         _info_nce_fwd_kernel, None, b, d, q,
-        (q, q, rq, loss, lse, m_part, l_part, b, b, d, q.stride(0), q.stride(0), inv_t, queue, rqu, kq,
+        (q, q, inv, loss, lse, m_part, l_part, b, b, d, q.stride(0), q.stride(0), inv_t, queue, rqu, kq,
          queue.stride(0)),
-        dict(const, SPLIT=True, PRECISION=precision(q.dtype, "tf32x3")), lambda bm: n_split, fixed)
-    _info_nce_fwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
-        q, rq, loss, lse, cos, m_part, l_part, b, d, q.stride(0), n_split, inv_t, k, rk, k.stride(0),
-        BLOCK_M=_combine_rows(d), num_warps=4, **const)
+        dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, FIXED_BOUND=fixed_bound, BLOCK_D=block_d(d), SPLIT=True,
+             PRECISION=precision(q.dtype, "tf32x3")),
+        lambda bm: n_split, fixed)
+    _finish_forward(loss, lse, m_part, l_part, n_split, False, fixed_bound)
     return loss, lse, cos
 
 
@@ -818,24 +830,31 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     """Gradient of sum_i grad_rows_i * loss_i with respect to q; dtype of q."""
     b, d = q.shape
     kq = queue.shape[0]
-    rq, rk = row_rnorm(q, eps), row_rnorm(k, eps)
+    device = q.device
     # without normalisation the kernel reads no queue norms: lse stands in for them
     rqu, quh = row_normalize(queue, eps) if normalize else (lse, queue)
-    fixed = tiles(d, q.device, q.dtype)
-    n_split = _queue_splits(b, kq, fixed[0], fixed[1], q.device)
-    part = torch.empty(n_split, b, d, device=q.device, dtype=torch.float32)
+    fixed = tiles(d, device, q.dtype)
+    n_split = _queue_splits(b, kq, fixed[0], fixed[1], device)
+    # the splits' gradient sums: float atomics into one buffer the prologue zeroes, or under
+    # deterministic algorithms one slot per split, summed in order
+    slots = torch.are_deterministic_algorithms_enabled()
+    acc = torch.empty((n_split, b, d) if slots else (b, d), device=device, dtype=torch.float32)
+    inv = torch.empty(2 * b, device=device, dtype=torch.float32)  # [r_q; r_k]
+    _prologue(q, k, inv, eps, zero=None if slots else acc, both_views=False)
+    rk = inv[b:]
     g = grad_rows.to(torch.float32).contiguous()
     gq = torch.empty_like(q)
     inv_t = 1.0 / temperature
     const = dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, BLOCK_D=block_d(d))
     _launch_columns(
         _info_nce_bwd_kernel, None, b, d, q,
-        (q, q, quh, rq, lse, g, gq, gq, part, b, b, d, q.stride(0), q.stride(0), quh.stride(0), gq.stride(0),
+        (q, q, quh, inv, lse, g, gq, gq, acc, b, b, d, q.stride(0), q.stride(0), quh.stride(0), gq.stride(0),
          gq.stride(0), inv_t, eps, queue, rqu, k, rk, kq, queue.stride(0), k.stride(0)),
-        dict(const, FIXED_BOUND=False, SPLIT=True, PRECISION=precision(q.dtype, "tf32x3")), lambda bm: n_split, fixed)
+        dict(const, FIXED_BOUND=False, SPLIT=True, SLOTS=slots, PRECISION=precision(q.dtype, "tf32x3")),
+        lambda bm: n_split, fixed)
     _info_nce_bwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
-        q, q, rq, lse, g, gq, gq, part, b, b, d, q.stride(0), q.stride(0), gq.stride(0), gq.stride(0), n_split, inv_t,
-        eps, k, rk, k.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
+        q, q, inv, lse, g, gq, gq, acc, b, b, d, q.stride(0), q.stride(0), gq.stride(0), gq.stride(0),
+        n_split if slots else 1, inv_t, eps, k, rk, k.stride(0), BLOCK_M=_combine_rows(d), num_warps=4, **const)
     return gq
 
 

@@ -61,7 +61,7 @@ def precision(dtype: torch.dtype, exact: str = "ieee") -> str:
     return "tf32"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _properties(index: int):
     return torch.cuda.get_device_properties(index)
 
