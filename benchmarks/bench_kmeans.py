@@ -263,7 +263,7 @@ def test_kmeans_seeding_gpu(benchmark, n):
     d, k, dtype = GPU_D, GPU_K, torch.bfloat16
     x, _ = _problem(n, d, k, "cuda", dtype)
     km = cx.KMeans(k)
-    km._device_ = x.device
+    km._start(x)
     measure(benchmark, lambda: km._init_centers(x, torch.Generator().manual_seed(0)),
             op="kmeans_seed", impl="coreset_ext", size=dict(n=n, d=d, k=k), device="cuda",
             dtype=dtype, rounds=3, warmup=1)

@@ -1,4 +1,4 @@
-"""KMeans: Lloyd's algorithm on the GPU or CPU, with scikit-learn's interface and torch tensors.
+"""KMeans: Lloyd's algorithm on the GPU or CPU, with scikit-learn's estimator API and torch tensors.
 
 One Lloyd iteration is `ops.kmeans_assign` (fused nearest-centroid search, never the n x k matrix)
 followed by `ops.kmeans_update` (deterministic per-cluster sums), so a fit is reproducible bit for
@@ -8,7 +8,9 @@ the same full Lloyd iterations, for data larger than device memory.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 import warnings
 from typing import Iterator
 
@@ -18,34 +20,86 @@ import torch
 from coreset_ext import ops, reference
 from coreset_ext._validation import POSITIVE_INT, SEED, Interval, Options, check_params, is_int
 
-__all__ = ["KMeans", "ConvergenceWarning"]
+__all__ = ["KMeans", "ConvergenceWarning", "NotFittedError"]
 
 
 class ConvergenceWarning(UserWarning):
     """A fit ended with fewer distinct clusters than asked for (as scikit-learn's of the same name)."""
 
+
+class NotFittedError(ValueError, AttributeError):
+    """predict/transform/score before fit (as scikit-learn's of the same name)."""
+
+
+def _not_fitted() -> Exception:
+    """The error for a call before fit: scikit-learn's NotFittedError when scikit-learn is loaded
+    (its checks and pipelines catch that class), ours otherwise; both are ValueError and AttributeError."""
+    message = "this KMeans is not fitted yet: call fit first"
+    if "sklearn" in sys.modules:
+        from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+
+        return SklearnNotFittedError(message)
+    return NotFittedError(message)
+
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _as_tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
+def _as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
+    """(x as a 2-D float tensor, whether it came as a torch tensor).
+
+    numpy arrays and other array-likes (lists, ...) are read with numpy; integer and boolean input
+    becomes float32 (float64 from numpy, as scikit-learn), float64 stays float64.
+    """
+    is_torch = isinstance(x, torch.Tensor)
+    if not is_torch:
+        if hasattr(x, "toarray") or type(x).__module__.startswith("scipy.sparse"):
+            raise TypeError(f"{name} is a sparse matrix: KMeans takes dense data (call .toarray())")
+        try:
+            arr = np.asarray(x)
+            if arr.dtype.kind in "OUS":
+                arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name} must be a tensor or an array of numbers: {exc}") from None
+        if arr.dtype.kind == "c":
+            raise ValueError(f"{name}: Complex data not supported (KMeans takes real data)")
+        if arr.dtype.kind in "biu":
+            arr = arr.astype(np.float64)
+        if arr.dtype.kind != "f":
+            raise ValueError(f"{name} must hold numbers, got an array of dtype {arr.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(arr))
     if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}. Reshape your "
+                         "data: x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for a single sample")
+    if not x.is_floating_point() and not x.is_complex():
+        x = x.float()  # integer and boolean tensors: float32, torch's default float
     if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must have a floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
-    return x.detach()  # clustering is not differentiated through
+        raise ValueError(f"{name} must have a real floating dtype (float32, float16, bfloat16, float64), got {x.dtype}")
+    for axis, what in ((0, "sample"), (1, "feature")):
+        if x.shape[axis] == 0:
+            shape = f"({x.shape[0]}, {x.shape[1]})"
+            raise ValueError(f"{name} has 0 {what}(s) (shape={shape}) while a minimum of 1 is required.")
+    return x.detach(), is_torch  # clustering is not differentiated through
+
+
+def _output(t: torch.Tensor, as_torch: bool, device: torch.device, dtype: torch.dtype | None = None):
+    """A result for the caller: a tensor on `device` for torch input, a numpy array otherwise."""
+    if dtype is not None:
+        t = t.to(dtype)
+    if as_torch:
+        return t.to(device)
+    return t.cpu().numpy()
 
 
 class KMeans:
-    """k-means clustering (Lloyd) with scikit-learn's shape: `fit`, `predict`, `fit_predict`, `transform`.
+    """k-means clustering (Lloyd) with scikit-learn's estimator API, on torch tensors or numpy arrays.
+
+    `fit`, `predict`, `fit_predict`, `transform`, `fit_transform`, `score`, `get_params`,
+    `set_params` (so `sklearn.base.clone` and pipelines work). Results follow the input: torch in
+    -> torch out (on x's device), numpy (or any array-like) in -> numpy out.
 
     Args:
         n_clusters: number of clusters k (1 <= k <= n_samples).
-        metric: "euclidean" (squared distances, centroids are means) or "cosine" (spherical k-means:
-            points and centroids are normalised, assignment by largest cosine, distance 1 - cosine).
         init: "k-means++" (greedy, 2 + int(ln k) candidates per round, as scikit-learn), "random"
             (k distinct points), or initial centroids of shape [k, d] (tensor or array).
         n_init: number of runs from different seeds; the run of lowest inertia is kept (1 when
@@ -53,35 +107,52 @@ class KMeans:
         max_iter, tol: Lloyd stops after `max_iter` iterations, when the labels stop changing, or
             when the squared centroid shift summed over clusters is <= tol * (mean per-feature
             variance of x), as in scikit-learn.
-        seed: same seed (and same data, device, dtype) -> bit-identical result. None draws one
-            from torch's global generator.
+        random_state: int seed: same seed (and same data, device, dtype) -> bit-identical result.
+            None draws one from torch's global generator.
+        metric: "euclidean" (squared distances, centroids are means) or "cosine" (spherical k-means:
+            points and centroids are normalised, assignment by largest cosine, distance 1 - cosine).
         batch_size: if set, the data stays where it is (e.g. CPU) and is streamed to `device` in
             chunks of this many rows each iteration: exact full Lloyd, not mini-batch.
         device: where to compute; None means x's device.
         verbose: show progress (iteration, inertia, centroid shift).
         init_sample_size: k-means++ seeds from a random sample of this many points; "auto" uses
             min(n, max(50_000, 100 * k)); None uses every point.
+        seed: older name of `random_state` (give one or the other).
 
-    Attributes (torch tensors on the device x came from; CPU for numpy input):
-        cluster_centers_ [k, d] float32, labels_ [n] int64, inertia_ (float: sum of squared
-        distances, or of 1 - cosine), n_iter_ (int).
+    Attributes: cluster_centers_ [k, d], labels_ [n] int64, inertia_ (float: sum of squared
+    distances, or of 1 - cosine, weighted by sample_weight), n_iter_ (int), n_features_in_ (int).
+    Tensors on the device x came from for torch input, numpy arrays for numpy input.
+
+    Numerics: euclidean data is centred (its float64 mean subtracted, as scikit-learn) before
+    clustering and the mean added back to the centroids, and the assignment kernels take their
+    products about the centroids' mean: data far from the origin (an offset of 1e4 around a spread
+    of 1) clusters as well as data at the origin. float64 input is clustered in float64 (on the GPU
+    by the reference path: pass float32 for speed); float32 in float32; float16/bfloat16 are kept
+    for the assignment (float32 accumulation) and the centroids are float32. Integer input is
+    converted to float (float32 from torch, float64 from numpy).
 
     Empty clusters: when an iteration leaves a cluster empty, it is re-seeded with the point
     farthest from its own centroid (scikit-learn's rule; the farthest points go to the empty
-    clusters in index order, and are removed from the clusters they came from).
+    clusters in index order, and are removed from the clusters they came from). Fewer distinct
+    points than clusters (e.g. all points identical) is not an error: the fit ends with some
+    clusters empty (an identical data set gives one non-empty cluster) and a ConvergenceWarning.
 
-    Float64 input is clustered in float32; float16/bfloat16 are kept for the assignment (float32
-    accumulation) and the centroids are float32.
+    Bad input raises ValueError naming the argument: n_clusters < 1 or > n_samples, NaN/Inf
+    entries, no features or no samples, non-2-D input; TypeError for sparse matrices.
 
     Example:
         >>> import torch, coreset_ext as cx
         >>> x = torch.cat([torch.randn(50, 2) + 10, torch.randn(50, 2) - 10])
-        >>> km = cx.KMeans(n_clusters=2, seed=0).fit(x)
+        >>> km = cx.KMeans(n_clusters=2, random_state=0).fit(x)
         >>> sorted(torch.bincount(km.labels_).tolist())
         [50, 50]
+        >>> km.predict(x[:3].numpy()).dtype  # numpy in, numpy out
+        dtype('int64')
     """
 
-    # what each numeric or option argument accepts (scikit-learn's declarative style)
+    # what each numeric or option argument accepts (scikit-learn's declarative style); checked
+    # where a bad value is written (__init__) and again by fit (after set_params). Arguments are
+    # stored as given, as scikit-learn's clone expects.
     _parameter_constraints = {
         "n_clusters": [POSITIVE_INT],
         "metric": [Options("euclidean", "cosine")],
@@ -89,91 +160,157 @@ class KMeans:
         "max_iter": [POSITIVE_INT],
         "tol": [Interval(float, 0, None)],
         "batch_size": [None, POSITIVE_INT],
+        "random_state": [None, SEED],
         "seed": [None, SEED],
         "init_sample_size": [Options("auto"), None, POSITIVE_INT],
     }
 
     def __init__(
         self,
-        n_clusters: int,
+        n_clusters: int = 8,
         *,
-        metric: str = "euclidean",
         init="k-means++",
         n_init: int = 1,
         max_iter: int = 300,
         tol: float = 1e-4,
-        seed: int | None = None,
+        random_state: int | None = None,
+        metric: str = "euclidean",
         batch_size: int | None = None,
         device: str | torch.device | None = None,
         verbose: bool = False,
         init_sample_size: int | str | None = "auto",
+        seed: int | None = None,
     ) -> None:
-        p = check_params(locals(), self._parameter_constraints)
-        if isinstance(init, str) and init not in ("k-means++", "random"):
-            raise ValueError(f"init must be 'k-means++', 'random' or an array [k, d], got {init!r}")
-        if is_int(init_sample_size) and init_sample_size < n_clusters:
-            # k-means++ on fewer points than k would have to pick some centres twice
-            raise ValueError(f"init_sample_size = {init_sample_size} is smaller than n_clusters = {n_clusters}")
-        self.n_clusters = p["n_clusters"]
-        self.metric = metric
+        self.n_clusters = n_clusters
         self.init = init
-        self.n_init = p["n_init"]
-        self.max_iter = p["max_iter"]
-        self.tol = p["tol"]
-        self.seed = seed
-        self.batch_size = p["batch_size"]
-        self.device = None if device is None else torch.device(device)
-        self.verbose = bool(verbose)
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.metric = metric
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
         self.init_sample_size = init_sample_size
+        self.seed = seed
+        self._check_params()
+
+    # ---------------------------------------------------------------- scikit-learn's estimator protocol
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's arguments by name (scikit-learn's protocol: `sklearn.base.clone`)."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> "KMeans":
+        """Sets constructor arguments by name (checked at the next fit). Returns self."""
+        names = self._param_names()
+        for name, value in params.items():
+            if name not in names:
+                raise ValueError(f"invalid parameter {name!r} for KMeans; valid parameters: {names}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
+                   if not (isinstance(v, str) and v == defaults[k]) and v is not defaults[k]
+                   and not (is_int(v) and is_int(defaults[k]) and v == defaults[k])
+                   and not (isinstance(v, float) and v == defaults[k])]
+        return f"KMeans({', '.join(changed)})"
+
+    def __sklearn_tags__(self):
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags  # only asked for by sklearn
+
+        return Tags(estimator_type="clusterer", target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=["float64", "float32"]),
+                    input_tags=InputTags(allow_nan=False))
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "cluster_centers_")
+
+    def _check_params(self) -> None:
+        check_params(self.get_params(), self._parameter_constraints)
+        if self.seed is not None and self.random_state is not None and self.seed != self.random_state:
+            raise ValueError(f"seed = {self.seed} and random_state = {self.random_state} disagree: "
+                             "seed is the older name of random_state, give one")
+        if isinstance(self.init, str) and self.init not in ("k-means++", "random"):
+            raise ValueError(f"init must be 'k-means++', 'random' or an array [k, d], got {self.init!r}")
+        if is_int(self.init_sample_size) and self.init_sample_size < self.n_clusters:
+            # k-means++ on fewer points than k would have to pick some centres twice
+            raise ValueError(f"init_sample_size = {self.init_sample_size} is smaller than "
+                             f"n_clusters = {self.n_clusters}")
+        if not isinstance(self.verbose, (bool, int, np.integer)):
+            raise ValueError(f"verbose must be a bool, got {self.verbose!r}")
 
     # ---------------------------------------------------------------- data plumbing
 
-    def _prepare(self, x) -> torch.Tensor:
-        """x as a tensor of a clustering dtype, on the device it will be stored on during the fit."""
-        x = _as_tensor(x, "x")
-        if x.dtype == torch.float64:
-            x = x.float()
-        device = self._device_  # set by fit
+    def _start(self, x: torch.Tensor) -> None:
+        """The fit's compute device and centroid dtype for x; no centring yet (set once the mean is known)."""
+        self._device = x.device if self.device is None else torch.device(self.device)
+        self._cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self._shift = None
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """x in its clustering dtype on the device it is stored on during the fit: the compute device
+        unless streaming; in memory, centred (euclidean) or normalised (cosine) once per fit."""
         if self.batch_size is None:
-            if x.device != device:
-                x = x.to(device)
+            if x.device != self._device:
+                x = x.to(self._device)
             if self.metric == "cosine":
                 x = _normalize_rows(x)  # once per fit, not per iteration
+            elif self._shift is not None:
+                x = x - self._shift.to(x.dtype)
         return x
 
     def _chunks(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start row, rows on the compute device, normalised for cosine) for every chunk of x."""
+        """(start row, rows on the compute device, centred or normalised as in memory) per chunk of x."""
         n = x.shape[0]
         step = n if self.batch_size is None else self.batch_size
         for s in range(0, max(n, 1), max(step, 1)):
             xc = x[s : s + step]
-            if xc.device != self._device_:
-                # asynchronous host-to-device only: a device-to-host copy into pinned memory
-                # returns before it lands, and the CPU would read the chunk too early
-                xc = xc.to(self._device_, non_blocking=xc.device.type == "cpu")
-            if self.metric == "cosine" and self.batch_size is not None:
-                xc = _normalize_rows(xc)  # streamed chunks arrive raw (in-memory x was normalised once)
+            if self.batch_size is not None:
+                if xc.device != self._device:
+                    # asynchronous host-to-device only: a device-to-host copy into pinned memory
+                    # returns before it lands, and the CPU would read the chunk too early
+                    xc = xc.to(self._device, non_blocking=xc.device.type == "cpu")
+                if self.metric == "cosine":
+                    xc = _normalize_rows(xc)  # streamed chunks arrive raw (in-memory x was normalised once)
+                elif self._shift is not None:
+                    xc = xc - self._shift.to(xc.dtype)
             yield s, xc
 
-    def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool):
+    def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool, weights: torch.Tensor | None = None):
         """One assignment pass over x (and the update sums when `update`).
 
         Returns labels [n] and distances [n] on x's device, and sums [k, d] and counts [k] on
-        the compute device (None without update). The inertia is `_inertia(dist)`, when needed.
+        the compute device (None without update). With `weights` (on the compute device, in
+        memory: [n]), sums and counts are weighted: sum of w_i x_i and of w_i per cluster.
         """
         whole = self.batch_size is None
         labels = dist = sums = counts = None
+        k = centers.shape[0]
         if not whole:
             labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
             dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         for s, xc in self._chunks(x):
             # x was checked finite once (fit/predict), not once per iteration
-            if update:
+            if update and weights is None:
                 lab, dst, sc, cc = ops.kmeans_lloyd_step(xc, centers, metric=self.metric)
-                # chunk sums are added in chunk order: deterministic
-                sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
+            elif update:
+                # weighted: the same kernels, the update summing rows scaled by their weights
+                w = weights[s : s + xc.shape[0]]
+                lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric, validate=False)
+                sc, _ = ops.kmeans_update(xc * w[:, None].to(xc.dtype), lab, k, validate=False)
+                cc = torch.bincount(lab, weights=w.double(), minlength=k)
             else:
                 lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric, validate=False)
+            if update:
+                # chunk sums are added in chunk order: deterministic
+                sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
             if whole:
                 labels, dist = lab, dst
             else:
@@ -182,62 +319,70 @@ class KMeans:
         return labels, dist, sums, counts
 
     def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x[idx] as float32 rows on the compute device (normalised for cosine)."""
-        rows = x[idx.to(x.device)].to(self._device_)
-        if self.metric == "cosine" and self.batch_size is not None:
+        """x[idx] as rows of the centroid dtype on the compute device, prepared as in memory."""
+        rows = x[idx.to(x.device)].to(self._device)
+        if self.batch_size is not None:
             # what _prepare did to in-memory x, so that both seed from the same rows
-            rows = _normalize_rows(rows)
-        rows = rows.to(torch.float32)
+            if self.metric == "cosine":
+                rows = _normalize_rows(rows)
+            elif self._shift is not None:
+                rows = rows - self._shift.to(rows.dtype)
+        rows = rows.to(self._cdtype)
         return reference.normalize(rows) if self.metric == "cosine" else rows
 
     # ---------------------------------------------------------------- initialisation
 
-    def _init_centers(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _init_centers(self, x: torch.Tensor, gen: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
         n, k = x.shape[0], self.n_clusters
         if self.init == "random":
             return self._rows(x, torch.randperm(n, generator=gen)[:k])
         size = n if self.init_sample_size is None else (
             min(n, max(50_000, 100 * k)) if self.init_sample_size == "auto" else min(n, int(self.init_sample_size)))
         idx = torch.arange(n) if size == n else torch.randperm(n, generator=gen)[:size].sort().values
-        return kmeans_plusplus(self._rows(x, idx), k, gen)
+        w = None if weights is None else weights[idx.to(weights.device)]
+        return kmeans_plusplus(self._rows(x, idx), k, gen, sample_weight=w)
 
     def _user_centers(self, d: int) -> torch.Tensor:
-        init = _as_tensor(self.init, "init")
+        init, _ = _as_tensor(self.init, "init")
         if tuple(init.shape) != (self.n_clusters, d):
             raise ValueError(f"init must have shape (n_clusters, n_features) = {(self.n_clusters, d)}, "
                              f"got {tuple(init.shape)}")
         if not bool(torch.isfinite(init).all()):
             raise ValueError("init contains NaN or Inf")
-        c = init.to(self._device_, torch.float32)
-        return reference.normalize(c) if self.metric == "cosine" else c
+        c = init.to(self._device, torch.float64)
+        if self.metric == "cosine":
+            return reference.normalize(c).to(self._cdtype)
+        return (c - self._shift).to(self._cdtype) if self._shift is not None else c.to(self._cdtype)
 
     # ---------------------------------------------------------------- Lloyd
 
     def _means(self, centers, sums, counts):
-        """Centroids from the update sums; a cluster without points keeps its centroid."""
+        """Centroids from the update sums; a cluster without points (or weight) keeps its centroid."""
         filled = (counts > 0)[:, None]
         if self.metric == "cosine":
-            new = reference.normalize(sums.float())
+            new = reference.normalize(sums.to(self._cdtype))
         else:
-            new = sums.float() / counts.clamp_min(1)[:, None].float()
+            new = (sums.double() / counts.clamp_min(1e-300)[:, None].double()).to(self._cdtype)
         return torch.where(filled, new, centers)
 
-    def _reseed_empty(self, x, centers, labels, dist, sums, counts):
+    def _reseed_empty(self, x, centers, labels, dist, sums, counts, weights):
         """Centroids after re-seeding empty clusters with the farthest points (rare: its own syncs)."""
         empty = torch.nonzero(counts == 0).flatten().tolist()
         far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
         pts = self._rows(x, far)
-        old = labels[far].to(self._device_)
+        old = labels[far].to(self._device)
+        w = torch.ones(len(far), dtype=torch.float64) if weights is None else weights[far.to(weights.device)].cpu()
         sums, counts = sums.clone(), counts.clone()
         for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
-            sums[old[j]] -= pts[j]
-            counts[old[j]] -= 1
-            sums[c] = pts[j]
-            counts[c] = 1
+            wj = float(w[j])
+            sums[old[j]] -= pts[j] * wj
+            counts[old[j]] -= wj if counts.is_floating_point() else 1
+            sums[c] = pts[j] * wj
+            counts[c] = wj if counts.is_floating_point() else 1
         # a cluster emptied by giving its only point away keeps its previous centroid
         return self._means(centers, sums, counts)
 
-    def _lloyd(self, x, centers, tol, run):
+    def _lloyd(self, x, centers, tol, run, weights):
         bar = None
         if self.verbose:
             from tqdm.auto import tqdm
@@ -247,7 +392,7 @@ class KMeans:
         strict = False
         it = 0
         for it in range(self.max_iter):
-            labels, dist, sums, counts = self._pass(x, centers, update=True)
+            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights)
             new = self._means(centers, sums, counts)
             # The iteration's three decisions (empty clusters? how far did the centroids move?
             # did any label change?) cross to the host together: one synchronisation, not three.
@@ -257,12 +402,12 @@ class KMeans:
                 (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
                 moved.to(counts.device, torch.float64)]).tolist()
             if n_empty:
-                new = self._reseed_empty(x, centers, labels, dist, sums, counts)
+                new = self._reseed_empty(x, centers, labels, dist, sums, counts, weights)
                 shift = float(((new - centers) ** 2).sum())
             centers = new
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(inertia=f"{_inertia(dist):.6g}", shift=f"{shift:.3g}")
+                bar.set_postfix(inertia=f"{_inertia(dist, weights):.6g}", shift=f"{shift:.3g}")
             if not changed:
                 strict = True  # labels unchanged: the centroids cannot move any more
                 break
@@ -274,23 +419,20 @@ class KMeans:
             labels, dist, _, _ = self._pass(x, centers, update=False)
         if bar is not None:
             bar.close()
-        return centers, labels, _inertia(dist), it + 1
+        return centers, labels, _inertia(dist, weights), it + 1
 
-    def _tol(self, x: torch.Tensor) -> float:
-        """tol * mean per-feature variance of x, checking on the way that x is finite.
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 mean [d] and variance [d] of x (on the compute device), checking that x is finite.
 
         Per block of rows: torch.var_mean (Welford, float32 like scikit-learn's np.var on float32
-        data); blocks are merged with Chan's formula in float64. NaN/Inf make a mean or a
-        variance non-finite, so that is the finiteness check too.
+        data; float64 for float64); blocks are merged with Chan's formula in float64. NaN/Inf make
+        a mean or a variance non-finite, so that is the finiteness check too.
         """
-        if self.tol == 0:
-            self._check_finite(x)  # as scikit-learn: no variance needed, only the finiteness check
-            return 0.0
         count, mean, m2 = 0, None, None
         for _, chunk in self._chunks(x):
             for b in range(0, chunk.shape[0], 1 << 20):  # float32 temporaries stay bounded
                 block = chunk[b : b + (1 << 20)]
-                v, m = torch.var_mean(block.float(), dim=0, correction=0)
+                v, m = torch.var_mean(block.to(self._cdtype), dim=0, correction=0)
                 nb = block.shape[0]
                 v, m = v.double(), m.double()
                 if mean is None:
@@ -304,7 +446,7 @@ class KMeans:
         var = m2 / count
         if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
             raise ValueError("x contains NaN or Inf")
-        return float(var.mean()) * self.tol
+        return mean, var
 
     def _check_finite(self, x: torch.Tensor) -> None:
         """ValueError if x holds NaN/Inf. A NaN/Inf makes the (fast, float32) chunk sum non-finite;
@@ -313,25 +455,52 @@ class KMeans:
             if not math.isfinite(float(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
                 raise ValueError("x contains NaN or Inf")
 
+    def _sample_weight(self, sample_weight, n: int) -> torch.Tensor | None:
+        """sample_weight as float64 [n] on the compute device, checked; None when absent."""
+        if sample_weight is None:
+            return None
+        w = sample_weight if isinstance(sample_weight, torch.Tensor) else torch.as_tensor(np.asarray(sample_weight))
+        if w.dim() == 0:
+            w = w.expand(n)
+        if w.dim() != 1 or w.shape[0] != n:
+            raise ValueError(f"sample_weight must have shape ({n},), one weight per sample, got {tuple(w.shape)}")
+        if w.is_complex() or not (w.is_floating_point() or w.dtype in (torch.int8, torch.int16, torch.int32,
+                                                                        torch.int64, torch.uint8, torch.bool)):
+            raise ValueError(f"sample_weight must hold real numbers, got {w.dtype}")
+        w = w.detach().to(self._device, torch.float64)
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("sample_weight must be finite and >= 0")
+        if not float(w.sum()) > 0:
+            raise ValueError("sample_weight is all zero: at least one sample needs a positive weight")
+        return w
+
     # ---------------------------------------------------------------- public API
 
-    def fit(self, x, y=None) -> "KMeans":
-        """Clusters x [n, d] (tensor or array). Returns self."""
-        x = _as_tensor(x, "x")
+    def fit(self, x, y=None, sample_weight=None) -> "KMeans":
+        """Clusters x [n, d] (tensor or array-like); `y` is ignored; `sample_weight` [n] (>= 0)
+        weighs each point in the means, the inertia and the k-means++ draws. Returns self."""
+        self._check_params()
+        x, as_torch = _as_tensor(x, "x")
         source_device = x.device
-        self._device_ = self.device or x.device
-        x = self._prepare(x)
+        self._start(x)
         n, d = x.shape
         if self.n_clusters > n:
-            raise ValueError(f"n_clusters = {self.n_clusters} is larger than the number of samples n = {n}")
-        tol = self._tol(x)
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
+        weights = self._sample_weight(sample_weight, n)
+        mean, var = self._moments(x)  # of the raw data: also the NaN/Inf check
+        if self.metric == "euclidean":
+            self._shift = mean.to(self._device)
+        x = self._prepare(x)
+        tol = float(var.mean()) * self.tol
+        seed = next((s for s in (self.random_state, self.seed) if s is not None), None)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
         gen = torch.Generator().manual_seed(int(seed))
         user = not isinstance(self.init, str)
         best = None
         for run in range(1 if user else self.n_init):
-            centers = self._user_centers(d) if user else self._init_centers(x, gen)
-            result = self._lloyd(x, centers, tol, run)
+            centers = self._user_centers(d) if user else self._init_centers(x, gen, weights)
+            result = self._lloyd(x, centers, tol, run, weights)
             if best is None or result[2] < best[2]:
                 best = result
         centers, labels, inertia, n_iter = best
@@ -340,91 +509,126 @@ class KMeans:
             warnings.warn(f"Number of distinct clusters ({found}) found smaller than n_clusters "
                           f"({self.n_clusters}). Possibly due to duplicate points in x.", ConvergenceWarning,
                           stacklevel=2)
-        self.cluster_centers_ = centers.to(source_device)
-        self.labels_ = labels.to(source_device)
+        self._centers = centers  # centred, on the compute device: what predict/transform compare with
+        if self._shift is not None:
+            centers = (centers.double() + self._shift).to(self._cdtype)
+        self.cluster_centers_ = _output(centers, as_torch, source_device)
+        self.labels_ = _output(labels, as_torch, source_device)
         self.inertia_ = inertia
         self.n_iter_ = n_iter
+        self.n_features_in_ = d
         return self
 
-    def _fitted_input(self, x) -> tuple[torch.Tensor, torch.device]:
-        """x checked against the fitted model and prepared as in fit, and the device it came from."""
+    def _fitted_input(self, x) -> tuple[torch.Tensor, bool, torch.device]:
+        """x checked against the fitted model and prepared as in fit (centred by the fit's mean, or
+        normalised), with whether it came as a tensor and where from."""
         if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this KMeans is not fitted yet: call fit first")
-        x = _as_tensor(x, "x")
-        if x.shape[1] != self.cluster_centers_.shape[1]:
-            raise ValueError(f"x has {x.shape[1]} features but the model was fitted on {self.cluster_centers_.shape[1]}")
+            raise _not_fitted()
+        x, as_torch = _as_tensor(x, "x")
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {x.shape[1]} features, but KMeans is expecting {self.n_features_in_} "
+                             "features as input")
         source = x.device
-        x = self._prepare(x)
+        if x.dtype == torch.float64 and self._cdtype == torch.float32:
+            x = x.float()
         self._check_finite(x)
-        return x, source
+        return self._prepare(x), as_torch, source
 
-    def predict(self, x) -> torch.Tensor:
-        """Index of the nearest centroid of every row of x: int64 [n], on x's device."""
-        x, source = self._fitted_input(x)
-        labels, _, _, _ = self._pass(x, self.cluster_centers_.to(self._device_), update=False)
-        return labels.to(source)
+    def predict(self, x):
+        """Index of the nearest centroid of every row of x: int64 [n] (tensor on x's device, or numpy)."""
+        x, as_torch, source = self._fitted_input(x)
+        labels, _, _, _ = self._pass(x, self._centers, update=False)
+        return _output(labels, as_torch, source)
 
-    def fit_predict(self, x, y=None) -> torch.Tensor:
+    def fit_predict(self, x, y=None, sample_weight=None):
         """fit(x), then labels_."""
-        return self.fit(x).labels_
+        return self.fit(x, sample_weight=sample_weight).labels_
 
-    def transform(self, x) -> torch.Tensor:
-        """Distance of every row of x to every centroid: float32 [n, k] on x's device.
+    def score(self, x, y=None, sample_weight=None) -> float:
+        """Minus the inertia of x against the fitted centroids (higher is better, as scikit-learn)."""
+        x, _, _ = self._fitted_input(x)
+        _, dist, _, _ = self._pass(x, self._centers, update=False)
+        return -_inertia(dist, self._sample_weight(sample_weight, x.shape[0]))
 
-        euclidean: euclidean distances (not squared, like scikit-learn); cosine: 1 - cosine.
+    def transform(self, x):
+        """Distance of every row of x to every centroid [n, k] (float64 for float64 fits, else float32).
+
+        euclidean: euclidean distances (not squared, like scikit-learn), taken on the centred data;
+        cosine: 1 - cosine.
         """
-        x, source = self._fitted_input(x)
-        c = self.cluster_centers_.to(self._device_, torch.float32)
-        if self.metric == "cosine":
-            c = reference.normalize(c)
-        out = torch.empty(x.shape[0], self.n_clusters, dtype=torch.float32, device=source)
+        x, as_torch, source = self._fitted_input(x)
+        out_dtype = self._cdtype
+        c = self._centers.to(out_dtype)
+        out = torch.empty(x.shape[0], self.n_clusters, dtype=out_dtype, device=source)
         rows = self.batch_size or 65536
-        for s in range(0, x.shape[0], rows):
-            xc = x[s : s + rows].to(self._device_, torch.float32)
-            if self.metric == "cosine":
-                block = 1 - reference.normalize(xc) @ c.T
-            else:
-                block = torch.cdist(xc, c)
-            out[s : s + xc.shape[0]] = block.to(source)
-        return out
+        for s, xc in self._chunks(x):
+            for b in range(0, xc.shape[0], rows):
+                xb = xc[b : b + rows].to(out_dtype)
+                block = 1 - reference.normalize(xb) @ c.T if self.metric == "cosine" else torch.cdist(xb, c)
+                out[s + b : s + b + xb.shape[0]] = block.to(source)
+        return _output(out, as_torch, source)
+
+    def fit_transform(self, x, y=None, sample_weight=None):
+        """fit(x), then transform(x)."""
+        return self.fit(x, sample_weight=sample_weight).transform(x)
 
 
-def _inertia(dist: torch.Tensor) -> float:
-    """Sum of the distances (squared euclidean, or 1 - cosine), accumulated in float64."""
-    return float(dist.sum(dtype=torch.float64))
+def _inertia(dist: torch.Tensor, weights: torch.Tensor | None = None) -> float:
+    """Sum of the distances (squared euclidean, or 1 - cosine), weighted, accumulated in float64."""
+    if weights is None:
+        return float(dist.sum(dtype=torch.float64))
+    return float((dist.double() * weights.to(dist.device)).sum())
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows divided by max(norm, EPS), norms taken in float32, result in x's dtype (no float32 copy)."""
-    norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(reference.EPS)
+    """Rows divided by max(norm, EPS), norms taken in float32 (float64 for float64), result in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(reference.EPS)
     return x / norm[:, None].to(x.dtype)
 
 
-def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding on x's device: k rows of x [m, d] (float32) as initial centroids.
+def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator,
+                    sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeding on x's device: k rows of x [m, d] (float32/float64) as initial centroids.
 
-    As scikit-learn: the first centre is uniform; each next one is the best (lowest resulting
-    potential) of 2 + int(ln k) candidates drawn with probability proportional to the squared
+    As scikit-learn: the first centre is drawn with probability proportional to the weight
+    (uniform without `sample_weight`); each next one is the best (lowest resulting weighted
+    potential) of 2 + int(ln k) candidates drawn with probability proportional to weight x squared
     distance to the nearest centre so far. Random numbers come from the CPU generator `gen`, so a
     seed gives the same draws on every device.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [9.0, 9.0]])
+        >>> c = kmeans_plusplus(x, 2, torch.Generator().manual_seed(0))
+        >>> sorted(c[:, 0].tolist())
+        [0.0, 9.0]
     """
     m, d = x.shape
     dev = x.device
     trials = 2 + int(math.log(k))
+    w = None if sample_weight is None else sample_weight.to(dev, torch.float64)
     x_sq = (x * x).sum(dim=1)
     centers = torch.empty(k, d, dtype=x.dtype, device=dev)
-    first = torch.randint(m, (1,), generator=gen).to(dev)
-    centers[0] = x[first[0]]
-    closest = (x_sq - 2 * x @ centers[0] + x_sq[first[0]]).clamp_min(0)
+    if w is None:
+        first = torch.randint(m, (1,), generator=gen).to(dev)
+    else:
+        cum_w = torch.cumsum(w, dim=0)
+        r0 = torch.rand(1, generator=gen, dtype=torch.float64).to(dev)
+        first = torch.searchsorted(cum_w, r0 * cum_w[-1], right=True).clamp_max(m - 1)
+    centers[0] = x.index_select(0, first)[0]
+    closest = (x_sq - 2 * x @ centers[0] + x_sq.index_select(0, first)).clamp_min(0)
     for c in range(1, k):
         r = torch.rand(trials, generator=gen, dtype=torch.float64).to(dev)
-        cum = torch.cumsum(closest, dim=0, dtype=torch.float64)
+        mass = closest.double() if w is None else closest.double() * w
+        cum = torch.cumsum(mass, dim=0)
         cand = torch.searchsorted(cum, r * cum[-1]).clamp_max(m - 1)
         dc = (x_sq[None, :] - 2 * x[cand] @ x.T + x_sq[cand][:, None]).clamp_min(0)  # [trials, m]
         dc = torch.minimum(dc, closest[None, :])
+        pot = dc.sum(dim=1, dtype=torch.float64) if w is None else (dc.double() * w).sum(dim=1)
         # index_select with a one-element tensor: indexing with a 0-dim device tensor would
         # read it on the host, a synchronisation per round
-        best = torch.argmin(dc.sum(dim=1, dtype=torch.float64)).view(1)
+        best = torch.argmin(pot).view(1)
         centers[c] = x.index_select(0, cand.index_select(0, best))[0]
         closest = dc.index_select(0, best)[0]
     return centers

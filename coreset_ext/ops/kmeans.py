@@ -78,6 +78,12 @@ def kmeans_assign(
 def _kmeans_assign_op(
     x: torch.Tensor, centroids: torch.Tensor, metric: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # autocast would lower the reference's matmul to bf16 mid-formula: the op's precision is its own
+    with torch.autocast(x.device.type, enabled=False):
+        return _kmeans_assign_impl(x, centroids, metric, backend)
+
+
+def _kmeans_assign_impl(x, centroids, metric, backend):
     if backend == "triton":
         from coreset_ext.triton_kernels import kmeans  # Triton is optional: imported when used
 
@@ -86,8 +92,20 @@ def _kmeans_assign_op(
     xw = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if backend == "cpp":
         return torch.ops.coreset_ext.kmeans_assign_cpu(xw, _prepared(centroids, xw.dtype, metric), metric == "cosine")
-    labels, dist = reference.kmeans_assign(xw, centroids.to(xw.dtype), metric=metric, chunk_size=REFERENCE_ROWS)
+    c = centroids.to(xw.dtype)
+    if metric == "euclidean":
+        # about the centroids' mean, as the kernels (see _centroid_mean): one copy of x, fallback only
+        mid = _centroid_mean(c)
+        xw, c = xw - mid, c - mid
+    labels, dist = reference.kmeans_assign(xw, c, metric=metric, chunk_size=REFERENCE_ROWS)
     return labels, dist.float()
+
+
+def _centroid_mean(centroids: torch.Tensor) -> torch.Tensor:
+    """The point every backend takes its euclidean products about: ||x - c||^2 = ||x'||^2 - 2 x'.c' +
+    ||c'||^2 with x' = x - m, c' = c - m. Far from the origin (offset 1e4, spread 1) the unshifted
+    terms are ~1e8 and their difference loses every float32 digit; about m they are of the spread's size."""
+    return centroids.double().mean(dim=0).to(centroids.dtype)
 
 
 @_kmeans_assign_op.register_fake

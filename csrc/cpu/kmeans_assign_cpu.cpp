@@ -30,11 +30,15 @@ constexpr double kEps = 1e-6;           // as coreset_ext.reference.EPS
 namespace {
 
 struct Prepared {
-  at::Tensor xc, ct, c_sq;
+  at::Tensor xc, c, ct, c_sq, shift;
   int64_t n, d, k;
   double alpha;
 };
 
+// Euclidean products are taken in a frame shifted to the centroids' mean: ||x - c||^2 =
+// ||x'||^2 - 2 x'.c' + ||c'||^2 with x' = x - m, c' = c - m. Far from the origin (an offset of
+// 1e4 and a spread of 1) the unshifted terms are ~1e8 and their difference loses every digit of
+// float32; shifted, they are of the spread's size. Cosine is taken about the origin: no shift.
 Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && centroids.device().is_cpu(), name,
               ": x and centroids must be on the CPU");
@@ -45,9 +49,16 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
   TORCH_CHECK(centroids.size(0) >= 1, name, ": need at least one centroid");
   Prepared p;
   p.xc = x.contiguous();
-  const at::Tensor c = centroids.to(x.scalar_type()).contiguous();
+  at::Tensor c = centroids.to(x.scalar_type());
+  if (cosine) {
+    p.shift = at::zeros({x.size(1)}, c.options());
+  } else {
+    p.shift = c.to(at::kDouble).mean(0).to(x.scalar_type());
+    c = c - p.shift;
+  }
+  p.c = c.contiguous();
   p.ct = c.t().contiguous();
-  // ||c||^2 is added in the argmin loop (no bias pass over the scores); zero for cosine
+  // ||c'||^2 is added in the argmin loop (no bias pass over the scores); zero for cosine
   p.c_sq = cosine ? at::zeros({c.size(0)}, c.options()) : (c * c).sum(1).contiguous();
   p.n = x.size(0);
   p.d = x.size(1);
@@ -56,46 +67,82 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
   return p;
 }
 
-// Labels and distances of rows [s, e) (e - s <= kRowsPerBlock); `dots` is the caller's buffer.
+// Per-task scratch: the block's shifted rows and its block x k scores.
+struct Scratch {
+  at::Tensor rows, dots;
+  Scratch(const Prepared& p)
+      : rows(at::empty({kRowsPerBlock, p.d}, p.xc.options())), dots(at::empty({kRowsPerBlock, p.k}, p.xc.options())) {}
+};
+
+// Sum of squares with 8 independent accumulators (a single chain is latency-bound).
 template <typename scalar_t>
-void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, at::Tensor& dots,
-                 int64_t* lab, float* dst) {
-  const int64_t k = p.k, d = p.d;
-  at::Tensor out = dots.narrow(0, 0, e - s);
-  at::mm_out(out, p.xc.slice(0, s, e), p.ct);
+scalar_t sum_sq(const scalar_t* a, const scalar_t* b, int64_t d) {
+  scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const scalar_t t = a[j + u] - (b ? b[j + u] : scalar_t(0));
+      part[u] += t * t;
+    }
+  }
+  for (; j < d; ++j) {
+    const scalar_t t = a[j] - (b ? b[j] : scalar_t(0));
+    part[0] += t * t;
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Index of the first minimum of bias[j] + a * row[j]: a vectorisable min pass, then a scan that
+// stops at the first entry equal to it (lowest index wins ties, as the other backends).
+template <typename scalar_t>
+int64_t first_argmin(const scalar_t* bias, scalar_t a, const scalar_t* row, int64_t k, scalar_t* best_out) {
+  scalar_t best = std::numeric_limits<scalar_t>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    const scalar_t v = bias[j] + a * row[j];
+    best = v < best ? v : best;
+  }
+  int64_t arg = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    if (bias[j] + a * row[j] == best) {
+      arg = j;
+      break;
+    }
+  }
+  *best_out = best;
+  return arg;
+}
+
+// Labels and distances of rows [s, e) (e - s <= kRowsPerBlock).
+template <typename scalar_t>
+void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& scratch, int64_t* lab, float* dst) {
+  const int64_t k = p.k, d = p.d, m = e - s;
+  const scalar_t* xp = p.xc.data_ptr<scalar_t>();
+  const scalar_t* mp = p.shift.data_ptr<scalar_t>();
+  scalar_t* rp = scratch.rows.data_ptr<scalar_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    const scalar_t* xi = xp + (s + i) * d;
+    scalar_t* ri = rp + i * d;
+    for (int64_t j = 0; j < d; ++j) ri[j] = xi[j] - mp[j];
+  }
+  at::Tensor out = scratch.dots.narrow(0, 0, m);
+  at::mm_out(out, scratch.rows.narrow(0, 0, m), p.ct);
   const scalar_t* sp = out.data_ptr<scalar_t>();
   const scalar_t* csp = p.c_sq.data_ptr<scalar_t>();
-  const scalar_t* xp = p.xc.data_ptr<scalar_t>();
+  const scalar_t* cp = p.c.data_ptr<scalar_t>();
   const scalar_t a = static_cast<scalar_t>(p.alpha);
-  for (int64_t i = s; i < e; ++i) {
-    const scalar_t* row = sp + (i - s) * k;
-    scalar_t best = std::numeric_limits<scalar_t>::infinity();
-    int64_t arg = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const scalar_t v = csp[j] + a * row[j];
-      if (v < best) {  // strict: the first minimum stays
-        best = v;
-        arg = j;
-      }
-    }
-    // ||x_i||^2 with 8 independent accumulators (a single chain is latency-bound)
-    const scalar_t* xi = xp + i * d;
-    scalar_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t j = 0;
-    for (; j + 8 <= d; j += 8) {
-      for (int u = 0; u < 8; ++u) part[u] += xi[j + u] * xi[j + u];
-    }
-    for (; j < d; ++j) part[0] += xi[j] * xi[j];
-    const scalar_t x_sq = ((part[0] + part[1]) + (part[2] + part[3])) +
-                          ((part[4] + part[5]) + (part[6] + part[7]));
+  for (int64_t i = 0; i < m; ++i) {
+    scalar_t best;
+    const int64_t arg = first_argmin<scalar_t>(csp, a, sp + i * k, k, &best);
     double out_d;
     if (cosine) {
-      out_d = 1.0 + static_cast<double>(best) / std::max(std::sqrt(static_cast<double>(x_sq)), kEps);
+      const double x_norm = std::sqrt(static_cast<double>(sum_sq<scalar_t>(rp + i * d, nullptr, d)));
+      out_d = 1.0 + static_cast<double>(best) / std::max(x_norm, kEps);
     } else {
-      out_d = std::max(static_cast<double>(best) + static_cast<double>(x_sq), 0.0);
+      // the winner's distance from the difference itself, not from the expanded form
+      out_d = static_cast<double>(sum_sq<scalar_t>(rp + i * d, cp + arg * d, d));
     }
-    lab[i] = arg;
-    dst[i] = static_cast<float>(out_d);
+    lab[s + i] = arg;
+    dst[s + i] = static_cast<float>(out_d);
   }
 }
 
@@ -113,10 +160,10 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kRowsPerBlock * p.k * p.d));
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_assign_cpu", [&] {
     at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      at::Tensor dots = at::empty({kRowsPerBlock, p.k}, p.xc.options());
+      Scratch scratch(p);
       for (int64_t b = b0; b < b1; ++b) {
         assign_rows<scalar_t>(p, cosine, b * kRowsPerBlock, std::min(p.n, (b + 1) * kRowsPerBlock),
-                              dots, lab, dst);
+                              scratch, lab, dst);
       }
     });
   });
@@ -136,12 +183,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_lloyd_step_cpu
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_lloyd_step_cpu", [&] {
     const scalar_t* xp = p.xc.data_ptr<scalar_t>();
     at::parallel_for(0, ranges.count, 1, [&](int64_t r0, int64_t r1) {
-      at::Tensor dots = at::empty({kRowsPerBlock, k}, p.xc.options());
+      Scratch scratch(p);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t end = std::min(n, (r + 1) * ranges.per);
         for (int64_t s = r * ranges.per; s < end; s += kRowsPerBlock) {
           const int64_t e = std::min(end, s + kRowsPerBlock);
-          assign_rows<scalar_t>(p, cosine, s, e, dots, lab, dst);
+          assign_rows<scalar_t>(p, cosine, s, e, scratch, lab, dst);
           // labels are in [0, k) by construction
           for (int64_t i = s; i < e; ++i) ranges.add(r, lab[i], xp + i * d, k, d);
         }
