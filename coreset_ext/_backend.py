@@ -7,6 +7,7 @@ Backends, fastest first: "cuda" (compiled CUDA kernels in `_C`), "triton" (Trito
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
@@ -148,6 +149,19 @@ def resolve(op: str, device_type: str, requested: str = "") -> str:
     if not requested:
         return default_backend(op, device_type)
     return select_backend(op, torch.device(device_type), requested)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def no_autocast(x: torch.Tensor):
+    """A context that turns autocast off around an op's implementation, for x's device: every op
+    accumulates in float32 itself, and autocast must not lower its products to bf16/fp16 halfway
+    through a formula. Nothing to enter when no autocast is on, the usual case: one cheap test,
+    as this runs on every training step."""
+    if not torch._C._is_any_autocast_enabled():
+        return _NO_CONTEXT
+    return torch.autocast(x.device.type, enabled=False)
 
 
 _FALLBACK_LIBRARY = None  # a torch.library.Library holding the ops _C did not define (kept alive here)

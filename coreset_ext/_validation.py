@@ -159,8 +159,17 @@ REDUCTIONS = Options("mean", "sum", "none")
 MIN_TEMPERATURE = 1e-4
 
 
+def check_reduction(reduction) -> str:
+    """A loss reduction: one of REDUCTIONS (a cheap test first: it runs on every training step)."""
+    if type(reduction) is str and reduction in REDUCTIONS.values:
+        return reduction
+    return check("reduction", reduction, REDUCTIONS)
+
+
 def check_temperature(temperature) -> float:
     """A contrastive temperature: a finite real number >= MIN_TEMPERATURE."""
+    if type(temperature) is float and MIN_TEMPERATURE <= temperature < math.inf:
+        return temperature  # the usual case, decided without the general machinery (every step)
     t = check("temperature", temperature, Interval(float, MIN_TEMPERATURE, None))
     if not math.isfinite(t):
         raise ValueError(f"temperature must be a finite real number >= {MIN_TEMPERATURE}, got {temperature!r}")

@@ -1,10 +1,15 @@
 """Loss modules over the fused contrastive ops: drop-in for lightly-style training loops.
 
+    tracker = cx.ScoreTracker(len(dataset))             # per-example CSS: sums and counts
     criterion = cx.nn.NTXentLoss(temperature=0.5)
-    loss = criterion(z1, z2, index=batch_index, scores=tracker.sums["css"])
+    loss = criterion(z1, z2, index=batch_index, tracker=tracker)
+    ...
+    css = tracker.mean()["css"]                          # after training
 
-Both modules also yield each example's positive-pair cosine (the CSS score of METHODS.md): pass
-`index` and `scores` to scatter-add it into a ScoreTracker buffer, or `return_cos=True` to get it.
+Both modules yield each example's positive-pair cosine (the CSS score of METHODS.md): pass
+`index` and `tracker` to record it in a ScoreTracker without a host synchronisation (see
+`ops.nt_xent`), or `return_cos=True` to get it. Both work under torch.autocast (float32 losses,
+gradients in the inputs' dtypes).
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ class NTXentLoss(torch.nn.Module):
         self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None,
-                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True):
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
+                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
+        """The loss of `ops.nt_xent`; `index`/`tracker`, `scores`, `return_cos` and `validate` as there."""
         return ops.nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                           index=index, scores=scores, return_cos=return_cos, validate=validate)
+                           index=index, tracker=tracker, scores=scores, return_cos=return_cos, validate=validate)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
@@ -47,11 +53,17 @@ class MoCoLoss(torch.nn.Module):
     """MoCo InfoNCE against a queue of past keys that this module owns; see `ops.info_nce_queue`.
 
     The queue [queue_size, dim] is a buffer initialised with random unit rows (as in MoCo) and used
-    as a ring: `forward(q, k)` computes the loss against the current queue, then writes k's rows
-    at the ring position and advances it. The position lives on the queue's device and the write
-    is an index_copy_, so a training step never waits on the host. A batch that does not divide
-    the queue size wraps around; one larger than the queue keeps its last `queue_size` keys. A key
-    row that is not finite is not enqueued (its slot keeps its old key).
+    as a ring: `forward(q, k)` computes the loss against the current queue, reserves the next
+    slots of the ring for k (advancing `ptr`) and writes k there at the start of the next
+    forward (or at `flush_()`, or `state_dict()`). Each loss therefore sees the keys of every
+    earlier step and none of its own, as in MoCo, and the queue is never copied: the loss saves
+    it for its backward, and autograd's version counter refuses a backward that runs after the
+    next forward wrote into it ("modified by an inplace operation"), rather than computing a
+    gradient against the wrong keys. So call backward before the next forward (one forward per
+    step). The position lives on the queue's device and the writes are index_copy_, so a
+    training step never waits on the host. A batch that does not divide the queue size wraps
+    around; one larger than the queue keeps its last `queue_size` keys. A key row that is not
+    finite is not enqueued (its slot keeps its old key).
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -60,6 +72,9 @@ class MoCoLoss(torch.nn.Module):
         >>> criterion(q, k).backward()
         >>> int(criterion.ptr)
         8
+        >>> criterion.flush_()
+        >>> torch.equal(criterion.queue[:8], k)
+        True
     """
 
     queue: torch.Tensor
@@ -75,36 +90,66 @@ class MoCoLoss(torch.nn.Module):
         self.normalize = bool(normalize)
         self.register_buffer("queue", reference.normalize(torch.randn(queue_size, dim)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, keys) of the last forward
+        # a saved state holds the pending keys; a loaded one replaces them
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_())
+        self.register_load_state_dict_pre_hook(lambda module, *args: setattr(module, "_pending", None))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None,
-                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True):
-        # The backward pass reads the queue, and enqueue_ is about to overwrite part of it in place:
-        # give the loss a snapshot when gradients will flow (what MoCo's reference code does too).
-        queue = self.queue.clone() if torch.is_grad_enabled() and q.requires_grad else self.queue
-        out = ops.info_nce_queue(q, k, queue, self.temperature, normalize=self.normalize,
-                                 reduction=self.reduction, index=index, scores=scores, return_cos=return_cos,
-                                 validate=validate)
-        self.enqueue_(k)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
+                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
+        """The loss of `ops.info_nce_queue` against the queue; `index`/`tracker` etc. as there."""
+        self._check_keys(k)
+        self.flush_()
+        out = ops.info_nce_queue(q, k, self.queue, self.temperature, normalize=self.normalize,
+                                 reduction=self.reduction, index=index, tracker=tracker, scores=scores,
+                                 return_cos=return_cos, validate=validate)
+        slots, keys = self._reserve(k)
+        # a copy of the B keys (never of the queue): the caller may refill k's storage before the
+        # next step (a static input buffer under CUDA graphs)
+        self._pending = slots, keys.to(self.queue.dtype, copy=True)
         return out
 
     @torch.no_grad()
+    def flush_(self) -> None:
+        """Writes the keys of the last forward into the slots reserved for them (a no-op when
+        there are none); forward and state_dict call it."""
+        if self._pending is not None:
+            slots, k = self._pending
+            self._pending = None
+            self._write(slots, k)
+
+    @torch.no_grad()
     def enqueue_(self, k: torch.Tensor) -> None:
-        """Writes the keys k [B, dim] into the ring at `ptr` (wrapping) and advances `ptr`."""
+        """Writes the keys k [B, dim] into the ring at `ptr` (wrapping) now and advances `ptr`."""
+        self._check_keys(k)
+        self.flush_()
+        self._write(*self._reserve(k))
+
+    def _check_keys(self, k: torch.Tensor) -> None:
+        if not isinstance(k, torch.Tensor) or k.dim() != 2 or k.shape[1] != self.queue.shape[1]:
+            shape = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+            raise ValueError(f"k must have shape [batch, {self.queue.shape[1]}], got {shape}")
+
+    @torch.no_grad()
+    def _reserve(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ring slots for k's rows, the rows to write there), advancing `ptr` past them."""
         size = self.queue.shape[0]
-        if k.dim() != 2 or k.shape[1] != self.queue.shape[1]:
-            raise ValueError(f"k must have shape [batch, {self.queue.shape[1]}], got {tuple(k.shape)}")
         k = k.detach()
         b = k.shape[0]
         if b > size:  # only the newest queue_size keys survive one pass around the ring
             self.ptr.add_(b - size).remainder_(size)
             k, b = k[b - size:], size
         slots = (self.ptr + torch.arange(b, device=self.queue.device)) % size
+        self.ptr.add_(b).remainder_(size)
+        return slots, k
+
+    @torch.no_grad()
+    def _write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
         k = k.to(self.queue.dtype)
         # A key holding NaN or Inf would poison every later loss until the ring came round: its
         # slot keeps the key it held instead (decided on the device, no host synchronisation).
         finite = torch.isfinite(k).all(dim=1, keepdim=True)
         self.queue.index_copy_(0, slots, torch.where(finite, k, self.queue.index_select(0, slots)))
-        self.ptr.add_(b).remainder_(size)
 
     def extra_repr(self) -> str:
         return f"dim={self.queue.shape[1]}, queue_size={self.queue.shape[0]}, temperature={self.temperature}"

@@ -25,7 +25,7 @@ def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """x_i / max(||x_i||_2, EPS), row-wise."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
 
 
 def pair_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -278,22 +278,61 @@ def cosine_topk(
 def normalize_backward(x: torch.Tensor, grad_zhat: torch.Tensor) -> torch.Tensor:
     """Gradient through zhat = x / max(||x||, EPS): above EPS, (g - zhat <g, zhat>) / ||x||;
     at or below it the clamp is a constant, so g / EPS."""
-    n = x.norm(dim=-1, keepdim=True)
-    c = n.clamp_min(EPS)
-    zhat = x / c
-    proj = (grad_zhat * zhat).sum(dim=-1, keepdim=True)
-    return torch.where(n > EPS, (grad_zhat - zhat * proj) / c, grad_zhat / c)
+    return _normalize_backward(*_normalized(x), grad_zhat)
 
 
-def nt_xent_lse(z1: torch.Tensor, z2: torch.Tensor, rows: torch.Tensor, temperature: float, *,
-                normalize_input: bool = True) -> torch.Tensor:
-    """Per-row log-sum-exp of the NT-Xent denominators, recovered from the per-row losses:
-    lse_i = loss_i + s_{i,p(i)} / t."""
-    z = torch.cat([z1, z2], dim=0)
+def _normalize_backward(zhat: torch.Tensor, norm: torch.Tensor, c: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    # normalize_backward given what the forward already has: zhat, ||x|| and max(||x||, EPS)
+    proj = (g * zhat).sum(dim=-1, keepdim=True) * (norm > EPS)
+    return torch.addcmul(g, zhat, proj, value=-1) / c
+
+
+def _normalized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(zhat, ||x||, max(||x||, EPS)) row-wise."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    c = norm.clamp_min(EPS)
+    return x / c, norm, c
+
+
+def _masked_logits(rows_scaled: torch.Tensor, z: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits of rows start .. start + c (already divided by t) against all of z, with each row's
+    own entry at -inf."""
+    logits = torch.mm(rows_scaled, z.t())
+    logits.diagonal(start).fill_(float("-inf"))
+    return logits
+
+
+def nt_xent_forward(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, normalize_input: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row losses [2B], per-row log-sum-exp of the denominators [2B], positive cosines [B]) of
+    `nt_xent_rows` in one pass without gradients: the CPU backend of ops.nt_xent.
+
+        lse_i = log sum_{j != i} exp(s_ij / t),   loss_i = lse_i - s_{i,p(i)} / t
+
+    A batch of at most `chunk_size` rows is one dense block, which also holds the positive logits
+    (its diagonal at offset B): small batches are bound by the count of operations, not their
+    size. Larger batches go `chunk_size` rows at a time.
+    """
+    half = z1.shape[0]
+    z = torch.cat([z1, z2])
     if normalize_input:
         z = normalize(z)
-    pos = (z * z.roll(z1.shape[0], dims=0)).sum(dim=1) / temperature
-    return rows + pos
+    zt = z * (1.0 / temperature)
+    n = z.shape[0]
+    if n <= chunk_size:
+        logits = torch.mm(zt, z.t())
+        pos = logits.diagonal(half)  # s_{i, i+B} / t
+        pos2 = torch.cat([pos, pos])
+        cos = pos * temperature if normalize_input else pair_cosine(z1, z2)
+        lse = torch.logsumexp(logits.fill_diagonal_(float("-inf")), dim=1)
+        return lse - pos2, lse, cos
+    pos = (zt[:half] * z[half:]).sum(dim=1)
+    cos = pos * temperature if normalize_input else pair_cosine(z1, z2)
+    lse = torch.cat([torch.logsumexp(_masked_logits(zt[s : s + chunk_size], z, s), dim=1)
+                     for s in range(0, n, chunk_size)])
+    return lse - torch.cat([pos, pos]), lse, cos
 
 
 def nt_xent_rows_backward(
@@ -302,42 +341,63 @@ def nt_xent_rows_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of sum_i g_i loss_i (see `nt_xent_rows`) with respect to z1 and z2.
 
-    With p_ij = exp(s_ij / t - lse_i) (zero on the diagonal) and p(i) the other view:
+    With p_ij = exp(s_ij / t - lse_i) (zero on the diagonal), p(i) the other view and
+    w_ij = g_i (p_ij - [j = p(i)]):
 
-        dL/dzhat_i = (1/t) [ sum_j (g_i p_ij + g_j p_ji) zhat_j - (g_i + g_p(i)) zhat_p(i) ]
+        dL/dzhat_i = (1/t) sum_j (w_ij + w_ji) zhat_j
 
-    then through the normalisation. s is symmetric, so p_ji = exp(s_ij / t - lse_j): each chunk of
-    rows needs only its own [chunk, 2B] block.
+    then through the normalisation. The two halves returned are views of one [2B, d] buffer. A
+    batch of at most `chunk_size` rows is one dense block, where the w_ji term is its transpose;
+    beyond it, s is symmetric, so p_ji = exp(s_ij / t - lse_j) and each chunk of rows needs only
+    its own [chunk, 2B] block.
     """
-    x = torch.cat([z1, z2], dim=0)
-    z = normalize(x) if normalize_input else x
-    n, half = z.shape[0], z1.shape[0]
     if lse is None:
-        rows, _ = nt_xent_rows(z1, z2, temperature, normalize_input=normalize_input, chunk_size=chunk_size)
-        lse = nt_xent_lse(z1, z2, rows, temperature, normalize_input=normalize_input)
-    g = grad_rows.to(z.dtype)
-    lse = lse.to(z.dtype)
-    parts = []
-    for s in range(0, n, chunk_size):
-        zc = z[s : s + chunk_size]
-        c = zc.shape[0]
-        logits = zc @ z.T / temperature
-        w = g[s : s + c, None] * torch.exp(logits - lse[s : s + c, None]) + g[None, :] * torch.exp(logits - lse[None, :])
-        ar = torch.arange(c, device=z.device)
-        w[ar, s + ar] = 0
-        pc = (torch.arange(s, s + c, device=z.device) + half) % n
-        parts.append((w @ z - (g[s : s + c] + g[pc])[:, None] * z[pc]) / temperature)
-    gz = torch.cat(parts)
-    gx = normalize_backward(x, gz) if normalize_input else gz
+        _, lse, _ = nt_xent_forward(z1, z2, temperature, normalize_input=normalize_input, chunk_size=chunk_size)
+    x = torch.cat([z1, z2], dim=0)
+    z, norm, c = _normalized(x) if normalize_input else (x, None, None)
+    n, half = z.shape[0], z1.shape[0]
+    gs = grad_rows * (1.0 / temperature)  # grad_rows and lse: z's dtype (ops pass them so)
+    zt = z * (1.0 / temperature)
+    if n <= chunk_size:
+        w = _masked_logits(zt, z, 0).sub_(lse[:, None]).exp_()
+        w.diagonal(half).sub_(1)  # the positives: p_ij - [j = p(i)]
+        w.diagonal(-half).sub_(1)
+        w.mul_(gs[:, None])
+        gz = torch.mm(w + w.t(), z)
+    else:
+        parts = []
+        for s in range(0, n, chunk_size):
+            logits = _masked_logits(zt[s : s + chunk_size], z, s)
+            rows = slice(s, s + logits.shape[0])
+            w = (logits - lse[rows, None]).exp_().mul_(gs[rows, None]) + (logits - lse[None, :]).exp_().mul_(gs)
+            parts.append(w @ z)
+        gz = torch.cat(parts)
+        gz = torch.addcmul(gz, (gs + gs.roll(half)).unsqueeze(1), z.roll(half, dims=0), value=-1)
+    gx = _normalize_backward(z, norm, c, gz) if normalize_input else gz
     return gx[:half], gx[half:]
 
 
-def info_nce_queue_lse(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, temperature: float, *,
-                       normalize_input: bool = True) -> torch.Tensor:
-    """lse_i = loss_i + <q_i, k_i> / t (normalised when `normalize_input`)."""
+def info_nce_queue_forward(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, *, normalize_input: bool = True,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row losses [B], per-row log-sum-exp [B], positive cosines [B]) of
+    `info_nce_queue_rows` in one pass without gradients: the CPU backend of ops.info_nce_queue.
+
+        lse_i = log( exp(<q_i, k_i>/t) + sum_j exp(<q_i, queue_j>/t) ),   loss_i = lse_i - <q_i, k_i>/t
+    """
     if normalize_input:
-        q, k = normalize(q), normalize(k)
-    return rows + (q * k).sum(dim=1) / temperature
+        q, k, queue = normalize(q), normalize(k), normalize(queue)
+        cos = pos = (q * k).sum(dim=1)
+    else:
+        pos, cos = (q * k).sum(dim=1), pair_cosine(q, k)
+    pos = pos * (1.0 / temperature)
+    qt = q * (1.0 / temperature)
+    neg = torch.cat([torch.logsumexp(qt[s : s + chunk_size] @ queue.T, dim=1)
+                     for s in range(0, q.shape[0], chunk_size)]) if q.shape[0] > chunk_size else \
+        torch.logsumexp(qt @ queue.T, dim=1)
+    lse = torch.logaddexp(pos, neg)
+    return lse - pos, lse, cos
 
 
 def info_nce_queue_rows_backward(
@@ -350,23 +410,24 @@ def info_nce_queue_rows_backward(
         p_ij = exp(<qhat_i, queuehat_j>/t - lse_i),  p_pos,i = exp(<qhat_i, khat_i>/t - lse_i)
     """
     if lse is None:
-        rows, _ = info_nce_queue_rows(q, k, queue, temperature, normalize_input=normalize_input,
-                                      chunk_size=chunk_size)
-        lse = info_nce_queue_lse(q, k, rows, temperature, normalize_input=normalize_input)
-    qh, kh, quh = (normalize(q), normalize(k), normalize(queue)) if normalize_input else (q, k, queue)
-    g = grad_rows.to(qh.dtype)
-    lse = lse.to(qh.dtype)
-    p_pos = torch.exp((qh * kh).sum(dim=1) / temperature - lse)
-    parts = []
-    for s in range(0, q.shape[0], chunk_size):
-        p = torch.exp(qh[s : s + chunk_size] @ quh.T / temperature - lse[s : s + chunk_size, None])
-        parts.append(p @ quh)
-    gz = (torch.cat(parts) + (p_pos - 1)[:, None] * kh) * (g / temperature)[:, None]
-    return normalize_backward(q, gz) if normalize_input else gz
+        _, lse, _ = info_nce_queue_forward(q, k, queue, temperature, normalize_input=normalize_input,
+                                           chunk_size=chunk_size)
+    if normalize_input:
+        (qh, norm, c), kh, quh = _normalized(q), normalize(k), normalize(queue)
+    else:
+        qh, kh, quh = q, k, queue
+    qt = qh * (1.0 / temperature)
+    p_pos = torch.exp((qt * kh).sum(dim=1) - lse)
+    parts = [(qt[s : s + chunk_size] @ quh.T).sub_(lse[s : s + chunk_size, None]).exp_() @ quh
+             for s in range(0, q.shape[0], chunk_size)]
+    gz = torch.cat(parts) if len(parts) > 1 else parts[0]
+    gz = torch.addcmul(gz, (p_pos - 1).unsqueeze(1), kh).mul_((grad_rows * (1.0 / temperature))[:, None])
+    return _normalize_backward(qh, norm, c, gz) if normalize_input else gz
 
 
 def pair_cosine_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of sum_i g_i pair_cosine(a, b)_i: dc/dahat = bhat, dc/dbhat = ahat, then through
     the normalisations."""
-    g = grad.to(a.dtype)[:, None]
-    return normalize_backward(a, g * normalize(b)), normalize_backward(b, g * normalize(a))
+    g = grad[:, None]
+    (ah, an, ac), (bh, bn, bc) = _normalized(a), _normalized(b)
+    return _normalize_backward(ah, an, ac, g * bh), _normalize_backward(bh, bn, bc, g * ah)

@@ -1,8 +1,10 @@
 """Per-example score accumulation during training: `ScoreTracker` and `TrainingDynamics`.
 
 Both keep per-example buffers on the device where the values are produced, updated in place
-through `ops.score_scatter_add_` (duplicates summed), with every check done before anything is
-written, at one host synchronisation per update. What they share lives in `PerExampleState`: the
+through `ops.score_scatter_add_` (duplicates summed). `update` checks everything before anything
+is written, at one host synchronisation; `ScoreTracker.record` (what the fused losses call with
+`tracker=`) checks on the device instead, without a synchronisation, and the tracker's next
+host-side call reports what it left out. What they share lives in `PerExampleState`: the
 data set they describe (its size and fingerprint), moving between devices, `state_dict`, and
 atomic, pickle-free saving through `coreset_ext.io` (.npz of the buffers plus a JSON record).
 """
@@ -19,7 +21,7 @@ from coreset_ext import ops
 from coreset_ext._validation import (NONNEGATIVE_INT, Options, check, check_same_device, check_tensor, describe,
                                      nonnegative_int, positive_int)
 from coreset_ext.io import load_npz, save_npz
-from coreset_ext.ops.scatter import INDEX_DTYPES, SCATTER_VALUE_DTYPES
+from coreset_ext.ops.scatter import INDEX_DTYPES, SCATTER_VALUE_DTYPES, DeviceErrors
 
 __all__ = ["PerExampleState", "ScoreTracker", "TrainingDynamics"]
 
@@ -101,6 +103,7 @@ class PerExampleState:
 
     def state_dict(self) -> dict:
         """{"meta": the JSON record, <buffer name>: a CPU copy of the buffer, ...}."""
+        self.check()
         return {"meta": self._meta(), **{k: v.detach().cpu().clone() for k, v in self.buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -126,6 +129,9 @@ class PerExampleState:
         self._check_buffers(new, meta)
         for key, buffer in self.buffers.items():
             buffer.copy_(new[key])
+
+    def check(self) -> None:
+        """Raises for what sync-free updates left out since the last check (none by default)."""
 
     def _check_buffers(self, buffers: dict[str, torch.Tensor], meta: dict) -> None:
         """ValueError naming the buffer unless a loaded state's buffers are consistent (counts whole
@@ -190,6 +196,12 @@ class ScoreTracker(PerExampleState):
 
     `sums[m]` and `counts[m]` are the float32 buffers of metric m (saved as "sum/m", "count/m").
 
+    Two ways in: `update(index, **values)` checks on the host and raises at once (one host
+    synchronisation); `record(index, **values)` never synchronises (what a fused loss calls with
+    `tracker=`, so a training step can run ahead of the host or be captured in a CUDA graph):
+    it leaves out every entry that `update` would refuse and the next host-side call (`check`,
+    `mean`, `update`, `state_dict`, `save`) raises the ValueError naming the problem.
+
     Example:
         >>> import torch, coreset_ext as cx
         >>> tracker = cx.ScoreTracker(10, metrics=("css",))
@@ -225,6 +237,12 @@ class ScoreTracker(PerExampleState):
         for m in metrics:
             self.buffers[f"sum/{m}"] = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
             self.buffers[f"count/{m}"] = torch.zeros(self.num_samples, dtype=torch.float32, device=device)
+        self._errors = DeviceErrors(self.num_samples, metrics, device)  # what record() left out
+
+    def to(self, device: torch.device | str) -> "ScoreTracker":
+        super().to(device)
+        self._errors.to(device)
+        return self
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
@@ -237,19 +255,10 @@ class ScoreTracker(PerExampleState):
         return {m: self.buffers[f"count/{m}"] for m in self.metrics}
 
     def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:
-        """Adds each metric's values at the examples' indices (duplicates summed) and counts them."""
-        unknown = set(values) - set(self.metrics)
-        if unknown:
-            raise ValueError(f"unknown metric(s) {sorted(unknown)}; this tracker has {list(self.metrics)}")
-        if not isinstance(index, torch.Tensor) or index.dim() != 1:
-            raise ValueError(f"index must be a 1-D tensor, got {describe(index)}")
-        if index.dtype not in INDEX_DTYPES:
-            raise ValueError(f"index must be int32 or int64, got {index.dtype}")
-        for name, v in values.items():
-            check_tensor(name, v, dim=1, dtypes=SCATTER_VALUE_DTYPES)
-            if v.shape[0] != index.shape[0]:
-                raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
-        self._check_device(index=index, **values)
+        """Adds each metric's values at the examples' indices (duplicates summed) and counts them,
+        after checking them all (one host synchronisation; see `record` for none)."""
+        self._check_args(index, values)
+        self.check()
         if index.numel() == 0:
             return
         # Everything is checked before anything is written, at one host synchronisation: the index
@@ -277,8 +286,64 @@ class ScoreTracker(PerExampleState):
             self._add(f"sum/{name}", idx, v)
             self._add(f"count/{name}", idx, torch.ones_like(v, dtype=torch.float32))
 
+    def record(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        """`update` without a host synchronisation: the checks run on the device.
+
+        An entry with an index outside [0, num_samples), or (nan="error") a non-finite value, is
+        left out of both sums and counts, and the next host-side call (`check`, `mean`, `update`,
+        `state_dict`, `save`) raises the ValueError `update` would have raised. With nan="skip"
+        non-finite values are left out silently; nan="ignore" adds them. Argument errors (shapes,
+        dtypes, devices, metric names) raise here, as they cost no synchronisation.
+
+        This is the protocol the fused losses use: `cx.ops.nt_xent(..., index=i, tracker=t)` calls
+        `t.record(i, css=cos)`.
+
+        Example:
+            >>> import torch, coreset_ext as cx
+            >>> tracker = cx.ScoreTracker(4)
+            >>> tracker.record(torch.tensor([0, 7]), css=torch.tensor([0.5, 0.25]))
+            >>> tracker.counts["css"]
+            tensor([1., 0., 0., 0.])
+            >>> tracker.mean()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: index contains 7, out of range for 4 examples; those entries were left out ...
+        """
+        self._check_args(index, values)
+        if index.numel() == 0:
+            return
+        values = {name: v.detach() for name, v in values.items()}
+        safe, screened, oks = self._errors.screen(index, values, check_values=self.nan != "ignore")
+        for name in values:
+            self._add(f"sum/{name}", safe, screened[name])
+            self._add(f"count/{name}", safe, oks[name].to(torch.float32))
+        if self.nan == "skip":
+            self._errors.flags[2:].zero_()  # non-finite values are dropped by request, not errors
+
+    def check(self) -> None:
+        """Raises the ValueError for anything `record` left out since the last check (an index out
+        of range; with nan="error", a non-finite value), then forgets it. One host synchronisation;
+        `mean`, `update`, `state_dict` and `save` call it."""
+        self._errors.raise_if_any(f"{self.num_samples} examples")
+
+    def _check_args(self, index: torch.Tensor, values: dict) -> None:
+        """The checks on names, shapes, dtypes and devices (no synchronisation)."""
+        unknown = set(values) - set(self.metrics)
+        if unknown:
+            raise ValueError(f"unknown metric(s) {sorted(unknown)}; this tracker has {list(self.metrics)}")
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            raise ValueError(f"index must be a 1-D tensor, got {describe(index)}")
+        if index.dtype not in INDEX_DTYPES:
+            raise ValueError(f"index must be int32 or int64, got {index.dtype}")
+        for name, v in values.items():
+            check_tensor(name, v, dim=1, dtypes=SCATTER_VALUE_DTYPES)
+            if v.shape[0] != index.shape[0]:
+                raise ValueError(f"{name} has {v.shape[0]} values but index has {index.shape[0]} entries")
+        self._check_device(index=index, **values)
+
     def mean(self) -> dict[str, torch.Tensor]:
         """Per-example mean of each metric over the times the example was seen (NaN if never)."""
+        self.check()
         return {m: self.buffers[f"sum/{m}"] / self.buffers[f"count/{m}"] for m in self.metrics}
 
     def reset(self) -> None:
@@ -289,8 +354,8 @@ class ScoreTracker(PerExampleState):
         return {**super()._meta(), "metrics": list(self.metrics)}
 
     def _check_buffers(self, buffers: dict[str, torch.Tensor], meta: dict) -> None:
-        # sums are not checked: nan="ignore" adds NaN as it is, and the fused losses add into sums
-        # without counting (the documented `scores=tracker.sums["css"]`)
+        # sums are not checked: nan="ignore" adds NaN as it is, and the low-level `scores=` of the
+        # fused losses adds into a sums buffer without counting
         for m in self.metrics:
             _check_counts(f"count/{m}", buffers[f"count/{m}"])
 

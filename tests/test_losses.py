@@ -8,6 +8,7 @@ opcheck and the other contracts every op keeps: tests/test_contracts.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from unittest import mock
@@ -138,7 +139,9 @@ def test_compile_fullgraph_moco_and_pair_cosine():
     f = torch.compile(lambda a, b: crit(a, b) + ops.pair_cosine(a, b).sum(), fullgraph=True)
     f(q, k).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
-    assert int(crit.ptr) == 4 and torch.equal(crit.queue[:4], k)
+    assert int(crit.ptr) == 4
+    crit.flush_()  # the keys go in at the next forward; flush_ writes them now
+    assert torch.equal(crit.queue[:4], k)
 
 
 def test_scores_and_return_cos_cpu():
@@ -185,9 +188,10 @@ def test_moco_ring_buffer():
         for row in k:  # sequential ring writes, the obvious way
             expected[ptr] = row
             ptr = (ptr + 1) % 10
-        assert torch.equal(crit.queue, expected), step
         assert int(crit.ptr) == ptr
         loss.backward()
+        crit.flush_()
+        assert torch.equal(crit.queue, expected), step
         assert k.grad is None and not crit.queue.requires_grad
 
 
@@ -239,8 +243,12 @@ def test_bad_inputs():
         ops.nt_xent(z1, z2, index=torch.tensor([0, 1, 2]), scores=torch.zeros(5))
     with pytest.raises(ValueError, match="index"):
         ops.nt_xent(z1, z2, index=torch.tensor([0, 1, 2, 3]))
-    with pytest.raises(ValueError, match="index"):
-        ops.info_nce_queue(z1, z2, z1, index=torch.tensor([0, 1, 2, 9]), scores=torch.zeros(5))
+    with pytest.raises(ValueError, match="index contains 9"):
+        ops.info_nce_queue(z1, z2, z1, index=torch.tensor([0, 1, 2, 9]), scores=torch.zeros(5), validate=True)
+    out_of_range = torch.zeros(5)
+    ops.info_nce_queue(z1, z2, z1, index=torch.tensor([0, 1, 2, 9]), scores=out_of_range)
+    with pytest.raises(ValueError, match="index contains 9"):  # checked on the device, reported here
+        ops.check_scatter_errors(out_of_range)
     with pytest.raises(ValueError, match="queue"):
         ops.info_nce_queue(z1, z2, torch.randn(5, 7))
     with pytest.raises(ValueError, match="q and k"):
@@ -257,8 +265,17 @@ def test_bad_inputs():
     bad[1, 2] = float("nan")
     buffer = torch.zeros(4)
     with pytest.raises(ValueError, match="NaN"):
-        ops.nt_xent(bad, z2, index=torch.arange(4), scores=buffer)
+        ops.nt_xent(bad, z2, index=torch.arange(4), scores=buffer, validate=True)
     assert torch.equal(buffer, torch.zeros(4)), "a NaN cosine must not reach the score buffer"
+    ops.nt_xent(bad, z2, index=torch.arange(4), scores=buffer)  # checked on the device: reported later
+    assert buffer[1] == 0 and torch.isfinite(buffer).all() and buffer[0] != 0
+    with pytest.raises(ValueError, match="NaN"):
+        ops.check_scatter_errors(buffer)
+    tracker = cx.ScoreTracker(4)
+    with pytest.raises(ValueError, match="tracker"):
+        ops.nt_xent(z1, z2, index=torch.arange(4), tracker=tracker.sums["css"])
+    with pytest.raises(ValueError, match="not both"):
+        ops.nt_xent(z1, z2, index=torch.arange(4), tracker=tracker, scores=buffer)
     wide = torch.randn(4, 513)
     with pytest.raises(ValueError, match="d = 513"):
         ops.nt_xent(wide, wide, backend="triton")
@@ -272,6 +289,225 @@ def test_bad_inputs():
     else:
         with pytest.raises(ValueError, match="device"):
             ops.nt_xent(z1, z2.to("meta"))
+
+
+# ---- the CPU backend's one-pass forwards ---------------------------------------------------
+
+
+@pytest.mark.parametrize("b,chunk", [(1, 1024), (6, 1024), (6, 4), (13, 5)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_one_pass_forwards_match_naive(b, chunk, normalize, gen):
+    """reference.nt_xent_forward / info_nce_queue_forward (what the CPU backend runs: one dense
+    block up to chunk_size rows, chunked beyond) against the naive float64 formulas: losses,
+    log-sum-exps (loss + positive logit) and cosines."""
+    d, t = 7, 0.3
+    z1, z2 = views(b, d, gen=gen)
+    rows, lse, cos = reference.nt_xent_forward(z1, z2, t, normalize_input=normalize, chunk_size=chunk)
+    want = naive_nt_xent_rows(z1, z2, t, normalize)
+    zz = torch.cat([z1, z2])
+    zn = zz / zz.norm(dim=1, keepdim=True).clamp_min(reference.EPS) if normalize else zz
+    pos = (zn * zn.roll(b, dims=0)).sum(1) / t
+    assert rel_err(rows, want) < 1e-10 and rel_err(lse, want + pos) < 1e-10
+    assert rel_err(cos, naive_cos(z1, z2)) < 1e-12
+    queue = torch.randn(11, d, generator=gen, dtype=torch.float64)
+    rows, lse, cos = reference.info_nce_queue_forward(z1, z2, queue, t, normalize_input=normalize, chunk_size=chunk)
+    want = naive_info_nce_rows(z1, z2, queue, t, normalize)
+    qn, kn = (x / x.norm(dim=1, keepdim=True).clamp_min(reference.EPS) if normalize else x for x in (z1, z2))
+    assert rel_err(rows, want) < 1e-10 and rel_err(lse, want + (qn * kn).sum(1) / t) < 1e-10
+    assert rel_err(cos, naive_cos(z1, z2)) < 1e-12
+
+
+# ---- scores through the tracker, without a host synchronisation ----------------------------
+
+
+def _fused_and_returned(kind, gen, steps=4, n=23, b=9, d=6):
+    """Runs `steps` training steps of `kind` twice on the same fresh inputs: once recording the
+    positive cosines through tracker= (fused), once adding the returned cosines with
+    tracker.update; returns both trackers."""
+    fused, plain = cx.ScoreTracker(n), cx.ScoreTracker(n)
+    moco = {t: cx.nn.MoCoLoss(d, queue_size=16) for t in ("fused", "plain")}
+    moco["plain"].load_state_dict(moco["fused"].state_dict())
+    for _ in range(steps):
+        z1, z2 = views(b, d, gen=gen, dtype=torch.float32)
+        index = torch.randint(0, n, (b,), generator=gen)  # duplicates within and across steps
+        queue = torch.randn(16, d, generator=gen)
+        for name, tracker in (("fused", fused), ("plain", plain)):
+            a = z1.clone().requires_grad_()
+            kw = dict(index=index, tracker=tracker) if name == "fused" else dict(return_cos=True)
+            if kind == "nt_xent":
+                out = ops.nt_xent(a, z2, 0.5, **kw)
+            elif kind == "info_nce_queue":
+                out = ops.info_nce_queue(a, z2, queue, 0.2, **kw)
+            elif kind == "NTXentLoss":
+                out = cx.nn.NTXentLoss(0.5)(a, z2, **kw)
+            else:
+                out = moco[name](a, z2, **kw)
+            if name == "plain":
+                out, cos = out
+                tracker.update(index, css=cos)
+            out.backward()
+    return fused, plain
+
+
+@pytest.mark.parametrize("kind", ["nt_xent", "info_nce_queue", "NTXentLoss", "MoCoLoss"])
+def test_tracker_mean_after_fused_path_equals_update(kind, gen):
+    fused, plain = _fused_and_returned(kind, gen)
+    assert torch.equal(fused.counts["css"], plain.counts["css"]) and fused.counts["css"].sum() == 4 * 9
+    torch.testing.assert_close(fused.mean()["css"], plain.mean()["css"], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    """While active, any call that reads a tensor's values on the host (what synchronises with a
+    GPU) fails the test: Tensor.item, tolist, bool(t), int(t), nonzero, ..."""
+    def forbid(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: {name} called during a training step")
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in SYNCS:
+            mp.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
+        mp.setattr(torch, "nonzero", forbid("torch.nonzero"))
+        yield
+
+
+def _training_steps(tracker, moco, gen, bad=None):
+    """Two SimCLR and two MoCo steps with scores (loss, backward, record); `bad` spoils one input."""
+    for _ in range(2):
+        z1, z2 = views(6, 5, gen=gen, dtype=torch.float32)
+        index = torch.randint(0, tracker.num_samples, (6,), generator=gen)
+        if bad == "index":
+            index[2] = tracker.num_samples + 3
+        if bad == "nan":
+            z1[4, 0] = float("nan")
+        a = z1.clone().requires_grad_()
+        cx.nn.NTXentLoss(0.5)(a, z2, index=index, tracker=tracker).backward()
+        moco(a, z2, index=index, tracker=tracker).backward()
+
+
+def test_no_host_sync_in_a_training_step(gen):
+    """Loss, positive cosines and score recording (tracker= and the raw op) read nothing on the
+    host: the step never waits for the device."""
+    tracker, moco = cx.ScoreTracker(50), cx.nn.MoCoLoss(5, queue_size=32)
+    scores = torch.zeros(50)
+    index, values = torch.tensor([3, 60, 3]), torch.tensor([1.0, 2.0, float("nan")])
+    z = torch.randn(3, 4, generator=gen)
+    with _no_host_sync():
+        _training_steps(tracker, moco, gen)
+        ops.score_scatter_add_(scores, index, values)
+        ops.nt_xent(z, z + 1, index=torch.tensor([0, 1, 2]), scores=scores)
+    assert tracker.counts["css"].sum() == 2 * 2 * 6  # every entry counted, once per loss
+    with pytest.raises(ValueError, match="index contains 60"):  # found on the device, reported now
+        ops.check_scatter_errors(scores)
+
+
+@pytest.mark.parametrize("bad", ["index", "nan"])
+def test_device_checks_are_reported_by_the_next_host_side_call(bad, gen):
+    """A bad index or a NaN cosine recorded without a synchronisation is left out of sums and
+    counts and raised by the tracker's next host-side call (mean, check, state_dict, update)."""
+    tracker, moco = cx.ScoreTracker(50), cx.nn.MoCoLoss(5, queue_size=32)
+    match = "index contains 53" if bad == "index" else "css contains NaN"
+    for rounds, host_side_call in enumerate((tracker.mean, tracker.check, tracker.state_dict,
+                                             lambda: tracker.update(torch.tensor([0]), css=torch.tensor([1.0]))), 1):
+        _training_steps(tracker, moco, gen, bad=bad)
+        sums, counts = tracker.sums["css"], tracker.counts["css"]
+        assert torch.isfinite(sums).all() and counts.sum() == rounds * 2 * 2 * 5  # 1 entry of 6 left out per loss
+        with pytest.raises(ValueError, match=match):
+            host_side_call()
+    tracker.check()  # reported once: nothing new since
+    tracker.mean()
+
+
+def test_nan_skip_and_ignore_through_record(gen):
+    idx, v = torch.tensor([0, 1, 1]), torch.tensor([1.0, float("nan"), 2.0])
+    skip, ignore = cx.ScoreTracker(3, nan="skip"), cx.ScoreTracker(3, nan="ignore")
+    skip.record(idx, css=v)
+    ignore.record(idx, css=v)
+    assert skip.sums["css"].tolist() == [1.0, 2.0, 0.0] and skip.counts["css"].tolist() == [1.0, 1.0, 0.0]
+    skip.check()  # skipped on request: not an error
+    assert ignore.counts["css"].tolist() == [1.0, 2.0, 0.0] and math.isnan(ignore.sums["css"][1])
+
+
+# ---- MoCo: deferred enqueue ------------------------------------------------------------------
+
+
+class ReferenceMoCo:
+    """MoCo's queue as its reference code keeps it: each step's logits against the queue before
+    the step, then that step's keys written at the ring position (a Python list, one row at a
+    time)."""
+
+    def __init__(self, queue):
+        self.rows = list(queue.double())
+        self.ptr = 0
+
+    def loss_and_grad(self, q, k, t):
+        a = q.double().clone().requires_grad_()
+        loss = naive_info_nce_rows(a, k.double(), torch.stack(self.rows), t).mean()
+        loss.backward()
+        for row in k:  # a batch larger than the queue overwrites its own first keys
+            self.rows[self.ptr] = row.double()
+            self.ptr = (self.ptr + 1) % len(self.rows)
+        return loss.detach(), a.grad
+
+
+def test_moco_deferred_enqueue_matches_reference_queue(gen):
+    size, d, t = 12, 5, 0.2
+    crit = cx.nn.MoCoLoss(d, queue_size=size, temperature=t)
+    ref = ReferenceMoCo(crit.queue.clone())
+    for b in (5, 4, 7, 3, 9, 15):  # wraps around the ring; the last batch is larger than it
+        q, k = torch.randn(b, d, generator=gen, requires_grad=True), torch.randn(b, d, generator=gen)
+        loss = crit(q, k)
+        loss.backward()
+        want, want_grad = ref.loss_and_grad(q.detach(), k, t)
+        assert rel_err(loss, want) < 1e-6 and rel_err(q.grad, want_grad) < 1e-5
+    assert int(crit.ptr) == ref.ptr
+    crit.flush_()
+    assert rel_err(crit.queue, torch.stack(ref.rows)) == 0
+    assert "queue" in crit.state_dict() and crit._pending is None
+
+
+def test_moco_backward_after_the_next_forward_is_refused(gen):
+    """The queue is saved for the backward, not copied: a backward after the next forward wrote
+    into it is an error from autograd's version counter, never a gradient against other keys."""
+    crit = cx.nn.MoCoLoss(4, queue_size=8)
+    q = torch.randn(3, 4, generator=gen, requires_grad=True)
+    first = crit(q, torch.randn(3, 4, generator=gen))
+    crit(q, torch.randn(3, 4, generator=gen))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
+
+
+# ---- autocast --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])])
+def test_modules_under_autocast(device, gen):
+    """Under torch.autocast(bf16) a projection head gives bf16 rows; both modules take them and
+    return float32 losses equal to the same loss of those bf16 rows outside autocast, scores and
+    gradients included (issue 17's `Index put requires the source and destination dtypes match`)."""
+    head = torch.nn.Linear(12, 8).to(device)
+    x1, x2 = (torch.randn(10, 12, generator=gen).to(device) for _ in range(2))
+    index = torch.arange(10, device=device)
+    for make in (lambda: cx.nn.NTXentLoss(0.3), lambda: cx.nn.MoCoLoss(8, queue_size=32)):
+        crit, tracker = make().to(device), cx.ScoreTracker(10, device=device)
+        state = {k: v.clone() for k, v in crit.state_dict().items()}
+        with torch.autocast(device, dtype=torch.bfloat16):
+            z1, z2 = head(x1), head(x2)
+            assert z1.dtype == torch.bfloat16
+            loss = crit(z1, z2.detach(), index=index, tracker=tracker)
+        assert loss.dtype == torch.float32
+        (g,) = torch.autograd.grad(loss, z1)
+        assert g.dtype == torch.bfloat16
+        crit.load_state_dict(state)
+        a = z1.detach().requires_grad_()
+        plain = crit(a, z2.detach(), return_cos=True)
+        plain[0].backward()
+        assert rel_err(loss, plain[0]) < 1e-6 and rel_err(g, a.grad) < 1e-2
+        assert rel_err(tracker.mean()["css"], plain[1]) < 1e-6
 
 
 # ---- Triton kernels (interpreter on CPU, or CUDA) -------------------------------------------

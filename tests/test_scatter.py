@@ -75,9 +75,11 @@ def test_bad_input(device):
     i = torch.tensor([0, 1], device=device)
     v = torch.ones(2, device=device)
     with pytest.raises(ValueError, match="index contains 5"):
-        cx.ops.score_scatter_add_(s, torch.tensor([0, 5], device=device), v)
+        cx.ops.score_scatter_add_(s, torch.tensor([0, 5], device=device), v, validate=True)
     with pytest.raises(ValueError, match="index contains -1"):
-        cx.ops.score_scatter_add_(s, torch.tensor([-1, 0], device=device), v)
+        cx.ops.score_scatter_add_(s, torch.tensor([-1, 0], device=device), v, validate=True)
+    with pytest.raises(ValueError, match="validate must be"):
+        cx.ops.score_scatter_add_(s, i, v, validate="host")
     with pytest.raises(ValueError, match="index has 2 entries but values has 3"):
         cx.ops.score_scatter_add_(s, i, torch.ones(3, device=device))
     with pytest.raises(ValueError, match="index must be"):
@@ -91,7 +93,7 @@ def test_bad_input(device):
     with pytest.raises(ValueError, match="scores must be"):
         cx.ops.score_scatter_add_(torch.zeros(5, 2, device=device), i, v)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        cx.ops.score_scatter_add_(s, i, torch.tensor([1.0, float("nan")], device=device))
+        cx.ops.score_scatter_add_(s, i, torch.tensor([1.0, float("nan")], device=device), validate=True)
     with pytest.raises(ValueError, match="share memory"):
         cx.ops.score_scatter_add_(s, torch.tensor([1, 2, 3, 4, 0], device=device), s)
     with pytest.raises(ValueError, match="share memory"):
@@ -101,6 +103,46 @@ def test_bad_input(device):
     assert torch.equal(s, torch.zeros(5, device=device)), "a rejected call must not write"
     cx.ops.score_scatter_add_(s, i, torch.tensor([1.0, float("inf")], device=device), validate=False)
     assert s[1].item() == float("inf")  # what validate=False is for
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_device_validation_leaves_bad_entries_out_and_reports_them(device, gen):
+    """validate="device" (the default): no host synchronisation; entries with an index out of
+    range or a non-finite value are not written (the rest are, duplicates summed), and the next
+    host-side check (check_scatter_errors, or a call with validate=True) raises naming the
+    problem, once."""
+    n, m = 31, 40
+    index = torch.randint(0, n, (m,), generator=gen)
+    values = torch.randn(m, generator=gen)
+    bad = torch.randperm(m, generator=gen)[:6]
+    index[bad[:2]] = torch.tensor([n + 4, -3])
+    values[bad[2:4]] = torch.tensor([float("nan"), float("-inf")])
+    good = torch.ones(m, dtype=torch.bool)
+    good[bad[:4]] = False
+    expected = naive(torch.zeros(n), index[good], values[good])
+    s = torch.zeros(n, device=device)
+    cx.ops.score_scatter_add_(s, index.to(device), values.to(device))
+    assert torch.allclose(s.double().cpu(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="index contains -3"):  # the lowest, then the highest
+        cx.ops.check_scatter_errors(s)
+    cx.ops.check_scatter_errors(s)  # reported once
+    cx.ops.score_scatter_add_(s, index[good].to(device), torch.full((int(good.sum()),), float("nan"), device=device))
+    with pytest.raises(ValueError, match="NaN or Inf"):  # the next validate=True call checks first
+        cx.ops.score_scatter_add_(s, index[:1].to(device), values[:1].to(device), validate=True)
+    assert torch.allclose(s.double().cpu(), expected, atol=1e-6), "nothing non-finite was written"
+
+
+@pytest.mark.cuda
+def test_device_validation_does_not_synchronise():
+    s = torch.zeros(100, device="cuda")
+    index, values = torch.tensor([1, 500, 2], device="cuda"), torch.tensor([1.0, 2.0, float("nan")], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cx.ops.score_scatter_add_(s, index, values)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="index contains 500"):
+        cx.ops.check_scatter_errors(s)
 
 
 @pytest.mark.cuda

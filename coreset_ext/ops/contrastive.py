@@ -3,8 +3,23 @@
 Each loss is a functional custom op returning (per-row losses, per-row log-sum-exp, positive
 cosines), all float32 (float64 for float64 inputs), with a backward custom op registered as its
 autograd formula; `lse` is saved so the backward recomputes tiles without a second forward.
-Triton serves CUDA tensors (and CPU tensors under TRITON_INTERPRET=1); elsewhere the chunked
-reference serves, with analytic backward passes.
+Triton serves CUDA tensors (and CPU tensors under TRITON_INTERPRET=1); elsewhere the reference
+serves (one dense block at small batches, chunked beyond), with analytic backward passes.
+
+Outside torch.compile the public functions skip the custom-op layers: they call a plain
+`torch.autograd.Function` whose forward and backward are the same implementation functions the
+custom ops run (`_<op>_fwd`, `_<op>_bwd`) and whose setup is the same `setup_context`, so a
+training step pays for one autograd node and the kernels, not for the dispatcher (issue 14:
+host time at most the eager loss's). Under torch.compile (`torch.compiler.is_compiling()`) they
+call the custom ops, which the compiler traces through their fake kernels.
+
+Autocast: every implementation runs with autocast off (the kernels accumulate in float32
+whatever the input dtype, and the reference's products must not drop to bf16 mid-formula); the
+outputs are as documented (float32 losses and cosines, gradients in the inputs' dtypes).
+
+Scores: given `index` and `tracker`, the positive-pair cosines go to `tracker.record(index,
+css=cos)`, which adds them to the tracker's sums and counts without a host synchronisation
+(`coreset_ext.ScoreTracker` implements it; any object with that method will do).
 """
 
 from __future__ import annotations
@@ -13,7 +28,7 @@ import torch
 
 from coreset_ext import _backend, reference
 from coreset_ext._validation import (  # noqa: F401  (MIN_TEMPERATURE: public here, where it applies)
-    MIN_TEMPERATURE, REDUCTIONS, check, check_per_row, check_same_device, check_tensor, check_temperature,
+    MIN_TEMPERATURE, check_per_row, check_reduction, check_same_device, check_tensor, check_temperature,
 )
 from coreset_ext.ops.scatter import INDEX_DTYPES, score_scatter_add_
 
@@ -25,6 +40,26 @@ TRITON_MAX_D = 256  # = triton_kernels.contrastive.MAX_D (not imported: Triton m
 # shared memory than a GPU has (fp32, d = 1024: 196,608 bytes; an A100 has 166,912) and spill
 # kilobytes of registers per thread (tools/triton_aot.py).
 TRITON_MAX_D_REQUESTED = 512
+SCORE_METRIC = "css"  # the tracker metric the positive-pair cosines are recorded under (METHODS.md)
+
+
+def _eager_function(name: str, fwd, setup, backward, bwd) -> type[torch.autograd.Function]:
+    """The eager path of an op: a plain torch.autograd.Function whose forward is the op's
+    implementation `fwd` followed by the custom op's `setup`, and whose backward is the custom
+    op's formula `backward` calling the implementation `bwd` instead of the backward custom op.
+    One contract, two entry points; this one skips the dispatcher (forward takes ctx rather than
+    a separate setup_context: measured, that form of Function costs about 40 us less per call)."""
+
+    def forward(ctx, *inputs):
+        output = fwd(*inputs)
+        setup(ctx, inputs, output)
+        return output
+
+    def backward_(ctx, *grads):
+        return backward(ctx, *grads, bwd=bwd)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
 # ------------------------------------------------------------------------------------ nt_xent
@@ -32,54 +67,76 @@ TRITON_MAX_D_REQUESTED = 512
 
 def nt_xent(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, normalize: bool = True,
-    reduction: str = "mean", index: torch.Tensor | None = None, scores: torch.Tensor | None = None,
-    return_cos: bool = False, validate: bool = True, backend: str | None = None,
+    reduction: str = "mean", index: torch.Tensor | None = None, tracker=None, scores: torch.Tensor | None = None,
+    return_cos: bool = False, validate: bool | str = "device", backend: str | None = None,
 ):
     """SimCLR NT-Xent over the 2B rows [z1; z2], fused: never holds the 2B x 2B matrix.
 
     Row i's positive is its other view ((i + B) mod 2B); its own similarity is excluded. With
     `normalize` the rows are divided by max(||z||, reference.EPS) inside the op and gradients flow
     through that. `reduction` "mean" or "sum" over the 2B rows, or "none" for the [2B] row losses.
-    Losses are float32 for float32/float16/bfloat16 inputs (fp32 accumulation throughout). Their
-    domain is what float32 can square: entries below 1e17 in magnitude (checking would cost a host
-    synchronisation per step; non-finite inputs give a non-finite loss, never a plausible one).
+    Losses are float32 for float32/float16/bfloat16 inputs (fp32 accumulation throughout, under
+    torch.autocast too). Their domain is what float32 can square: entries below 1e17 in magnitude
+    (checking would cost a host synchronisation per step; non-finite inputs give a non-finite
+    loss, never a plausible one).
 
     The positive-pair cosines cos(z1_i, z2_i) [B] (float32, no gradient) are the CSS scores of
-    METHODS.md: given `index` [B] (dataset indices) and `scores` (a float32 buffer such as
-    `tracker.sums["css"]`), they are scatter-added into `scores` (duplicates summed) by
-    `score_scatter_add_`, whose index range check costs one host sync on the GPU unless
-    `validate=False`; `return_cos=True` returns `(loss, cos)`.
+    METHODS.md: given `index` [B] (dataset indices) and `tracker` (a `coreset_ext.ScoreTracker`
+    with a "css" metric), they are added to the tracker's sums and counts (duplicates summed)
+    without a host synchronisation: an out-of-range index or a non-finite cosine is left out and
+    reported by the tracker's next host-side call (`mean`, `check`, `state_dict`, `save`).
+    `return_cos=True` returns `(loss, cos)`. Low level: `scores=` (a float32 buffer) instead of
+    `tracker` adds the cosines to that buffer alone through `ops.score_scatter_add_(...,
+    validate=validate)`, counting nothing.
 
     `backend` None picks the fused Triton kernels on a GPU for d <= 256 (projection heads) and
-    the chunked reference otherwise; "triton" or "reference" forces one ("triton" up to d = 512).
+    the reference otherwise; "triton" or "reference" forces one ("triton" up to d = 512).
 
     Example:
         >>> import torch, coreset_ext as cx
         >>> z1, z2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
-        >>> loss = cx.ops.nt_xent(z1, z2, temperature=0.5)
+        >>> tracker = cx.ScoreTracker(100)
+        >>> loss = cx.ops.nt_xent(z1, z2, temperature=0.5, index=torch.arange(8), tracker=tracker)
         >>> loss.backward()
-        >>> z1.grad.shape
-        torch.Size([8, 16])
+        >>> z1.grad.shape, int(tracker.counts["css"].sum())
+        (torch.Size([8, 16]), 8)
     """
     _check_rows(z1=z1, z2=z2)
     _check_alike("z1", z1, "z2", z2)
-    t = _check_loss_args(z1, temperature, reduction, index, scores)
-    rows, _, cos = torch.ops.coreset_ext.nt_xent_rows(z1, z2, t, bool(normalize),
-                                                      _choose_backend("nt_xent", z1, backend))
-    return _finish(rows, cos, reduction, index, scores, validate, return_cos)
+    t = _check_loss_args(z1, temperature, reduction, index, tracker, scores)
+    args = (z1, z2, t, bool(normalize), _choose_backend("nt_xent", z1, backend))
+    if torch.compiler.is_compiling():
+        rows, _, cos = torch.ops.coreset_ext.nt_xent_rows(*args)
+    else:
+        rows, _, cos = _NTXentRows.apply(*args)
+    return _finish(rows, cos, reduction, index, tracker, scores, validate, return_cos)
+
+
+def _nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, backend: str):
+    """(rows [2B], lse [2B], cos [B]): what the custom op and the eager path both run."""
+    with _backend.no_autocast(z1):
+        if backend == "triton":
+            return _triton().nt_xent_fwd(z1, z2, temperature, normalize, reference.EPS)
+        acc = reference.accumulation_dtype(z1)
+        return reference.nt_xent_forward(_as(z1, acc), _as(z2, acc), temperature, normalize_input=normalize)
+
+
+def _nt_xent_bwd(grad_rows, z1, z2, lse, temperature: float, normalize: bool, backend: str):
+    """(dL/dz1, dL/dz2); the reference's are views of one buffer (no copy on the eager path)."""
+    with _backend.no_autocast(z1):
+        if backend == "triton":
+            return _triton().nt_xent_bwd(grad_rows, z1, z2, lse.contiguous(), temperature, normalize, reference.EPS)
+        acc = reference.accumulation_dtype(z1)
+        g1, g2 = reference.nt_xent_rows_backward(_as(grad_rows, acc), _as(z1, acc), _as(z2, acc), temperature,
+                                                normalize_input=normalize, lse=_as(lse, acc))
+        return _as(g1, z1.dtype), _as(g2, z2.dtype)
 
 
 @torch.library.custom_op("coreset_ext::nt_xent_rows", mutates_args=())
 def _nt_xent_rows_op(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().nt_xent_fwd(z1, z2, temperature, normalize, reference.EPS)
-    acc = reference.accumulation_dtype(z1)
-    a, b = z1.to(acc), z2.to(acc)
-    rows, cos = reference.nt_xent_rows(a, b, temperature, normalize_input=normalize)
-    lse = reference.nt_xent_lse(a, b, rows, temperature, normalize_input=normalize)
-    return rows, lse, cos
+    return _nt_xent_fwd(z1, z2, temperature, normalize, backend)
 
 
 @_nt_xent_rows_op.register_fake
@@ -94,13 +151,7 @@ def _nt_xent_rows_backward_op(
     grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse: torch.Tensor, temperature: float,
     normalize: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().nt_xent_bwd(grad_rows, z1, z2, lse.contiguous(), temperature, normalize, reference.EPS)
-    acc = reference.accumulation_dtype(z1)
-    g1, g2 = reference.nt_xent_rows_backward(grad_rows.to(acc), z1.to(acc), z2.to(acc), temperature,
-                                            normalize_input=normalize, lse=lse.to(acc))
-    # g1 and g2 are views of one buffer; a custom op's outputs must not alias each other.
-    return g1.to(z1.dtype, copy=True), g2.to(z2.dtype, copy=True)
+    return _unaliased(_nt_xent_bwd(grad_rows, z1, z2, lse, temperature, normalize, backend))
 
 
 @_nt_xent_rows_backward_op.register_fake
@@ -115,15 +166,22 @@ def _nt_xent_setup(ctx, inputs, output):
     # lse and the positive cosines are outputs without a gradient: say so, so that autograd
     # refuses to backpropagate through them rather than silently returning zeros
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of lse and cos
 
 
-def _nt_xent_backward(ctx, grad_rows, grad_lse, grad_cos):
+def _nt_xent_backward(ctx, grad_rows, grad_lse, grad_cos, bwd=_nt_xent_rows_backward_op):
+    if grad_rows is None:
+        return None, None, None, None, None
     z1, z2, lse = ctx.saved_tensors
-    g1, g2 = _nt_xent_rows_backward_op(grad_rows, z1, z2, lse, *ctx.args)
+    g1, g2 = bwd(grad_rows, z1, z2, lse, *ctx.args)
     return g1, g2, None, None, None
 
 
 _nt_xent_rows_op.register_autograd(_nt_xent_backward, setup_context=_nt_xent_setup)
+
+
+# The eager path: the custom op's implementation, setup and formula as one plain Function node.
+_NTXentRows = _eager_function("_NTXentRows", _nt_xent_fwd, _nt_xent_setup, _nt_xent_backward, _nt_xent_bwd)
 
 
 # ----------------------------------------------------------------------------- info_nce_queue
@@ -131,8 +189,8 @@ _nt_xent_rows_op.register_autograd(_nt_xent_backward, setup_context=_nt_xent_set
 
 def info_nce_queue(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2, *,
-    normalize: bool = True, reduction: str = "mean", index: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool = True,
+    normalize: bool = True, reduction: str = "mean", index: torch.Tensor | None = None, tracker=None,
+    scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device",
     backend: str | None = None,
 ):
     """MoCo InfoNCE of queries q [B, d] against their keys k [B, d] and a negative queue [K, d].
@@ -142,7 +200,8 @@ def info_nce_queue(
     (rows normalised when `normalize`). Only q receives gradients; k and the queue are treated as
     constants (k and queue are cast to q's dtype if they differ). On the GPU the queue is split
     across programs, so a small batch against a 65,536-entry queue still fills the device. Scores
-    (cos(q_i, k_i)), `index`, `scores`, `validate`, `return_cos` and `reduction` are as in `nt_xent`.
+    (cos(q_i, k_i)), `index`, `tracker`, `scores`, `validate`, `return_cos` and `reduction` are as
+    in `nt_xent`.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -158,24 +217,44 @@ def info_nce_queue(
     if queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue must have q's dimension {q.shape[1]}, got shape {tuple(queue.shape)}")
     check_same_device(q=q, k=k, queue=queue)
-    t = _check_loss_args(q, temperature, reduction, index, scores)
-    rows, _, cos = torch.ops.coreset_ext.info_nce_queue_rows(q, k, queue, t, bool(normalize),
-                                                             _choose_backend("info_nce_queue", q, backend))
-    return _finish(rows, cos, reduction, index, scores, validate, return_cos)
+    t = _check_loss_args(q, temperature, reduction, index, tracker, scores)
+    args = (q, k, queue, t, bool(normalize), _choose_backend("info_nce_queue", q, backend))
+    if torch.compiler.is_compiling():
+        rows, _, cos = torch.ops.coreset_ext.info_nce_queue_rows(*args)
+    else:
+        rows, _, cos = _InfoNCEQueueRows.apply(*args)
+    return _finish(rows, cos, reduction, index, tracker, scores, validate, return_cos)
+
+
+def _info_nce_fwd(q, k, queue, temperature: float, normalize: bool, backend: str):
+    """(rows [B], lse [B], cos [B]): what the custom op and the eager path both run."""
+    with _backend.no_autocast(q):
+        if backend == "triton":
+            qc, kc, quc = (t.to(q.dtype).contiguous() for t in (q, k, queue))
+            return _triton().info_nce_queue_fwd(qc, kc, quc, temperature, normalize, reference.EPS)
+        acc = reference.accumulation_dtype(q)
+        return reference.info_nce_queue_forward(_as(q, acc), _as(k, acc), _as(queue, acc), temperature,
+                                                normalize_input=normalize)
+
+
+def _info_nce_bwd(grad_rows, q, k, queue, lse, temperature: float, normalize: bool, backend: str):
+    """dL/dq."""
+    with _backend.no_autocast(q):
+        if backend == "triton":
+            qc, kc, quc = (t.to(q.dtype).contiguous() for t in (q, k, queue))
+            return _triton().info_nce_queue_bwd(grad_rows, qc, kc, quc, lse.contiguous(), temperature, normalize,
+                                                reference.EPS)
+        acc = reference.accumulation_dtype(q)
+        gq = reference.info_nce_queue_rows_backward(_as(grad_rows, acc), _as(q, acc), _as(k, acc), _as(queue, acc),
+                                                    temperature, normalize_input=normalize, lse=_as(lse, acc))
+        return _as(gq, q.dtype)
 
 
 @torch.library.custom_op("coreset_ext::info_nce_queue_rows", mutates_args=())
 def _info_nce_queue_rows_op(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, normalize: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        qc, kc, quc = (t.to(q.dtype).contiguous() for t in (q, k, queue))
-        return _triton().info_nce_queue_fwd(qc, kc, quc, temperature, normalize, reference.EPS)
-    acc = reference.accumulation_dtype(q)
-    a, b, c = q.to(acc), k.to(acc), queue.to(acc)
-    rows, cos = reference.info_nce_queue_rows(a, b, c, temperature, normalize_input=normalize)
-    lse = reference.info_nce_queue_lse(a, b, rows, temperature, normalize_input=normalize)
-    return rows, lse, cos
+    return _info_nce_fwd(q, k, queue, temperature, normalize, backend)
 
 
 @_info_nce_queue_rows_op.register_fake
@@ -190,14 +269,7 @@ def _info_nce_queue_rows_backward_op(
     grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lse: torch.Tensor,
     temperature: float, normalize: bool, backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        qc, kc, quc = (t.to(q.dtype).contiguous() for t in (q, k, queue))
-        return _triton().info_nce_queue_bwd(grad_rows, qc, kc, quc, lse.contiguous(), temperature, normalize,
-                                            reference.EPS)
-    acc = reference.accumulation_dtype(q)
-    gq = reference.info_nce_queue_rows_backward(grad_rows.to(acc), q.to(acc), k.to(acc), queue.to(acc),
-                                                temperature, normalize_input=normalize, lse=lse.to(acc))
-    return gq.to(q.dtype)
+    return _unaliased((_info_nce_bwd(grad_rows, q, k, queue, lse, temperature, normalize, backend),))[0]
 
 
 @_info_nce_queue_rows_backward_op.register_fake
@@ -207,19 +279,27 @@ def _(grad_rows, q, k, queue, lse, temperature, normalize, backend):
 
 def _info_nce_setup(ctx, inputs, output):
     q, k, queue, temperature, normalize, backend = inputs
+    # the queue is saved, not copied: an in-place write to it before the backward (MoCoLoss's
+    # enqueue done too early) bumps its version and autograd refuses the stale gradient
     ctx.save_for_backward(q, k, queue, output[1])
     ctx.args = (temperature, normalize, backend)
     ctx.mark_non_differentiable(output[1], output[2])  # as in _nt_xent_setup
+    ctx.set_materialize_grads(False)
 
 
-def _info_nce_backward(ctx, grad_rows, grad_lse, grad_cos):
+def _info_nce_backward(ctx, grad_rows, grad_lse, grad_cos, bwd=_info_nce_queue_rows_backward_op):
     # Only q learns: k comes from the momentum encoder and the queue holds past keys.
+    if grad_rows is None:
+        return None, None, None, None, None, None
     q, k, queue, lse = ctx.saved_tensors
-    gq = _info_nce_queue_rows_backward_op(grad_rows, q, k, queue, lse, *ctx.args)
-    return gq, None, None, None, None, None
+    return bwd(grad_rows, q, k, queue, lse, *ctx.args), None, None, None, None, None
 
 
 _info_nce_queue_rows_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
+
+
+_InfoNCEQueueRows = _eager_function("_InfoNCEQueueRows", _info_nce_fwd, _info_nce_setup, _info_nce_backward,
+                                    _info_nce_bwd)
 
 
 # -------------------------------------------------------------------------------- pair_cosine
@@ -227,7 +307,7 @@ _info_nce_queue_rows_op.register_autograd(_info_nce_backward, setup_context=_inf
 
 def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Row-wise cosine <a_i, b_i> / (max(||a_i||, EPS) max(||b_i||, EPS)) [B], fused, with gradients
-    for a and b. float32 for float32/float16/bfloat16 inputs.
+    for a and b. float32 for float32/float16/bfloat16 inputs (under torch.autocast too).
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -237,15 +317,32 @@ def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None)
     """
     _check_rows(a=a, b=b)
     _check_alike("a", a, "b", b)
-    return torch.ops.coreset_ext.pair_cosine(a, b, _choose_backend("pair_cosine", a, backend))
+    args = (a, b, _choose_backend("pair_cosine", a, backend))
+    if torch.compiler.is_compiling():
+        return torch.ops.coreset_ext.pair_cosine(*args)
+    return _PairCosine.apply(*args)
+
+
+def _pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
+    with _backend.no_autocast(a):
+        if backend == "triton":
+            return _triton().pair_cosine_fwd(a.contiguous(), b.contiguous(), reference.EPS)
+        acc = reference.accumulation_dtype(a)
+        return reference.pair_cosine(_as(a, acc), _as(b, acc))
+
+
+def _pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str):
+    with _backend.no_autocast(a):
+        if backend == "triton":
+            return _triton().pair_cosine_bwd(grad, a.contiguous(), b.contiguous(), reference.EPS)
+        acc = reference.accumulation_dtype(a)
+        ga, gb = reference.pair_cosine_backward(_as(grad, acc), _as(a, acc), _as(b, acc))
+        return _as(ga, a.dtype), _as(gb, b.dtype)
 
 
 @torch.library.custom_op("coreset_ext::pair_cosine", mutates_args=())
 def _pair_cosine_op(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _triton().pair_cosine_fwd(a.contiguous(), b.contiguous(), reference.EPS)
-    acc = reference.accumulation_dtype(a)
-    return reference.pair_cosine(a.to(acc), b.to(acc))
+    return _pair_cosine_fwd(a, b, backend)
 
 
 @_pair_cosine_op.register_fake
@@ -257,11 +354,7 @@ def _(a, b, backend):
 def _pair_cosine_backward_op(
     grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return _triton().pair_cosine_bwd(grad, a.contiguous(), b.contiguous(), reference.EPS)
-    acc = reference.accumulation_dtype(a)
-    ga, gb = reference.pair_cosine_backward(grad.to(acc), a.to(acc), b.to(acc))
-    return ga.to(a.dtype), gb.to(b.dtype)
+    return _unaliased(_pair_cosine_bwd(grad, a, b, backend))
 
 
 @_pair_cosine_backward_op.register_fake
@@ -275,13 +368,17 @@ def _pair_cosine_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _pair_cosine_backward(ctx, grad):
+def _pair_cosine_backward(ctx, grad, bwd=_pair_cosine_backward_op):
     a, b = ctx.saved_tensors
-    ga, gb = _pair_cosine_backward_op(grad, a, b, ctx.backend)
+    ga, gb = bwd(grad, a, b, ctx.backend)
     return ga, gb, None
 
 
 _pair_cosine_op.register_autograd(_pair_cosine_backward, setup_context=_pair_cosine_setup)
+
+
+_PairCosine = _eager_function("_PairCosine", _pair_cosine_fwd, _pair_cosine_setup, _pair_cosine_backward,
+                              _pair_cosine_bwd)
 
 for _op in ("nt_xent", "info_nce_queue", "pair_cosine"):
     _backend.register_op(_op, gpu=("triton",), cpu=("reference",))
@@ -304,16 +401,22 @@ def _check_alike(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> 
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise ValueError(f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")
-    check_same_device(**{name_a: a, name_b: b})
+    if a.device != b.device:
+        check_same_device(**{name_a: a, name_b: b})
 
 
-def _check_loss_args(x: torch.Tensor, temperature, reduction, index, scores) -> float:
+def _check_loss_args(x: torch.Tensor, temperature, reduction, index, tracker, scores) -> float:
     """The arguments every loss takes beside its inputs; returns the temperature as a float."""
     t = check_temperature(temperature)
-    check("reduction", reduction, REDUCTIONS)
-    if (index is None) != (scores is None):
-        raise ValueError("index and scores must be given together (index: dataset indices of the batch, "
-                         "scores: the float32 buffer to add the positive cosines into)")
+    check_reduction(reduction)
+    if tracker is not None and scores is not None:
+        raise ValueError("pass tracker or scores, not both (tracker: sums and counts; scores: a raw buffer)")
+    if (index is None) != (tracker is None and scores is None):
+        raise ValueError("index and tracker must be given together (index: dataset indices of the batch, "
+                         "tracker: the ScoreTracker to record the positive cosines in)")
+    if tracker is not None and not callable(getattr(tracker, "record", None)):
+        raise ValueError(f"tracker must have a record(index, **values) method (a ScoreTracker), got "
+                         f"{type(tracker).__name__}")
     if index is not None:
         check_per_row("index", index, "the batch", x, dtypes=INDEX_DTYPES)
     return t
@@ -337,12 +440,30 @@ def _choose_backend(op: str, x: torch.Tensor, requested: str | None) -> str:
     return chosen
 
 
-def _finish(rows, cos, reduction: str, index, scores, validate: bool, return_cos: bool):
-    """The loss as asked for, after adding the positive cosines into `scores` at `index`."""
-    if index is not None:
+def _finish(rows, cos, reduction: str, index, tracker, scores, validate, return_cos: bool):
+    """The loss as asked for, after recording the positive cosines at `index`."""
+    if tracker is not None:
+        tracker.record(index, **{SCORE_METRIC: cos})
+    elif scores is not None:
         score_scatter_add_(scores, index, cos, validate=validate)
     loss = reference.reduce_loss(rows, reduction)
     return (loss, cos) if return_cos else loss
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; x itself when it is already (skips a call per tensor on the hot path)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _unaliased(outputs: tuple) -> tuple:
+    """A custom op's outputs may not share memory with each other: copy those that do (the
+    reference's gradient halves are views of one buffer). The eager path keeps the views."""
+    seen, out = set(), []
+    for o in outputs:
+        ptr = o.untyped_storage().data_ptr()
+        out.append(o.clone() if ptr in seen else o)
+        seen.add(ptr)
+    return tuple(out)
 
 
 def _triton():

@@ -1,25 +1,112 @@
-"""score_scatter_add_: per-example score accumulation (the op behind ScoreTracker).
+"""score_scatter_add_: per-example score accumulation (the op behind ScoreTracker), and the
+device-side screening every score path shares (`DeviceErrors`).
 
 The schema and its kernels are compiled (csrc/ops.cpp, csrc/cpu, csrc/cuda) and dispatched by
 device; where `_C` lacks them, the reference serves under the same name (`define_fallback`).
+
+Validation without a host synchronisation (issue 14): a training step must not wait on the host,
+so by default bad entries (an index out of range, a non-finite value) are found on the device,
+left out of the write, and counted in a small device tensor; the next host-side check reads
+that tensor (one synchronisation, where the caller waits anyway) and raises the ValueError
+naming what was wrong. Nothing bad is ever written, and nothing bad goes unreported.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from coreset_ext import _backend, reference
-from coreset_ext._validation import check_same_device, check_tensor
+from coreset_ext._validation import Options, check, check_same_device, check_tensor
 
-__all__ = ["score_scatter_add_", "INDEX_DTYPES", "SCATTER_VALUE_DTYPES"]
+__all__ = ["score_scatter_add_", "check_scatter_errors", "DeviceErrors", "INDEX_DTYPES", "SCATTER_VALUE_DTYPES"]
 
 SCATTER_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+VALIDATE = ("device", True, False)
+
+
+class DeviceErrors:
+    """What sync-free validation found on the device, until a host-side `raise_if_any` reads it.
+
+    `screen(index, values, size)` returns (index, values, ok) with every bad entry (index outside
+    [0, size), or with `check_values` a non-finite value) redirected to slot 0 with value 0, so a
+    scatter of them writes nothing, and records on the device the lowest and highest index seen
+    and how many values of each name were not finite. `raise_if_any(what)` reads that (one host
+    synchronisation), clears it, and raises the ValueError a host-side check would have raised.
+    Only in-place device operations on preallocated tensors: safe inside a captured CUDA graph.
+    """
+
+    def __init__(self, size: int, names: tuple[str, ...], device: torch.device) -> None:
+        self.size = size
+        self.names = names
+        self.flags = torch.zeros(2 + len(names), dtype=torch.int64, device=device)  # lo, hi, non-finite per name
+
+    def to(self, device: torch.device | str) -> "DeviceErrors":
+        self.flags = self.flags.to(device)
+        return self
+
+    def screen(self, index: torch.Tensor, values: dict[str, torch.Tensor], *, check_values: bool = True):
+        """(safe index, {name: safe values}, ok mask per name); see the class."""
+        lo, hi = torch.aminmax(index)
+        torch.minimum(self.flags[0], lo, out=self.flags[0])
+        torch.maximum(self.flags[1], hi, out=self.flags[1])
+        in_range = (index >= 0) & (index < self.size)
+        safe_index = torch.where(in_range, index, 0)
+        out, oks = {}, {}
+        for i, (name, v) in enumerate(values.items()):
+            ok = in_range
+            if check_values:
+                finite = torch.isfinite(v)
+                self.flags[2 + self.names.index(name)] += (~finite).sum()
+                ok = ok & finite
+            out[name] = torch.where(ok, v, 0)
+            oks[name] = ok
+        return safe_index, out, oks
+
+    def raise_if_any(self, what: str) -> None:
+        """Raises the ValueError for what the device found since the last call (then forgets it)."""
+        lo, hi, *nonfinite = self.flags.tolist()  # the one host synchronisation
+        if not (lo < 0 or hi >= self.size or any(nonfinite)):
+            return
+        self.flags.zero_()
+        later = "; those entries were left out (found on the device, reported at this check)"
+        if lo < 0 or hi >= self.size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"index contains {bad}, out of range for {what}{later}")
+        name, count = next((n, c) for n, c in zip(self.names, nonfinite) if c)
+        raise ValueError(f"{name} contains NaN or Inf ({count} value(s)){later}")
+
+
+# Device-side findings of score_scatter_add_(validate="device"), per scores buffer.
+_PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def check_scatter_errors(scores: torch.Tensor) -> None:
+    """Raises the ValueError for what `score_scatter_add_(scores, ..., validate="device")` left
+    out since the last check of this buffer (an index out of range, a NaN/Inf value), then
+    forgets it. One host synchronisation: call it where the loop waits anyway (end of an epoch,
+    before reading the scores).
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> s = torch.zeros(4)
+        >>> _ = cx.ops.score_scatter_add_(s, torch.tensor([1, 9]), torch.tensor([0.5, 1.0]))
+        >>> s
+        tensor([0.0000, 0.5000, 0.0000, 0.0000])
+        >>> cx.ops.check_scatter_errors(s)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: index contains 9, out of range for scores of size 4; those entries were left out ...
+    """
+    errors = _PENDING.get(scores)
+    if errors is not None:
+        errors.raise_if_any(f"scores of size {scores.shape[0]}")
 
 
 def score_scatter_add_(
     scores: torch.Tensor, index: torch.Tensor, values: torch.Tensor, *, deterministic: bool | None = None,
-    validate: bool = True,
+    validate: bool | str = "device",
 ) -> torch.Tensor:
     """Adds `values[i]` to `scores[index[i]]` for every i, in place, and returns `scores`.
 
@@ -30,11 +117,16 @@ def score_scatter_add_(
     segmented reduction gives bit-identical results run to run. The CPU kernel is always
     deterministic.
 
-    `validate=True` checks the index range and that the values are finite here, and raises a
-    ValueError naming the bad value; on the GPU that costs one host synchronisation (tens of
-    microseconds, and a stall of the pipeline). `validate=False` skips it for hot loops whose indices come from your own data
-    loader: the kernels still never write out of bounds (the CPU kernel raises IndexError, the
-    CUDA kernel skips out-of-range entries).
+    `validate`:
+    - "device" (default): checked on the device without a host synchronisation, so a training
+      step never waits: an entry whose index is out of range or whose value is NaN/Inf is left
+      out, and `check_scatter_errors(scores)` (or the next call with `validate=True`) raises the
+      ValueError naming it.
+    - True: checked here before anything is written; the ValueError names the bad value now, at
+      one host synchronisation (tens of microseconds on a GPU, and a stall of the pipeline).
+    - False: no check, for indices from your own data loader: the kernels still never write out
+      of bounds (the CPU kernel raises, the CUDA kernel skips out-of-range entries).
+    Under torch.compile the checks are traced out; the kernels' own bounds checks remain.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -52,6 +144,8 @@ def score_scatter_add_(
     check_same_device(scores=scores, index=index, values=values)
     if scores.requires_grad:
         raise ValueError("scores must not require grad: it is a buffer updated in place")
+    if not any(validate is v or (isinstance(validate, str) and validate == v) for v in VALIDATE):
+        check("validate", validate, bool, Options("device"))  # raises, naming validate
     compiling = torch.compiler.is_compiling()
     if not compiling and values.numel() and scores.numel() and \
             values.untyped_storage().data_ptr() == scores.untyped_storage().data_ptr():
@@ -59,10 +153,12 @@ def score_scatter_add_(
         raise ValueError("values must not share memory with scores (pass values.clone())")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    # Checked here (one host sync on the GPU) so the error names the value. The kernels check
-    # again themselves (CPU: raises before the first write; CUDA: skips bad entries), which is
-    # what protects calls made past this wrapper and compiled graphs, where this check is traced out.
-    if validate and not compiling and index.numel():
+    if validate is True and not compiling:
+        check_scatter_errors(scores)  # what earlier sync-free calls found, before this one writes
+    if validate is True and not compiling and index.numel():
+        # Checked here (one host sync on the GPU) so the error names the value. The kernels check
+        # again themselves (CPU: raises before the first write; CUDA: skips bad entries), which is
+        # what protects calls made past this wrapper and compiled graphs, where this is traced out.
         lo, hi = torch.aminmax(index)
         finite = torch.isfinite(values).all().to(lo.dtype)
         lo, hi, finite = torch.stack([lo, hi, finite]).tolist()  # one host sync for all three
@@ -71,6 +167,12 @@ def score_scatter_add_(
             raise ValueError(f"index contains {bad}, out of range for scores of size {scores.shape[0]}")
         if not finite:  # a NaN would stay in the buffer for good
             raise ValueError("values contains NaN or Inf (from non-finite inputs?); validate=False adds them anyway")
+    elif validate == "device" and not compiling and index.numel():
+        errors = _PENDING.get(scores)
+        if errors is None:
+            errors = _PENDING[scores] = DeviceErrors(scores.shape[0], ("values",), scores.device)
+        index, screened, _ = errors.screen(index, {"values": values})
+        values = screened["values"]
     try:
         torch.ops.coreset_ext.score_scatter_add_(scores, index, values, bool(deterministic))
     except IndexError as exc:

@@ -3,7 +3,8 @@
 Triton on the GPU, the chunked reference on the CPU: no C++ kernel, so the schemas are defined
 here with torch.library.custom_op. The chosen backend is an argument of the op, so that dispatch
 stays visible and torch.compile sees one opaque op. Neither op has a gradient (they feed
-selection, not training).
+selection, not training). Under torch.autocast they compute as without it (autocast is off
+inside: float32 products and results).
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ def _cosine_rowsum_op(
     x: torch.Tensor, y: torch.Tensor | None, groups: torch.Tensor | None, y_groups: torch.Tensor | None,
     clamp_min: float, exclude_self: bool, backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        kernels, x, yy, inv_x, inv_y = _triton_inputs(x, y)
-        return kernels.cosine_rowsum(x, yy, inv_x, inv_y, groups, y_groups, clamp_min, exclude_self)
-    out = reference.cosine_rowsum(x, y, clamp_min=clamp_min, groups=groups, y_groups=y_groups,
-                                  exclude_self=exclude_self)
-    return _result_dtype(out)
+    with _backend.no_autocast(x):
+        if backend == "triton":
+            kernels, x, yy, inv_x, inv_y = _triton_inputs(x, y)
+            return kernels.cosine_rowsum(x, yy, inv_x, inv_y, groups, y_groups, clamp_min, exclude_self)
+        out = reference.cosine_rowsum(x, y, clamp_min=clamp_min, groups=groups, y_groups=y_groups,
+                                      exclude_self=exclude_self)
+        return _result_dtype(out)
 
 
 @_cosine_rowsum_op.register_fake
@@ -128,11 +130,12 @@ def cosine_topk(
 def _cosine_topk_op(
     x: torch.Tensor, y: torch.Tensor | None, k: int, exclude_self: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        kernels, x, yy, inv_x, inv_y = _triton_inputs(x, y)
-        return kernels.cosine_topk(x, yy, inv_x, inv_y, k, exclude_self and y is None)
-    values, indices = reference.cosine_topk(x, k, y=y, exclude_self=exclude_self)
-    return _result_dtype(values), indices
+    with _backend.no_autocast(x):
+        if backend == "triton":
+            kernels, x, yy, inv_x, inv_y = _triton_inputs(x, y)
+            return kernels.cosine_topk(x, yy, inv_x, inv_y, k, exclude_self and y is None)
+        values, indices = reference.cosine_topk(x, k, y=y, exclude_self=exclude_self)
+        return _result_dtype(values), indices
 
 
 @_cosine_topk_op.register_fake
