@@ -13,7 +13,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
-DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark hypothesis pybind11 ninja matplotlib tqdm setuptools wheel
+DEPS := "numpy<2.4" scikit-learn pytest pytest-benchmark hypothesis pybind11 ninja matplotlib tqdm setuptools wheel \
+	pyyaml safetensors pillow
+# torchvision's models (the trainer's encoders) without letting pip replace the pinned torch: the
+# release that matches TORCH_SPEC, installed with --no-deps.
+TORCHVISION_SPEC ?= torchvision==0.28.*
 MAX_JOBS ?= 2
 export MAX_JOBS
 
@@ -45,9 +49,11 @@ $(PY):
 venv: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	@# numpy 2.4 breaks Triton 3.6's interpreter (loops with runtime bounds), hence the pin.
-	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, hypothesis, pybind11, ninja, matplotlib, tqdm, numpy; \
-	  assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null \
+	@$(PY) -c "import triton, sklearn, pytest, pytest_benchmark, hypothesis, pybind11, ninja, matplotlib, tqdm, numpy, \
+	  yaml, safetensors, PIL; assert tuple(map(int, numpy.__version__.split('.')[:2])) < (2, 4)" 2>/dev/null \
 	  || $(PIP) install -q $(TRITON_SPEC) $(DEPS)
+	@$(PY) -c "import importlib.util as u; assert u.find_spec('torchvision')" 2>/dev/null \
+	  || $(PIP) install -q --no-deps "$(TORCHVISION_SPEC)"
 
 build: venv
 	$(PIP) install -q --no-build-isolation --no-deps -e .

@@ -177,3 +177,50 @@ def test_bad_arguments_fail_cleanly(tmp_path_factory, argv, message, capsys):
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "coreset_ext", "select", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--fraction" in r.stdout
+
+
+def test_train_writes_metrics_and_the_encoder_and_its_config_replays_the_run(tmp_path, capsys):
+    import csv
+    import json
+
+    import numpy as np
+
+    from coreset_ext.train.models import build_encoder
+
+    first, again, flat = tmp_path / "first", tmp_path / "again", tmp_path / "flat"
+    assert main(["train", "--out", str(first), *TINY, "--epochs", "2", "--lr-schedule", "cosine",
+                 "--warmup-epochs", "1", "--amp", "bf16", "--device", "cpu"]) == 0
+    assert "simclr epoch 2/2: loss" in capsys.readouterr().out  # the library's log lines, shown by the command
+    rows = list(csv.DictReader((first / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and list(rows[0]) == ["epoch", "loss", "lr", "throughput",
+                                                                          "css_mean", "seconds"]
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"]) < 2e-3 and 0 < float(rows[1]["css_mean"]) <= 1
+    record = json.loads((first / "config.json").read_text())
+    assert record["source"] == {"data": "digits", "data_dir": None} and record["train"]["amp"] == "bf16"
+    # the run's own config.json, fed back, gives the same run
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again), "--no-progress"]) == 0
+    a, b = np.load(first / "scores.npz"), np.load(again / "scores.npz")
+    assert np.array_equal(a["sum/css"], b["sum/css"]) and np.array_equal(a["count/css"], b["count/css"])
+    # a flat YAML of settings; a flag given beside it wins
+    (tmp_path / "run.yaml").write_text("method: moco\nepochs: 3\nwidth: 4\nqueue_size: 64\nbatch_size: 256\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--epochs", "1", "--out", str(flat),
+                 "--no-progress"]) == 0
+    train = json.loads((flat / "config.json").read_text())["train"]
+    assert (train["method"], train["epochs"], train["width"], train["queue_size"]) == ("moco", 1, 4, 64)
+    # the exported encoder loads as pretrained weights
+    enc = build_encoder("auto", (1, 8, 8), width=4, pretrained=flat / "checkpoints" / "encoder.safetensors")
+    assert enc.out_dim == 8
+
+
+@pytest.mark.parametrize("text,suffix,message", [
+    ("epochs: 2\nlearning_rate: 0.1\n", ".yaml", r"unknown settings \['learning_rate'\]"),
+    ("[1, 2]", ".json", "must hold a mapping of settings, got list"),
+    ("{not json", ".json", "cannot be parsed"),
+    ("epochs: 2", ".toml", "must be a .json, .yaml or .yml file"),
+])
+def test_bad_config_files_are_named(tmp_path, capsys, text, suffix, message):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--config: {path}" in err and __import__("re").search(message, err), err

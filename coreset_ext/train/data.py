@@ -240,8 +240,9 @@ class ArrayDataset(torch.utils.data.Dataset):
         x = self.data[index.cpu()].to(device, non_blocking=True)
         return self._as_float(x)
 
+    makes_views = False  # an in-memory data set has no views of its own (the trainer augments its batches)
+
     def views(self, index: torch.Tensor, device: torch.device | str = "cpu") -> None:
-        """None: an in-memory data set has no views of its own (the trainer augments its batches)."""
         return None
 
     def subset(self, index: torch.Tensor) -> "ArrayDataset":
@@ -653,9 +654,14 @@ class DatasetData:
             xs = [x[0] for x in xs]
         return self.canonical(self._stack(xs, "data"), "data").to(device)
 
+    @property
+    def makes_views(self) -> bool:
+        """Whether `views` returns views (the data set's own, or `transform`'s), not None."""
+        return self.views_given or self.transform is not None
+
     def views(self, index: torch.Tensor, device: torch.device | str = "cpu"):
         """(view1, view2) float batches of the examples at `index`, or None (see the class)."""
-        if not self.views_given and self.transform is None:
+        if not self.makes_views:
             return None
         xs = [self._item(i)[0] for i in index.tolist()]
         pairs = [x for x in xs] if self.views_given else [(self.transform(x), self.transform(x)) for x in xs]

@@ -137,7 +137,7 @@ def score(encoder: nn.Module, data, *, views: int = 4, transform: Callable | Non
         raise ValueError("transform/augment: give one way to make views, not both")
     data = as_data(data, transform=transform)
     device = torch.device(device)
-    if augment is None and data.views(torch.arange(1)) is None:
+    if augment is None and not data.makes_views:
         augment = Augment.for_data(data.name, data.sample_shape)
     gen = torch.Generator(device=device).manual_seed(seed)
     n = len(data)

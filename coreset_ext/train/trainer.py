@@ -315,7 +315,7 @@ class Trainer:
                              f"negatives, and BatchNorm needs two per batch), got {n}")
         self.amp = (self.device.type == "cuda") if config.amp is None else config.amp == "bf16"
         self.augment = augment
-        if augment is None and self.data.views(torch.arange(1)) is None:
+        if augment is None and not self.data.makes_views:
             self.augment = Augment.for_data(self.data.name, self.data.sample_shape)
         torch.manual_seed(config.seed)
         self.custom_model = None if model is None else type(model).__name__
@@ -500,7 +500,8 @@ class Trainer:
     def step(self, index: torch.Tensor, x: torch.Tensor | None = None,
              views: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, torch.Tensor]:
         """One optimisation step on the examples at `index` (their clean batch `x`, or their two
-        `views`; read from the data when neither is given); returns (loss, positive cosines)."""
+        `views`; read from the data when neither is given); returns (loss, positive cosines), the
+        cosines recorded in the tracker."""
         cfg = self.config
         if views is None:
             if x is None:
@@ -510,6 +511,7 @@ class Trainer:
                 with torch.no_grad():
                     views = (self.augment(x, self.aug_gen), self.augment(x, self.aug_gen))
         v1, v2 = views
+        index = index.to(self.device)
         if v1.shape[0] < 2:
             raise ValueError(f"data: a batch of {v1.shape[0]} example has no negatives; use batches of 2 or more")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -520,14 +522,16 @@ class Trainer:
                 self._momentum_update()
                 with torch.no_grad():
                     h2, p2 = self.key_model(v2)
-            loss, cos = self.criterion(p1, p2, return_cos=True)
-        if cfg.css_on == "backbone":
+            # the positive cosines go into the tracker inside the loss (no host synchronisation)
+            on_projection = cfg.css_on == "projection"
+            loss, cos = self.criterion(p1, p2, index=index if on_projection else None,
+                                       tracker=self.tracker if on_projection else None, return_cos=True)
+        if not on_projection:
             cos = pair_cosine(h1.detach().float(), h2.detach().float())
+            self.tracker.record(index, css=cos)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        cos = cos.detach().float()
-        self.tracker.update(index.to(self.device), css=cos)
         return float(loss.detach()), cos
 
     def _set_lr(self, epoch: float) -> float:
@@ -560,18 +564,19 @@ class Trainer:
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         self.model.train()
         while self.epoch < last:
-            t0, seen, total, css = time.perf_counter(), 0, 0.0, 0.0
+            t0, seen, total = time.perf_counter(), 0, 0.0
+            css = torch.zeros((), device=self.device)  # summed on the device: read once per epoch
             for k, (index, x, views) in enumerate(self._batches()):
                 lr = self._set_lr(self.epoch + k / steps)
                 loss, cos = self.step(index, x, views)
                 seen += index.numel()
                 total += loss * index.numel()
-                css += float(cos.sum())
+                css += cos.detach().float().sum()
                 bar.update(1)
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}",
                                 ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             self.epoch += 1
-            seconds = time.perf_counter() - t0
+            seconds, css = time.perf_counter() - t0, float(css)
             self.history.append({"epoch": self.epoch, "loss": total / seen, "lr": lr,
                                  "throughput": seen / max(seconds, 1e-9), "css_mean": css / seen, "seconds": seconds})
             logger.info("%s epoch %d/%d: loss %.4f, lr %.3g, %.0f examples/s, CSS mean %.4f", cfg.method, self.epoch,
