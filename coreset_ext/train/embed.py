@@ -230,6 +230,7 @@ def selector_inputs(model: nn.Module, train_ds: ArrayDataset, out_dir=None, *, m
     proxy_embeddings.npz and dynamics_<kind>_seed<seed>.npz (loadable through the methods'
     `dynamics=` option) and adds their paths under "files".
     """
+    train_ds = as_data(train_ds)
     emb = proxy_embeddings(model, train_ds, m, augment=augment, device=device)
     out = {"embeddings": emb, "dynamics": {}, "files": {}}
     for seed in seeds:
