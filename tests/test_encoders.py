@@ -56,6 +56,7 @@ def test_unknown_library_models_and_a_missing_timm_are_named():
 
 
 def test_timm_models_when_timm_is_installed():
+    import_torchvision()  # timm imports torchvision: with the fallback when its compiled ops cannot load
     pytest.importorskip("timm")
     enc = build_encoder("timm:resnet18", (1, 16, 16))
     assert enc(torch.rand(2, 1, 16, 16)).shape == (2, enc.out_dim)

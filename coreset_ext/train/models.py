@@ -194,6 +194,7 @@ def _library_encoder(name: str, sample_shape: tuple[int, ...]) -> tuple[nn.Modul
     c = sample_shape[0]
     if lib == "timm":
         try:
+            import_torchvision()  # timm imports it: the same fallback as above when its ops cannot load
             import timm
         except ImportError:
             raise ValueError(f"encoder: {name!r} needs timm, which is not installed (pip install timm)") from None
