@@ -123,6 +123,8 @@ def test_a_data_loader_over_with_index_is_iterated_as_given():
     assert proxy_embeddings(result.model, loader).shape == (30, result.model.encoder.out_dim)
     with pytest.raises(ValueError, match=r"DataLoader's batches must carry.*with_index"):
         Trainer(TrainConfig(**TINY), DataLoader(TensorDataset(x), batch_size=8))
+    with pytest.raises(ValueError, match=r"last batch would hold one example \(30 examples, batch_size 29\)"):
+        Trainer(TrainConfig(**TINY), DataLoader(cx.with_index(TensorDataset(x)), batch_size=29))
 
 
 def test_with_index_yields_index_example_label():
@@ -163,6 +165,8 @@ def test_views_from_the_data_set_or_a_user_transform_reach_the_model_as_they_are
         assert result.model.encoder is encoder and result.tracker.counts["css"].eq(1).all()
     assert float(expect.std()) > 1e-3
     assert Trainer(cfg, TwoViews(x)).augment is None  # no built-in augmentation on top of the data set's views
+    with pytest.raises(ValueError, match=r"transform must be float tensors.*ToTensor\(\).*got list"):
+        Trainer(cfg, TensorDataset(x), transform=lambda v: v.tolist())
 
 
 def _alternate(v):

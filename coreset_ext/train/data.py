@@ -664,8 +664,14 @@ class DatasetData:
         if not self.makes_views:
             return None
         xs = [self._item(i)[0] for i in index.tolist()]
-        pairs = [x for x in xs] if self.views_given else [(self.transform(x), self.transform(x)) for x in xs]
-        return tuple(self._stack([p[k] for p in pairs], "views").float().to(device) for k in (0, 1))
+        pairs = xs if self.views_given else [(self.transform(x), self.transform(x)) for x in xs]
+        made_by = "the data set's views" if self.views_given else "transform"
+        for v in pairs[0]:  # a PIL image here would reach the model as (H, W, C) bytes
+            if not isinstance(v, torch.Tensor) or not (v.is_floating_point() or v.dtype == torch.uint8):
+                got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{made_by} must be float tensors as the encoder takes them (end a torchvision "
+                                 f"transform with ToTensor() or ToImage() + ToDtype(torch.float32, scale=True)), got {got}")
+        return tuple(self._stack([p[k] for p in pairs], made_by).float().to(device) for k in (0, 1))
 
     @property
     def labels(self) -> torch.Tensor:

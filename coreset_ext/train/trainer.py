@@ -303,6 +303,11 @@ class Trainer:
         if self.loader is not None and not isinstance(self.loader.dataset, IndexedDataset):
             raise ValueError("data: a DataLoader's batches must carry each example's data set index, so that scores "
                              "land on the right example: build it over cx.with_index(dataset)")
+        if self.loader is not None and not self.loader.drop_last and self.loader.batch_size \
+                and len(self.data) % self.loader.batch_size == 1:
+            raise ValueError(f"data: the DataLoader's last batch would hold one example ({len(self.data)} examples, "
+                             f"batch_size {self.loader.batch_size}), which has no negatives; use drop_last=True or "
+                             "another batch_size")
         if self.loader is not None and transform is not None:
             raise ValueError("transform: a DataLoader's data set makes its own views; put the transform in it "
                              "(yield ((view1, view2), y)), or pass the data set instead of the loader")
