@@ -90,7 +90,7 @@ def _row_streaming():
     """Ours through the row-streaming kernels where the symmetric ones would run."""
     from coreset_ext.triton_kernels import contrastive
 
-    return mock.patch.object(contrastive, "symmetric", lambda normalize, temperature, d: False)
+    return mock.patch.object(contrastive, "symmetric", lambda normalize, temperature, d, dtype: False)
 
 
 def _naive_nt_xent(z1, z2, t):

@@ -89,7 +89,7 @@ def test_symmetric_matches_reference(b, d, dtype, tol, poison):
     B = 1 (the positive is the only other row), d not a power of two."""
     from coreset_ext.triton_kernels import contrastive
 
-    assert contrastive.symmetric(True, 0.2, 64)
+    assert contrastive.symmetric(True, 0.2, d, dtype)
     _check_against_reference(b, d, 0.2, dtype, tol, seed=b * d)
 
 
@@ -119,7 +119,7 @@ def test_symmetric_equals_non_symmetric(b, d, t, monkeypatch, poison):
     z1, z2 = views(b, d, seed=b, dtype=torch.float32, correlated=False)
     g = torch.rand(2 * b, generator=torch.Generator().manual_seed(b)) + 0.1
     sym = _launch_nt_xent(z1, z2, t, g)
-    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: False)
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d, dtype: False)
     plain = _launch_nt_xent(z1, z2, t, g)
     for a, w in zip(sym, plain):
         assert rel_err(a, w) < 2e-6
@@ -133,7 +133,7 @@ def test_fallback_where_the_fixed_bound_does_not_hold(normalize, t, poison):
     maximum, against the reference."""
     from coreset_ext.triton_kernels import contrastive
 
-    assert not contrastive.symmetric(normalize, t, 40)
+    assert not contrastive.symmetric(normalize, t, 40, torch.float16)
     _check_against_reference(37, 40, t, torch.float32, 1e-4, seed=3, normalize=normalize, correlated=False)
 
 
@@ -144,7 +144,7 @@ def test_symmetric_not_under_deterministic_algorithms():
 
     torch.use_deterministic_algorithms(True)
     try:
-        assert not contrastive.symmetric(True, 0.2, 64)
+        assert not contrastive.symmetric(True, 0.2, 64, torch.float16)
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -173,7 +173,7 @@ def test_launches_per_step(symmetric, launches, monkeypatch):
     copy of the gradient halves: the only tensors made are outputs and fp32 work buffers."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: symmetric)
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d, dtype: symmetric)
     monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: 1)
     names = _count_launches(monkeypatch)
     z1, z2 = views(20, 16, seed=1, dtype=torch.float32)

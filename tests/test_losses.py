@@ -688,7 +688,7 @@ def _gpu_fixed_tiles():
                 for d in (100, 256):  # block_d 128 and 256, ragged
                     with mock.patch.object(contrastive, "interpreting", lambda: False), \
                             mock.patch.object(contrastive, "_arch", lambda device: arch):
-                        out.add((d, contrastive.tiles(d, cuda, dtype)))
+                        out.update((d, contrastive.tiles(d, cuda, dtype, backward)) for backward in (False, True))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     return sorted(out)
@@ -702,7 +702,7 @@ def test_triton_gpu_fixed_tiles(d, tiles, monkeypatch, poison):
     by the interpreter in fp32 with ragged edges, column splits and queue splits."""
     from coreset_ext.triton_kernels import contrastive
 
-    monkeypatch.setattr(contrastive, "tiles", lambda d_, device, dtype: tiles)
+    monkeypatch.setattr(contrastive, "tiles", lambda d_, device, dtype, backward=False: tiles)
     monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: 2)
     _check_nt_xent_triton(45, d, 0.3, seed=d)
     test_triton_info_nce_queue(3, 130, d, 0.2, poison)
@@ -985,7 +985,7 @@ def test_triton_autotuned_launch(splits, monkeypatch, poison):
     from coreset_ext.triton_kernels import contrastive
 
     monkeypatch.setattr(contrastive, "autotune", lambda x: True)
-    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d: False)  # never tuned
+    monkeypatch.setattr(contrastive, "symmetric", lambda normalize, temperature, d, dtype: False)  # never tuned
     monkeypatch.setattr(contrastive, "column_splits", lambda n, block_m, device: splits.get(block_m, 1))
     for tuned in (contrastive._info_nce_fwd_tuned, contrastive._info_nce_bwd_tuned):
         timings = iter(range(100, 0, -1))  # each config "faster" than the previous one

@@ -127,7 +127,9 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (autotuner.Autotuner, "run", tuned_run),
         # the kernel modules' public launch configuration, answering as for a CUDA tensor on a GPU
         # of this architecture with 132 SMs (an H100); the wrappers read these names at each call
-        (contrastive, "tiles", lambda d, device, dtype, f=contrastive.tiles: f(d, cuda, dtype)),
+        (contrastive, "tiles",
+         lambda d, device, dtype, backward=False, f=contrastive.tiles: f(d, cuda, dtype, backward)),
+        (contrastive, "symmetric_tiles", lambda d, device, dtype, f=contrastive.symmetric_tiles: f(d, cuda, dtype)),
         (contrastive, "num_sms", lambda device: 132),
         (contrastive, "_arch", lambda device: 90 if arch >= 90 else 80 if arch == 80 else "default"),
         (contrastive, "autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
@@ -168,7 +170,7 @@ def _streaming(thunk):
 
     def run():
         symmetric = C.symmetric
-        C.symmetric = lambda normalize, temperature, d: False
+        C.symmetric = lambda normalize, temperature, d, dtype: False
         try:
             thunk()
         finally:

@@ -79,13 +79,19 @@ FIXED_BOUND_MIN_T = 0.025
 # 3 x 2 x 64 x 128 x 2 B + 64 x 128 x 2 B = 112 KiB of 163. Row tiles of 64 on Hopper: its
 # warpgroup MMA (wgmma) takes 64 rows per warpgroup; with 32 Triton falls back to Ampere's
 # mma.sync, Hopper's slower path (the tool's MMA column shows which one a launch got). "32bit" is
-# fp32 on the tensor cores, TF32 or 3xTF32 (launch.precision). Other architectures take "default":
-# two pipeline stages, within the 99 KiB of sm_86/sm_89/sm_120. The batch size needs no entry:
-# small batches split the columns (column_splits) or take short tile runs (symmetric_run).
+# fp32 in TF32 (d <= 128, d <= 256). Exact fp32 (`exact_precision`) has its own (forward,
+# backward) pairs: "3xtf32" at d <= 128, whose three products per dot hold split copies of both
+# operands in registers (only the wgmma forward affords 64 rows without spilling), and "ieee" (FMA
+# products) at d = 256, whose backward spills everything at 32 rows. Other architectures take "default": two pipeline stages,
+# within the 99 KiB of sm_86/sm_89/sm_120. The batch size needs no entry: small batches split the
+# columns (column_splits) or take short tile runs (symmetric_run).
 TILE_TABLE = {
-    90: {"16bit": ((64, 64, 8, 3), (64, 32, 8, 2)), "32bit": ((64, 64, 8, 2), (32, 32, 8, 2))},
-    80: {"16bit": ((64, 64, 8, 3), (32, 64, 8, 2)), "32bit": ((32, 64, 4, 2), (32, 32, 8, 2))},
-    "default": {"16bit": ((64, 64, 8, 2), (32, 32, 4, 2)), "32bit": ((32, 32, 4, 2), (32, 32, 4, 1))},
+    90: {"16bit": ((64, 64, 8, 3), (64, 32, 8, 2)), "32bit": ((64, 64, 8, 2), (32, 32, 8, 2)),
+         "3xtf32": ((64, 32, 8, 2), (32, 32, 8, 1)), "ieee": ((32, 32, 8, 2), (16, 32, 8, 1))},
+    80: {"16bit": ((64, 64, 8, 3), (32, 64, 8, 2)), "32bit": ((32, 64, 4, 2), (32, 32, 8, 2)),
+         "3xtf32": ((32, 16, 8, 2), (32, 32, 8, 1)), "ieee": ((32, 32, 8, 2), (16, 32, 8, 1))},
+    "default": {"16bit": ((64, 64, 8, 2), (32, 32, 4, 2)), "32bit": ((32, 32, 4, 2), (32, 32, 4, 1)),
+                "3xtf32": ((32, 16, 8, 1), (32, 32, 8, 1)), "ieee": ((32, 32, 4, 1), (16, 32, 4, 1))},
 }
 WIDE_TILES = (16, 32, 4, 1)  # block_d > 256 (Triton requested explicitly): small enough for any d
 
@@ -96,23 +102,36 @@ def _arch(device: torch.device):
     return 90 if cc >= 90 else 80 if cc == 80 else "default"
 
 
-def tiles(d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def exact_precision(dtype: torch.dtype, d: int) -> str:
+    """tl.dot's input precision: TF32 where torch's flag allows it; else, for fp32, 3xTF32 (fp32
+    accuracy on the tensor cores) up to d = 128 and fp32 FMA products beyond, where 3xTF32's
+    split operands spill registers on every tile shape tools/triton_aot.py tried."""
+    return precision(dtype, "tf32x3" if block_d(d) <= 128 else "ieee")
+
+
+def tiles(d: int, device: torch.device, dtype: torch.dtype, backward: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for row/column tiles of a [*, d] operand, from
-    TILE_TABLE (Hopper reports as 90 and keeps 64-row tiles; see there)."""
+    TILE_TABLE; `backward`: the backward pass's, where they differ (3xTF32)."""
     if interpreting() or device.type != "cuda":
         return 32, 32, 4, 1  # small tiles: several tiles and ragged edges even at tiny test sizes
     bd = block_d(d)
     if bd > 256:
         return WIDE_TILES
-    by_width = TILE_TABLE[_arch(device)]["32bit" if dtype == torch.float32 else "16bit"]
-    return by_width[0 if bd <= 128 else 1]
+    table = TILE_TABLE[_arch(device)]
+    exact = exact_precision(dtype, d)
+    if exact != "tf32":
+        return table["3xtf32" if exact == "tf32x3" else "ieee"][1 if backward else 0]
+    return table["32bit" if dtype == torch.float32 else "16bit"][0 if bd <= 128 else 1]
 
 
-def symmetric(normalize: bool, temperature: float, d: int) -> bool:
+def symmetric(normalize: bool, temperature: float, d: int, dtype: torch.dtype) -> bool:
     """Whether NT-Xent takes the symmetric kernels: with normalised rows and the fixed bound
     (t >= FIXED_BOUND_MIN_T) the exponentials are symmetric; their sums meet in float atomics, so
-    not under deterministic algorithms; and d <= MAX_D (SYMMETRIC_TABLE's widths)."""
+    not under deterministic algorithms; d <= MAX_D (SYMMETRIC_TABLE's widths); and on a GPU not
+    for exact fp32 (3xTF32 or FMA products), whose tiles spill registers in the symmetric backward
+    (the interpreter, which has no registers, runs fp32 through them: the tests' exact check)."""
     return (normalize and temperature >= FIXED_BOUND_MIN_T and block_d(d) <= MAX_D
+            and (exact_precision(dtype, d) == "tf32" or interpreting())
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -253,15 +272,22 @@ def row_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 
 
 @triton.jit
+def pair_row_ptrs(x_ptr, x2_ptr, rows, dims, n_first, stride_x, stride_x2):
+    """Pointers to a [rows, dims] block of [x; x2] (rows below n_first in x, the others in x2):
+    each row's base pointer is chosen, then one load or store serves the block, vectorised as a
+    block of x alone would be (choosing between two loaded blocks instead costs both in registers)."""
+    r = rows.to(tl.int64)
+    base = tl.where(rows < n_first, x_ptr + r * stride_x, x2_ptr + (r - n_first) * stride_x2)
+    return base[:, None] + dims[None, :]
+
+
+@triton.jit
 def load_pair_rows(x_ptr, x2_ptr, rows, row_ok, dims, dim_ok, n_first, stride_x, stride_x2, PAIRED: tl.constexpr):
-    """[rows, dims] block of [x; x2] (rows below n_first from x, the others from x2) without the
-    concatenated copy; of x alone when not PAIRED. Each row is fetched once: the other load's
-    mask is off for it."""
+    """[rows, dims] block of [x; x2] without the concatenated copy, zero outside the masks; of x
+    alone when not PAIRED."""
     if PAIRED:
-        first = rows < n_first
-        a = load_rows(x_ptr, rows, row_ok & first, dims, dim_ok, stride_x)
-        b = load_rows(x2_ptr, rows - n_first, row_ok & (rows >= n_first), dims, dim_ok, stride_x2)
-        return tl.where(first[:, None], a, b)
+        return tl.load(pair_row_ptrs(x_ptr, x2_ptr, rows, dims, n_first, stride_x, stride_x2),
+                       mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
     else:
         return load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
 
@@ -271,8 +297,8 @@ def store_pair_rows(g_ptr, g2_ptr, rows, row_ok, dims, dim_ok, n_first, stride_g
                     PAIRED: tl.constexpr):
     """Stores a [rows, dims] block into [g; g2] (rows below n_first into g), or into g alone."""
     if PAIRED:
-        store_rows(g_ptr, rows, row_ok & (rows < n_first), dims, dim_ok, stride_g, value)
-        store_rows(g2_ptr, rows - n_first, row_ok & (rows >= n_first), dims, dim_ok, stride_g2, value)
+        tl.store(pair_row_ptrs(g_ptr, g2_ptr, rows, dims, n_first, stride_g, stride_g2),
+                 value.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
         store_rows(g_ptr, rows, row_ok, dims, dim_ok, stride_g, value)
 
@@ -703,7 +729,7 @@ def _symmetric_launch(kernel, z1: torch.Tensor, z2: torch.Tensor, buffers: tuple
     run = symmetric_run(n_blocks, z1.device)
     table = _tile_table(n_blocks, run, z1.device)
     kernel[(table.shape[0],)](z1, z2, *buffers, table, n, half, d, z1.stride(0), z2.stride(0), inv_t, n_blocks, run,
-                              BLOCK=block, BLOCK_D=block_d(d), PRECISION=precision(z1.dtype, "tf32x3"),
+                              BLOCK=block, BLOCK_D=block_d(d), PRECISION=exact_precision(z1.dtype, d),
                               num_warps=nw, num_stages=ns)
 
 
@@ -717,7 +743,7 @@ def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normaliz
     inv_t = 1.0 / temperature
     inv = torch.empty(n, device=device, dtype=torch.float32)
     loss, lse, cos = _forward_outputs(n, half, device)  # loss holds the positive logits until the end
-    sym = symmetric(normalize, temperature, d)
+    sym = symmetric(normalize, temperature, d, z1.dtype)
     fixed = normalize and temperature >= FIXED_BOUND_MIN_T
     sums = torch.empty(n, device=device, dtype=torch.float32) if sym else None
     _prologue(z1, z2, inv, eps, inv_t, normalize, cos=cos, pos=loss, zero=sums)
@@ -737,7 +763,7 @@ def nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normaliz
         (z1, z2, inv, loss, lse, m_part, l_part, n, half, d, z1.stride(0), z2.stride(0), inv_t, z1, inv, n,
          z1.stride(0)),  # the columns: the rows themselves
         dict(EXCLUDE_DIAG=True, NORMALIZE=normalize, FIXED_BOUND=fixed, BLOCK_D=block_d(d), SPLIT=split,
-             PRECISION=precision(z1.dtype, "tf32x3")),
+             PRECISION=exact_precision(z1.dtype, d)),
         lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
     if split:
         _finish_forward(loss, lse, m_part, l_part, launched, True, fixed)
@@ -756,7 +782,7 @@ def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse
     inv_t = 1.0 / temperature
     g = grad_rows.to(torch.float32).contiguous()
     g1, g2 = torch.empty_like(z1), torch.empty_like(z2)
-    sym = symmetric(normalize, temperature, d)
+    sym = symmetric(normalize, temperature, d, z1.dtype)
     # Splitting the columns sums each row's gradient with float atomics, in no fixed order.
     parts = 1 if sym or torch.are_deterministic_algorithms_enabled() else _max_column_splits(n, device)
     split = parts > 1
@@ -777,8 +803,8 @@ def nt_xent_bwd(grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse
             (z1, z2, yh, inv, lse, g, g1, g2, g1 if acc is None else acc, n, half, d, z1.stride(0), z2.stride(0),
              yh.stride(0), g1.stride(0), g2.stride(0), inv_t, eps, z1, inv, z1, inv, n, z1.stride(0), z1.stride(0)),
             dict(const, FIXED_BOUND=normalize and temperature >= FIXED_BOUND_MIN_T, SPLIT=split, SLOTS=False,
-                 PRECISION=precision(z1.dtype, "tf32x3")),
-            lambda bm: min(parts, column_splits(n, bm, device)) if split else 1)
+                 PRECISION=exact_precision(z1.dtype, d)),
+            lambda bm: min(parts, column_splits(n, bm, device)) if split else 1, tiles(d, device, z1.dtype, True))
     if acc is not None:  # the atomics summed every split (or tile) into one slot per row
         _info_nce_bwd_combine_kernel[(cdiv(n, _combine_rows(d)),)](
             z1, z2, inv, lse, g, g1, g2, acc, n, half, d, z1.stride(0), z2.stride(0), g1.stride(0), g2.stride(0),
@@ -819,7 +845,7 @@ def info_nce_queue_fwd(q, k, queue, temperature: float, normalize: bool, eps: fl
         (q, q, inv, loss, lse, m_part, l_part, b, b, d, q.stride(0), q.stride(0), inv_t, queue, rqu, kq,
          queue.stride(0)),
         dict(EXCLUDE_DIAG=False, NORMALIZE=normalize, FIXED_BOUND=fixed_bound, BLOCK_D=block_d(d), SPLIT=True,
-             PRECISION=precision(q.dtype, "tf32x3")),
+             PRECISION=exact_precision(q.dtype, d)),
         lambda bm: n_split, fixed)
     _finish_forward(loss, lse, m_part, l_part, n_split, False, fixed_bound)
     return loss, lse, cos
@@ -833,7 +859,7 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
     device = q.device
     # without normalisation the kernel reads no queue norms: lse stands in for them
     rqu, quh = row_normalize(queue, eps) if normalize else (lse, queue)
-    fixed = tiles(d, device, q.dtype)
+    fixed = tiles(d, device, q.dtype, backward=True)
     n_split = _queue_splits(b, kq, fixed[0], fixed[1], device)
     # the splits' gradient sums: float atomics into one buffer the prologue zeroes, or under
     # deterministic algorithms one slot per split, summed in order
@@ -850,7 +876,7 @@ def info_nce_queue_bwd(grad_rows, q, k, queue, lse, temperature: float, normaliz
         _info_nce_bwd_kernel, None, b, d, q,
         (q, q, quh, inv, lse, g, gq, gq, acc, b, b, d, q.stride(0), q.stride(0), quh.stride(0), gq.stride(0),
          gq.stride(0), inv_t, eps, queue, rqu, k, rk, kq, queue.stride(0), k.stride(0)),
-        dict(const, FIXED_BOUND=False, SPLIT=True, SLOTS=slots, PRECISION=precision(q.dtype, "tf32x3")),
+        dict(const, FIXED_BOUND=False, SPLIT=True, SLOTS=slots, PRECISION=exact_precision(q.dtype, d)),
         lambda bm: n_split, fixed)
     _info_nce_bwd_combine_kernel[(cdiv(b, _combine_rows(d)),)](
         q, q, inv, lse, g, gq, gq, acc, b, b, d, q.stride(0), q.stride(0), gq.stride(0), gq.stride(0),
