@@ -48,7 +48,7 @@ def test_a_step_under_cpu_autocast_matches_a_float64_reference(method, seed):
     model = copy.deepcopy(trainer.model)  # the step's model before the step (lr 0: also after)
     queue = trainer.criterion.queue.clone() if method == "moco" else None
     _views.calls = 0
-    loss, cos = trainer.step(torch.arange(12))
+    loss, _ = trainer.step(torch.arange(12))
     assert seen == [(torch.bfloat16, torch.bfloat16)]  # the bf16 projections reach the loss, no fp32 cast
     v1, v2 = x, 0.5 * x.flip(-1) + 0.1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

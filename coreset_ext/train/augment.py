@@ -59,7 +59,7 @@ class Augment(_Recorded):
     feature_drop: float = 0.1
 
     @classmethod
-    def for_data(cls, source: str, sample_shape: tuple[int, ...]) -> "Augment | SignalAugment | VectorAugment":
+    def for_data(cls, source: str, sample_shape: tuple[int, ...]) -> Augment | SignalAugment | VectorAugment:
         """Defaults by modality (the canonical example shape) and source: no flips for digits,
         jitter only in colour. A shape of no built-in modality is a ValueError saying what to pass."""
         if len(sample_shape) == 1:

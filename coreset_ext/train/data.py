@@ -245,7 +245,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def views(self, index: torch.Tensor, device: torch.device | str = "cpu") -> None:
         return None
 
-    def subset(self, index: torch.Tensor) -> "ArrayDataset":
+    def subset(self, index: torch.Tensor) -> ArrayDataset:
         """The examples at `index` as a new data set (same name and classes)."""
         index = torch.as_tensor(index).long().cpu()
         return ArrayDataset(self.data[index], self.labels[index], name=self.name, num_classes=self.num_classes)
@@ -694,7 +694,7 @@ class DatasetData:
         known = self.labels[self.labels >= 0]
         return int(known.max()) + 1 if known.numel() else 0
 
-    def subset(self, index: torch.Tensor) -> "DatasetData":
+    def subset(self, index: torch.Tensor) -> DatasetData:
         return DatasetData(torch.utils.data.Subset(self.dataset, torch.as_tensor(index).long().tolist()),
                            transform=self.transform, name=self.name)
 

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from coreset_ext import ops
 from coreset_ext._validation import Options, check, positive_int
 from coreset_ext.io import read_npz, reading, save_npz
 from coreset_ext.proxy import dynamics_for, pseudo_labels_for
-from coreset_ext import ops
 from coreset_ext.reference import normalize
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset, as_data, read_pt

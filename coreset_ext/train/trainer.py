@@ -58,7 +58,7 @@ from coreset_ext.reference import pair_cosine
 from coreset_ext.scores import ScoreTracker
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import IndexedDataset, as_data
-from coreset_ext.train.models import ENCODERS, PREFIXES, ContrastiveModel, as_encoder, build_encoder, ProjectionHead
+from coreset_ext.train.models import ENCODERS, PREFIXES, ContrastiveModel, ProjectionHead, as_encoder, build_encoder
 
 logger = logging.getLogger(__name__)
 
