@@ -30,7 +30,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def pair_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """c_i = <a_i, b_i> / (max(||a_i||, EPS) * max(||b_i||, EPS)) for rows a_i, b_i; shape [B]."""
-    return (normalize(a) * normalize(b)).sum(dim=-1)
+    return torch.linalg.vecdot(normalize(a), normalize(b))
 
 
 def _nt_xent_chunk(z: torch.Tensor, start: int, size: int, temperature: float) -> torch.Tensor:
@@ -356,15 +356,19 @@ def nt_xent_rows_backward(
     x = torch.cat([z1, z2], dim=0)
     z, norm, c = _normalized(x) if normalize_input else (x, None, None)
     n, half = z.shape[0], z1.shape[0]
-    gs = grad_rows * (1.0 / temperature)  # grad_rows and lse: z's dtype (ops pass them so)
-    zt = z * (1.0 / temperature)
-    if n <= chunk_size:
-        w = _masked_logits(zt, z, 0).sub_(lse[:, None]).exp_()
+    inv_t = 1.0 / temperature
+    if n <= chunk_size:  # grad_rows and lse are z's dtype (ops pass them so)
+        # one dense block, in as few operations as the formula allows (small batches are bound by
+        # their count): p = exp(s / t - lse_i), 1/t folded into the products (beta=0 ignores the
+        # first argument of addmm)
+        w = torch.addmm(lse[:, None], z, z.t(), beta=-1, alpha=inv_t).fill_diagonal_(float("-inf")).exp_()
         w.diagonal(half).sub_(1)  # the positives: p_ij - [j = p(i)]
         w.diagonal(-half).sub_(1)
-        w.mul_(gs[:, None])
-        gz = torch.mm(w + w.t(), z)
+        w.mul_(grad_rows[:, None])
+        gz = torch.addmm(z, w + w.t(), z, beta=0, alpha=inv_t)
     else:
+        gs = grad_rows * inv_t
+        zt = z * inv_t
         parts = []
         for s in range(0, n, chunk_size):
             logits = _masked_logits(zt[s : s + chunk_size], z, s)
@@ -386,16 +390,18 @@ def info_nce_queue_forward(
 
         lse_i = log( exp(<q_i, k_i>/t) + sum_j exp(<q_i, queue_j>/t) ),   loss_i = lse_i - <q_i, k_i>/t
     """
-    if normalize_input:
-        q, k, queue = normalize(q), normalize(k), normalize(queue)
-        cos = pos = (q * k).sum(dim=1)
+    inv_t = 1.0 / temperature
+    if normalize_input:  # q / (max(||q||, EPS) t): the rows and the temperature in one division
+        qt = q / (torch.linalg.vector_norm(q, dim=1, keepdim=True).clamp_min_(EPS) * temperature)
+        k, queue = normalize(k), normalize(queue)
+        pos = torch.linalg.vecdot(qt, k)  # <qhat_i, khat_i> / t
+        cos = pos * temperature
     else:
-        pos, cos = (q * k).sum(dim=1), pair_cosine(q, k)
-    pos = pos * (1.0 / temperature)
-    qt = q * (1.0 / temperature)
-    neg = torch.cat([torch.logsumexp(qt[s : s + chunk_size] @ queue.T, dim=1)
-                     for s in range(0, q.shape[0], chunk_size)]) if q.shape[0] > chunk_size else \
-        torch.logsumexp(qt @ queue.T, dim=1)
+        qt = q * inv_t
+        pos, cos = torch.linalg.vecdot(qt, k), pair_cosine(q, k)
+    qq = queue.t()
+    neg = torch.logsumexp(torch.mm(qt, qq), dim=1) if q.shape[0] <= chunk_size else torch.cat(
+        [torch.logsumexp(torch.mm(qt[s : s + chunk_size], qq), dim=1) for s in range(0, q.shape[0], chunk_size)])
     lse = torch.logaddexp(pos, neg)
     return lse - pos, lse, cos
 
@@ -416,12 +422,13 @@ def info_nce_queue_rows_backward(
         (qh, norm, c), kh, quh = _normalized(q), normalize(k), normalize(queue)
     else:
         qh, kh, quh = q, k, queue
-    qt = qh * (1.0 / temperature)
-    p_pos = torch.exp((qt * kh).sum(dim=1) - lse)
-    parts = [(qt[s : s + chunk_size] @ quh.T).sub_(lse[s : s + chunk_size, None]).exp_() @ quh
-             for s in range(0, q.shape[0], chunk_size)]
+    inv_t = 1.0 / temperature
+    p_pos = torch.exp(torch.linalg.vecdot(qh, kh) * inv_t - lse)
+    # p_ij = exp(<qhat_i, queuehat_j> / t - lse_i), a block of rows at a time
+    parts = [torch.addmm(lse[s : s + chunk_size, None], qh[s : s + chunk_size], quh.t(), beta=-1, alpha=inv_t)
+             .exp_() @ quh for s in range(0, q.shape[0], chunk_size)]
     gz = torch.cat(parts) if len(parts) > 1 else parts[0]
-    gz = torch.addcmul(gz, (p_pos - 1).unsqueeze(1), kh).mul_((grad_rows * (1.0 / temperature))[:, None])
+    gz = torch.addcmul(gz, (p_pos - 1).unsqueeze(1), kh).mul_((grad_rows * inv_t)[:, None])
     return _normalize_backward(qh, norm, c, gz) if normalize_input else gz
 
 

@@ -9,7 +9,8 @@ tests/_utils.py (one row per op):
 - determinism under torch.use_deterministic_algorithms(True): bit-identical reruns;
 - poisoned outputs: NaN-filled allocations (torch.empty and, through ATen, the C++ kernels') show
   any element a kernel leaves unwritten;
-- non-contiguous inputs (gaps holding poison, column-major): still correct.
+- non-contiguous inputs (gaps holding poison, column-major): still correct;
+- torch.autocast (bf16, CPU and CUDA): float32 inputs give what they give without it.
 
 Each runs on the CPU backends, on the Triton path in the interpreter (marked `triton`, run with
 TRITON_INTERPRET=1; float32 and float16, the interpreter having no bf16 tl.dot) and on CUDA
@@ -270,24 +271,10 @@ def test_non_contiguous_inputs(row, variant, kind, backend, dtype, gen):
 # ---------------------------------------------------------------------------------- autocast
 
 
-# Rows whose autocast contract is another issue's work (their op files are not this suite's).
-# kmeans_assign's reference backend multiplies in bf16 under CPU autocast today.
-AUTOCAST_PENDING = {("kmeans_assign", "reference"): "kmeans_assign's reference under autocast: #15"}
 AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.bfloat16}
 
 
-def _autocast_cases():
-    out = []
-    for p in cases(kinds=("cpu", "cuda"), grads=False):
-        row, backend = p.values[0], p.values[3]
-        marks = list(p.marks)
-        if (row.name, backend) in AUTOCAST_PENDING:
-            marks.append(pytest.mark.xfail(reason=AUTOCAST_PENDING[row.name, backend], strict=True))
-        out.append(pytest.param(*p.values, marks=marks, id=p.id))
-    return out
-
-
-@pytest.mark.parametrize(ARGS, _autocast_cases())
+@pytest.mark.parametrize(ARGS, cases(kinds=("cpu", "cuda")))
 def test_autocast(row, variant, kind, backend, dtype, gen):
     """Under torch.autocast (bf16 on the CPU and CUDA) an op takes float32 inputs and gives what it
     documents without autocast: float32 results (accumulation is the op's own, never lowered to

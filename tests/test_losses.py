@@ -510,6 +510,71 @@ def test_modules_under_autocast(device, gen):
         assert rel_err(tracker.mean()["css"], plain[1]) < 1e-6
 
 
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_training_step_never_synchronises():
+    """Loss, backward and score recording (both modules, tracker=) under
+    torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises."""
+    tracker, moco, ntxent = cx.ScoreTracker(1000, device="cuda"), cx.nn.MoCoLoss(128, 4096).cuda(), cx.nn.NTXentLoss()
+    z1 = torch.randn(256, 128, device="cuda", requires_grad=True)
+    z2, index = torch.randn(256, 128, device="cuda"), torch.randint(0, 1000, (256,), device="cuda")
+    for crit in (ntxent, moco, ntxent, moco):  # the first call of each warms up (compiles, allocates)
+        crit(z1, z2, index=index, tracker=tracker).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for crit in (ntxent, moco):
+            crit(z1, z2, index=index, tracker=tracker).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(tracker.counts["css"].sum()) == 6 * 256
+    tracker.check()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_step_captured_in_a_cuda_graph():
+    """A whole step (NT-Xent loss, backward, positive cosines into the tracker's sums and counts)
+    is captured in a CUDA graph and replayed: the same loss and gradient as eager, and the
+    tracker's mean equal to tracker.update with the eager cosines."""
+    n, b, d = 500, 128, 64
+    static_z1 = torch.randn(b, d, device="cuda", requires_grad=True)
+    static_z2, static_index = torch.randn(b, d, device="cuda"), torch.randint(0, n, (b,), device="cuda")
+    crit, graphed, eager = cx.nn.NTXentLoss(0.3), cx.ScoreTracker(n, device="cuda"), cx.ScoreTracker(n, device="cuda")
+
+    def step():
+        static_z1.grad = None
+        loss = crit(static_z1, static_z2, index=static_index, tracker=graphed)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture (kernel compilation, allocations)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graphed.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    graphed.reset()
+    for _ in range(3):
+        z1, z2 = torch.randn(b, d, device="cuda"), torch.randn(b, d, device="cuda")
+        index = torch.randint(0, n, (b,), device="cuda")
+        static_z1.data.copy_(z1)
+        static_z2.copy_(z2)
+        static_index.copy_(index)
+        graph.replay()
+        a = z1.clone().requires_grad_()
+        loss, cos = crit(a, z2, return_cos=True)
+        loss.backward()
+        eager.update(index, css=cos)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(static_z1.grad, a.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(graphed.mean()["css"], eager.mean()["css"], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 # ---- Triton kernels (interpreter on CPU, or CUDA) -------------------------------------------
 
 

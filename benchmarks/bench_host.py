@@ -1,0 +1,132 @@
+"""Host overhead (issue 14): what one fwd+bwd of our losses costs where compute is nothing.
+
+At B = 2 .. 64 on the CPU the arithmetic takes microseconds, so the time of a fwd+bwd is the
+Python, dispatch and autograd machinery around it: the cost a training loop pays per step before
+any kernel runs. Each case times ours ("coreset_ext") beside the plain eager PyTorch loss it
+replaces ("eager"), written here from torch.nn.functional and independent of coreset_ext.reference:
+the textbook NT-Xent (cat, normalise, 2B x 2B logits, cross entropy), MoCo InfoNCE (positive
+logit beside B x K queue logits, cross entropy against class 0), F.cosine_similarity, and for
+the modules the same losses plus what the module does besides (MoCo's ring write of the keys).
+The target of issue 14: ours no slower than eager at B = 2 (`speedup of ours` >= 1.0 in the
+table). The "+scores" rows also add the positive cosines into a ScoreTracker (sums and counts): ours
+through `tracker=` (checked on the device, no host synchronisation), eager's through
+`tracker.update` (checked on the host).
+
+Run: `python benchmarks/run.py --cpu -k host` (or `python -m pytest benchmarks/bench_host.py`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    from benchmarks.common import measure
+except ImportError:  # run from inside benchmarks/
+    from common import measure
+
+import coreset_ext as cx
+
+T_NTXENT, T_MOCO = 0.5, 0.2
+QUEUE = 256
+SIZES = [(b, d) for b in (2, 8, 64) for d in (16, 128)]
+OPS = ("nt_xent", "info_nce_queue", "pair_cosine", "NTXentLoss", "MoCoLoss", "NTXentLoss+scores")
+
+
+# ---- the eager losses ours replace (plain torch.nn.functional, no coreset_ext)
+
+
+def eager_nt_xent(z1, z2, t=T_NTXENT):
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n, b = z.shape[0], z1.shape[0]
+    logits = (z @ z.T / t).fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, (torch.arange(n) + b) % n)
+
+
+def eager_info_nce(q, k, queue, t=T_MOCO):
+    q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
+    logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / t
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+
+
+class EagerMoCo:
+    """MoCo's loss and queue as its reference code has them: logits against a snapshot of the
+    queue, then the keys written into the ring."""
+
+    def __init__(self, dim, size):
+        self.queue = F.normalize(torch.randn(size, dim), dim=1)
+        self.ptr = 0
+
+    def __call__(self, q, k):
+        loss = eager_info_nce(q, k, self.queue.clone())
+        b = k.shape[0]
+        with torch.no_grad():
+            self.queue[self.ptr:self.ptr + b] = F.normalize(k, dim=1)
+        self.ptr = (self.ptr + b) % self.queue.shape[0]
+        return loss
+
+
+# ---- one fwd+bwd of each implementation
+
+
+def _step(op: str, impl: str, b: int, d: int):
+    """A function running one fwd+bwd of `op` by `impl` on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(b, d, generator=g).requires_grad_()
+    z2 = torch.randn(b, d, generator=g).requires_grad_()
+    queue = F.normalize(torch.randn(QUEUE, d, generator=g), dim=1)
+    index = torch.randperm(4 * b, generator=g)[:b]
+    ours = impl == "coreset_ext"
+    if op == "nt_xent":
+        loss = (lambda: cx.ops.nt_xent(z1, z2, T_NTXENT)) if ours else (lambda: eager_nt_xent(z1, z2))
+        inputs = (z1, z2)
+    elif op == "info_nce_queue":
+        loss = (lambda: cx.ops.info_nce_queue(z1, z2, queue, T_MOCO)) if ours else (
+            lambda: eager_info_nce(z1, z2, queue))
+        inputs = (z1,)
+    elif op == "pair_cosine":
+        loss = (lambda: cx.ops.pair_cosine(z1, z2).sum()) if ours else (
+            lambda: F.cosine_similarity(z1, z2, dim=1).sum())
+        inputs = (z1, z2)
+    elif op == "NTXentLoss":
+        module = cx.nn.NTXentLoss(T_NTXENT) if ours else eager_nt_xent
+        loss, inputs = (lambda: module(z1, z2)), (z1, z2)
+    elif op == "MoCoLoss":
+        module = cx.nn.MoCoLoss(d, QUEUE, T_MOCO) if ours else EagerMoCo(d, QUEUE)
+        loss, inputs = (lambda: module(z1, z2)), (z1,)
+    elif op == "NTXentLoss+scores":
+        tracker = cx.ScoreTracker(4 * b)
+        if ours:
+            module = cx.nn.NTXentLoss(T_NTXENT)
+            loss = lambda: module(z1, z2, index=index, tracker=tracker)  # noqa: E731
+        else:
+            def loss():
+                out = eager_nt_xent(z1, z2)
+                with torch.no_grad():
+                    tracker.update(index, css=F.cosine_similarity(z1, z2, dim=1))
+                return out
+        inputs = (z1, z2)
+    else:
+        raise AssertionError(op)
+    return lambda: torch.autograd.grad(loss(), inputs)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread while timing: at these sizes more threads only add scheduling noise
+    (the machine is shared), and the host's own work is single-threaded either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("impl", ["coreset_ext", "eager"])
+@pytest.mark.parametrize("b,d", SIZES, ids=[f"cpu-B{b}-d{d}" for b, d in SIZES])
+@pytest.mark.parametrize("op", OPS)
+def test_host(benchmark, op, b, d, impl):
+    fn = _step(op, impl, b, d)
+    size = {"B": b, "d": d, **({"K": QUEUE} if op in ("info_nce_queue", "MoCoLoss") else {})}
+    measure(benchmark, fn, op=f"host {op}", impl=impl, size=size, device="cpu", dtype=torch.float32,
+            pass_="fwd+bwd", warmup=20)
