@@ -161,6 +161,13 @@ def _old_format(path):
     torch.save({"format_version": 1, "config": {}, "epoch": 1}, path)  # before checksums
 
 
+def _version_2(path):
+    """A checksummed checkpoint of the trainer that kept its own MoCo queue (version 2)."""
+    outer = torch.load(path, weights_only=True)
+    outer["format_version"] = 2
+    torch.save(outer, path)
+
+
 def _folder(path):
     path.unlink()
     path.mkdir()
@@ -186,6 +193,7 @@ def _another_model(path):
     (_flip_a_byte, "(cannot be read|fails its sha256 check)"),
     (_edit_without_checksum, "fails its sha256 check"),
     (_old_format, "is not a checkpoint with a checksum"),
+    (_version_2, "has checkpoint version 2, written before the trainer kept its MoCo queue in cx.nn.MoCoLoss"),
     (_folder, "cannot be read"),
     (_missing_key, r"lacks \['tracker'\]"),
     (_another_model, "does not fit this run's model"),
