@@ -17,7 +17,9 @@ model(s), optimiser, MoCo queue, ScoreTracker and every RNG state, so a resumed 
 same scores as one that was never interrupted (on the CPU; on a GPU, cuDNN picks convolution
 algorithms that are not bit-reproducible unless `torch.use_deterministic_algorithms(True)`). A
 run resumed on another kind of device continues with a fresh augmentation stream (with a
-warning): generator states do not carry over between CPU and CUDA.
+warning): generator states do not carry over between CPU and CUDA. A run over a user's
+DataLoader takes its batches in the loader's own order: resumed, it continues with the loader's
+next order, not the one an uninterrupted run would have drawn.
 
 Resume means resume: a run directory is only continued with the settings it was trained with
 (the device, `epochs` raised, and the progress bar may change; anything else is refused with one
