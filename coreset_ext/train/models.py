@@ -93,6 +93,9 @@ def import_torchvision():
     import retried. Calling nms would then fail; this package never does."""
     try:
         import torchvision
+    except ImportError:
+        raise ValueError("encoder: resnet18, torchvision:<name> and timm:<name> need torchvision, which is not "
+                         "installed (pip install --no-deps torchvision, the release matching your torch)") from None
     except RuntimeError as e:
         if "torchvision::" not in str(e):
             raise
