@@ -76,7 +76,7 @@ def test_batch_sizes_share_one_compiled_kernel(normalize):
     with triton_aot._compile_instead_of_launch(90, record, False):
         for b in launched:
             batch[0] = b
-            z1, z2 = torch.randn(b, 64), torch.randn(b, 64)
+            z1, z2 = torch.randn(b, 64, dtype=torch.bfloat16), torch.randn(b, 64, dtype=torch.bfloat16)
             _, lse, _ = C.nt_xent_fwd(z1, z2, 0.2, normalize, 1e-6)
             C.nt_xent_bwd(torch.ones(2 * b), z1, z2, lse, 0.2, normalize, 1e-6)
     names = [name for name, _ in launched[1000]]
