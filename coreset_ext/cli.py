@@ -203,6 +203,7 @@ def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    logging.getLogger("coreset_ext.train.trainer").setLevel(logging.DEBUG)  # a line per epoch (debug elsewhere)
     cfg = _train_config(args, args.method)
     train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
     test_ds = load_dataset(args.data, split="test", data_dir=args.data_dir)

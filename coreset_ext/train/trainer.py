@@ -586,7 +586,7 @@ class Trainer:
             seconds, css = time.perf_counter() - t0, float(css)
             self.history.append({"epoch": self.epoch, "loss": total / seen, "lr": lr,
                                  "throughput": seen / max(seconds, 1e-9), "css_mean": css / seen, "seconds": seconds})
-            logger.info("%s epoch %d/%d: loss %.4f, lr %.3g, %.0f examples/s, CSS mean %.4f", cfg.method, self.epoch,
+            logger.debug("%s epoch %d/%d: loss %.4f, lr %.3g, %.0f examples/s, CSS mean %.4f", cfg.method, self.epoch,
                         cfg.epochs, total / seen, lr, self.history[-1]["throughput"], css / seen)
             if self.out_dir is not None:
                 self.write_metrics()
