@@ -8,9 +8,10 @@ the textbook NT-Xent (cat, normalise, 2B x 2B logits, cross entropy), MoCo InfoN
 logit beside B x K queue logits, cross entropy against class 0), F.cosine_similarity, and for
 the modules the same losses plus what the module does besides (MoCo's ring write of the keys).
 The target of issue 14: ours no slower than eager at B = 2 (`speedup of ours` >= 1.0 in the
-table). The "+scores" rows also add the positive cosines into a ScoreTracker (sums and counts): ours
-through `tracker=` (checked on the device, no host synchronisation), eager's through
-`tracker.update` (checked on the host).
+table; "aten_calls" in the last column counts the operators one step enters, which the load of
+a shared machine cannot blur). The "+scores" rows also add the positive cosines into a
+ScoreTracker (sums and counts): ours through `tracker=` (checked on the device, no host
+synchronisation), eager's through `tracker.update` (checked on the host).
 
 Run: `python benchmarks/run.py --cpu -k host` (or `python -m pytest benchmarks/bench_host.py`).
 """
@@ -128,5 +129,17 @@ def _one_thread():
 def test_host(benchmark, op, b, d, impl):
     fn = _step(op, impl, b, d)
     size = {"B": b, "d": d, **({"K": QUEUE} if op in ("info_nce_queue", "MoCoLoss") else {})}
+    benchmark.extra_info["metric_aten_calls"] = aten_calls(fn)
     measure(benchmark, fn, op=f"host {op}", impl=impl, size=size, device="cpu", dtype=torch.float32,
             pass_="fwd+bwd", warmup=20)
+
+
+def aten_calls(fn) -> int:
+    """How many ATen operators one call of `fn` enters from Python or the autograd engine (not
+    those an operator calls inside itself): a count the machine's load cannot blur, beside the
+    timing it explains (each entry costs microseconds at these sizes)."""
+    fn()
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))

@@ -91,6 +91,7 @@ class MoCoLoss(torch.nn.Module):
         self.register_buffer("queue", reference.normalize(torch.randn(queue_size, dim)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, keys) of the last forward
+        self._arange: dict[int, torch.Tensor] = {}
         # a saved state holds the pending keys; a loaded one replaces them
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_())
         self.register_load_state_dict_pre_hook(lambda module, *args: setattr(module, "_pending", None))
@@ -139,13 +140,24 @@ class MoCoLoss(torch.nn.Module):
         if b > size:  # only the newest queue_size keys survive one pass around the ring
             self.ptr.add_(b - size).remainder_(size)
             k, b = k[b - size:], size
-        slots = (self.ptr + torch.arange(b, device=self.queue.device)) % size
+        slots = torch.add(self.ptr, self._offsets(b)).remainder_(size)
         self.ptr.add_(b).remainder_(size)
         return slots, k
 
+    def _offsets(self, b: int) -> torch.Tensor:
+        """arange(b) on the queue's device, kept for the batch sizes seen (one operation less per
+        step; a training loop sees one or two sizes)."""
+        offsets = self._arange.get(b)
+        if offsets is None or offsets.device != self.queue.device:
+            if len(self._arange) >= 8:
+                self._arange.clear()
+            offsets = self._arange[b] = torch.arange(b, device=self.queue.device)
+        return offsets
+
     @torch.no_grad()
     def _write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
-        k = k.to(self.queue.dtype)
+        if k.dtype != self.queue.dtype:
+            k = k.to(self.queue.dtype)
         # A key holding NaN or Inf would poison every later loss until the ring came round: its
         # slot keeps the key it held instead (decided on the device, no host synchronisation).
         finite = torch.isfinite(k).all(dim=1, keepdim=True)

@@ -423,12 +423,15 @@ def info_nce_queue_rows_backward(
     else:
         qh, kh, quh = q, k, queue
     inv_t = 1.0 / temperature
-    p_pos = torch.exp(torch.linalg.vecdot(qh, kh) * inv_t - lse)
-    # p_ij = exp(<qhat_i, queuehat_j> / t - lse_i), a block of rows at a time
-    parts = [torch.addmm(lse[s : s + chunk_size, None], qh[s : s + chunk_size], quh.t(), beta=-1, alpha=inv_t)
-             .exp_() @ quh for s in range(0, q.shape[0], chunk_size)]
-    gz = torch.cat(parts) if len(parts) > 1 else parts[0]
-    gz = torch.addcmul(gz, (p_pos - 1).unsqueeze(1), kh).mul_((grad_rows * inv_t)[:, None])
+    # p_ij = exp(<qhat_i, queuehat_j> / t - lse_i), a block of rows at a time, and
+    # p_pos,i - 1 = -sum_j p_ij (the probabilities sum to 1; and more exactly so where p_pos ~ 1)
+    gz, p_neg = [], []
+    for s in range(0, q.shape[0], chunk_size):
+        p = torch.addmm(lse[s : s + chunk_size, None], qh[s : s + chunk_size], quh.t(), beta=-1, alpha=inv_t).exp_()
+        gz.append(p @ quh)
+        p_neg.append(p.sum(dim=1, keepdim=True))
+    gz, p_neg = (torch.cat(gz), torch.cat(p_neg)) if len(gz) > 1 else (gz[0], p_neg[0])
+    gz = torch.addcmul(gz, p_neg, kh, value=-1).mul_((grad_rows * inv_t)[:, None])
     return _normalize_backward(qh, norm, c, gz) if normalize_input else gz
 
 

@@ -17,7 +17,6 @@ from typing import ClassVar, TypeVar
 
 import torch
 
-from coreset_ext import ops
 from coreset_ext._validation import (NONNEGATIVE_INT, Options, check, check_same_device, check_tensor, describe,
                                      nonnegative_int, positive_int)
 from coreset_ext.io import load_npz, save_npz
@@ -94,8 +93,13 @@ class PerExampleState:
         check_same_device(**{f"this {self.noun}": next(iter(self.buffers.values())), **tensors})
 
     def _add(self, buffer: str, index: torch.Tensor, values: torch.Tensor) -> None:
-        # the caller checked the index range once for all its buffers
-        ops.score_scatter_add_(self.buffers[buffer], index, values, deterministic=self.deterministic, validate=False)
+        # The caller checked the index range once for all its buffers, and the rest of what the
+        # public op checks holds by construction (float32 contiguous buffers, 1-D values on their
+        # device): the op itself, without the public function's per-call Python checks.
+        deterministic = self.deterministic
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.ops.coreset_ext.score_scatter_add_(self.buffers[buffer], index, values, bool(deterministic))
 
     def _meta(self) -> dict:
         """The JSON record saved with the buffers; subclasses add their settings."""

@@ -40,25 +40,29 @@ class DeviceErrors:
     def __init__(self, size: int, names: tuple[str, ...], device: torch.device) -> None:
         self.size = size
         self.names = names
-        self.flags = torch.zeros(2 + len(names), dtype=torch.int64, device=device)  # lo, hi, non-finite per name
+        # lowest and highest index seen, non-finite count per name: views of one tensor, read at once
+        self.flags = torch.zeros(2 + len(names), dtype=torch.int64, device=device)
+        self.to(device)
 
     def to(self, device: torch.device | str) -> "DeviceErrors":
         self.flags = self.flags.to(device)
+        self.lowest, self.highest = self.flags[0], self.flags[1]
+        self.nonfinite = {name: self.flags[2 + i] for i, name in enumerate(self.names)}
         return self
 
     def screen(self, index: torch.Tensor, values: dict[str, torch.Tensor], *, check_values: bool = True):
         """(safe index, {name: safe values}, ok mask per name); see the class."""
         lo, hi = torch.aminmax(index)
-        torch.minimum(self.flags[0], lo, out=self.flags[0])
-        torch.maximum(self.flags[1], hi, out=self.flags[1])
-        in_range = (index >= 0) & (index < self.size)
-        safe_index = torch.where(in_range, index, 0)
+        torch.minimum(self.lowest, lo, out=self.lowest)
+        torch.maximum(self.highest, hi, out=self.highest)
+        safe_index = index.clamp(0, self.size - 1)
+        in_range = safe_index == index
         out, oks = {}, {}
-        for i, (name, v) in enumerate(values.items()):
+        for name, v in values.items():
             ok = in_range
             if check_values:
                 finite = torch.isfinite(v)
-                self.flags[2 + self.names.index(name)] += (~finite).sum()
+                self.nonfinite[name].add_(finite.logical_not().sum())
                 ok = ok & finite
             out[name] = torch.where(ok, v, 0)
             oks[name] = ok
