@@ -111,12 +111,31 @@ def test_assign_triton_interpreter_ties_and_strides():
     assert not bool(((labels == 35) | (labels == 20)).any())
 
 
+@pytest.mark.triton
+def test_assign_triton_interpreter_far_from_origin():
+    """fp32 products about the centroids' mean: at an offset of 3e3 the labels are float64's."""
+    if not triton_interpreter_available():
+        pytest.skip("Triton interpreter not available (set TRITON_INTERPRET=1)")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    c = torch.randn(40, 24, generator=g) + 3e3
+    x = c[torch.randint(40, (90,), generator=g)] + 0.2 * torch.randn(90, 24, generator=g)
+    labels, dist = ops.kmeans_assign(x, c, backend="triton")
+    exact = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1)
+    assert torch.equal(labels, exact.argmin(1))
+    torch.testing.assert_close(dist.double(), exact.min(1).values, rtol=1e-3, atol=1e-3)
+    labels, _ = ops.kmeans_assign(torch.tensor([[10000.3, 10000.0]]),
+                                  torch.tensor([[10000.0, 10000.0], [10000.5, 10000.0]]), backend="triton")
+    assert labels.tolist() == [1]
+
+
 def _gpu_assign_configs():
     try:
         from coreset_ext.triton_kernels import kmeans
     except ImportError:  # no Triton: the test below is skipped anyway
         return []
-    return [dict(c.all_kwargs()) for c in kmeans.CONFIGS]
+    # the autotuner's candidates and the fixed per-architecture tiles (the default on a GPU)
+    fixed = [*kmeans.ARCH_TILES.values(), kmeans.FP32_IEEE_TILES]
+    return [dict(c.all_kwargs()) for c in kmeans.CONFIGS] + [dict(t) for t in fixed]
 
 
 @pytest.mark.triton
@@ -386,6 +405,23 @@ def test_assign_cuda(n, k, d, dtype, metric):
     cr = c.to(dtype) if metric == "euclidean" else reference.normalize(c).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     check_assign(x.float(), cr.float(), labels, dist, metric, tol)
+
+
+@pytest.mark.cuda
+@cuda
+def test_assign_cuda_no_recompile_per_k():
+    """A new n_clusters or d within a BLOCK_D class launches the compiled kernel (K, D are runtime)."""
+    from coreset_ext.triton_kernels import kmeans
+
+    x = torch.randn(4096, 128, device="cuda")
+    ops.kmeans_assign(x, torch.randn(100, 128, device="cuda"))
+    cache = kmeans._kmeans_assign_kernel.device_caches[torch.cuda.current_device()][0]
+    before = len(cache)
+    for k, d in [(257, 128), (1000, 100), (65, 97)]:
+        xd = torch.randn(4096, d, device="cuda")
+        labels, dist = ops.kmeans_assign(xd, torch.randn(k, d, device="cuda"))
+        assert labels.shape == (4096,)
+    assert len(cache) == before
 
 
 @pytest.mark.cuda

@@ -2,8 +2,11 @@
 
 Each program owns BLOCK_M points and streams the centroids in tiles of BLOCK_N, keeping a running
 (best score, best index) per point in registers. Only labels [n] and distances [n] are written.
+fp32 euclidean products are taken about the centroids' mean m (x' = x - m as x is loaded, c' = c - m
+by the wrapper): exact far from the origin. 16-bit inputs are not shifted: rounding x - m back to
+16 bits would lose more than the cancellation it saves (their own rounding dominates far out).
 
-    euclidean: score_ic = ||c||^2 - 2 <x_i, c>   (argmin; + ||x_i||^2 gives the squared distance)
+    euclidean: score_ic = ||c'||^2 - 2 <x'_i, c'>   (argmin; + ||x'_i||^2 gives the squared distance)
     cosine:    score_ic = -<x_i, c/|c|>           (argmin = argmax cosine; centroids normalised by
                                                     the wrapper, x's norm only scales a row)
 
@@ -18,14 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import block_d, cdiv, interpreting, on_tensor_device, precision
+from .launch import autotune_enabled, autotuned, block_d, capability, cdiv, interpreting, on_tensor_device, precision
 
 # Interpreter runs (CI): small, valid for tl.dot (>= 16).
-TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
+TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
-# GPU launches are autotuned per (k, d, dtype, metric); few configs, each compiled once per key.
-# The last two: fp32 without TF32 (FMA products) spills registers in the others on sm_90
-# (tools/triton_aot.py reports it); two stages leave room for the accumulators.
+# Fixed tiles per architecture, the default (no autotuning: a new k or d launches at once).
+# Chosen among CONFIGS; fp32 without TF32 (FMA products) spills registers in the larger ones on
+# sm_90 (tools/triton_aot.py reports it), hence its own smaller tile. GPU verification pending.
+ARCH_TILES = {
+    90: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    80: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+}
+FP32_IEEE_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+# CORESET_EXT_AUTOTUNE=1 (launch.autotune_enabled) tunes among these, winners cached on disk.
+# The last two: fp32 without TF32 spills registers in the others on sm_90.
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in ((128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (256, 128, 8, 3),
@@ -34,30 +45,55 @@ CONFIGS = [
 
 
 def autotune(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" and not interpreting()
+    return x.device.type == "cuda" and autotune_enabled()
+
+
+def tiles(device: torch.device, prec: str) -> dict:
+    """The fixed launch configuration for this device: the interpreter's, or the architecture's."""
+    if device.type != "cuda" or interpreting():
+        return TILES
+    if prec == "ieee":
+        return FP32_IEEE_TILES
+    return ARCH_TILES[90] if _arch(device) >= 90 else ARCH_TILES[80]
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability (90, 80, ...): what tools/triton_aot.py answers for a target it compiles for."""
+    return capability(device)
 
 
 @triton.jit
-def load_points(x_ptr, rows, row_ok, dims, D: tl.constexpr, stride_x, stride_xd):
+def load_points(x_ptr, rows, row_ok, dims, D, stride_x, stride_xd):
     """[rows, dims] block of x (any strides), zero outside."""
     return tl.load(x_ptr + rows[:, None] * stride_x + dims[None, :] * stride_xd,
                    mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
 
 
 @triton.jit
-def load_centroids_t(c_ptr, cols, col_ok, dims, D: tl.constexpr, stride_c, stride_cd):
+def load_centroids_t(c_ptr, cols, col_ok, dims, D, stride_c, stride_cd):
     """[dims, cols] block of the centroids, transposed as tl.dot's right operand, zero outside."""
     return tl.load(c_ptr + cols[None, :] * stride_c + dims[:, None] * stride_cd,
                    mask=col_ok[None, :] & (dims < D)[:, None], other=0.0)
 
 
-# k and d are compile-time constants: loop bounds over runtime ints break Triton 3.6's interpreter
-# under numpy >= 2.4 (int() of a 1-element array), and on the GPU each (k, d) is autotuned anyway.
 @triton.jit
+def load_shifted(x_ptr, shift_ptr, rows, row_ok, dims, D, stride_x, stride_xd, SHIFT: tl.constexpr):
+    """[rows, dims] block of x - shift (float32), zero outside; x itself when not SHIFT."""
+    xt = load_points(x_ptr, rows, row_ok, dims, D, stride_x, stride_xd).to(tl.float32)
+    if SHIFT:
+        m = tl.load(shift_ptr + dims, mask=dims < D, other=0.0)
+        xt = tl.where(row_ok[:, None], xt - m[None, :], 0.0)
+    return xt
+
+
+# K (centroids) and D (features) are runtime values, not specialised on (do_not_specialize): a new
+# n_clusters or d reuses the compiled kernel of its BLOCK_D class. (Runtime loop bounds need
+# numpy < 2.4 under Triton 3.6's interpreter, which the Makefile pins.)
+@triton.jit(do_not_specialize=["n_rows", "K", "D"])
 def _kmeans_assign_kernel(
-    x_ptr, c_ptr, c_sq_ptr, labels_ptr, dist_ptr,
-    n_rows, stride_x, stride_xd, stride_c, stride_cd,
-    K: tl.constexpr, D: tl.constexpr, COSINE: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, c_ptr, c_sq_ptr, shift_ptr, labels_ptr, dist_ptr,
+    n_rows, stride_x, stride_xd, stride_c, stride_cd, K, D,
+    COSINE: tl.constexpr, SHIFT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_D_TILE: tl.constexpr,
 ):
     # Rows are points, columns centroids. int64 row offsets: n * stride overflows int32 beyond
@@ -70,8 +106,8 @@ def _kmeans_assign_kernel(
     x_sq = tl.zeros([BLOCK_M], tl.float32)
     if ONE_D_TILE:
         # d fits in one tile: load the points once and reuse them for every centroid tile.
-        x_tile = load_points(x_ptr, rows, row_ok, dims, D, stride_x, stride_xd)
-        xf = x_tile.to(tl.float32)
+        xf = load_shifted(x_ptr, shift_ptr, rows, row_ok, dims, D, stride_x, stride_xd, SHIFT)
+        x_tile = xf.to(x_ptr.dtype.element_ty)
         x_sq = tl.sum(xf * xf, axis=1)
 
     best = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -86,11 +122,10 @@ def _kmeans_assign_kernel(
         else:
             x_sq_acc = tl.zeros([BLOCK_M], tl.float32)  # recomputed per centroid tile: 1/BLOCK_N extra
             for d0 in range(0, D, BLOCK_D):
-                xt = load_points(x_ptr, rows, row_ok, d0 + dims, D, stride_x, stride_xd)
+                xtf = load_shifted(x_ptr, shift_ptr, rows, row_ok, d0 + dims, D, stride_x, stride_xd, SHIFT)
                 ct = load_centroids_t(c_ptr, cols, col_ok, d0 + dims, D, stride_c, stride_cd)
-                xtf = xt.to(tl.float32)
                 x_sq_acc += tl.sum(xtf * xtf, axis=1)
-                acc = tl.dot(xt, ct, acc, input_precision=PRECISION)
+                acc = tl.dot(xtf.to(x_ptr.dtype.element_ty), ct, acc, input_precision=PRECISION)
             x_sq = x_sq_acc
         if COSINE:
             score = -acc
@@ -116,7 +151,8 @@ def _kmeans_assign_kernel(
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
 
-_kmeans_assign_tuned = triton.autotune(configs=CONFIGS, key=["K", "D", "COSINE", "PRECISION"])(_kmeans_assign_kernel)
+# tuned once per (d, metric, precision) and dtype, not per k: the winner serves every n_clusters
+_kmeans_assign_tuned = autotuned(CONFIGS, key=["D", "COSINE", "PRECISION"])(_kmeans_assign_kernel)
 
 
 @on_tensor_device
@@ -126,8 +162,16 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     n, d = x.shape
     k = centroids.shape[0]
     c = centroids.to(torch.float32)
-    if cosine:
-        c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    shifted = not cosine and x.dtype == torch.float32  # cosine is about the origin
+    if not shifted:
+        shift = c.new_zeros(d)
+        if cosine:
+            c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    else:
+        # products about the centroids' mean (ops.kmeans._centroid_mean): exact far from the origin
+        shift = centroids.double().mean(dim=0).float()
+        c = c - shift
+    shift = shift.contiguous()
     c = c.to(x.dtype).contiguous()
     # ||c||^2 of the centroids as the kernel sees them (rounded to x's dtype), so the distance is
     # exactly that to the rounded centroid.
@@ -140,11 +184,13 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> tup
     one_tile = bd <= 128  # keeps the point tile in registers; wider d loops over 64-wide tiles
     if not one_tile:
         bd = 64
-    args = (x, c, c_sq, labels, dist, n, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
+    args = (x, c, c_sq, shift, labels, dist, n, x.stride(0), x.stride(1), c.stride(0), c.stride(1), k, d)
     # fp32: honour torch's TF32 switch (off by default) so fp32 labels match an fp32 matmul.
-    const = dict(K=k, D=d, COSINE=cosine, PRECISION=precision(x.dtype), BLOCK_D=bd, ONE_D_TILE=one_tile)
+    prec = precision(x.dtype)
+    const = dict(COSINE=cosine, SHIFT=shifted, PRECISION=prec, BLOCK_D=bd, ONE_D_TILE=one_tile)
     if autotune(x):
         _kmeans_assign_tuned[lambda meta: (cdiv(n, meta["BLOCK_M"]),)](*args, **const)
     else:
-        _kmeans_assign_kernel[(cdiv(n, TILES["BLOCK_M"]),)](*args, **const, **TILES)
+        fixed = tiles(x.device, prec)
+        _kmeans_assign_kernel[(cdiv(n, fixed["BLOCK_M"]),)](*args, **const, **fixed)
     return labels, dist

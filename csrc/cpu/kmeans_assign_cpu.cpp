@@ -1,9 +1,10 @@
 // k-means assignment on the CPU: blocks of rows in parallel, one single-threaded GEMM per block.
 //
-// This is scikit-learn's layout: threads split the rows coarsely and each block's x.c products
-// come from one BLAS call (nested inside at::parallel_for, so it runs on the calling thread). It
+// This is scikit-learn's layout: threads take blocks of rows and each block's x.c products come
+// from one BLAS call (nested inside at::parallel_for, so it runs on the calling thread). It
 // avoids a parallel region per GEMM, which on a small or busy machine costs more than the GEMM
-// itself. Only a block x k score matrix exists at a time, in a buffer each task reuses. The
+// itself. The products are taken about the centroids' mean (see prepare) and the winner's
+// distance is recomputed from the difference itself, so both stay exact far from the origin. Only a block x k score matrix exists at a time, in a buffer each task reuses. The
 // argmin keeps the first minimum (lowest index wins ties). Centroids arrive prepared by the
 // caller (coreset_ext/ops/kmeans.py): normalised for cosine.
 //
@@ -16,11 +17,22 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kmeans_ranges.h"
+
+// The Fortran BLAS in torch's own libraries (MKL on x86 builds), if they export it: weak, so a torch
+// without these symbols still loads this extension (block_products then uses at::mm_out).
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
 
 namespace coreset_ext {
 
@@ -30,7 +42,7 @@ constexpr double kEps = 1e-6;           // as coreset_ext.reference.EPS
 namespace {
 
 struct Prepared {
-  at::Tensor xc, c, ct, c_sq, shift;
+  at::Tensor xc, c, c_sq, shift;
   int64_t n, d, k;
   double alpha;
 };
@@ -57,7 +69,6 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
     c = c - p.shift;
   }
   p.c = c.contiguous();
-  p.ct = c.t().contiguous();
   // ||c'||^2 is added in the argmin loop (no bias pass over the scores); zero for cosine
   p.c_sq = cosine ? at::zeros({c.size(0)}, c.options()) : (c * c).sum(1).contiguous();
   p.n = x.size(0);
@@ -69,9 +80,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
 
 // Per-task scratch: the block's shifted rows and its block x k scores.
 struct Scratch {
-  at::Tensor rows, dots;
+  at::Tensor rows, dots, c_t;
   Scratch(const Prepared& p)
-      : rows(at::empty({kRowsPerBlock, p.d}, p.xc.options())), dots(at::empty({kRowsPerBlock, p.k}, p.xc.options())) {}
+      : rows(at::empty({kRowsPerBlock, p.d}, p.xc.options())), dots(at::empty({kRowsPerBlock, p.k}, p.xc.options())),
+        c_t(p.c.t()) {}
 };
 
 // Sum of squares with 8 independent accumulators (a single chain is latency-bound).
@@ -112,6 +124,32 @@ int64_t first_argmin(const scalar_t* bias, scalar_t a, const scalar_t* row, int6
   return arg;
 }
 
+// dots [m, k] = rows [m, d] . c'^T. The Fortran BLAS that torch links (MKL's sgemm_/dgemm_, found at
+// load time through weak symbols) called directly on the buffers: at::mm's dispatch and tensor
+// bookkeeping cost more than the product itself at small k * d. Where torch exports no BLAS
+// symbols, at::mm_out serves. BLAS is column-major: dots^T [k, m] = (c' as [d, k])^T . (rows as [d, m]).
+template <typename scalar_t>
+void block_products(const scalar_t* c, const scalar_t* rows, int64_t m, int64_t k, int64_t d, scalar_t* dots,
+                    Scratch& scratch) {
+  const int bm = static_cast<int>(m), bk = static_cast<int>(k), bd = static_cast<int>(d);
+  const char trans = 'T', plain = 'N';
+  const scalar_t one = 1, zero = 0;
+  const bool small = k <= INT32_MAX && d <= INT32_MAX;  // m <= kRowsPerBlock
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (sgemm_ != nullptr && small) {
+      sgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &bk);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr && small) {
+      dgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &bk);
+      return;
+    }
+  }
+  at::Tensor out = scratch.dots.narrow(0, 0, m);
+  at::mm_out(out, scratch.rows.narrow(0, 0, m), scratch.c_t);
+}
+
 // Labels and distances of rows [s, e) (e - s <= kRowsPerBlock).
 template <typename scalar_t>
 void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& scratch, int64_t* lab, float* dst) {
@@ -124,11 +162,10 @@ void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& 
     scalar_t* ri = rp + i * d;
     for (int64_t j = 0; j < d; ++j) ri[j] = xi[j] - mp[j];
   }
-  at::Tensor out = scratch.dots.narrow(0, 0, m);
-  at::mm_out(out, scratch.rows.narrow(0, 0, m), p.ct);
-  const scalar_t* sp = out.data_ptr<scalar_t>();
-  const scalar_t* csp = p.c_sq.data_ptr<scalar_t>();
+  scalar_t* sp = scratch.dots.data_ptr<scalar_t>();
   const scalar_t* cp = p.c.data_ptr<scalar_t>();
+  block_products<scalar_t>(cp, rp, m, k, d, sp, scratch);
+  const scalar_t* csp = p.c_sq.data_ptr<scalar_t>();
   const scalar_t a = static_cast<scalar_t>(p.alpha);
   for (int64_t i = 0; i < m; ++i) {
     scalar_t best;
@@ -146,6 +183,19 @@ void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& 
   }
 }
 
+// Runs fn(task, scratch) for every task in [0, tasks), handed to the threads one at a time as they
+// become free (an atomic counter) instead of in fixed shares: on a busy machine a descheduled
+// thread delays only its current task. No result depends on which thread ran a task.
+template <typename Fn>
+void for_each_task(const Prepared& p, int64_t tasks, bool parallel, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = parallel ? std::min<int64_t>(tasks, at::get_num_threads()) : 1;
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch scratch(p);
+    for (int64_t t = next++; t < tasks; t = next++) fn(t, scratch);
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const at::Tensor& centroids,
@@ -159,12 +209,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
   // at least ~4 Mflop per task: below that a parallel region costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(1, kRowsPerBlock * p.k * p.d));
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_assign_cpu", [&] {
-    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-      Scratch scratch(p);
-      for (int64_t b = b0; b < b1; ++b) {
-        assign_rows<scalar_t>(p, cosine, b * kRowsPerBlock, std::min(p.n, (b + 1) * kRowsPerBlock),
-                              scratch, lab, dst);
-      }
+    for_each_task(p, blocks, blocks > grain, [&](int64_t b, Scratch& scratch) {
+      assign_rows<scalar_t>(p, cosine, b * kRowsPerBlock, std::min(p.n, (b + 1) * kRowsPerBlock), scratch, lab, dst);
     });
   });
   return {labels, dist};
@@ -182,16 +228,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_lloyd_step_cpu
   at::Tensor sums = at::empty({k, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_lloyd_step_cpu", [&] {
     const scalar_t* xp = p.xc.data_ptr<scalar_t>();
-    at::parallel_for(0, ranges.count, 1, [&](int64_t r0, int64_t r1) {
-      Scratch scratch(p);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t end = std::min(n, (r + 1) * ranges.per);
-        for (int64_t s = r * ranges.per; s < end; s += kRowsPerBlock) {
-          const int64_t e = std::min(end, s + kRowsPerBlock);
-          assign_rows<scalar_t>(p, cosine, s, e, scratch, lab, dst);
-          // labels are in [0, k) by construction
-          for (int64_t i = s; i < e; ++i) ranges.add(r, lab[i], xp + i * d, k, d);
-        }
+    for_each_task(p, ranges.count, ranges.count > 1, [&](int64_t r, Scratch& scratch) {
+      const int64_t end = std::min(n, (r + 1) * ranges.per);
+      for (int64_t s = r * ranges.per; s < end; s += kRowsPerBlock) {
+        const int64_t e = std::min(end, s + kRowsPerBlock);
+        assign_rows<scalar_t>(p, cosine, s, e, scratch, lab, dst);
+        // labels are in [0, k) by construction
+        for (int64_t i = s; i < e; ++i) ranges.add(r, lab[i], xp + i * d, k, d);
       }
     });
     ranges.merge(k, d, sums.data_ptr<scalar_t>());

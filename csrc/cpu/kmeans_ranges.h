@@ -16,7 +16,7 @@
 namespace coreset_ext {
 
 constexpr int64_t kMaxRanges = 16;  // partial buffers: kMaxRanges * k * d doubles at most
-constexpr int64_t kMinRowsPerRange = 4096;
+constexpr int64_t kMinRowsPerRange = 1024;  // enough ranges at n = 10k for the threads to share out
 
 struct RowRanges {
   int64_t count;  // number of ranges
