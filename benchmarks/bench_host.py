@@ -13,7 +13,8 @@ a shared machine cannot blur). The "+scores" rows also add the positive cosines 
 ScoreTracker (sums and counts): ours through `tracker=` (checked on the device, no host
 synchronisation), eager's through `tracker.update` (checked on the host).
 
-Run: `python benchmarks/run.py --cpu -k host` (or `python -m pytest benchmarks/bench_host.py`).
+Run: `python benchmarks/run.py --cpu -k host` (or `python -m pytest benchmarks/bench_host.py`);
+on a GPU machine `python benchmarks/run.py --gpu -k host` times the same rows on CUDA (Triton).
 """
 
 from __future__ import annotations
@@ -42,42 +43,46 @@ def eager_nt_xent(z1, z2, t=T_NTXENT):
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     n, b = z.shape[0], z1.shape[0]
     logits = (z @ z.T / t).fill_diagonal_(float("-inf"))
-    return F.cross_entropy(logits, (torch.arange(n) + b) % n)
+    return F.cross_entropy(logits, (torch.arange(n, device=z.device) + b) % n)
 
 
 def eager_info_nce(q, k, queue, t=T_MOCO):
     q, k = F.normalize(q, dim=1), F.normalize(k.detach(), dim=1)
     logits = torch.cat([(q * k).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / t
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
 
 
 class EagerMoCo:
     """MoCo's loss and queue as its reference code has them: logits against a snapshot of the
     queue, then the keys written into the ring."""
 
-    def __init__(self, dim, size):
-        self.queue = F.normalize(torch.randn(size, dim), dim=1)
+    def __init__(self, dim, size, device):
+        self.queue = F.normalize(torch.randn(size, dim, device=device), dim=1)
         self.ptr = 0
 
     def __call__(self, q, k):
         loss = eager_info_nce(q, k, self.queue.clone())
-        b = k.shape[0]
-        with torch.no_grad():
-            self.queue[self.ptr:self.ptr + b] = F.normalize(k, dim=1)
-        self.ptr = (self.ptr + b) % self.queue.shape[0]
+        size = self.queue.shape[0]
+        keys = F.normalize(k.detach()[-size:], dim=1)  # a batch larger than the queue keeps its last keys
+        b = keys.shape[0]
+        if self.ptr + b <= size:  # the usual case: batches that divide the queue
+            self.queue[self.ptr:self.ptr + b] = keys
+        else:
+            self.queue.index_copy_(0, (self.ptr + torch.arange(b, device=keys.device)) % size, keys)
+        self.ptr = (self.ptr + b) % size
         return loss
 
 
 # ---- one fwd+bwd of each implementation
 
 
-def _step(op: str, impl: str, b: int, d: int):
+def _step(op: str, impl: str, b: int, d: int, device: str = "cpu"):
     """A function running one fwd+bwd of `op` by `impl` on fixed random inputs."""
     g = torch.Generator().manual_seed(0)
-    z1 = torch.randn(b, d, generator=g).requires_grad_()
-    z2 = torch.randn(b, d, generator=g).requires_grad_()
-    queue = F.normalize(torch.randn(QUEUE, d, generator=g), dim=1)
-    index = torch.randperm(4 * b, generator=g)[:b]
+    z1 = torch.randn(b, d, generator=g).to(device).requires_grad_()
+    z2 = torch.randn(b, d, generator=g).to(device).requires_grad_()
+    queue = F.normalize(torch.randn(QUEUE, d, generator=g), dim=1).to(device)
+    index = torch.randperm(4 * b, generator=g)[:b].to(device)
     ours = impl == "coreset_ext"
     if op == "nt_xent":
         loss = (lambda: cx.ops.nt_xent(z1, z2, T_NTXENT)) if ours else (lambda: eager_nt_xent(z1, z2))
@@ -94,10 +99,10 @@ def _step(op: str, impl: str, b: int, d: int):
         module = cx.nn.NTXentLoss(T_NTXENT) if ours else eager_nt_xent
         loss, inputs = (lambda: module(z1, z2)), (z1, z2)
     elif op == "MoCoLoss":
-        module = cx.nn.MoCoLoss(d, QUEUE, T_MOCO) if ours else EagerMoCo(d, QUEUE)
+        module = cx.nn.MoCoLoss(d, QUEUE, T_MOCO).to(device) if ours else EagerMoCo(d, QUEUE, device)
         loss, inputs = (lambda: module(z1, z2)), (z1,)
     elif op == "NTXentLoss+scores":
-        tracker = cx.ScoreTracker(4 * b)
+        tracker = cx.ScoreTracker(4 * b, device=device)
         if ours:
             module = cx.nn.NTXentLoss(T_NTXENT)
             loss = lambda: module(z1, z2, index=index, tracker=tracker)  # noqa: E731
@@ -123,14 +128,21 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# On a GPU the same rows time the Triton path, synchronised per step: at these sizes what a step
+# costs there is still the host's launching (issue 14 measured 1.57 ms at B = 1024 on an H200).
+CASES = [pytest.param("cpu", b, d, id=f"cpu-B{b}-d{d}") for b, d in SIZES] + [
+    pytest.param("cuda", b, 128, id=f"cuda-B{b}-d128", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")]) for b in (2, 64, 1024)]
+
+
 @pytest.mark.parametrize("impl", ["coreset_ext", "eager"])
-@pytest.mark.parametrize("b,d", SIZES, ids=[f"cpu-B{b}-d{d}" for b, d in SIZES])
+@pytest.mark.parametrize("device,b,d", CASES)
 @pytest.mark.parametrize("op", OPS)
-def test_host(benchmark, op, b, d, impl):
-    fn = _step(op, impl, b, d)
+def test_host(benchmark, op, device, b, d, impl):
+    fn = _step(op, impl, b, d, device)
     size = {"B": b, "d": d, **({"K": QUEUE} if op in ("info_nce_queue", "MoCoLoss") else {})}
     benchmark.extra_info["metric_aten_calls"] = aten_calls(fn)
-    measure(benchmark, fn, op=f"host {op}", impl=impl, size=size, device="cpu", dtype=torch.float32,
+    measure(benchmark, fn, op=f"host {op}", impl=impl, size=size, device=device, dtype=torch.float32,
             pass_="fwd+bwd", warmup=20)
 
 
