@@ -9,8 +9,9 @@ serves (one dense block at small batches, chunked beyond), with analytic backwar
 Outside torch.compile the public functions skip the custom-op layers: they call a plain
 `torch.autograd.Function` whose forward and backward are the same implementation functions the
 custom ops run (`_<op>_fwd`, `_<op>_bwd`) and whose setup is the same `setup_context`, so a
-training step pays for one autograd node and the kernels, not for the dispatcher (issue 14:
-host time at most the eager loss's). Under torch.compile (`torch.compiler.is_compiling()`) they
+training step pays for one autograd node and the kernels, not for the dispatcher (issue 14: the
+host time of a step; `benchmarks/bench_host.py` measures it against the eager loss). Under
+torch.compile (`torch.compiler.is_compiling()`) they
 call the custom ops, which the compiler traces through their fake kernels.
 
 Autocast: every implementation runs with autocast off (the kernels accumulate in float32
