@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -55,14 +56,25 @@ class _StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _show_library_logs() -> None:
-    """The library reports progress through logging (`coreset_ext.*`); the command prints it as plain lines."""
+_LOGGERS = ("coreset_ext", "coreset_ext.train.trainer")  # the library's, and the trainer's per-epoch lines
+
+
+@contextlib.contextmanager
+def _showing_library_logs():
+    """For one command: the library's log records (`coreset_ext.*`, INFO and up) printed as plain
+    lines; afterwards the loggers are as they were (main may run inside a caller's process)."""
     log = logging.getLogger("coreset_ext")
-    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
-        handler = _StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    levels = {name: logging.getLogger(name).level for name in _LOGGERS}
+    handler = _StdoutHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    _show_library_logs()
     try:
         if getattr(args, "config", None) is not None:  # the file's values become defaults; flags given win
             parser.train_parser.set_defaults(**read_train_config(args.config))
             args = parser.parse_args(argv)
-        return args.func(args)
+        with _showing_library_logs():
+            return args.func(args)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         # bad input or an unreadable file (missing, truncated, a folder): one clear line, no traceback;
         # some of these carry no message (EOFError()), so the line names the exception too
