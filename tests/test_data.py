@@ -1,6 +1,8 @@
 """Any data: plain Datasets, DataLoaders, 1-D signals, channels-last and integer images, vectors,
 two-view data sets and user transforms, through the trainer, the embedding helpers and the evaluators."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from coreset_ext.train import SignalAugment, TrainConfig, Trainer, VectorAugment
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import ArrayDataset, sample_layout
 from coreset_ext.train.embed import proxy_embeddings
-from coreset_ext.train.evaluate import extract_features, train_from_scratch
+from coreset_ext.train.evaluate import extract_features, ssl_probe_accuracy, train_from_scratch
 
 TINY = dict(epochs=1, batch_size=16, width=4, proj_dim=8, proj_hidden=16, queue_size=32, progress=False, device="cpu")
 
@@ -101,13 +103,19 @@ def test_plain_tensor_dataset_trains_with_scores_at_its_indices():
     cfg = TrainConfig(**{**TINY, "epochs": 2, "lr": 0.0, "weight_decay": 0.0, "css_on": "backbone"})
     result = Trainer(cfg, ds, augment=_fixed_views, model=encoder).fit()
     assert result.model.encoder is encoder and encoder.out_dim == 12  # width inferred by a dry forward
-    ref = result.model.encoder.double()
+    ref = copy.deepcopy(result.model.encoder).double()
     with torch.no_grad():
         a, b = ref(x.double()), ref(x.double().flip(-1) * 0.5)
     expect = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
     assert torch.equal(result.tracker.counts["css"], torch.full((40,), 2.0))
     torch.testing.assert_close(result.scores().double(), expect, rtol=1e-5, atol=1e-5)
     assert float(expect.std()) > 1e-3
+    # the evaluators and embedding helpers read the same plain data set
+    torch.testing.assert_close(extract_features(encoder, ds), encoder(x).detach(), rtol=1e-6, atol=1e-6)
+    assert 0.0 <= train_from_scratch(ds, torch.arange(20), ds, steps=2, width=4) <= 1.0
+    acc = ssl_probe_accuracy(ds, torch.arange(16), ds, train_options={"epochs": 1, "width": 4, "batch_size": 8},
+                             probe_steps=5, device="cpu")
+    assert 0.0 <= acc <= 1.0
 
 
 def test_a_data_loader_over_with_index_is_iterated_as_given():
