@@ -199,7 +199,6 @@ def test_channels_last_images_are_transposed(tmp_path, c):
 @pytest.mark.parametrize("shape,message", [
     ((2, 3, 4, 4), r"of shape \(2, 3, 4, 4\) reads both as \(N, C, H, W\) images with C=3 and as \(N, H, W, C\) "
                    r"with C=4; store them as \(N, C, H, W\)"),
-    ((2, 1, 8, 1), r"of shape \(2, 1, 8, 1\) reads both as"),
     ((2, 5, 8, 8), r"of shape \(2, 5, 8, 8\) has neither 1, 3 nor 4 channels.*store images as \(N, C, H, W\)"),
     ((2, 8, 8, 2), r"of shape \(2, 8, 8, 2\) has neither 1, 3 nor 4 channels"),
 ])
@@ -207,6 +206,15 @@ def test_images_whose_channels_cannot_be_told_are_refused(tmp_path, shape, messa
     path = _tensor_file(tmp_path, images=np.zeros(shape, np.uint8))
     with pytest.raises(ValueError, match=f"d.npz: images {message}"):
         load_dataset("tensor", data_dir=path)
+
+
+def test_images_of_one_row_or_column_load_as_signals(tmp_path):
+    # N x 1 x L x 1 and N x 1 x 1 x L are 1-D signals of length L (issue 17), not images
+    values = np.random.default_rng(0).integers(0, 256, (3, 1, 8, 1), dtype=np.uint8)
+    for shape in ((3, 1, 8, 1), (3, 1, 1, 8)):
+        ds = load_dataset("tensor", data_dir=_tensor_file(tmp_path, images=values.reshape(shape)))
+        assert ds.sample_shape == (1, 8)
+        assert torch.equal(ds.data.reshape(3, 8), torch.from_numpy(values.reshape(3, 8)))  # kept as stored; scaled on the way in
 
 
 def test_float_labels_holding_whole_numbers_are_converted(tmp_path):
