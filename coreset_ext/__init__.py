@@ -3,7 +3,7 @@
     import coreset_ext as cx
     tracker = cx.ScoreTracker(len(dataset))      # per-example scores, accumulated in the loop
     criterion = cx.nn.NTXentLoss(temperature=0.5)
-    loss = criterion(z1, z2, index=batch_index, scores=tracker.sums["css"])
+    loss = criterion(z1, z2, index=batch_index, tracker=tracker)  # sums and counts, no host sync
     selection = cx.select("css", fraction=0.1, scores=tracker.mean("css"))
     scores = cx.score(pretrained_encoder, dataset, views=4)["css"]   # CSS of any encoder, no training
 
