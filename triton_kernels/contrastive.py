@@ -81,17 +81,18 @@ FIXED_BOUND_MIN_T = 0.025
 # mma.sync, Hopper's slower path (the tool's MMA column shows which one a launch got). "32bit" is
 # fp32 in TF32 (d <= 128, d <= 256). Exact fp32 (`exact_precision`) has its own (forward,
 # backward) pairs: "3xtf32" at d <= 128, whose three products per dot hold split copies of both
-# operands in registers (only the wgmma forward affords 64 rows without spilling), and "ieee" (FMA
-# products) at d = 256, whose backward spills everything at 32 rows. Other architectures take "default": two pipeline stages,
+# operands in registers (only the wgmma forward affords 64 rows without spilling; on sm_80 the
+# backward only 16), and "ieee" (FMA products) at d = 256, whose backward spills everything at 32
+# rows. Other architectures take "default": two pipeline stages,
 # within the 99 KiB of sm_86/sm_89/sm_120. The batch size needs no entry: small batches split the
 # columns (column_splits) or take short tile runs (symmetric_run).
 TILE_TABLE = {
     90: {"16bit": ((64, 64, 8, 3), (64, 32, 8, 2)), "32bit": ((64, 64, 8, 2), (32, 32, 8, 2)),
          "3xtf32": ((64, 32, 8, 2), (32, 32, 8, 1)), "ieee": ((32, 32, 8, 2), (16, 32, 8, 1))},
     80: {"16bit": ((64, 64, 8, 3), (32, 64, 8, 2)), "32bit": ((32, 64, 4, 2), (32, 32, 8, 2)),
-         "3xtf32": ((32, 16, 8, 2), (32, 32, 8, 1)), "ieee": ((32, 32, 8, 2), (16, 32, 8, 1))},
+         "3xtf32": ((32, 16, 8, 2), (16, 32, 8, 1)), "ieee": ((32, 32, 8, 2), (16, 32, 8, 1))},
     "default": {"16bit": ((64, 64, 8, 2), (32, 32, 4, 2)), "32bit": ((32, 32, 4, 2), (32, 32, 4, 1)),
-                "3xtf32": ((32, 16, 8, 1), (32, 32, 8, 1)), "ieee": ((32, 32, 4, 1), (16, 32, 4, 1))},
+                "3xtf32": ((32, 16, 8, 1), (16, 32, 8, 1)), "ieee": ((32, 32, 4, 1), (16, 32, 4, 1))},
 }
 WIDE_TILES = (16, 32, 4, 1)  # block_d > 256 (Triton requested explicitly): small enough for any d
 
