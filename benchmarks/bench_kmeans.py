@@ -161,7 +161,7 @@ GRID_REPEATS = 3
 GRID_MAX_ITERS = 5
 # Lloyd iterations per fit: at most GRID_MAX_ITERS, fewer where one costs more than this many
 # flops (2 n k d), so the whole grid stays within ~20 minutes on 2 cores; time is per iteration.
-GRID_FLOPS_PER_FIT = 1.5e11
+GRID_FLOPS_PER_FIT = 6e10
 GRID_MAX_FIT_S = 60.0  # a cell whose first fit takes longer is skipped
 
 
