@@ -40,7 +40,7 @@ from unittest import mock
 
 import pytest
 import torch
-import torch._functorch.config
+import torch._functorch.config  # noqa: F401  (donated_buffer, below)
 import torch.nn.functional as F
 
 try:
@@ -154,7 +154,7 @@ def _probe_peer(impl: str, loss_fn, *args) -> None:
         loss_fn(*args)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (any peer failure: report it, keep benchmarking)
         pytest.skip(f"{impl} failed on this case: {type(exc).__name__}: {exc}"[:300])
 
 
@@ -222,7 +222,7 @@ def test_nt_xent(benchmark, device, b, d, dtype, impl, pass_):
         if impl == "coreset_ext_graph":
             try:
                 fn = _graphed(fn)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (report why capture failed, keep benchmarking)
                 pytest.skip(f"CUDA graph capture failed: {type(exc).__name__}: {exc}"[:300])
         measure(benchmark, fn, op="nt_xent", impl=impl, size={"B": b, "d": d}, device=device, dtype=dtype,
                 pass_=pass_, floor_s=floor_seconds(flops=flops, dtype=dtype), rounds=5 if b >= 16384 else None)
