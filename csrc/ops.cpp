@@ -20,6 +20,19 @@ std::string build_info() { return kBuildInfo; }
 
 TORCH_LIBRARY(coreset_ext, m) {
   m.def("build_info() -> str", &build_info);
+  // ---- contrastive losses (issue 14) ----
+  // CPU backend of the Python custom ops of coreset_ext/ops/contrastive.py (csrc/cpu/contrastive_cpu.cpp):
+  // one call per pass, computing what coreset_ext/reference.py computes. Forward -> (rows, lse, cos),
+  // float32 (float64 for float64 inputs); backward -> gradients in the inputs' dtype.
+  m.def("nt_xent_cpu(Tensor z1, Tensor z2, float temperature, bool normalize, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("nt_xent_backward_cpu(Tensor grad_rows, Tensor z1, Tensor z2, Tensor lse, float temperature, bool normalize, "
+        "float eps) -> (Tensor, Tensor)");
+  m.def("info_nce_queue_cpu(Tensor q, Tensor k, Tensor queue, float temperature, bool normalize, float eps) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("info_nce_queue_backward_cpu(Tensor grad_rows, Tensor q, Tensor k, Tensor queue, Tensor lse, "
+        "float temperature, bool normalize, float eps) -> Tensor");
+  m.def("pair_cosine_cpu(Tensor a, Tensor b, float eps) -> Tensor");
+  m.def("pair_cosine_backward_cpu(Tensor grad, Tensor a, Tensor b, float eps) -> (Tensor, Tensor)");
   // scores[index[i]] += values[i] for every i; duplicates are summed. Bounds are checked by the
   // kernels themselves (CPU: error before any write; CUDA: out-of-range entries are skipped).
   m.def("score_scatter_add_(Tensor(a!) scores, Tensor index, Tensor values, bool deterministic) -> ()");

@@ -522,6 +522,7 @@ CONTRACTS: tuple[Contract, ...] = (
             Variant("t0.01", make=dict(correlated=False), call=dict(temperature=0.01)),
         ),
         tol=LOSS_TOL, grads=("z1", "z2"), grad_tol=LOSS_GRAD_TOL, backend_op="nt_xent", triton=True,
+        backends=(None, "reference"),  # None: "cpp" where _C is built
     ),
     Contract(
         name="info_nce_queue",
@@ -531,6 +532,7 @@ CONTRACTS: tuple[Contract, ...] = (
             Variant("unnormalized", make=dict(scale=True), call=dict(temperature=0.1, normalize=False)),
         ),
         tol=LOSS_TOL, grads=("q",), grad_tol=LOSS_GRAD_TOL, backend_op="info_nce_queue", triton=True,
+        backends=(None, "reference"),
     ),
     Contract(
         name="pair_cosine",
@@ -540,5 +542,6 @@ CONTRACTS: tuple[Contract, ...] = (
         overloads=_pair_cosine_overloads,
         variants=(Variant("default"),),
         tol=LOSS_TOL, grads=("a", "b"), grad_tol=LOSS_GRAD_TOL, backend_op="pair_cosine", triton=True,
+        backends=(None, "reference"),
     ),
 )

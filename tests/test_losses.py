@@ -575,6 +575,104 @@ def test_gpu_step_captured_in_a_cuda_graph():
     torch.testing.assert_close(graphed.mean()["css"], eager.mean()["css"], rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+# ---- the C++ CPU backend (csrc/cpu/contrastive_cpu.cpp) --------------------------------------
+
+needs_cpp = pytest.mark.skipif(not cx._backend.has_extension(), reason="coreset_ext._C is not built")
+CPP_LOSS_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+# per row (stricter than one norm over all rows), in the inputs' dtype: its rounding (fp16 2^-11,
+# bf16 2^-8) and fp32 accumulation over up to 1200 logits
+CPP_GRAD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+# (B, d): B = 1; odd sizes in the loop path; ATen's exp beyond 2^11 logits per block; at::mm beyond
+# 2^17 multiply-adds per block; and more
+# than 1024 logit rows (two blocks)
+CPP_SIZES = [(1, 1), (1, 6), (2, 16), (7, 3), (30, 4), (33, 65), (50, 40), (600, 9)]
+
+
+def _cpp_inputs(b, d, dtype, gen, normalize):
+    """Two views with the awkward rows: a zero row (the norm clamp's branch), a positive pair that
+    is one vector, a duplicated negative. fp16 gets no zero row: the gradient through it is
+    g / EPS, beyond float16's range (an inf in either backend)."""
+    z1, z2 = views(b, d, gen=gen)
+    if not normalize:
+        z1, z2 = z1 / (2 * math.sqrt(d)), z2 / (2 * math.sqrt(d))
+    if b >= 4:
+        if dtype != torch.float16:
+            z1[0] = 0
+        z2[1] = z1[1]
+        z1[3] = z1[2]
+    return z1.to(dtype), z2.to(dtype)
+
+
+def _leaf(x):
+    return x.detach().clone().requires_grad_()
+
+
+def _row_err(out, ref):
+    return max(rel_err(o, r) for o, r in zip(out, ref))
+
+
+@needs_cpp
+def test_cpp_is_the_cpu_backend():
+    for op in ("nt_xent", "info_nce_queue", "pair_cosine"):
+        assert cx._backend.resolve(op, "cpu") == "cpp"
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("b,d", CPP_SIZES)
+def test_cpp_losses_match_float64_reference(b, d, normalize, dtype, gen):
+    """Each loss and its gradients from the C++ kernels against autograd through the float64
+    reference, on the same (dtype-rounded) inputs."""
+    z1, z2 = _cpp_inputs(b, d, dtype, gen, normalize)
+    x1, x2 = z1.double(), z2.double()
+    t = 0.3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.rand(2 * b, generator=gen, dtype=torch.float64) + 0.1
+
+    a, c = _leaf(z1), _leaf(z2)
+    rows, cos = ops.nt_xent(a, c, t, normalize=normalize, reduction="none", return_cos=True, backend="cpp")
+    (rows * g.to(acc)).sum().backward()
+    ref_rows, r1, r2 = _autograd_nt_xent(x1, x2, t, normalize, g)
+    assert rows.dtype == cos.dtype == acc and a.grad.dtype == c.grad.dtype == dtype
+    assert rel_err(rows, ref_rows) < CPP_LOSS_TOL[dtype]
+    assert rel_err(cos, naive_cos(x1, x2)) < CPP_LOSS_TOL[dtype]
+    assert _row_err(torch.cat([a.grad, c.grad]), torch.cat([r1, r2])) < CPP_GRAD_TOL[dtype]
+
+    queue = torch.randn(2 * b + 5, d, generator=gen, dtype=torch.float64).to(dtype)
+    q = _leaf(z1)
+    rows, cos = ops.info_nce_queue(q, z2, queue, 0.2, normalize=normalize, reduction="none", return_cos=True,
+                                   backend="cpp")
+    (rows * g[:b].to(acc)).sum().backward()
+    ref_rows, rq = _autograd_info_nce(x1, x2, queue.double(), 0.2, normalize, g[:b])
+    assert rows.dtype == acc and q.grad.dtype == dtype
+    assert rel_err(rows, ref_rows) < CPP_LOSS_TOL[dtype]
+    assert rel_err(cos, naive_cos(x1, x2)) < CPP_LOSS_TOL[dtype]
+    assert _row_err(q.grad, rq) < CPP_GRAD_TOL[dtype]
+
+    a, c, ra, rc = _leaf(z1), _leaf(z2), _leaf(x1), _leaf(x2)
+    cos = ops.pair_cosine(a, c, backend="cpp")
+    (cos * g[:b].to(acc)).sum().backward()
+    (reference.pair_cosine(ra, rc) * g[:b]).sum().backward()
+    assert cos.dtype == acc and a.grad.dtype == dtype
+    assert rel_err(cos, naive_cos(x1, x2)) < CPP_LOSS_TOL[dtype]
+    assert _row_err(torch.cat([a.grad, c.grad]), torch.cat([ra.grad, rc.grad])) < CPP_GRAD_TOL[dtype]
+
+
+@needs_cpp
+def test_cpp_kernels_refuse_bad_shapes():
+    """Called directly (torch.ops), the kernels name the argument rather than read out of bounds."""
+    z = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="z2 must have the same shape"):
+        torch.ops.coreset_ext.nt_xent_cpu(z, torch.randn(5, 3), 0.5, True, reference.EPS)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.coreset_ext.nt_xent_backward_cpu(torch.ones(8), z, z, torch.ones(7), 0.5, True, reference.EPS)
+    with pytest.raises(RuntimeError, match="queue q's dimension"):
+        torch.ops.coreset_ext.info_nce_queue_cpu(z, z, torch.randn(6, 2), 0.5, True, reference.EPS)
+    with pytest.raises(RuntimeError, match="a must be a non-empty"):
+        torch.ops.coreset_ext.pair_cosine_cpu(torch.randn(3), torch.randn(3), reference.EPS)
+
+
 # ---- Triton kernels (interpreter on CPU, or CUDA) -------------------------------------------
 
 
