@@ -110,14 +110,13 @@ class MoCoLoss(torch.nn.Module):
         self._pending = slots, keys.to(self.queue.dtype, copy=True)
         return out
 
-    @torch.no_grad()
     def flush_(self) -> None:
         """Writes the keys of the last forward into the slots reserved for them (a no-op when
         there are none); forward and state_dict call it."""
         if self._pending is not None:
             slots, k = self._pending
             self._pending = None
-            self._write(slots, k)
+            self._write(slots, k)  # no grad needed: k was detached and copied at forward
 
     @torch.no_grad()
     def enqueue_(self, k: torch.Tensor) -> None:
@@ -131,7 +130,6 @@ class MoCoLoss(torch.nn.Module):
             shape = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
             raise ValueError(f"k must have shape [batch, {self.queue.shape[1]}], got {shape}")
 
-    @torch.no_grad()
     def _reserve(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the ring slots for k's rows, the rows to write there), advancing `ptr` past them."""
         size = self.queue.shape[0]
@@ -154,7 +152,6 @@ class MoCoLoss(torch.nn.Module):
             offsets = self._arange[b] = torch.arange(b, device=self.queue.device)
         return offsets
 
-    @torch.no_grad()
     def _write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
         if k.dtype != self.queue.dtype:
             k = k.to(self.queue.dtype)
