@@ -120,11 +120,7 @@ def nt_xent(
     _check_alike("z1", z1, "z2", z2)
     t = _check_loss_args(z1, temperature, reduction, index, tracker, scores)
     args = (z1, z2, t, bool(normalize), _choose_backend("nt_xent", z1, backend))
-    if torch.compiler.is_compiling():
-        rows, _, cos = torch.ops.coreset_ext.nt_xent_rows(*args)
-        loss = reference.reduce_loss(rows, reduction)
-    else:
-        loss, _, cos = _NTXentRows.apply(*args, reduction)
+    loss, cos = _loss(torch.ops.coreset_ext.nt_xent_rows, _NTXentRows, args, reduction)
     return _finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
@@ -240,11 +236,7 @@ def info_nce_queue(
     check_same_device(q=q, k=k, queue=queue)
     t = _check_loss_args(q, temperature, reduction, index, tracker, scores)
     args = (q, k, queue, t, bool(normalize), _choose_backend("info_nce_queue", q, backend))
-    if torch.compiler.is_compiling():
-        rows, _, cos = torch.ops.coreset_ext.info_nce_queue_rows(*args)
-        loss = reference.reduce_loss(rows, reduction)
-    else:
-        loss, _, cos = _InfoNCEQueueRows.apply(*args, reduction)
+    loss, cos = _loss(torch.ops.coreset_ext.info_nce_queue_rows, _InfoNCEQueueRows, args, reduction)
     return _finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
@@ -469,6 +461,16 @@ def _choose_backend(op: str, x: torch.Tensor, requested: str | None) -> str:
     if chosen == "triton" and not requested and d > TRITON_MAX_D:
         return "reference"
     return chosen
+
+
+def _loss(custom_op, eager: type[torch.autograd.Function], args: tuple, reduction: str):
+    """(loss, positive cosines) of a loss op: its custom op under torch.compile, which traces it
+    through the fake kernel, and otherwise its eager Function, which reduces inside the node."""
+    if torch.compiler.is_compiling():
+        rows, _, cos = custom_op(*args)
+        return reference.reduce_loss(rows, reduction), cos
+    loss, _, cos = eager.apply(*args, reduction)
+    return loss, cos
 
 
 def _finish(loss, cos, index, tracker, scores, validate, return_cos: bool):
