@@ -15,8 +15,29 @@
 
 namespace coreset_ext {
 
-constexpr int64_t kMaxRanges = 16;  // partial buffers: kMaxRanges * k * d doubles at most
-constexpr int64_t kMinRowsPerRange = 1024;  // enough ranges at n = 10k for the threads to share out
+// Many small ranges, handed to the threads as they become free, keep both cores busy on a shared
+// machine (a descheduled thread holds up only its current range); the partial buffers are bounded:
+constexpr int64_t kMaxRanges = 256;
+constexpr int64_t kMinRowsPerRange = 256;                  // scikit-learn's chunk size
+constexpr int64_t kMaxPartialDoubles = int64_t(1) << 22;   // 32 MiB of partial sums at most
+
+// acc += row in double. float and double rows have AVX-512/AVX2/baseline bodies chosen at load time
+// (GCC function multiversioning: the wheel stays portable); float16/bfloat16 rows a plain loop.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KMEANS_RANGES_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KMEANS_RANGES_CLONES
+#endif
+template <typename scalar_t>
+inline void add_row(double* acc, const scalar_t* row, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
+}
+KMEANS_RANGES_CLONES static void add_row(double* acc, const float* row, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
+}
+KMEANS_RANGES_CLONES static void add_row(double* acc, const double* row, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) acc[j] += row[j];
+}
 
 struct RowRanges {
   int64_t count;  // number of ranges
@@ -24,15 +45,18 @@ struct RowRanges {
   std::vector<double> partial;  // count x [k, d] partial sums
 
   RowRanges(int64_t n, int64_t k, int64_t d)
-      : count(std::max<int64_t>(1, std::min(kMaxRanges, n / kMinRowsPerRange))),
+      : count(std::max<int64_t>(1, std::min({kMaxRanges, n / kMinRowsPerRange,
+                                               kMaxPartialDoubles / std::max<int64_t>(1, k * d)}))),
         per((n + count - 1) / count),
         partial(static_cast<size_t>(count * k * d), 0.0) {}
+
+  // Range r's [k, d] buffer (the fused Lloyd step adds its rows there itself).
+  double* range_sums(int64_t r, int64_t k, int64_t d) { return partial.data() + r * k * d; }
 
   // Adds a row of x to cluster `label` in range r's buffer.
   template <typename scalar_t>
   void add(int64_t r, int64_t label, const scalar_t* row, int64_t k, int64_t d) {
-    double* acc = partial.data() + (r * k + label) * d;
-    for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
+    add_row(partial.data() + (r * k + label) * d, row, d);
   }
 
   // sums[c, j] = the partial sums added in range order; small problems on one thread (a parallel
