@@ -134,6 +134,9 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (contrastive, "_arch", lambda device: 90 if arch >= 90 else 80 if arch == 80 else "default"),
         (contrastive, "autotune", lambda x: contrastive.block_d(x.shape[1]) <= 128),
         (kmeans, "autotune", lambda x: True),
+        # the fixed per-architecture tiles (the default launch), as on a GPU of this architecture
+        (kmeans, "tiles", lambda device, prec, f=kmeans.tiles: f(cuda, prec)),
+        (kmeans, "_arch", lambda device: 90 if arch >= 90 else 80),
         (similarity, "tiles", lambda device, d, f=similarity.tiles: f(cuda, d)),
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
     ]
@@ -242,7 +245,9 @@ def _cases():
             S.cosine_topk(x, x, inv, inv, 10, True)
 
         out += [(f"info_nce_queue {tag}", info_nce), (f"pair_cosine {tag}", pair_cosine),
-                (f"kmeans_assign {tag}", kmeans_assign), (f"similarity {tag}", similarity)]
+                (f"kmeans_assign {tag}", kmeans_assign),
+                (f"kmeans_assign {tag} fixed tiles", _without_autotuning(K, kmeans_assign)),
+                (f"similarity {tag}", similarity)]
     out += [(name.replace("float32", "float32 tf32"), tf32(thunk)) for name, thunk in list(out)
             if "float32" in name and not name.startswith(("pair_cosine", "similarity"))]
     return out

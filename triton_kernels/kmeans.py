@@ -27,13 +27,17 @@ from .launch import autotune_enabled, autotuned, block_d, capability, cdiv, inte
 TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
 
 # Fixed tiles per architecture, the default (no autotuning: a new k or d launches at once).
-# Chosen among CONFIGS; fp32 without TF32 (FMA products) spills registers in the larger ones on
-# sm_90 (tools/triton_aot.py reports it), hence its own smaller tile. GPU verification pending.
+# Chosen among CONFIGS so that `tools/triton_aot.py --arch 90 --max-spill 64` and `--arch 80` pass
+# (it compiles these fixed tiles): fp32 without TF32 (FMA products) spills 80+ bytes per thread in
+# 64 x 64 / 4 warps at BLOCK_D = 128 on sm_90, 8 in 128 x 64 / 8 warps. GPU timing pending.
 ARCH_TILES = {
     90: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     80: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
 }
-FP32_IEEE_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+FP32_IEEE_TILES = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+# fp32 with TF32: operands of twice bf16's bytes; sm_90's bf16 tile needs 256 KiB of shared memory
+# at BLOCK_D = 128 and sm_80's spills 168+ bytes on sm_90 (tools/triton_aot.py): a smaller one.
+TF32_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 # CORESET_EXT_AUTOTUNE=1 (launch.autotune_enabled) tunes among these, winners cached on disk.
 # The last two: fp32 without TF32 spills registers in the others on sm_90.
@@ -54,6 +58,8 @@ def tiles(device: torch.device, prec: str) -> dict:
         return TILES
     if prec == "ieee":
         return FP32_IEEE_TILES
+    if prec == "tf32":
+        return TF32_TILES
     return ARCH_TILES[90] if _arch(device) >= 90 else ARCH_TILES[80]
 
 
