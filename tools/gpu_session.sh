@@ -17,6 +17,8 @@
 #   losses-fp32    the same in fp32
 #   scatter        the score scatter, validated and unvalidated
 #   kmeans-10m     k-means at n = 10M
+#   kmeans-table   issue 15's GPU table (test_kmeans_gpu: n = 1M and 10M, k = 1000 and 65,536,
+#                  with flash-kmeans, fastkmeans and fast-pytorch-kmeans) within 4 minutes
 #   similarity     cosine row sums and top-k
 # Peers come from wheels in .whl/ (carried to the machine; see the device README for how to fetch
 # them): they are installed into /tmp/site. Each benchmark step writes $OUT/parts/<step>.json;
@@ -65,6 +67,7 @@ for step in "$@"; do
       bench issue14-compile 170 "(test_nt_xent and fwd and bwd and bf16 and compile_user) or test_first_call" ;;
     kmeans) bench kmeans 500 "kmeans and not 10000000" ;;
     kmeans-10m) bench kmeans-10m 540 "kmeans and 10000000" ;;
+    kmeans-table) bench kmeans-table 230 "test_kmeans_gpu" ;;
     losses-bf16) bench losses-bf16 540 "(nt_xent or info_nce) and bf16" ;;
     losses-fp32) bench losses-fp32 540 "(nt_xent or info_nce) and fp32" ;;
     scatter) bench scatter 300 "scatter" ;;
