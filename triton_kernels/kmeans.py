@@ -34,7 +34,9 @@ ARCH_TILES = {
     90: dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     80: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
 }
-FP32_IEEE_TILES = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+# fp32 without TF32 (exact products): every larger tile tried spills hundreds to thousands of bytes
+# per thread at BLOCK_D = 128 in one of the kernel's variants on sm_80 or sm_90 (tools/triton_aot.py)
+FP32_IEEE_TILES = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
 # fp32 with TF32: operands of twice bf16's bytes; sm_90's bf16 tile needs 256 KiB of shared memory
 # at BLOCK_D = 128 and sm_80's spills 168+ bytes on sm_90 (tools/triton_aot.py): a smaller one.
 TF32_TILES = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
