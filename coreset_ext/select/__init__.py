@@ -5,11 +5,12 @@
     sel.save("css30.npz"); subset = sel.subset(train_set)
 """
 
-from coreset_ext.select.registry import (available_methods, needs_labels, register_method, select,
-                                         supervised_methods)
+from coreset_ext.select.registry import (available_methods, honours_already_selected, needs_labels,
+                                         register_method, select, supervised_methods)
 from coreset_ext.select.selection import Selection
 
 # Importing the method modules registers them.
-from coreset_ext.select import balanced_random, css, elfs, kcenter, prototypes, random, sas  # noqa: E402,F401
+from coreset_ext.select import balanced_random, css, elfs, kcenter, prototypes, random, sas, typiclust  # noqa: E402,F401
 
-__all__ = ["Selection", "available_methods", "needs_labels", "register_method", "select", "supervised_methods"]
+__all__ = ["Selection", "available_methods", "honours_already_selected", "needs_labels", "register_method", "select",
+           "supervised_methods"]

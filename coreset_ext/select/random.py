@@ -1,4 +1,5 @@
-"""`random`: a uniformly random subset (the baseline every evaluation shows)."""
+"""`random`: a uniformly random subset (the baseline every evaluation shows); with
+`already_selected`, uniformly random among the examples not already selected."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from coreset_ext.select.registry import register_method
 
 
 @register_method("random")
-def random_subset(budget: int, *, n: int, seed: int = 0) -> torch.Tensor:
+def random_subset(budget: int, *, n: int, seed: int = 0, already_selected=None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g)[:budget]
+    perm = torch.randperm(n, generator=g)
+    if already_selected is not None:
+        perm = perm[~torch.isin(perm, already_selected)]
+    return perm[:budget]

@@ -80,7 +80,7 @@ def needs_labels(method: str, options: dict | None = None) -> bool:
     return m.supervised(options or {}) if callable(m.supervised) else m.supervised
 
 
-_INPUTS = ("n", "scores", "embeddings", "labels", "seed")
+_INPUTS = ("n", "scores", "embeddings", "labels", "seed", "already_selected")
 
 
 def _method(name: str) -> _Method:
@@ -184,7 +184,7 @@ def _as_tensor(name: str, x, dim: int | None) -> torch.Tensor | None:
 
 def select(method: str, *, fraction: float | None = None, budget: int | None = None, scores=None,
            embeddings=None, labels=None, seed: int = 0, dataset_size: int | None = None,
-           fingerprint: str | None = None, **options) -> Selection:
+           fingerprint: str | None = None, already_selected=None, **options) -> Selection:
     """Selects `budget` (or round(fraction * N), at least 1) examples of a pool of N with `method`.
 
     Args:
@@ -201,6 +201,11 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
         seed: an integer; seeds every random choice the method makes.
         dataset_size: N, when none of scores/embeddings/labels is given.
         fingerprint: data set identifier recorded in the Selection.
+        already_selected: indices of examples already chosen (an active learner's labelled set):
+            the method chooses `budget` new ones, disjoint from them, given them (kcenter measures
+            distances to them, typiclust counts them in their clusters, random draws from the
+            rest). Methods that declare an `already_selected` parameter honour it; giving a
+            non-empty one to any other method is a ValueError (`honours_already_selected`).
         **options: the method's own options, exactly the keyword parameters its function declares
             (an unknown or misspelled one is a ValueError listing the accepted ones). They are
             recorded in the Selection, so they must be JSON-serialisable (numpy scalars are
@@ -241,22 +246,59 @@ def select(method: str, *, fraction: float | None = None, budget: int | None = N
     budget = check("budget", budget, POSITIVE_INT)
     if budget > n:
         raise ValueError(f"budget: {budget} is larger than the data set size {n}")
+    already_selected = _already_selected(method, already_selected, n, budget)
     if labels is not None:
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
         labels = labels.long()
-    inputs = {"n": n, "scores": scores, "embeddings": embeddings, "labels": labels, "seed": seed}
+    inputs = {"n": n, "scores": scores, "embeddings": embeddings, "labels": labels, "seed": seed,
+              "already_selected": already_selected}
     out = fn(budget, **{k: v for k, v in inputs.items() if takes_any or k in named}, **options)
     idx, used, *resolved = out if isinstance(out, tuple) else (out, scores)
     options = {**options, **(resolved[0] if resolved else {})}
     idx = torch.as_tensor(idx).long().cpu()
     if idx.numel() != budget:
         raise RuntimeError(f"method {method!r} returned {idx.numel()} indices for a budget of {budget}")
+    if already_selected is not None and bool(torch.isin(idx, already_selected).any()):
+        raise RuntimeError(f"method {method!r} returned indices that are in already_selected")
     try:  # Selection checks its indices
         return Selection(indices=idx, method=method, options=options, dataset_size=n, seed=seed,
                          scores=used.detach().float().cpu() if used is not None else None, fingerprint=fingerprint)
     except ValueError as e:
         raise RuntimeError(f"method {method!r} returned bad indices: {e}") from None
+
+
+def honours_already_selected(method: str) -> bool:
+    """Whether `method` chooses given examples already selected (declares `already_selected`)."""
+    return "already_selected" in _keywords(_method(method).fn)[0]
+
+
+def _already_selected(method: str, value, n: int, budget: int) -> torch.Tensor | None:
+    """`already_selected` as distinct int64 indices in [0, n) on the CPU (None when not given),
+    checked against the method and the budget."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        value = np.asarray(value)
+        value = torch.as_tensor(value.astype(np.int64) if value.size == 0 else value)  # [] reads as float
+    t = value.cpu()
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"already_selected must be a 1-D sequence of integer indices, got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+    t = t.long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
+        raise ValueError(f"already_selected must hold indices in [0, {n}) (the pool size), got "
+                         f"{int(t.min())}..{int(t.max())}")
+    if torch.unique(t).numel() != t.numel():
+        raise ValueError("already_selected must hold distinct indices; it has repeats")
+    if t.numel() and not honours_already_selected(method):
+        takers = ", ".join(m for m in available_methods() if honours_already_selected(m))
+        raise ValueError(f"already_selected: method {method!r} cannot honour it (it ranks or samples the whole "
+                         f"pool without regard to a chosen set); methods that can: {takers}")
+    if budget > n - t.numel():
+        raise ValueError(f"budget: {budget} is larger than the {n - t.numel()} examples not already selected "
+                         f"(pool {n}, already_selected {t.numel()})")
+    return t
 
 
 def require(name: str, value, method: str):
