@@ -441,3 +441,249 @@ def pair_cosine_backward(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
     g = grad[:, None]
     (ah, an, ac), (bh, bn, bc) = _normalized(a), _normalized(b)
     return _normalize_backward(ah, an, ac, g * bh), _normalize_backward(bh, bn, bc, g * ah)
+
+
+# --------------------------------------------------------------------------------------------
+# potential_mining (METHODS.md section 4: contrastive learning with mined potential samples).
+# No public code of the paper exists; every open choice below is ours, documented and switchable.
+# --------------------------------------------------------------------------------------------
+
+MINING_K = 4  # mined positives per anchor
+MINING_WEIGHTINGS = ("soft", "threshold", "top1")
+MINING_WEIGHTING = "soft"
+MINING_WEIGHT_TEMPERATURE = 0.1  # soft: softmax(cos / this) over the k mined
+MINING_THRESHOLD = 0.9  # threshold: mined with cosine >= this count, equally
+MINING_MINED_WEIGHT = 1.0  # the mined positives' total weight, against the view's 1
+MINING_BAND = (0.25, 1.0)  # (lower, upper) band edges, see `mining_band`
+
+
+def mining_band(cos_pos: torch.Tensor, band: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row similarity thresholds (lo_i, hi_i) of the negatives an anchor keeps.
+
+    An anchor's candidates are ranked by their cosine s_ij to it; its own positive's cosine c_i
+    sets the scale: with edges (lower, upper) in [0, 1],
+
+        lo_i = -1 + lower (1 + c_i),   hi_i = -1 + upper (1 + c_i),   keep lo_i <= s_ij <= hi_i.
+
+    upper = 1 drops exactly the candidates more similar to the anchor than its own positive
+    (likely false negatives); lower > 0 drops the easiest tail, those far below the positive,
+    whose gradient exp((s_ij - c_i) / t) / D is smallest. Thresholds instead of rank quantiles:
+    they are exact and cost one pass (a quantile needs a selection over every candidate).
+    """
+    scale = 1.0 + cos_pos
+    return -1.0 + band[0] * scale, -1.0 + band[1] * scale
+
+
+def mining_weights(mined_cos: torch.Tensor, weighting: str, weight_temperature: float, threshold: float,
+                   mined_weight: float) -> torch.Tensor:
+    """alpha [n, k]: the weights of an anchor's k mined positives (cosines to its other view,
+    ordered descending) in its loss; the view's weight is 1 - alpha.sum(1).
+
+    Mined weights w: "soft" softmax(cos / weight_temperature); "threshold" equal weights over those
+    with cos >= threshold (none may pass); "top1" the nearest alone. Each row's w sums to 1 (or 0
+    when no mined positive passes), then [1, mined_weight * w] is normalised to sum to 1.
+    """
+    if weighting == "soft":
+        w = torch.softmax(mined_cos / weight_temperature, dim=1)
+    elif weighting == "threshold":
+        passed = (mined_cos >= threshold).to(mined_cos.dtype)
+        w = passed / passed.sum(dim=1, keepdim=True).clamp_min(1.0)
+    elif weighting == "top1":
+        w = torch.zeros_like(mined_cos)
+        w[:, 0] = 1.0
+    else:
+        raise ValueError(f"weighting must be one of {MINING_WEIGHTINGS}, got {weighting!r}")
+    w = mined_weight * w
+    return w / (1.0 + w.sum(dim=1, keepdim=True))
+
+
+def _mining_operands(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None):
+    """(anchors, their other views, candidates, paired), normalised. SimCLR (queue None): the 2B
+    rows z = [q; k] are the anchors, row i's view is row p(i) = (i + B) mod 2B, and the candidates
+    are z itself without i and p(i) (paired). MoCo: the anchors are q, the views k, the
+    candidates the queue."""
+    if queue is None:
+        z = normalize(torch.cat([q, k]))
+        return z, z.roll(-q.shape[0], dims=0), z, True
+    return normalize(q), normalize(k), normalize(queue), False
+
+
+def _candidate_mask(start: int, c: int, n_cand: int, paired: bool, device) -> torch.Tensor | None:
+    """[c, n_cand] True where a candidate is excluded for rows start .. start + c (paired: the row
+    itself and its other view); None when nothing is."""
+    if not paired:
+        return None
+    rows = torch.arange(start, start + c, device=device)
+    cols = torch.arange(n_cand, device=device)
+    half = n_cand // 2
+    return (cols[None, :] == rows[:, None]) | (cols[None, :] == ((rows + half) % n_cand)[:, None])
+
+
+def mine_potential_samples(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, *, n_mined: int = MINING_K,
+    weighting: str = MINING_WEIGHTING, weight_temperature: float = MINING_WEIGHT_TEMPERATURE,
+    threshold: float = MINING_THRESHOLD, mined_weight: float = MINING_MINED_WEIGHT,
+    band: tuple[float, float] = MINING_BAND, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selection of `potential_mining_rows`, without gradients: (index [n, n_mined] int64 of
+    each anchor's mined positives among the candidates, alpha [n, n_mined] their weights,
+    band_edges [n, 2] the anchor's (lo, hi) thresholds).
+
+    The mined positives of anchor i are the `n_mined` candidates most cosine-similar to i's other
+    view (descending; ties to the lower index), weighted by `mining_weights`; the thresholds are
+    `mining_band` of the cosine of i and its view. n = 2B (SimCLR, queue None) or B (MoCo).
+    """
+    with torch.no_grad():
+        anchors, views, cand, paired = _mining_operands(q.detach(), k.detach(), None if queue is None else queue.detach())
+        idx, vals = [], []
+        for s in range(0, views.shape[0], chunk_size):
+            sim = views[s : s + chunk_size] @ cand.T
+            # the view of row i is row p(i): the excluded columns are p(i)'s own pair, i.e. i and p(i)
+            excluded = _candidate_mask(s, sim.shape[0], cand.shape[0], paired, sim.device)
+            if excluded is not None:
+                sim = sim.masked_fill(excluded, float("-inf"))
+            v, i = torch.sort(sim, dim=1, descending=True, stable=True)  # ties: lower index first
+            vals.append(v[:, :n_mined])
+            idx.append(i[:, :n_mined])
+        index, mined_cos = torch.cat(idx), torch.cat(vals)
+        alpha = mining_weights(mined_cos, weighting, weight_temperature, threshold, mined_weight)
+        lo, hi = mining_band(torch.linalg.vecdot(anchors, views), band)
+    return index, alpha, torch.stack([lo, hi], dim=1)
+
+
+def _kept(s, start, index, alpha, edges, paired) -> torch.Tensor:
+    """[c, n_cand] the terms of the denominators of rows start .. start + c besides the view: the
+    candidates in the band (not excluded) and the mined positives of nonzero weight."""
+    kept = (s >= edges[:, :1]) & (s <= edges[:, 1:])
+    excluded = _candidate_mask(start, s.shape[0], s.shape[1], paired, s.device)
+    if excluded is not None:
+        kept = kept & ~excluded
+    return kept | torch.zeros_like(kept).scatter_(1, index, alpha > 0)  # the mined positives always count
+
+
+def _mining_block(anchors, views, cand, start, index, alpha, edges, temperature, paired):
+    """(loss rows, lse rows) of anchors[start : start + c] with their selection fixed."""
+    a = anchors[start : start + index.shape[0]]
+    s = a @ cand.T  # [c, n_cand] cosines: the only block held
+    kept = _kept(s, start, index, alpha, edges, paired)
+    pos = torch.linalg.vecdot(a, views[start : start + a.shape[0]]) / temperature
+    logits = (s / temperature).masked_fill(~kept, float("-inf"))
+    lse = torch.logsumexp(torch.cat([pos[:, None], logits], dim=1), dim=1)
+    target = (1.0 - alpha.sum(dim=1)) * pos + (alpha * s.gather(1, index)).sum(dim=1) / temperature
+    return lse - target, lse
+
+
+def potential_mining_rows(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.5, *,
+    n_mined: int = MINING_K, weighting: str = MINING_WEIGHTING,
+    weight_temperature: float = MINING_WEIGHT_TEMPERATURE, threshold: float = MINING_THRESHOLD,
+    mined_weight: float = MINING_MINED_WEIGHT, band: tuple[float, float] = MINING_BAND,
+    selection: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor losses of contrastive learning with mined potential samples, and the positive
+    cosines: ([n], [B]), n = 2B (SimCLR: queue None, q and k the two views z1, z2) or B (MoCo: q
+    the queries, k their keys, the queue the candidates; only q receives gradients).
+
+    Rows are normalised (cosines throughout). For anchor i with view v(i) (SimCLR: row
+    p(i) = (i + B) mod 2B of [z1; z2]; MoCo: k_i), candidates C_i (SimCLR: the 2B rows but i and
+    p(i); MoCo: the queue) and s_ij = <a_i, c_j>, `mine_potential_samples` picks the mined
+    positives M_i with weights alpha_ij and the band [lo_i, hi_i]; with c_i = <a_i, v(i)>,
+    alpha_i0 = 1 - sum_j alpha_ij (the view's weight) and K_i = M_i (alpha > 0) u {j in C_i:
+    lo_i <= s_ij <= hi_i}:
+
+        loss_i = log( e^{c_i/t} + sum_{j in K_i} e^{s_ij/t} ) - alpha_i0 c_i/t - sum_{j in M_i} alpha_ij s_ij/t
+
+    A weighted InfoNCE whose denominator holds each positive once and the kept negatives. When
+    the band keeps no negative, the row is the same formula over its positives alone: finite
+    (the view's term is always there), >= 0, and 0 when the view is its only positive.
+
+    The selection (which samples, their weights, the band) is a constant of the loss: no gradient
+    flows through it (pass `selection` = `mine_potential_samples(...)` to fix it, as gradcheck
+    does). cos_i = pair_cosine(q, k)_i.
+    """
+    if selection is None:
+        selection = mine_potential_samples(q, k, queue, n_mined=n_mined, weighting=weighting,
+                                           weight_temperature=weight_temperature, threshold=threshold,
+                                           mined_weight=mined_weight, band=band, chunk_size=chunk_size)
+    index, alpha, edges = selection
+    if queue is not None:
+        k, queue = k.detach(), queue.detach()
+    anchors, views, cand, paired = _mining_operands(q, k, queue)
+    parts = []
+    for s in range(0, anchors.shape[0], chunk_size):
+        sel = (index[s : s + chunk_size], alpha[s : s + chunk_size], edges[s : s + chunk_size])
+        args = (anchors, views, cand, s, *sel, temperature, paired)
+        if torch.is_grad_enabled() and anchors.requires_grad:
+            parts.append(checkpoint(_mining_block, *args, use_reentrant=False)[0])
+        else:
+            parts.append(_mining_block(*args)[0])
+    with torch.no_grad():
+        cos = pair_cosine(q.detach(), k.detach())
+    return torch.cat(parts), cos
+
+
+def potential_mining_loss(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None, temperature: float = 0.5, *,
+    reduction: str = "mean", **options,
+) -> torch.Tensor:
+    """`potential_mining_rows` reduced over rows; `options` as there."""
+    rows, _ = potential_mining_rows(q, k, queue, temperature, **options)
+    return reduce_loss(rows, reduction)
+
+
+def potential_mining_forward(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float, selection: tuple, *,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss rows [n], lse rows [n], cos [B]) of `potential_mining_rows` for a fixed selection,
+    without gradients: the CPU backend's forward."""
+    anchors, views, cand, paired = _mining_operands(q, k, queue)
+    index, alpha, edges = selection
+    loss, lse = [], []
+    for s in range(0, anchors.shape[0], chunk_size):
+        c = slice(s, s + chunk_size)
+        lo, ls = _mining_block(anchors, views, cand, s, index[c], alpha[c], edges[c], temperature, paired)
+        loss.append(lo)
+        lse.append(ls)
+    return torch.cat(loss), torch.cat(lse), pair_cosine(q, k)
+
+
+def potential_mining_rows_backward(
+    grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+    selection: tuple, lse: torch.Tensor, *, chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient of sum_i g_i loss_i (`potential_mining_rows`, selection fixed): (dL/dq, dL/dk),
+    dL/dk None for MoCo (only q learns). With pi_ij = e^{s_ij/t - lse_i} on K_i (0 elsewhere) and
+    pi_i0 = e^{c_i/t - lse_i}:
+
+        dL/ds_ij = (g_i/t) (pi_ij - alpha_ij),   dL/dc_i = (g_i/t) (pi_i0 - alpha_i0)
+
+    then through s_ij = <a_i, c_j>, c_i = <a_i, v(i)> (SimCLR: every one a row of z) and the
+    normalisation."""
+    index, alpha, edges = selection
+    if queue is None:
+        x = torch.cat([q, k])
+        (anchors, norm, clamped), paired = _normalized(x), True
+        views, cand = anchors.roll(-q.shape[0], dims=0), anchors
+    else:
+        (anchors, norm, clamped), paired = _normalized(q), False
+        views, cand = normalize(k), normalize(queue)
+    gs = grad_rows / temperature
+    grad = torch.zeros_like(anchors)
+    for s in range(0, anchors.shape[0], chunk_size):
+        c = slice(s, s + chunk_size)
+        a, g = anchors[c], gs[c, None]
+        sc = a @ cand.T
+        kept = _kept(sc, s, index[c], alpha[c], edges[c], paired)
+        p = torch.where(kept, (sc / temperature - lse[c, None]).exp(), 0.0)
+        gsim = g * p.scatter_add(1, index[c], -alpha[c])
+        gview = g * ((torch.linalg.vecdot(a, views[c]) / temperature - lse[c]).exp() - (1.0 - alpha[c].sum(dim=1)))[:, None]
+        grad[c] += gsim @ cand + gview * views[c]
+        if paired:  # the candidates and the views are rows of z too
+            grad += gsim.T @ a
+            grad.index_add_(0, (torch.arange(s, s + a.shape[0], device=a.device) + q.shape[0]) % anchors.shape[0],
+                            gview * a)
+    grad = _normalize_backward(anchors, norm, clamped, grad)
+    if paired:
+        return grad[: q.shape[0]], grad[q.shape[0]:]
+    return grad, None
