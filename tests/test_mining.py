@@ -12,6 +12,7 @@ import pytest
 import torch
 from _utils import rel_err, views
 
+from coreset_ext import ops
 from coreset_ext import reference as R
 
 
@@ -172,3 +173,108 @@ def test_gradcheck(form, gen):
                                     (z1, z2))
     assert torch.autograd.gradcheck(
         lambda a, b: R.potential_mining_rows(a, b, queue, 0.5, n_mined=2, weighting="top1")[0], (z1, z2))
+
+
+# ----------------------------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("form", ["simclr", "moco"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_matches_reference(form, dtype, gen):
+    z1, z2, queue = _inputs(6, 9, gen, 10 if form == "moco" else None)
+    opts = {"n_mined": 3, "weighting": "threshold", "threshold": 0.1, "band": (0.1, 0.95), "mined_weight": 0.5}
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    want = R.potential_mining_loss(a, b, queue, 0.3, reduction="sum", **opts)
+    want.backward()
+    x, y = z1.to(dtype).requires_grad_(True), z2.to(dtype).requires_grad_(True)
+    got, cos = ops.potential_mining(x, y, None if queue is None else queue.to(dtype), 0.3, reduction="sum",
+                                    return_cos=True, **opts)
+    got.backward()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.dtype == R.accumulation_dtype(x) and rel_err(got, want) < tol
+    assert rel_err(cos, R.pair_cosine(z1, z2)) < tol
+    assert x.grad.dtype == dtype and rel_err(x.grad, a.grad) < tol
+    if form == "simclr":
+        assert rel_err(y.grad, b.grad) < tol
+    else:
+        assert y.grad is None  # only the queries learn
+
+
+def test_op_records_css_in_tracker(gen):
+    import coreset_ext as cx
+
+    z1, z2, _ = _inputs(5, 4, gen)
+    tracker = cx.ScoreTracker(20)
+    index = torch.tensor([3, 7, 7, 0, 19])
+    ops.potential_mining(z1.float(), z2.float(), index=index, tracker=tracker)
+    want = torch.zeros(20, dtype=torch.float64).index_add_(0, index, R.pair_cosine(z1, z2))
+    assert rel_err(tracker.sums["css"], want) < 1e-6
+    assert int(tracker.counts["css"][7]) == 2
+
+
+def _bad(**change):
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    args = {"q": z1, "k": z2, "queue": None, **change}
+    return lambda: ops.potential_mining(**args)
+
+
+@pytest.mark.parametrize("call,match", [
+    (_bad(n_mined=7), "n_mined must be an int between 1 and 6"),
+    (_bad(n_mined=0), "n_mined must be an int between 1 and 6"),
+    (_bad(queue=torch.randn(5, 3), n_mined=6), "n_mined must be an int between 1 and 5"),
+    (_bad(n_mined=2.0), "n_mined"),
+    (_bad(band=(-0.1, 1.0)), "band must be two edges"),
+    (_bad(band=(0.2, 1.5)), "band must be two edges"),
+    (_bad(band=(0.8, 0.2)), "band is inverted"),
+    (_bad(band=0.5), "band must be two edges"),
+    (_bad(queue=torch.randn(0, 3)), "queue must have at least one row"),
+    (_bad(queue=torch.randn(5, 2)), "queue must have q's dimension"),
+    (_bad(q=torch.randn(1, 3), k=torch.randn(1, 3)), "q must hold at least 2 rows"),
+    (_bad(weighting="hard"), "weighting must be one of"),
+    (_bad(weight_temperature=0.0), "weight_temperature must be a real number > 0"),
+    (_bad(threshold=1.5), "threshold must be a real number in"),
+    (_bad(mined_weight=-1.0), "mined_weight must be a real number >= 0"),
+    (_bad(mined_weight=float("nan")), "mined_weight must be a real number"),
+    (_bad(temperature=0.0), "temperature"),
+    (_bad(k=torch.randn(4, 2)), "q and k must have the same shape"),
+])
+def test_op_refuses_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_op_moco_takes_a_batch_of_one(gen):
+    # the candidates are the queue's, so one query is a complete problem (the SimCLR form refuses it)
+    q, k = torch.randn(1, 4, generator=gen), torch.randn(1, 4, generator=gen)
+    queue = torch.randn(6, 4, generator=gen)
+    assert torch.isfinite(ops.potential_mining(q, k, queue, n_mined=6))
+
+
+def test_op_no_negative_kept_is_finite(gen):
+    z1, z2, _ = _inputs(6, 4, gen)
+    x = z1.float().requires_grad_(True)
+    loss = ops.potential_mining(x, z2.float(), band=(0.0, 0.0))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("form", ["simclr", "moco"])
+def test_compile_fullgraph_and_opcheck(form, gen):
+    torch._dynamo.reset()
+    z1, z2, queue = _inputs(5, 6, gen, 8 if form == "moco" else None)
+    queue = None if queue is None else queue.float()
+
+    def run(f):
+        a, b = z1.float().requires_grad_(True), z2.float().requires_grad_(True)
+        rows = f(a, b)
+        rows.sum().backward()
+        return rows, a.grad
+
+    def f(a, b):  # the rows: a mean inside the compiled graph may round its last bit otherwise
+        return ops.potential_mining(a, b, queue, 0.4, n_mined=2, reduction="none")
+
+    eager, compiled = run(f), run(torch.compile(f, fullgraph=True))
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
+    args = (z1.float().requires_grad_(True), z2.float(), queue, 0.4, 2, "soft", 0.1, 0.9, 1.0, 0.25, 1.0, "reference")
+    torch.library.opcheck(torch.ops.coreset_ext.potential_mining_rows.default, args)
