@@ -16,12 +16,12 @@ __version__ = "0.1.0"
 
 _backend.load_extension()  # registers the compiled ops, or warns once how to build them
 
-from coreset_ext import nn, ops, reference  # noqa: E402
+from coreset_ext import distributed, nn, ops, reference  # noqa: E402
 from coreset_ext.cluster import KMeans  # noqa: E402
 from coreset_ext.scores import ScoreTracker, TrainingDynamics  # noqa: E402
 from coreset_ext.select import Selection, select  # noqa: E402
 from coreset_ext.train.data import with_index  # noqa: E402
 from coreset_ext.train.embed import score  # noqa: E402
 
-__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "nn", "ops", "reference", "score", "select",
-           "with_index", "__version__"]
+__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "distributed", "nn", "ops", "reference", "score",
+           "select", "with_index", "__version__"]

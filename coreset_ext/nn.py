@@ -16,14 +16,36 @@ from __future__ import annotations
 
 import torch
 
-from coreset_ext import ops, reference
-from coreset_ext._validation import POSITIVE_INT, REDUCTIONS, check, check_temperature
+from coreset_ext import distributed, ops, reference
+from coreset_ext._validation import (POSITIVE_INT, REDUCTIONS, check, check_per_row, check_temperature, check_tensor,
+                                     describe)
+from coreset_ext.ops.scatter import INDEX_DTYPES
 
 __all__ = ["NTXentLoss", "MoCoLoss"]
 
 
 class NTXentLoss(torch.nn.Module):
     """SimCLR NT-Xent (normalised temperature-scaled cross entropy) over [z1; z2]; see `ops.nt_xent`.
+
+    `gather_distributed=True` (under torch.distributed, e.g. DDP launched by torchrun): every rank
+    gathers every rank's z1 and z2 (`distributed.all_gather_rows`, in rank order) and computes the
+    exact loss over the global batch [Z1; Z2] of G = sum of the ranks' B rows: each row's positive
+    is its own pair wherever it sits in the global batch, its negatives are the other 2G - 2 rows,
+    and "mean" is the mean over all 2G rows ("sum" the global sum, "none" the 2G global row
+    losses), the same value on every rank and equal to the single-process loss of the
+    concatenated batch. Backward, each rank's rows receive the gradient of the sum of the ranks'
+    losses (world_size x dL/dz_r), which DistributedDataParallel's average over ranks turns into
+    exactly the single-process gradient of the global batch. Ranks may hold different batch sizes
+    (the global batch is their concatenation); an empty batch, different widths or dtypes on
+    different ranks, or bad input on any rank raise on every rank before any data moves.
+    Scores: `index` holds this rank's examples' data set indices, and the positive cosines of this
+    rank's rows are recorded (or returned with `return_cos`), so each rank's tracker holds its
+    own examples until `ScoreTracker.sync()`.
+    Cost per step: memory O(G x d) (the gathered rows and their gradients; never G x G);
+    communication: forward one all-gather of 2 x B x d elements per rank (each rank receives
+    2 x G x d) plus a header of a few integers; backward one reduce-scatter of the 2 x G x d
+    gradients. Every rank computes the whole global loss (the fused kernels' O(G^2 d) work)
+    rather than its own rows alone: that keeps the loss and its gradient one fused op.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -33,20 +55,58 @@ class NTXentLoss(torch.nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean") -> None:
+    def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
+                 gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
+        self.gather_distributed = bool(gather_distributed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
         """The loss of `ops.nt_xent`; `index`/`tracker`, `scores`, `return_cos` and `validate` as there."""
-        return ops.nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
-                           index=index, tracker=tracker, scores=scores, return_cos=return_cos, validate=validate)
+        if not self.gather_distributed:
+            return ops.nt_xent(z1, z2, self.temperature, normalize=self.normalize, reduction=self.reduction,
+                               index=index, tracker=tracker, scores=scores, return_cos=return_cos,
+                               validate=validate)
+        distributed.require_process_group("gather_distributed")
+        problem = _batch_problem(z1, z2, index, tracker, scores)  # checked before the gather: all ranks stop
+        (g1, g2), sizes = distributed.all_gather_rows(z1, z2, names=("z1", "z2"), problem=problem)
+        loss, cos = ops.nt_xent(g1, g2, self.temperature, normalize=self.normalize, reduction=self.reduction,
+                                return_cos=True, validate=validate)
+        start = sum(sizes[: distributed.rank()])
+        cos = cos[start : start + z1.shape[0]]  # this rank's pairs, in the order of its index
+        if tracker is not None:
+            tracker.record(index, **{ops.contrastive.SCORE_METRIC: cos})
+        elif scores is not None:
+            ops.score_scatter_add_(scores, index, cos, validate=validate)
+        return (loss, cos) if return_cos else loss
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+        extra = ", gather_distributed=True" if self.gather_distributed else ""
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}{extra}"
+
+
+def _batch_problem(z1, z2, index, tracker, scores) -> ValueError | None:
+    """What `ops.nt_xent` would refuse in this rank's own batch (None if nothing): found before a
+    gather, so that every rank raises together instead of the others waiting in the collective."""
+    try:
+        for name, z in (("z1", z1), ("z2", z2)):
+            check_tensor(name, z, dim=2, dtypes=ops.contrastive.LOSS_DTYPES, what="[batch, dim]")
+        if z1.shape != z2.shape or z1.dtype != z2.dtype:
+            raise ValueError(f"z1 and z2 must have the same shape and dtype, got {tuple(z1.shape)} {z1.dtype} and "
+                             f"{tuple(z2.shape)} {z2.dtype}")
+        if tracker is not None and scores is not None:
+            raise ValueError("pass tracker or scores, not both (tracker: sums and counts; scores: a raw buffer)")
+        if (index is None) != (tracker is None and scores is None):
+            raise ValueError("index and tracker must be given together (index: dataset indices of the batch, "
+                             "tracker: the ScoreTracker to record the positive cosines in)")
+        if index is not None:
+            check_per_row("index", index, "the batch", z1, dtypes=INDEX_DTYPES)
+    except ValueError as e:
+        return e
+    return None
 
 
 class MoCoLoss(torch.nn.Module):
@@ -65,6 +125,17 @@ class MoCoLoss(torch.nn.Module):
     around; one larger than the queue keeps its last `queue_size` keys. A key row that is not
     finite is not enqueued (its slot keeps its old key).
 
+    `gather_distributed=True` (under torch.distributed): the keys of every rank are gathered (in
+    rank order, `distributed.all_gather_rows`, no gradient) and all of them are enqueued, on every
+    rank, so the ranks share one queue of the global batches' keys (as MoCo's own code does;
+    without it each rank's queue holds only its own keys, lightly's issue 1018). The first
+    gathered forward copies rank 0's queue and pointer to every rank, so the queues are identical
+    from then on. The loss itself needs nothing from the other ranks: it is this rank's queries'
+    mean, and DDP's average over ranks makes it the global mean. Cost per step: one all-gather of
+    B x dim key elements per rank (each rank receives G x dim, G the global batch) plus a header;
+    memory O(queue_size x dim + G x dim); nothing in the backward. A global batch larger than the
+    queue keeps its newest queue_size keys, as on one process.
+
     Example:
         >>> import torch, coreset_ext as cx
         >>> criterion = cx.nn.MoCoLoss(dim=16, queue_size=64, temperature=0.2)
@@ -81,8 +152,10 @@ class MoCoLoss(torch.nn.Module):
     ptr: torch.Tensor
 
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, normalize: bool = True,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", gather_distributed: bool = False) -> None:
         super().__init__()
+        self.gather_distributed = bool(gather_distributed)
+        self._queue_shared = False  # rank 0's queue copied to every rank (at the first gathered forward)
         dim = check("dim", dim, POSITIVE_INT)
         queue_size = check("queue_size", queue_size, POSITIVE_INT)
         self.temperature = check_temperature(temperature)
@@ -99,16 +172,40 @@ class MoCoLoss(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
         """The loss of `ops.info_nce_queue` against the queue; `index`/`tracker` etc. as there."""
-        self._check_keys(k)
+        if self.gather_distributed:
+            enqueued = self._gathered_keys(q, k)
+        else:
+            self._check_keys(k)
+            enqueued = k
         self.flush_()
         out = ops.info_nce_queue(q, k, self.queue, self.temperature, normalize=self.normalize,
                                  reduction=self.reduction, index=index, tracker=tracker, scores=scores,
                                  return_cos=return_cos, validate=validate)
-        slots, keys = self._reserve(k)
+        slots, keys = self._reserve(enqueued)
         # a copy of the B keys (never of the queue): the caller may refill k's storage before the
         # next step (a static input buffer under CUDA graphs)
         self._pending = slots, keys.to(self.queue.dtype, copy=True)
         return out
+
+    def _gathered_keys(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Every rank's keys in rank order (this rank's input checked first, so that bad input on
+        any rank raises on all of them); shares rank 0's queue the first time."""
+        distributed.require_process_group("gather_distributed")
+        problem = None
+        try:
+            self._check_keys(k)
+            if not isinstance(q, torch.Tensor) or q.shape != k.shape:
+                raise ValueError(f"q and k must have the same shape, got {describe(q)} and {tuple(k.shape)}")
+        except ValueError as e:
+            problem = e
+        (keys,), _ = distributed.all_gather_rows(k.detach() if problem is None else k, names=("k",),
+                                                 problem=problem)
+        if not self._queue_shared:
+            self.flush_()
+            distributed.broadcast_(self.queue)
+            distributed.broadcast_(self.ptr)
+            self._queue_shared = True
+        return keys
 
     def flush_(self) -> None:
         """Writes the keys of the last forward into the slots reserved for them (a no-op when
@@ -161,4 +258,5 @@ class MoCoLoss(torch.nn.Module):
         self.queue.index_copy_(0, slots, torch.where(finite, k, self.queue.index_select(0, slots)))
 
     def extra_repr(self) -> str:
-        return f"dim={self.queue.shape[1]}, queue_size={self.queue.shape[0]}, temperature={self.temperature}"
+        extra = ", gather_distributed=True" if self.gather_distributed else ""
+        return f"dim={self.queue.shape[1]}, queue_size={self.queue.shape[0]}, temperature={self.temperature}{extra}"

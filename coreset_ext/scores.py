@@ -7,16 +7,24 @@ is written, at one host synchronisation; `ScoreTracker.record` (what the fused l
 host-side call reports what it left out. What they share lives in `PerExampleState`: the
 data set they describe (its size and fingerprint), moving between devices, `state_dict`, and
 atomic, pickle-free saving through `coreset_ext.io` (.npz of the buffers plus a JSON record).
+
+Several processes (torch.distributed, e.g. DDP under torchrun): each rank records its own
+examples at their data set indices, and `sync()` (every rank, at the same point: the end of an
+epoch, before reading or saving) adds every rank's contributions since the last sync into every
+rank's buffers, so all ranks then hold the totals a single process would have; `save` writes on
+rank 0 only.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterable
 from typing import ClassVar, TypeVar
 
 import torch
 
+from coreset_ext import distributed
 from coreset_ext._validation import (NONNEGATIVE_INT, Options, check, check_same_device, check_tensor, describe,
                                      nonnegative_int, positive_int)
 from coreset_ext.io import load_npz, save_npz
@@ -71,6 +79,7 @@ class PerExampleState:
     kind: ClassVar[str]
     noun: ClassVar[str]  # how error messages call an instance ("this tracker has ...")
     MATCHING: ClassVar[tuple[str, ...]] = ()
+    NOT_ADDITIVE: ClassVar[tuple[str, ...]] = ()  # buffers that sync() does not add across ranks
 
     def __init__(self, num_samples: int, *, fingerprint: str | None = None,
                  deterministic: bool | None = None) -> None:
@@ -78,6 +87,7 @@ class PerExampleState:
         self.fingerprint = fingerprint
         self.deterministic = deterministic
         self.buffers: dict[str, torch.Tensor] = {}
+        self._at_sync: dict[str, torch.Tensor] | None = None  # the additive buffers after the last sync()
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +96,8 @@ class PerExampleState:
     def to(self: State, device: torch.device | str) -> State:
         """Moves every buffer to `device`; returns self."""
         self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        if self._at_sync is not None:
+            self._at_sync = {k: v.to(device) for k, v in self._at_sync.items()}
         return self
 
     def _check_device(self, **tensors: torch.Tensor) -> None:
@@ -133,6 +145,8 @@ class PerExampleState:
         self._check_buffers(new, meta)
         for key, buffer in self.buffers.items():
             buffer.copy_(new[key])
+        # a loaded state counts as synced: under torch.distributed every rank loads the same one
+        self._at_sync = {k: v.clone() for k, v in self.buffers.items() if k not in self.NOT_ADDITIVE}
 
     def check(self) -> None:
         """Raises for what sync-free updates left out since the last check (none by default)."""
@@ -141,8 +155,50 @@ class PerExampleState:
         """ValueError naming the buffer unless a loaded state's buffers are consistent (counts whole
         and >= 0, ...); subclasses say what their buffers can hold."""
 
+    def sync(self, *, group=None) -> None:
+        """Adds every rank's contributions since the last sync into every rank's buffers.
+
+        Call it on every rank of `group` at the same point. Before anything moves, one all-gather
+        checks that every rank describes the same data set with the same settings and has nothing
+        left out by `record` (the error `check` would raise): otherwise every rank raises (the
+        rank at fault its own error), none waits. Then one all-reduce of the sums (in float64) of
+        what each additive buffer gained since the last sync; the first sync keeps a copy of
+        those buffers (one more float32 array per buffer) to tell new contributions from synced
+        ones. Without a process group it only runs `check`.
+        Communication: one all-reduce of N float64 values per additive buffer.
+        """
+        problem = None
+        try:
+            self.check()
+        except ValueError as e:
+            problem = e
+        settings = repr((self.kind, sorted(self.buffers), [self._meta().get(k) for k in self.MATCHING]))
+        table = distributed.agree(problem, [self.num_samples, zlib.crc32(settings.encode())], group=group).tolist()
+        odd = next((r for r, row in enumerate(table) if row != table[0]), None)
+        if odd is not None:
+            raise ValueError(f"this {self.noun} differs between ranks (rank 0: {table[0][0]} examples, rank {odd}: "
+                             f"{table[odd][0]}; or other settings): every rank must describe the same data set")
+        if not distributed.is_initialized():
+            return
+        additive = [k for k in self.buffers if k not in self.NOT_ADDITIVE]
+        before = self._at_sync or {k: torch.zeros_like(self.buffers[k]) for k in additive}
+        gained = torch.stack([self.buffers[k].double() - before[k].double() for k in additive])
+        self._sync_not_additive({k: gained[i] for i, k in enumerate(additive)}, group)
+        torch.distributed.all_reduce(gained, group=group)
+        for i, k in enumerate(additive):
+            self.buffers[k].copy_(before[k].double() + gained[i])
+        self._at_sync = {k: self.buffers[k].clone() for k in additive}
+
+    def _sync_not_additive(self, gained: dict[str, torch.Tensor], group) -> None:
+        """Combines the buffers named in NOT_ADDITIVE across ranks; `gained` holds what each
+        additive buffer gained on this rank since the last sync (before the all-reduce)."""
+
     def save(self, path: str | os.PathLike) -> None:
-        """Atomically writes the buffers to `path` (.npz: buffers plus JSON metadata, no pickle)."""
+        """Atomically writes the buffers to `path` (.npz: buffers plus JSON metadata, no pickle).
+        Under torch.distributed only rank 0 writes (call `sync()` on every rank first, so that
+        its buffers hold every rank's contributions); the other ranks return at once."""
+        if distributed.rank() != 0:
+            return
         state = self.state_dict()
         meta = state.pop("meta")
         save_npz(path, {k: v.numpy() for k, v in state.items()}, meta)
@@ -353,6 +409,7 @@ class ScoreTracker(PerExampleState):
     def reset(self) -> None:
         for buffer in self.buffers.values():
             buffer.zero_()
+        self._at_sync = None
 
     def _meta(self) -> dict:
         return {**super()._meta(), "metrics": list(self.metrics)}
@@ -408,6 +465,7 @@ class TrainingDynamics(PerExampleState):
     kind = "TrainingDynamics"
     noun = "TrainingDynamics"
     MATCHING = ("el2n_epochs",)
+    NOT_ADDITIVE = ("last_correct",)
     _SUMS = ("aum_sum", "seen", "forget_events", "correct_count", "el2n_sum", "el2n_count")
 
     def __init__(
@@ -477,6 +535,19 @@ class TrainingDynamics(PerExampleState):
         last[:-1] = idx_s[:-1] != idx_s[1:]
         self.last_correct[idx_s[last]] = cor_s[last]  # unique indices: a deterministic write
         self.steps += 1
+
+    def _sync_not_additive(self, gained: dict[str, torch.Tensor], group) -> None:
+        # The last sighting of an example is on the rank that saw it since the last sync (with a
+        # DistributedSampler and a sync per epoch, exactly one); should several have, the highest
+        # rank's wins. Every rank counted its forgetting events against the state of the last
+        # sync, so they are exact when each example is seen by one rank between two syncs.
+        seen_here = gained["seen"] > 0
+        me = distributed.rank(group) + 1
+        winner = torch.where(seen_here, me, 0).to(torch.int64)
+        torch.distributed.all_reduce(winner, op=torch.distributed.ReduceOp.MAX, group=group)
+        value = torch.where(winner == me, self.last_correct.to(torch.int64) + 2, 0)
+        torch.distributed.all_reduce(value, group=group)
+        self.last_correct.copy_(torch.where(winner > 0, value - 2, self.last_correct.to(torch.int64)))
 
     def _require_steps(self) -> None:
         if self.steps == 0:

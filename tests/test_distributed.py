@@ -1,0 +1,367 @@
+"""Several processes (issue 20): gathered losses, tracker sync, sharded KMeans, DDP training.
+
+Every multi-process test runs real processes on the gloo backend (torch.multiprocessing, spawn)
+and compares what each rank computed with an independent single-process oracle on the
+concatenated data (naive float64 formulas, a single-process tracker or KMeans, plain autograd).
+Nothing can hang: the process group times out after GROUP_TIMEOUT seconds, and `_spawn` kills
+the ranks and fails the test after JOIN_TIMEOUT. Each spawned run does several checks (starting a
+process costs seconds on a shared CPU), and module-scoped fixtures share a run between tests.
+The same code serves NCCL; `test_nccl_gather_loss` runs it on GPUs where there are two.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import coreset_ext as cx
+from coreset_ext import distributed
+
+GROUP_TIMEOUT = 30  # seconds a collective waits for a missing rank before it raises
+JOIN_TIMEOUT = 120  # seconds a whole spawned run may take
+
+
+# ---------------------------------------------------------------- harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, job, args: tuple, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
+    try:
+        result = job(rank, world, *args)
+    except BaseException:  # noqa: BLE001  (reported to the parent, which fails the test with it)
+        result = {"crashed": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(job, world: int, *args, backend: str = "gloo") -> list:
+    """Runs job(rank, world, *args) on `world` processes; returns each rank's result."""
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out:
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, world, port, backend, job, args, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = datetime.datetime.now() + datetime.timedelta(seconds=JOIN_TIMEOUT)
+        for p in procs:
+            p.join(max(0.0, (deadline - datetime.datetime.now()).total_seconds()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        assert not hung, f"rank(s) {hung} still running after {JOIN_TIMEOUT} s: a collective hung"
+        results = []
+        for r in range(world):
+            path = os.path.join(out, f"{r}.pt")
+            assert os.path.exists(path), f"rank {r} died without a result (exit code {procs[r].exitcode})"
+            results.append(torch.load(path, weights_only=False))
+    for r, res in enumerate(results):
+        assert not (isinstance(res, dict) and "crashed" in res), f"rank {r} crashed:\n{res['crashed']}"
+    return results
+
+
+def _shards(n: int, world: int, sizes: list[int] | None = None) -> list[slice]:
+    sizes = sizes or [n // world + (r < n % world) for r in range(world)]
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return [slice(s, s + k) for s, k in zip(starts, sizes)]
+
+
+def _error(fn) -> str:
+    """The message of the ValueError fn raises ('' when it raises none)."""
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+# ---------------------------------------------------------------- oracles
+
+
+def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """Mean NT-Xent over [z1; z2] in float64 from the full similarity matrix."""
+    z = torch.cat([z1, z2]).double()
+    z = z / z.norm(dim=1, keepdim=True)
+    n, b = z.shape[0], z1.shape[0]
+    sim = (z @ z.T / t).masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    pos = sim[torch.arange(n), (torch.arange(n) + b) % n]
+    return (torch.logsumexp(sim, dim=1) - pos).mean()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _loss_job(rank, world, seed, sizes, d, t):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    index = torch.randperm(3 * n, generator=g)[:n]
+    mine = _shards(n, world, sizes)[rank]
+    a, b = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
+    tracker = cx.ScoreTracker(3 * n)
+    criterion = cx.nn.NTXentLoss(temperature=t, gather_distributed=True)
+    loss, cos = criterion(a, b, index=index[mine], tracker=tracker, return_cos=True)
+    loss.backward()
+    local_counts = tracker.counts["css"].clone()
+    tracker.sync()
+    out = {"loss": loss.detach(), "g1": a.grad, "g2": b.grad, "cos": cos, "local_counts": local_counts,
+           "sums": tracker.sums["css"].clone(), "counts": tracker.counts["css"].clone()}
+
+    # DDP: a linear encoder; parameter gradients after DDP's average
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(d, 3)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    ddp(z1[mine]).sum()  # DDP's first forward broadcasts rank 0's parameters (identical already)
+    ddp.zero_grad()
+    loss2 = criterion(ddp(z1[mine]), ddp(z2[mine]))
+    loss2.backward()
+    out["ddp_loss"] = loss2.detach()
+    out["ddp_grads"] = [p.grad.clone() for p in model.parameters()]
+
+    # bad input on one rank, then on all: every rank raises, and the group still works after
+    errors = {}
+    errors["width"] = _error(lambda: criterion(torch.randn(2, d + rank), torch.randn(2, d + rank)))
+    errors["empty"] = _error(lambda: criterion(torch.randn(0 if rank == 1 else 2, d),
+                                               torch.randn(0 if rank == 1 else 2, d)))
+    bad_index = torch.arange(1 if rank == world - 1 else 2)
+    errors["index"] = _error(lambda: criterion(torch.randn(2, d), torch.randn(2, d), index=bad_index,
+                                               tracker=cx.ScoreTracker(8)))
+    errors["dtype"] = _error(lambda: criterion(torch.randn(2, d, dtype=torch.float64 if rank else torch.float32),
+                                               torch.randn(2, d, dtype=torch.float64 if rank else torch.float32)))
+    out["errors"] = errors
+    out["after"] = criterion(torch.ones(1, d), torch.ones(1, d)).item()
+
+    # MoCo: every rank enqueues the gathered keys; the queues agree after the first step
+    torch.manual_seed(seed + rank)  # different initial queues: rank 0's is shared
+    moco = cx.nn.MoCoLoss(dim=d, queue_size=2 * n + 1, gather_distributed=True)
+    out["moco_queue0"] = moco.queue.clone()
+    out["moco_losses"] = []
+    for step in range(2):
+        keys = torch.randn(n, d, generator=g)
+        queries = torch.randn(n, d, generator=g)
+        out["moco_losses"].append(moco(queries[mine], keys[mine]).detach())
+    moco.flush_()
+    out["moco_queue"] = moco.queue.clone()
+    out["moco_ptr"] = int(moco.ptr)
+    return out
+
+
+@pytest.fixture(scope="module", params=[(2, [3, 3]), (3, [2, 4, 1])], ids=["2ranks", "3ranks-uneven"])
+def loss_run(request):
+    world, sizes = request.param
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    d, t = 5, 0.3
+    return {"world": world, "sizes": sizes, "seed": seed, "d": d, "t": t, "ranks": _spawn(_loss_job, world, seed, sizes, d, t)}
+
+
+def test_gathered_nt_xent_equals_single_process(loss_run):
+    g = torch.Generator().manual_seed(loss_run["seed"])
+    n, d, t, world = sum(loss_run["sizes"]), loss_run["d"], loss_run["t"], loss_run["world"]
+    z1 = torch.randn(n, d, generator=g).double().requires_grad_()
+    z2 = torch.randn(n, d, generator=g).double().requires_grad_()
+    ref = naive_nt_xent(z1, z2, t)
+    ref.backward()
+    for r, (res, mine) in enumerate(zip(loss_run["ranks"], _shards(n, world, loss_run["sizes"]))):
+        assert abs(float(res["loss"]) - ref.item()) < 1e-5 * abs(ref.item()), f"rank {r}"
+        # each rank's rows get the gradient of the sum of the ranks' (identical) losses
+        assert _rel(res["g1"], world * z1.grad[mine]) < 1e-5, f"rank {r}"
+        assert _rel(res["g2"], world * z2.grad[mine]) < 1e-5, f"rank {r}"
+        cos = torch.nn.functional.cosine_similarity(z1[mine], z2[mine]).detach()
+        assert _rel(res["cos"], cos) < 1e-6
+
+
+def test_gathered_nt_xent_under_ddp_gives_the_single_process_gradient(loss_run):
+    g = torch.Generator().manual_seed(loss_run["seed"])
+    n, d, t = sum(loss_run["sizes"]), loss_run["d"], loss_run["t"]
+    z1, z2 = torch.randn(n, d, generator=g).double(), torch.randn(n, d, generator=g).double()
+    torch.manual_seed(loss_run["seed"])
+    model = torch.nn.Linear(d, 3).double()
+    loss = naive_nt_xent(model(z1), model(z2), t)
+    loss.backward()
+    uneven = len(set(loss_run["sizes"])) > 1
+    for res in loss_run["ranks"]:
+        assert abs(float(res["ddp_loss"]) - float(loss)) < 1e-5 * abs(float(loss))
+        for got, p in zip(res["ddp_grads"], model.parameters()):
+            # DDP averages the ranks' gradients: with every rank's rows getting world x dL/dz_r,
+            # that average is dL/dθ whatever the ranks' batch sizes
+            assert _rel(got, p.grad) < 1e-5, f"uneven={uneven}"
+
+
+def test_gathered_scores_go_to_each_ranks_examples_and_sync(loss_run):
+    g = torch.Generator().manual_seed(loss_run["seed"])
+    n, d, world = sum(loss_run["sizes"]), loss_run["d"], loss_run["world"]
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    index = torch.randperm(3 * n, generator=g)[:n]
+    single = cx.ScoreTracker(3 * n)
+    cx.nn.NTXentLoss(temperature=loss_run["t"])(z1, z2, index=index, tracker=single)
+    for res, mine in zip(loss_run["ranks"], _shards(n, world, loss_run["sizes"])):
+        expected_local = torch.zeros(3 * n)
+        expected_local[index[mine]] = 1
+        assert torch.equal(res["local_counts"], expected_local)  # before sync: this rank's own
+        assert torch.equal(res["counts"], single.counts["css"])  # after: everyone's
+        assert torch.allclose(res["sums"], single.sums["css"], atol=1e-6)
+
+
+def test_bad_input_on_any_rank_raises_on_every_rank(loss_run):
+    world = loss_run["world"]
+    for r, res in enumerate(loss_run["ranks"]):
+        errors = res["errors"]
+        assert "same shape after the rows" in errors["width"] and "rank 1" in errors["width"]
+        assert "no rows on rank(s) [1]" in errors["empty"]
+        if r == world - 1:  # the rank at fault raises its own error ...
+            assert "index has 1 entries but the batch has 2 rows" in errors["index"]
+        else:  # ... the others say which rank refused
+            assert f"rank(s) [{world - 1}]" in errors["index"]
+        assert "dtype" in errors["dtype"] or "float64" in errors["dtype"]
+        assert math.isfinite(res["after"])  # the group is still in step after the errors
+
+
+def test_moco_enqueues_the_gathered_keys(loss_run):
+    g = torch.Generator().manual_seed(loss_run["seed"])
+    n, d, world, t = sum(loss_run["sizes"]), loss_run["d"], loss_run["world"], 0.2
+    torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.randperm(3 * n, generator=g)
+    ranks = loss_run["ranks"]
+    queue = ranks[0]["moco_queue0"].double()  # rank 0's initial queue, which every rank takes
+    assert not torch.equal(ranks[0]["moco_queue0"], ranks[1]["moco_queue0"])
+    ptr = 0
+    for step in range(2):
+        keys, queries = torch.randn(n, d, generator=g).double(), torch.randn(n, d, generator=g).double()
+        qn, kn, un = (torch.nn.functional.normalize(x, dim=1) for x in (queries, keys, queue))
+        logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ un.T], dim=1) / t
+        rows = torch.nn.functional.cross_entropy(logits, torch.zeros(n, dtype=torch.long), reduction="none")
+        for r, mine in enumerate(_shards(n, world, loss_run["sizes"])):
+            assert abs(float(ranks[r]["moco_losses"][step]) - float(rows[mine].mean())) < 1e-5
+        slots = (ptr + torch.arange(n)) % queue.shape[0]
+        queue = queue.clone()
+        queue[slots] = keys
+        ptr = (ptr + n) % queue.shape[0]
+    for res in ranks:
+        assert torch.allclose(res["moco_queue"].double(), queue, atol=1e-6)
+        assert res["moco_ptr"] == ptr
+
+
+def test_gather_distributed_without_a_process_group_is_an_error():
+    assert not distributed.is_initialized()
+    with pytest.raises(ValueError, match="gather_distributed=True needs an initialised torch.distributed"):
+        cx.nn.NTXentLoss(gather_distributed=True)(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="gather_distributed=True needs an initialised torch.distributed"):
+        cx.nn.MoCoLoss(dim=3, queue_size=8, gather_distributed=True)(torch.randn(4, 3), torch.randn(4, 3))
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    t = torch.randn(3)
+    assert distributed.sum_in_rank_order(t) is t
+
+
+# ---------------------------------------------------------------- trackers
+
+
+def _record_plan(seed: int, world: int, n: int, steps: int):
+    """For each step and rank: (index, values), duplicates and examples shared between ranks included."""
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randint(0, n, (5,), generator=g), torch.randn(5, generator=g)) for _ in range(world)]
+            for _ in range(steps)]
+
+
+def _dynamics_plan(seed: int, world: int, n: int, epochs: int):
+    """Per epoch and rank: (logits, targets, index) with each example on one rank per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    plan = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        plan.append([(torch.randn(len(perm[s]), 3, generator=g), torch.randint(0, 3, (len(perm[s]),), generator=g),
+                      perm[s]) for s in _shards(n, world)])
+    return plan
+
+
+def _tracker_job(rank, world, seed, n):
+    tracker = cx.ScoreTracker(n, metrics=("a", "b"), nan="skip")
+    for step, per_rank in enumerate(_record_plan(seed, world, n, 4)):
+        index, values = per_rank[rank]
+        tracker.record(index, a=values, b=values * 2)
+        if step in (1, 3):  # sync twice: the second must add only what came after the first
+            tracker.sync()
+    out = {"sums": {m: v.clone() for m, v in tracker.sums.items()},
+           "counts": {m: v.clone() for m, v in tracker.counts.items()}}
+    dyn = cx.TrainingDynamics(n, el2n_epochs=1)
+    for epoch, per_rank in enumerate(_dynamics_plan(seed, world, n, 3)):
+        logits, targets, index = per_rank[rank]
+        dyn.update(logits, targets, index, epoch=epoch)
+        dyn.sync()
+    out["dyn"] = {k: v.clone() for k, v in dyn.buffers.items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "dyn.npz")
+        # rank 0 alone writes: the others return at once
+        dyn.save(path if rank == 0 else os.path.join(d, "never.npz"))
+        torch.distributed.barrier()
+        out["saved"] = sorted(os.listdir(d)) if rank == 0 else None
+    # bad input: a rank whose record() left something out, a tracker of another size
+    bad = cx.ScoreTracker(n)
+    bad.record(torch.tensor([n + 5 if rank == 1 else 0]), css=torch.ones(1))
+    out["err_left_out"] = _error(bad.sync)
+    out["err_size"] = _error(cx.ScoreTracker(n + rank).sync)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracker_run():
+    seed, n, world = int(torch.randint(0, 2**31 - 1, ()).item()), 12, 3
+    return {"seed": seed, "n": n, "world": world, "ranks": _spawn(_tracker_job, world, seed, n)}
+
+
+def test_tracker_sync_equals_a_single_process_tracker(tracker_run):
+    n, world = tracker_run["n"], tracker_run["world"]
+    single = cx.ScoreTracker(n, metrics=("a", "b"))
+    for per_rank in _record_plan(tracker_run["seed"], world, n, 4):
+        for index, values in per_rank:
+            single.update(index, a=values, b=values * 2)
+    for res in tracker_run["ranks"]:
+        for m in ("a", "b"):
+            assert torch.equal(res["counts"][m], single.counts[m])
+            assert torch.allclose(res["sums"][m], single.sums[m], atol=1e-5)
+
+
+def test_dynamics_sync_per_epoch_equals_a_single_process(tracker_run):
+    n, world = tracker_run["n"], tracker_run["world"]
+    single = cx.TrainingDynamics(n, el2n_epochs=1)
+    for epoch, per_rank in enumerate(_dynamics_plan(tracker_run["seed"], world, n, 3)):
+        logits = torch.cat([p[0] for p in per_rank])
+        single.update(logits, torch.cat([p[1] for p in per_rank]), torch.cat([p[2] for p in per_rank]), epoch=epoch)
+    assert bool((single.buffers["forget_events"] > 0).any())  # the plan exercises forgetting
+    for res in tracker_run["ranks"]:
+        for key, value in single.buffers.items():
+            if value.is_floating_point() and key not in ("seen", "forget_events", "correct_count", "el2n_count"):
+                assert torch.allclose(res["dyn"][key], value, atol=1e-5), key
+            else:
+                assert torch.equal(res["dyn"][key], value), key
+
+
+def test_tracker_sync_errors_and_rank0_save(tracker_run):
+    ranks = tracker_run["ranks"]
+    assert ranks[0]["saved"] == ["dyn.npz"]
+    assert "out of range" in ranks[1]["err_left_out"]
+    assert "rank(s) [1]" in ranks[0]["err_left_out"] and "rank(s) [1]" in ranks[2]["err_left_out"]
+    for res in ranks:
+        assert "differs between ranks" in res["err_size"]
