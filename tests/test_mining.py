@@ -278,3 +278,70 @@ def test_compile_fullgraph_and_opcheck(form, gen):
         assert torch.equal(e, c)
     args = (z1.float().requires_grad_(True), z2.float(), queue, 0.4, 2, "soft", 0.1, 0.9, 1.0, 0.25, 1.0, "reference")
     torch.library.opcheck(torch.ops.coreset_ext.potential_mining_rows.default, args)
+
+
+# ------------------------------------------------------------- Triton kernels (interpreter)
+
+
+def _launch_triton(z1, z2, queue, t, g, **opts):
+    from coreset_ext.triton_kernels import mining
+
+    o = {"n_mined": 3, "weighting": "soft", "weight_temperature": 0.1, "threshold": 0.9, "mined_weight": 1.0,
+         "lower": 0.25, "upper": 1.0, **opts}
+    out = mining.potential_mining_fwd(z1, z2, queue, t, o["n_mined"], o["weighting"], o["weight_temperature"],
+                                      o["threshold"], o["mined_weight"], o["lower"], o["upper"], R.EPS)
+    grads = mining.potential_mining_bwd(g, z1, z2, queue, out[1], *out[3:], t, R.EPS)
+    return out, grads
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("form,b,d,k,opts", [
+    ("simclr", 37, 19, 3, {}),  # 74 rows: three row tiles of 32, two column splits
+    ("simclr", 5, 40, 8, {"weighting": "threshold", "threshold": 0.2, "lower": 0.0, "upper": 0.8}),
+    ("moco", 21, 13, 5, {"weighting": "top1", "mined_weight": 0.5}),
+    ("moco", 40, 33, 2, {"lower": 0.5, "upper": 0.5}),  # a band that keeps no negative
+])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 2e-3)])
+def test_triton_matches_reference(form, b, d, k, opts, dtype, tol, gen, poison):
+    from coreset_ext.triton_kernels import launch
+
+    if not launch.interpreting():
+        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1)")
+    z1, z2, queue = _inputs(b, d, gen, 71 if form == "moco" else None)
+    z1, z2 = z1.to(dtype), z2.to(dtype)
+    queue = None if queue is None else queue.to(dtype)
+    g = torch.rand(2 * b if form == "simclr" else b, generator=gen) + 0.1
+    (rows, lse, cos, index, alpha, edges), grads = _launch_triton(z1, z2, queue, 0.3, g, n_mined=k, **opts)
+    # the reference sees the inputs as rounded to dtype: the error left is the kernels' own
+    a, c, qu = z1.double(), z2.double(), None if queue is None else queue.double()
+    ref_opts = {"n_mined": k, "weighting": opts.get("weighting", "soft"), "threshold": opts.get("threshold", 0.9),
+                "mined_weight": opts.get("mined_weight", 1.0), "band": (opts.get("lower", 0.25), opts.get("upper", 1.0))}
+    sel = R.mine_potential_samples(a, c, qu, **ref_opts)
+    want_rows, want_lse, want_cos = R.potential_mining_forward(a, c, qu, 0.3, sel)
+    want_grads = R.potential_mining_rows_backward(g.double(), a, c, qu, 0.3, sel, want_lse)
+    assert torch.equal(index, sel[0])
+    assert rel_err(alpha, sel[1]) < 1e-5 and rel_err(edges, sel[2]) < 1e-5
+    for name, got, want in (("rows", rows, want_rows), ("lse", lse, want_lse), ("cos", cos, want_cos)):
+        assert got.dtype == torch.float32 and rel_err(got, want) < tol, name
+    for got, want in zip(grads, want_grads):
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == dtype and rel_err(got, want) < tol
+
+
+@pytest.mark.triton
+def test_triton_through_the_op(gen):
+    from coreset_ext.triton_kernels import launch
+
+    if not launch.interpreting():
+        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1)")
+    z1, z2, _ = _inputs(9, 12, gen)
+    x, y = z1.float().requires_grad_(True), z2.float().requires_grad_(True)
+    loss, cos = ops.potential_mining(x, y, backend="triton", return_cos=True)
+    loss.backward()
+    a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    want = R.potential_mining_loss(a, b)
+    want.backward()
+    assert rel_err(loss, want) < 2e-5 and rel_err(cos, R.pair_cosine(z1, z2)) < 2e-5
+    assert rel_err(x.grad, a.grad) < 2e-5 and rel_err(y.grad, b.grad) < 2e-5

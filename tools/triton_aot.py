@@ -89,7 +89,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
     """Route every launch to a compile for `arch`; autotuned launches compile their first config,
     or each one with `all_configs`."""
     import triton
-    from coreset_ext.triton_kernels import contrastive, kmeans, similarity
+    from coreset_ext.triton_kernels import contrastive, kmeans, mining, similarity
     from triton.runtime import autotuner, driver, jit
 
     tuning = [False]
@@ -138,6 +138,7 @@ def _compile_instead_of_launch(arch: int, record, all_configs: bool):
         (kmeans, "tiles", lambda device, prec, f=kmeans.tiles: f(cuda, prec)),
         (kmeans, "_arch", lambda device: 90 if arch >= 90 else 80),
         (similarity, "tiles", lambda device, d, f=similarity.tiles: f(cuda, d)),
+        (mining, "num_sms", lambda device: 132),  # its tiles are contrastive.tiles (patched above)
         (torch.cuda, "device", lambda device: contextlib.nullcontext()),
     ]
 
@@ -185,6 +186,7 @@ def _cases():
     """(name, thunk) pairs: each thunk calls launch wrappers the way coreset_ext.ops does."""
     from coreset_ext.triton_kernels import contrastive as C
     from coreset_ext.triton_kernels import kmeans as K
+    from coreset_ext.triton_kernels import mining as M
     from coreset_ext.triton_kernels import similarity as S
 
     def rand(*shape, dtype):
@@ -244,7 +246,21 @@ def _cases():
             S.cosine_rowsum(x, x, inv, inv, groups, groups, 0.0, True)
             S.cosine_topk(x, x, inv, inv, 10, True)
 
+        def potential_mining(dtype=dtype):
+            # SimCLR (the batch) and MoCo (a queue) forms, forward and backward. Not d = 256: its mining
+            # launches similarity's top-k kernel, whose fp32 tiles spill 112-168 bytes there on sm_80
+            for d in (64, 128):
+                for b, queue in ((256, None), (64, rand(4096, d, dtype=dtype))):
+                    z1, z2 = rand(b, d, dtype=dtype), rand(b, d, dtype=dtype)
+                    rows, lse, _, _, alpha, edges = M.potential_mining_fwd(
+                        z1, z2, queue, 0.2, 4, "soft", 0.1, 0.9, 1.0, 0.25, 1.0, 1e-6)
+                    # the kernels were compiled, not run: mined indices that the torch glue can read
+                    index = torch.randint(0, 2 * b if queue is None else queue.shape[0], (rows.shape[0], 4))
+                    M.potential_mining_bwd(torch.ones(rows.shape[0]), z1, z2, queue, lse, index, alpha, edges,
+                                           0.2, 1e-6)
+
         out += [(f"info_nce_queue {tag}", info_nce), (f"pair_cosine {tag}", pair_cosine),
+                (f"potential_mining {tag}", potential_mining),
                 (f"kmeans_assign {tag}", kmeans_assign),
                 (f"kmeans_assign {tag} fixed tiles", _without_autotuning(K, kmeans_assign)),
                 (f"similarity {tag}", similarity)]
