@@ -8,6 +8,7 @@ the same full Lloyd iterations, for data larger than device memory.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -17,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from coreset_ext import distributed as dist_helpers
 from coreset_ext import ops, reference
 from coreset_ext._validation import POSITIVE_INT, SEED, Interval, Options, check_params, is_int
 
@@ -118,6 +120,7 @@ class KMeans:
         init_sample_size: k-means++ seeds from a random sample of this many points; "auto" uses
             min(n, max(50_000, 100 * k)); None uses every point.
         seed: older name of `random_state` (give one or the other).
+        distributed: fit on data sharded across torch.distributed ranks (see "Several processes").
 
     Attributes: cluster_centers_ [k, d], labels_ [n] int64, inertia_ (float: sum of squared
     distances, or of 1 - cosine, weighted by sample_weight), n_iter_ (int), n_features_in_ (int).
@@ -130,6 +133,20 @@ class KMeans:
     by the reference path: pass float32 for speed); float32 in float32; float16/bfloat16 are kept
     for the assignment (float32 accumulation) and the centroids are float32. Integer input is
     converted to float (float32 from torch, float64 from numpy).
+
+    Several processes (`distributed=True`, under torch.distributed): every rank calls `fit` with
+    its own shard of the data (the rank-order concatenation of the shards is the data set; every
+    rank needs at least one row, the same n_features and dtype) and the same parameters. Each
+    iteration combines the ranks' per-cluster sums and counts (`distributed.sum_in_rank_order`:
+    one all-gather of world_size x k x (d + 1) values), k-means++ seeds from the same random sample
+    of the global data on every rank (its rows gathered), and an empty cluster takes the globally
+    farthest point. Every rank ends with the same `cluster_centers_`, `inertia_` and `n_iter_`,
+    and `labels_` for its own shard. Centroids, labels and n_iter_ equal, bit for bit, those of
+    the single-process fit of the concatenated data streamed in chunks of the shards' size
+    (`batch_size` = rows per rank, equal shards of at most 65,536 rows, the same device and
+    dtype): the sums are added in the same order (inertia_ to float64 rounding). Against an
+    in-memory fit of the concatenation they agree to rounding (its per-cluster sums are added in
+    another order). `sample_weight` is not supported there.
 
     Empty clusters: when an iteration leaves a cluster empty, it is re-seeded with the point
     farthest from its own centroid (scikit-learn's rule; the farthest points go to the empty
@@ -150,6 +167,8 @@ class KMeans:
         dtype('int64')
     """
 
+    _shards: "_Shards | None" = None  # set for the length of a distributed fit
+
     # what each numeric or option argument accepts (scikit-learn's declarative style); checked
     # where a bad value is written (__init__) and again by fit (after set_params). Arguments are
     # stored as given, as scikit-learn's clone expects.
@@ -163,6 +182,7 @@ class KMeans:
         "random_state": [None, SEED],
         "seed": [None, SEED],
         "init_sample_size": [Options("auto"), None, POSITIVE_INT],
+        "distributed": [Options(False, True)],
     }
 
     def __init__(
@@ -180,6 +200,7 @@ class KMeans:
         verbose: bool = False,
         init_sample_size: int | str | None = "auto",
         seed: int | None = None,
+        distributed: bool = False,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -193,6 +214,7 @@ class KMeans:
         self.verbose = verbose
         self.init_sample_size = init_sample_size
         self.seed = seed
+        self.distributed = distributed
         self._check_params()
 
     # ---------------------------------------------------------------- scikit-learn's estimator protocol
@@ -316,6 +338,8 @@ class KMeans:
             else:
                 labels[s : s + xc.shape[0]].copy_(lab)
                 dist[s : s + xc.shape[0]].copy_(dst)
+        if update and self._shards is not None:  # the ranks' sums and counts, added in rank order
+            sums, counts = self._shards.sum(sums), self._shards.sum(counts)
         return labels, dist, sums, counts
 
     def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -334,13 +358,17 @@ class KMeans:
 
     def _init_centers(self, x: torch.Tensor, gen: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
         n, k = x.shape[0], self.n_clusters
+        # sharded: the same draws over the global rows on every rank, the drawn rows gathered
+        rows = self._rows if self._shards is None else functools.partial(self._shards.rows_at, self)
+        if self._shards is not None:
+            n = self._shards.total
         if self.init == "random":
-            return self._rows(x, torch.randperm(n, generator=gen)[:k])
+            return rows(x, torch.randperm(n, generator=gen)[:k])
         size = n if self.init_sample_size is None else (
             min(n, max(50_000, 100 * k)) if self.init_sample_size == "auto" else min(n, int(self.init_sample_size)))
         idx = torch.arange(n) if size == n else torch.randperm(n, generator=gen)[:size].sort().values
         w = None if weights is None else weights[idx.to(weights.device)]
-        return kmeans_plusplus(self._rows(x, idx), k, gen, sample_weight=w)
+        return kmeans_plusplus(rows(x, idx), k, gen, sample_weight=w)
 
     def _user_centers(self, d: int) -> torch.Tensor:
         init, _ = _as_tensor(self.init, "init")
@@ -368,10 +396,13 @@ class KMeans:
     def _reseed_empty(self, x, centers, labels, dist, sums, counts, weights):
         """Centroids after re-seeding empty clusters with the farthest points (rare: its own syncs)."""
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
-        pts = self._rows(x, far)
-        old = labels[far].to(self._device)
-        w = torch.ones(len(far), dtype=torch.float64) if weights is None else weights[far.to(weights.device)].cpu()
+        if self._shards is None:
+            far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
+            pts = self._rows(x, far)
+            old = labels[far].to(self._device)
+        else:  # the globally farthest points, in the single-process order
+            pts, old = self._shards.farthest(self, x, labels, dist, len(empty))
+        w = torch.ones(len(pts), dtype=torch.float64) if weights is None else weights[far.to(weights.device)].cpu()
         sums, counts = sums.clone(), counts.clone()
         for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
             wj = float(w[j])
@@ -398,6 +429,8 @@ class KMeans:
             # did any label change?) cross to the host together: one synchronisation, not three.
             # (labels live on x's device, which streaming with batch_size leaves on the CPU)
             moved = labels.ne(labels_old).any() if labels_old is not None else torch.ones((), dtype=torch.bool)
+            if self._shards is not None:
+                moved = torch.tensor(self._shards.any(moved))  # a label changed on some rank
             n_empty, shift, changed = torch.stack([
                 (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
                 moved.to(counts.device, torch.float64)]).tolist()
@@ -419,7 +452,10 @@ class KMeans:
             labels, dist, _, _ = self._pass(x, centers, update=False)
         if bar is not None:
             bar.close()
-        return centers, labels, _inertia(dist, weights), it + 1
+        inertia = _inertia(dist, weights)
+        if self._shards is not None:
+            inertia = float(self._shards.sum(torch.tensor(inertia, dtype=torch.float64, device=self._device)))
+        return centers, labels, inertia, it + 1
 
     def _column_sums(self, x: torch.Tensor, squares: bool) -> tuple[torch.Tensor, int]:
         """Per-feature sums of x's (prepared) chunks, of squares if `squares`: float64 [d], and n.
@@ -433,6 +469,8 @@ class KMeans:
                 part = (block * block if squares else block).sum(dim=0).double()
                 total = part if total is None else total + part
                 n += block.shape[0]
+        if self._shards is not None:
+            return self._shards.sum(total), self._shards.total
         return total, n
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
@@ -482,12 +520,15 @@ class KMeans:
         """Clusters x [n, d] (tensor or array-like); `y` is ignored; `sample_weight` [n] (>= 0)
         weighs each point in the means, the inertia and the k-means++ draws. Returns self."""
         self._check_params()
+        # sharded: every rank's shard checked, and the ranks agreed, before anything else
+        self._shards = _Shards.join(x, sample_weight) if self.distributed else None
         x, as_torch = _as_tensor(x, "x")
         source_device = x.device
         self._start(x)
         n, d = x.shape
-        if self.n_clusters > n:
-            raise ValueError(f"n_samples={n} should be >= n_clusters={self.n_clusters}")
+        if self.n_clusters > (n if self._shards is None else self._shards.total):
+            raise ValueError(f"n_samples={n if self._shards is None else self._shards.total} should be >= "
+                             f"n_clusters={self.n_clusters}")
         weights = self._sample_weight(sample_weight, n)
         mean = self._mean(x)  # also the NaN/Inf check
         if self.metric == "euclidean":
@@ -497,6 +538,8 @@ class KMeans:
         seed = next((s for s in (self.random_state, self.seed) if s is not None), None)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self._shards is not None:  # the same draws on every rank: rank 0's seed
+            seed = int(dist_helpers.broadcast_(torch.tensor([seed], dtype=torch.int64)).item())
         gen = torch.Generator().manual_seed(int(seed))
         user = not isinstance(self.init, str)
         best = None
@@ -506,7 +549,9 @@ class KMeans:
             if best is None or result[2] < best[2]:
                 best = result
         centers, labels, inertia, n_iter = best
-        found = int((torch.bincount(labels, minlength=self.n_clusters) > 0).sum())  # O(n), once per fit
+        sizes = torch.bincount(labels, minlength=self.n_clusters)  # O(n), once per fit
+        found = int(((sizes if self._shards is None else self._shards.sum(sizes)) > 0).sum())
+        self._shards = None  # predict, score and transform work on this rank's input alone
         if found < self.n_clusters:
             warnings.warn(f"Number of distinct clusters ({found}) found smaller than n_clusters "
                           f"({self.n_clusters}). Possibly due to duplicate points in x.", ConvergenceWarning,
@@ -634,3 +679,66 @@ def kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator,
         centers[c] = x.index_select(0, cand.index_select(0, best))[0]
         closest = dc.index_select(0, best)[0]
     return centers
+
+
+class _Shards:
+    """This rank's part of data sharded across torch.distributed ranks (KMeans(distributed=True)):
+    the rank-order concatenation of the shards is the data set, shard r starting at `offset`."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.rank = dist_helpers.rank()
+        self.sizes = sizes
+        self.offset = sum(sizes[: self.rank])
+        self.total = sum(sizes)
+
+    @classmethod
+    def join(cls, x, sample_weight) -> "_Shards":
+        """Checks this rank's shard, then agrees with the other ranks (every rank raises if one
+        shard is bad, or if their widths or dtypes differ)."""
+        dist_helpers.require_process_group("distributed")
+        problem, header = None, [0, 0, 0]
+        try:
+            if sample_weight is not None:
+                raise ValueError("sample_weight is not supported with distributed=True")
+            t, _ = _as_tensor(x, "x")  # no rows is an error here too: every rank needs a shard
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError("x contains NaN or Inf")
+            header = [t.shape[0], t.shape[1], _FLOAT_DTYPES.index(t.dtype)]
+        except (ValueError, TypeError) as e:
+            problem = e
+        table = dist_helpers.agree(problem, header).tolist()
+        for r, (_, d, code) in enumerate(table):
+            if (d, code) != tuple(table[0][1:]):
+                raise ValueError(f"x must have the same number of features and dtype on every rank, got "
+                                 f"{table[0][1]} {_FLOAT_DTYPES[table[0][2]]} on rank 0 and {d} {_FLOAT_DTYPES[code]} "
+                                 f"on rank {r}")
+        return cls([row[0] for row in table])
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return dist_helpers.sum_in_rank_order(t)
+
+    def any(self, flag: torch.Tensor) -> bool:
+        return dist_helpers.any_rank(bool(flag))
+
+    def rows_at(self, km: KMeans, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The rows at global indices `idx`, in idx's order, prepared as km._rows prepares them."""
+        idx = idx.cpu()
+        here = (idx >= self.offset) & (idx < self.offset + x.shape[0])
+        rows = km._rows(x, idx[here] - self.offset)
+        where = here.nonzero().flatten().to(rows.device)
+        (where, rows), _ = dist_helpers.all_gather_rows(where, rows, names=("positions", "rows"), allow_empty=True)
+        out = rows.new_empty(idx.shape[0], rows.shape[1])
+        out[where] = rows
+        return out
+
+    def farthest(self, km: KMeans, x, labels, dist, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, labels) of the m points farthest from their centroids over every shard, in the
+        single-process order (distance descending, ties to the lower global index): each rank's
+        own m farthest, gathered in rank order and sorted stably."""
+        order = torch.sort(dist, descending=True, stable=True).indices[:m]
+        device = km._device
+        parts = (dist[order].double().to(device), labels[order].to(device), km._rows(x, order))
+        (far_dist, far_labels, far_rows), _ = dist_helpers.all_gather_rows(
+            *parts, names=("distances", "labels", "rows"), allow_empty=True)
+        pick = torch.sort(far_dist, descending=True, stable=True).indices[:m]
+        return far_rows[pick], far_labels[pick]

@@ -322,6 +322,36 @@ def _tracker_job(rank, world, seed, n):
     bad.record(torch.tensor([n + 5 if rank == 1 else 0]), css=torch.ones(1))
     out["err_left_out"] = _error(bad.sync)
     out["err_size"] = _error(cx.ScoreTracker(n + rank).sync)
+    out["kmeans"] = _kmeans_part(rank, world, seed)
+    return out
+
+
+KMEANS_CASES = {  # name: (KMeans arguments, rows per rank, features)
+    "kmeans++ on a sample": (dict(n_clusters=4, init_sample_size=50), 40, 3),
+    "random init, cosine": (dict(n_clusters=3, init="random", metric="cosine"), 30, 4),
+    "empty clusters re-seeded": (dict(n_clusters=4, init=[[0.0, 0.0], [0.5, 0.5], [1e3, 1e3], [-1e3, 1e3]]), 25, 2),
+}
+
+
+def _kmeans_data(seed: int, world: int, rows: int, d: int) -> torch.Tensor:
+    """Three blobs, sorted by blob: the last rank holds the farthest one (the re-seeding case's
+    farthest points are then on another rank than rank 0)."""
+    g = torch.Generator().manual_seed(seed)
+    blob = torch.randint(0, 3, (world * rows, 1), generator=g).sort(dim=0).values
+    return torch.randn(world * rows, d, generator=g) + 4 * blob
+
+
+def _kmeans_part(rank, world, seed):
+    out = {}
+    for name, (kwargs, rows, d) in KMEANS_CASES.items():
+        x = _kmeans_data(seed, world, rows, d)[rank * rows : (rank + 1) * rows]
+        km = cx.KMeans(**kwargs, random_state=seed % 1000, max_iter=20, distributed=True).fit(x)
+        out[name] = (km.cluster_centers_, km.labels_, km.n_iter_, km.inertia_)
+    km = cx.KMeans(n_clusters=2, distributed=True)
+    out["err_width"] = _error(lambda: km.fit(torch.randn(6, 3 + (rank == 1))))
+    out["err_empty"] = _error(lambda: km.fit(torch.randn(0 if rank == 2 else 6, 3)))
+    out["err_nan"] = _error(lambda: km.fit(torch.full((6, 3), float("nan") if rank == 0 else 1.0)))
+    out["err_k"] = _error(lambda: cx.KMeans(n_clusters=7, distributed=True).fit(torch.randn(2, 3)))
     return out
 
 
@@ -365,3 +395,35 @@ def test_tracker_sync_errors_and_rank0_save(tracker_run):
     assert "rank(s) [1]" in ranks[0]["err_left_out"] and "rank(s) [1]" in ranks[2]["err_left_out"]
     for res in ranks:
         assert "differs between ranks" in res["err_size"]
+
+
+# ---------------------------------------------------------------- k-means
+
+
+@pytest.mark.parametrize("case", list(KMEANS_CASES))
+def test_sharded_kmeans_equals_the_single_process_fit(tracker_run, case):
+    kwargs, rows, d = KMEANS_CASES[case]
+    world, seed = tracker_run["world"], tracker_run["seed"]
+    x = _kmeans_data(seed, world, rows, d)
+    # streamed in chunks of the shards' size, the single process adds the same sums in the same order
+    streamed = cx.KMeans(**kwargs, random_state=seed % 1000, max_iter=20, batch_size=rows).fit(x)
+    in_memory = cx.KMeans(**kwargs, random_state=seed % 1000, max_iter=20).fit(x)
+    for r, res in enumerate(tracker_run["ranks"]):
+        centers, labels, n_iter, inertia = res["kmeans"][case]
+        assert torch.equal(centers, streamed.cluster_centers_), f"rank {r}"
+        assert torch.equal(labels, streamed.labels_[r * rows : (r + 1) * rows])
+        assert n_iter == streamed.n_iter_
+        assert inertia == pytest.approx(streamed.inertia_, rel=1e-9)
+        assert torch.allclose(centers, in_memory.cluster_centers_, atol=1e-5)
+
+
+def test_sharded_kmeans_bad_input_raises_on_every_rank(tracker_run):
+    for r, res in enumerate(tracker_run["ranks"]):
+        errors = res["kmeans"]
+        assert "same number of features" in errors["err_width"] and "rank 1" in errors["err_width"]
+        assert ("0 sample(s)" in errors["err_empty"]) == (r == 2)
+        assert r == 2 or "rank(s) [2]" in errors["err_empty"]
+        assert ("NaN or Inf" in errors["err_nan"]) == (r == 0)
+        assert "n_samples=6 should be >= n_clusters=7" in errors["err_k"]
+    with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed"):
+        cx.KMeans(n_clusters=2, distributed=True).fit(torch.randn(5, 2))
