@@ -36,6 +36,10 @@ TORCH_LIBRARY(coreset_ext, m) {
   // scores[index[i]] += values[i] for every i; duplicates are summed. Bounds are checked by the
   // kernels themselves (CPU: error before any write; CUDA: out-of-range entries are skipped).
   m.def("score_scatter_add_(Tensor(a!) scores, Tensor index, Tensor values, bool deterministic) -> ()");
+  // CPU only: the same, skipping entries with a bad index or (check_values) a non-finite value and
+  // recording them in flags (ops/scatter.py DeviceErrors.flags); validate="device" on the CPU.
+  m.def("score_scatter_add_screened_cpu(Tensor(a!) scores, Tensor index, Tensor values, Tensor(b!) flags, "
+        "bool check_values) -> ()");
   // ---- kmeans (issue 4) ----
   // Per-cluster sums [k, d] (float32; float64 for float64 x) and counts [k] int64 of the rows of
   // x grouped by labels (int64). Deterministic, no float atomics. Bounds checked by the kernels

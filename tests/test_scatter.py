@@ -105,8 +105,9 @@ def test_bad_input(device):
     assert s[1].item() == float("inf")  # what validate=False is for
 
 
+@pytest.mark.parametrize("index_dtype,value_dtype", [(torch.int64, torch.float32), (torch.int32, torch.bfloat16)])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_device_validation_leaves_bad_entries_out_and_reports_them(device, gen):
+def test_device_validation_leaves_bad_entries_out_and_reports_them(device, index_dtype, value_dtype, gen):
     """validate="device" (the default): no host synchronisation; entries with an index out of
     range or a non-finite value are not written (the rest are, duplicates summed), and the next
     host-side check (check_scatter_errors, or a call with validate=True) raises naming the
@@ -119,6 +120,7 @@ def test_device_validation_leaves_bad_entries_out_and_reports_them(device, gen):
     values[bad[2:4]] = torch.tensor([float("nan"), float("-inf")])
     good = torch.ones(m, dtype=torch.bool)
     good[bad[:4]] = False
+    index, values = index.to(index_dtype), values.to(value_dtype)  # (the CPU screen is one C++ pass per dtype pair)
     expected = naive(torch.zeros(n), index[good], values[good])
     s = torch.zeros(n, device=device)
     cx.ops.score_scatter_add_(s, index.to(device), values.to(device))

@@ -175,6 +175,11 @@ def score_scatter_add_(
         errors = _PENDING.get(scores)
         if errors is None:
             errors = _PENDING[scores] = DeviceErrors(scores.shape[0], ("values",), scores.device)
+        if scores.device.type == "cpu" and _backend.resolve("score_scatter_add_", "cpu") == "cpp":
+            # the same screen fused into the CPU kernel: one pass, not six ATen calls (about 20x at
+            # a training step's few hundred entries)
+            torch.ops.coreset_ext.score_scatter_add_screened_cpu(scores, index, values, errors.flags, True)
+            return scores
         index, screened, _ = errors.screen(index, {"values": values})
         values = screened["values"]
     try:
