@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "library_version", "load_npz", "read_npz", "reading", "save_npz"]
+__all__ = ["FORMAT_VERSION", "atomic_write_bytes", "atomic_write_csv", "library_version", "load_npz", "read_npz",
+           "reading", "save_npz"]
 
 # The version of the layout of every file below; a reader refuses files newer than itself.
 FORMAT_VERSION = 1
@@ -73,6 +74,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_csv(path: str | os.PathLike, fields, rows) -> None:
+    """Writes `rows` (dicts; keys beyond `fields` are left out) as a CSV table with a header,
+    atomically (`atomic_write_bytes`)."""
+    import csv
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> None:

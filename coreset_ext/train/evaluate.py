@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 from coreset_ext._validation import Interval, check
-from coreset_ext.io import atomic_write_bytes
+from coreset_ext.io import atomic_write_bytes, atomic_write_csv
 from coreset_ext.select import Selection, needs_labels, select
 from coreset_ext.train.data import ArrayDataset, as_data, load_dataset
 from coreset_ext.train.models import build_encoder, evaluating_on
@@ -322,13 +321,8 @@ def write_results(rows: list[dict], out_dir: str | Path, *, title: str = "accura
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    for name, fields, data in (("results.csv", FIELDS, rows),
-                               ("summary.csv", SUMMARY_FIELDS, summary)):
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
-        w.writeheader()
-        w.writerows(data)
-        atomic_write_bytes(out_dir / name, buf.getvalue().encode())
+    atomic_write_csv(out_dir / "results.csv", FIELDS, rows)
+    atomic_write_csv(out_dir / "summary.csv", SUMMARY_FIELDS, summary)
     md = markdown_table(summary)
     atomic_write_bytes(out_dir / "results.md", md.encode())
     plot = out_dir / "accuracy_vs_fraction.png"
@@ -358,7 +352,7 @@ def plot_summary(summary: list[dict], path: str | Path, *, title: str = "") -> N
                         marker="o", markersize=4, capsize=3, label=m, **style[m])
         ax.set_ylabel("test accuracy (%)")
         _finish_panel(ax, ev, title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def plot_differences(summary: list[dict], path: str | Path, *, title: str = "", reference: str = REFERENCE) -> None:
@@ -386,7 +380,7 @@ def plot_differences(summary: list[dict], path: str | Path, *, title: str = "", 
                         marker="o", markersize=4, capsize=3, label=m, **style[m])
         ax.set_ylabel(f"accuracy − {reference} (points, paired; 95% t interval)")
         _finish_panel(ax, ev, title)
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 def _method_styles(summary: list[dict]) -> dict:
@@ -410,7 +404,8 @@ def _finish_panel(ax, ev: str, title: str) -> None:
     ax.legend(fontsize=8)
 
 
-def _save_figure(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path) -> None:
+    """Writes a matplotlib figure as a PNG (110 dpi, tight layout) atomically and closes it."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

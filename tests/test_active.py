@@ -1,0 +1,243 @@
+"""Active learning in realistic pools: the pool and its oracle, every method on a tiny pool, the
+learner's saved state and resume, the contrastive method's use of OOD/ambiguous answers, bad input,
+the benchmark's tables and the CLI command."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import coreset_ext.active as al
+from coreset_ext.active.acquire import RoundInputs, acquire, id_probability
+from coreset_ext.active.benchmark import summarize_active
+from coreset_ext.cli import main
+from coreset_ext.train.data import ArrayDataset, load_tensor_file, with_index
+
+pytest.importorskip("sklearn")
+TINY = al.FeatureConfig(epochs_first=1, epochs=1, width=8, batch_size=64)
+
+
+def labelled_images(seed: int, n: int = 96, classes: int = 8) -> ArrayDataset:
+    """Random 8x8 images whose class shifts their brightness pattern (fresh per seed)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    pattern = torch.rand(classes, 1, 8, 8, generator=g)
+    x = (0.6 * pattern[y] + 0.4 * torch.rand(n, 1, 8, 8, generator=g)).clamp(0, 1)
+    return ArrayDataset(x, y)
+
+
+@pytest.fixture
+def seed():
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def test_pool_kinds_oracle_and_what_the_learner_sees(seed):
+    data = labelled_images(seed)
+    pool = al.make_realistic_pool(data, id_classes=[0, 1, 2, 3], ood_classes=[5, 6], ambiguous_fraction=0.25,
+                                  ood_fraction=0.25, seed=seed, ambiguous="mixed")
+    n = len(pool.dataset)
+    counts = pool.counts
+    assert counts["ood"] == round(0.25 * n) and counts["ambiguous"] == round(0.25 * n) and sum(counts.values()) == n
+    assert bool((pool.dataset.labels == -1).all())  # nothing of the truth reaches the learner's data
+    labels, kinds = pool.oracle.label(torch.arange(n))
+    x = pool.dataset.data.reshape(n, -1).double()
+    src = data.data.reshape(len(data), -1).double()
+    # ID and OOD examples are copies of examples of their classes; the oracle's class is the ID rank
+    for i in torch.nonzero(kinds < 2).flatten().tolist():
+        j = int(torch.cdist(x[i:i + 1], src).argmin())
+        assert float(torch.dist(x[i], src[j])) < 1e-6
+        cls = int(data.labels[j])
+        assert (cls in (0, 1, 2, 3) and kinds[i] == 0 and labels[i] == cls) or \
+               (cls in (5, 6) and kinds[i] == 1 and labels[i] == -1)
+    # blends: lam * a + (1 - lam) * b of two ID examples of different classes, lam in [0.4, 0.6];
+    # the rest of the ambiguous ones are noisy copies (no such pair), within the data's range
+    id_src = torch.nonzero(data.labels < 4).flatten().tolist()
+    blends = 0
+    for i in torch.nonzero(kinds == 2).flatten().tolist():
+        assert labels[i] == -1
+        found = False
+        for a, b in itertools.permutations(id_src, 2):
+            d = src[a] - src[b]
+            lam = float((x[i] - src[b]) @ d / (d @ d))
+            if 0.4 - 1e-6 <= lam <= 0.6 + 1e-6 and float(torch.dist(x[i], lam * src[a] + (1 - lam) * src[b])) < 1e-4:
+                found = data.labels[a] != data.labels[b]
+                break
+        blends += found
+    assert blends == (counts["ambiguous"] + 1) // 2
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+
+
+def test_pool_reads_tensor_files_and_any_indexed_dataset(tmp_path, seed):
+    data = labelled_images(seed)
+    path = tmp_path / "pool.npz"
+    np.savez(path, images=data.data.numpy(), labels=data.labels.numpy())
+    dataset = torch.utils.data.TensorDataset(data.data, data.labels)
+    pools = [al.make_realistic_pool(d, [0, 1, 2], [4, 5], 0.2, 0.2, seed=3)
+             for d in (data, load_tensor_file(path), with_index(dataset), dataset)]
+    for p in pools[1:]:
+        assert torch.equal(p.dataset.data, pools[0].dataset.data)
+        assert torch.equal(p.oracle.kinds, pools[0].oracle.kinds)
+    test = pools[0].test_set(data)
+    assert set(test.labels.tolist()) == {0, 1, 2} and len(test) == int((data.labels < 3).sum())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"id_classes": [0, 1], "ood_classes": [1, 5]}, r"classes \[1\] are in both"),
+    ({"id_classes": [], "ood_classes": [5]}, "give at least one in-distribution class"),
+    ({"id_classes": [0, 1], "ood_classes": [5], "ambiguous_fraction": 0.5, "ood_fraction": 0.5}, "below 1"),
+    ({"id_classes": [0, 1], "ood_classes": [42]}, r"no example of class\(es\) \[42\]"),
+    ({"id_classes": [0], "ood_classes": [5]}, "blends need two ID classes"),
+    ({"id_classes": [0, 1], "ood_classes": []}, "no OOD class is given"),
+    ({"id_classes": [0, 0], "ood_classes": [5]}, "id_classes must be distinct"),
+])
+def test_pool_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        al.make_realistic_pool(labelled_images(0), **{"ambiguous_fraction": 0.2, "ood_fraction": 0.2, **kwargs})
+
+
+def tiny_pool(seed: int):
+    return al.make_realistic_pool(labelled_images(seed), [0, 1, 2, 3], [5, 6], 0.2, 0.3, seed=seed)
+
+
+@pytest.mark.parametrize("method", al.METHODS.values)
+def test_every_method_runs_rounds_on_a_tiny_pool(method, seed):
+    pool = tiny_pool(seed % 1000)
+    test = pool.test_set(labelled_images(seed % 1000))
+    learner = al.ActiveLearner(pool.dataset, method=method, seed=1, features=TINY)
+    seen = set()
+    for r in range(2):
+        picks = learner.query(6)
+        assert picks.numel() == 6 and torch.unique(picks).numel() == 6 and not seen & set(picks.tolist())
+        seen |= set(picks.tolist())
+        learner.update(picks, *pool.oracle.label(picks))
+        acc = learner.evaluate(test)
+        assert math.isnan(acc) or 0.0 <= acc <= 1.0
+    assert sum(learner.counts().values()) == 12 and learner.round == 2
+    assert [h["labels_spent"] for h in learner.history] == [6, 12]
+
+
+def test_resume_after_a_crash_loses_nothing(tmp_path, seed):
+    pool = tiny_pool(seed % 1000)
+
+    def run(learner, rounds):
+        out = []
+        for _ in range(rounds):
+            picks = learner.query(5)
+            out.append(picks.tolist())
+            learner.update(picks, *pool.oracle.label(picks))
+        return out
+
+    whole = run(al.ActiveLearner(pool.dataset, seed=2, features=TINY), 3)
+    state = tmp_path / "state.npz"
+    first = al.ActiveLearner(pool.dataset, seed=2, features=TINY, state_path=state)
+    part = run(first, 1)
+    pending = first.query(5).tolist()  # "crash" with a query out for annotation
+    again = al.ActiveLearner(pool.dataset, seed=2, features=TINY, state_path=state)
+    assert again.round == 1 and again.query(5).tolist() == pending
+    again.update(torch.tensor(pending), *pool.oracle.label(pending))
+    part += [pending] + run(al.ActiveLearner(pool.dataset, seed=2, features=TINY, state_path=state), 1)
+    assert part == whole
+
+
+def test_bad_input_to_the_learner(tmp_path, seed):
+    pool = tiny_pool(seed % 1000)
+    n = len(pool.dataset)
+    learner = al.ActiveLearner(pool.dataset, method="random", seed=0, state_path=tmp_path / "s.npz")
+    with pytest.raises(ValueError, match=f"budget: {n + 1} is larger than the {n} examples"):
+        learner.query(n + 1)
+    with pytest.raises(ValueError, match="never queried"):
+        learner.update([0], [0], ["id"])
+    picks = learner.query(4)
+    outside = int(torch.nonzero(~torch.isin(torch.arange(n), picks))[0])
+    with pytest.raises(ValueError, match=rf"\[{outside}\] were never queried in this round"):
+        learner.update(torch.cat([picks, torch.tensor([outside])]), [0] * 5, ["id"] * 5)
+    with pytest.raises(ValueError, match="have no answer"):
+        learner.update(picks[:3], [0] * 3)
+    with pytest.raises(ValueError, match="labels: ID examples need a class in 0..3"):
+        learner.update(picks, [0, 1, 2, 9], ["id"] * 4)
+    with pytest.raises(ValueError, match="label -1"):
+        learner.update(picks, [0, 1, 2, 3], ["id", "id", "id", "ood"])
+    with pytest.raises(ValueError, match="kinds must be 'id', 'ood' or 'ambiguous'"):
+        learner.update(picks, [0, 1, 2, -1], ["id", "id", "id", "alien"])
+    with pytest.raises(ValueError, match="await update"):
+        learner.query(5)
+    learner.update(picks, [0, 1, 2, -1], ["id", "id", "id", "ambiguous"])
+    other = tiny_pool(seed % 1000 + 1)
+    with pytest.raises(ValueError, match="resume: .* belongs to another pool"):
+        al.ActiveLearner(other.dataset, method="random", seed=0, state_path=tmp_path / "s.npz")
+    with pytest.raises(ValueError, match="method: 'random' in the state, 'kcenter' now"):
+        al.ActiveLearner(pool.dataset, method="kcenter", seed=0, state_path=tmp_path / "s.npz")
+    with pytest.raises(ValueError, match="method must be one of"):
+        al.ActiveLearner(pool.dataset, method="nope")
+
+
+def test_id_probability_matches_a_plain_loop(gen):
+    f = torch.nn.functional.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
+    queried = torch.randperm(30, generator=gen)[:9]
+    is_id = torch.rand(9, generator=gen) < 0.5
+    got = id_probability(f, queried, is_id, tau=0.2, prior_weight=0.5)
+    prior = (int(is_id.sum()) + 1) / (9 + 2)
+    for i in range(30):
+        w = [math.exp((float(f[i] @ f[j]) - 1) / 0.2) for j in queried.tolist()]
+        want = (sum(wj for wj, y in zip(w, is_id.tolist()) if y) + 0.5 * prior) / (sum(w) + 0.5)
+        assert abs(float(got[i]) - want) < 1e-12
+
+
+def test_the_contrastive_method_avoids_what_the_oracle_marked(gen):
+    # three blobs on the sphere: two in-distribution, one where every answer so far was OOD
+    centres = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1) * 5
+    x = torch.cat([c + 0.3 * torch.randn(60, 8, generator=gen) for c in centres])
+    f = torch.nn.functional.normalize(x, dim=1)
+    blob = torch.arange(180) // 60
+    queried = torch.cat([torch.arange(0, 3), torch.arange(60, 63), torch.arange(120, 126)])
+    kinds = (blob[queried] == 2).long()  # 1 = ood
+    labels = torch.where(kinds == 0, blob[queried], torch.tensor(-1))
+    inputs = RoundInputs(180, f, queried, labels, kinds, 2, seed=0)
+    aware = acquire("contrastive", 20, inputs)
+    unaware = acquire("contrastive-ood-unaware", 20, inputs)
+    assert int((blob[aware] == 2).sum()) == 0
+    assert int((blob[unaware] == 2).sum()) > 0
+    assert not torch.isin(aware, queried).any()
+
+
+def test_uncertainty_picks_the_boundary(gen):
+    # two classes on a line; the unlabelled points nearest the middle are the least certain
+    t = torch.linspace(-1, 1, 41, dtype=torch.float64)
+    f = torch.nn.functional.normalize(torch.stack([t, torch.ones_like(t)], 1), dim=1)
+    queried = torch.tensor([0, 1, 2, 38, 39, 40])
+    inputs = RoundInputs(41, f, queried, torch.tensor([0, 0, 0, 1, 1, 1]), torch.zeros(6, dtype=torch.long), 2, 0)
+    for method in ("entropy", "margin"):
+        picks = acquire(method, 3, inputs)
+        assert set(picks.tolist()) <= {19, 20, 21}, method
+
+
+def test_summary_of_rounds():
+    rows = [{"method": "a", "seed": s, "round": r, "labels_spent": 10 * (r + 1), "picked_id": 6, "picked_ood": 3 + s,
+             "picked_ambiguous": 1, "accuracy": 0.5 + 0.1 * r + 0.02 * s} for s in (0, 1) for r in (0, 1)]
+    out = summarize_active(rows)
+    assert [(s["round"], s["labels_spent"]) for s in out] == [(0, 10), (1, 20)]
+    assert out[1]["accuracy_mean"] == pytest.approx(0.61) and out[1]["accuracy_std"] == pytest.approx(0.02 / 2 ** 0.5)
+    assert out[1]["wasted_mean"] == pytest.approx(4.5) and out[1]["wasted_total_mean"] == pytest.approx(9.0)
+
+
+def test_cli_active_writes_tables_and_resumes(tmp_path, capsys):
+    argv = ["active", "--out", str(tmp_path / "al"), "--rounds", "2", "--budget", "8", "--seeds", "1",
+            "--method", "contrastive", "random", "--epochs-first", "1", "--epochs", "1", "--width", "8",
+            "--no-progress"]
+    assert main(argv) == 0
+    out = tmp_path / "al"
+    for name in ("rounds.csv", "summary.csv", "results.md", "active_learning.png", "seed0/contrastive.npz"):
+        assert (out / name).is_file(), name
+    assert len((out / "rounds.csv").read_text().splitlines()) == 1 + 2 * 2
+    first = (out / "rounds.csv").read_text()
+    assert main(argv) == 0 and (out / "rounds.csv").read_text() == first  # resumed: nothing redone, same rows
+    capsys.readouterr()
+    assert main(argv[:-1] + ["--budget", "9", "--no-progress"]) == 2
+    assert "resume:" in capsys.readouterr().err
+    assert main(["active", "--out", str(tmp_path / "b"), "--budget", "5000", "--seeds", "1", "--no-progress"]) == 2
+    assert "budget:" in capsys.readouterr().err
+    assert main(["active", "--out", str(tmp_path / "c"), "--id-classes", "0-5", "--ood-classes", "5-9",
+                 "--no-progress"]) == 2
+    assert "in both" in capsys.readouterr().err
