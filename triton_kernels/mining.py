@@ -41,6 +41,7 @@ from ._tiles import (
     own_rows,
     split_columns,
     store_rows,
+    update_lse,
 )
 from .launch import block_d, cdiv, num_sms, on_tensor_device
 
@@ -78,6 +79,25 @@ def band_mask(u, rows, row_ok, cols, col_ok, lo_ptr, hi_ptr, n_pairs, n_rows, PA
     return keep
 
 
+@triton.jit
+def row_block(x_ptr, inv_x_ptr, n_rows, d, stride_x, inv_t, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's anchors: (rows, row_ok, dims, dim_ok, raw row block, logit scale r_i log2(e)/t)."""
+    rows, row_ok = own_rows(n_rows, BLOCK_M)
+    dims, dim_ok = feature_dims(d, BLOCK_D)
+    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
+    return rows, row_ok, dims, dim_ok, xr, load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, True, BLOCK_M)
+
+
+@triton.jit
+def column_tile(start, hi, xr, scale_r, y_ptr, inv_y_ptr, dims, dim_ok, stride_y, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """(cols, col_ok, base-2 logits u [rows, cols]) of the candidates start .. start + BLOCK_N."""
+    cols = start + tl.arange(0, BLOCK_N)
+    col_ok = cols < hi
+    yc = load_rows(y_ptr, cols, col_ok, dims, dim_ok, stride_y)
+    return cols, col_ok, compute_logits(xr, yc, scale_r, inv_y_ptr, cols, col_ok, True, PRECISION)
+
+
 @triton.jit(do_not_specialize=["n_rows", "n_pairs", "n_cols"])
 def _band_lse_kernel(
     x_ptr, inv_x_ptr, y_ptr, inv_y_ptr, lo_ptr, hi_ptr, m_part_ptr, l_part_ptr, n_rows, n_pairs, n_cols, d,
@@ -85,25 +105,18 @@ def _band_lse_kernel(
     PAIRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # Base-2 (max, sum of 2^(u - max)) of each row's logits in its band, over this split's columns.
-    rows, row_ok = own_rows(n_rows, BLOCK_M)
-    dims, dim_ok = feature_dims(d, BLOCK_D)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
-    scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, True, BLOCK_M)
+    # Base-2 (max, sum of 2^(u - max)) of each row's logits in its band, over this split's columns
+    # (a running maximum: the band may be empty, and t is any temperature the op takes).
+    rows, row_ok, dims, dim_ok, xr, scale_r = row_block(x_ptr, inv_x_ptr, n_rows, d, stride_x, inv_t, BLOCK_M,
+                                                        BLOCK_D)
     lo, hi = split_columns(n_cols, True, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        yc = load_rows(y_ptr, cols, col_ok, dims, dim_ok, stride_y)
-        u = compute_logits(xr, yc, scale_r, inv_y_ptr, cols, col_ok, True, PRECISION)
-        u = tl.where(band_mask(u, rows, row_ok, cols, col_ok, lo_ptr, hi_ptr, n_pairs, n_rows, PAIRED, False), u,
-                     float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(u, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no column of the band seen yet
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(u - m_safe[:, None]), axis=1)
-        m_i = m_new
+        cols, col_ok, u = column_tile(start, hi, xr, scale_r, y_ptr, inv_y_ptr, dims, dim_ok, stride_y, BLOCK_N,
+                                      PRECISION)
+        keep = band_mask(u, rows, row_ok, cols, col_ok, lo_ptr, hi_ptr, n_pairs, n_rows, PAIRED, False)
+        m_i, l_i = update_lse(m_i, l_i, tl.where(keep, u, float("-inf")), False)
     part = tl.program_id(1) * n_rows + rows
     tl.store(m_part_ptr + part, m_i, mask=row_ok)
     tl.store(l_part_ptr + part, l_i, mask=row_ok)
@@ -119,19 +132,15 @@ def _band_bwd_kernel(
     # acc_i = sum_j w_ij yhat_j over this split's columns, into slot program_id(1):
     # w_ij = g_i 2^(u_ij - lse_i) in row i's band, plus (PAIRED: the columns are the rows, s is
     # symmetric) g_j 2^(u_ij - lse_j) in column j's band, with lse in base-2 units.
-    rows, row_ok = own_rows(n_rows, BLOCK_M)
-    dims, dim_ok = feature_dims(d, BLOCK_D)
-    xr = load_rows(x_ptr, rows, row_ok, dims, dim_ok, stride_x)
-    scale_r = load_logit_scale(inv_x_ptr, rows, row_ok, inv_t, True, BLOCK_M)
+    rows, row_ok, dims, dim_ok, xr, scale_r = row_block(x_ptr, inv_x_ptr, n_rows, d, stride_x, inv_t, BLOCK_M,
+                                                        BLOCK_D)
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
     lo, hi = split_columns(n_cols, True, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        yc = load_rows(y_ptr, cols, col_ok, dims, dim_ok, stride_y)
-        u = compute_logits(xr, yc, scale_r, inv_y_ptr, cols, col_ok, True, PRECISION)
+        cols, col_ok, u = column_tile(start, hi, xr, scale_r, y_ptr, inv_y_ptr, dims, dim_ok, stride_y, BLOCK_N,
+                                      PRECISION)
         keep = band_mask(u, rows, row_ok, cols, col_ok, lo_ptr, hi_ptr, n_pairs, n_rows, PAIRED, False)
         w = tl.where(keep, g_r[:, None] * tl.exp2(tl.where(keep, u, 0.0) - lse_r[:, None]), 0.0)
         if PAIRED:
