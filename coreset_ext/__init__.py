@@ -22,6 +22,7 @@ from coreset_ext.scores import ScoreTracker, TrainingDynamics  # noqa: E402
 from coreset_ext.select import Selection, select  # noqa: E402
 from coreset_ext.train.data import with_index  # noqa: E402
 from coreset_ext.train.embed import score  # noqa: E402
+from coreset_ext import active  # noqa: E402  (active learning in realistic pools: cx.active.ActiveLearner)
 
-__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "distributed", "nn", "ops", "reference", "score",
+__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "active", "distributed", "nn", "ops", "reference", "score",
            "select", "with_index", "__version__"]
