@@ -109,7 +109,83 @@ def _batch_problem(z1, z2, index, tracker, scores) -> ValueError | None:
     return None
 
 
-class MoCoLoss(torch.nn.Module):
+class _KeyQueue:
+    """The ring of past keys a MoCo-form loss owns (MoCoLoss, PotentialMiningLoss with a queue):
+    buffers `queue` [queue_size, dim] (random unit rows at first) and `ptr`. A forward reserves the
+    next slots for its keys (`_defer_enqueue`) and they are written at the start of the next
+    forward (`flush_`), or at `state_dict()`; see MoCoLoss for why."""
+
+    queue: torch.Tensor
+    ptr: torch.Tensor
+
+    def _init_queue(self, dim: int, queue_size: int) -> None:
+        self.register_buffer("queue", reference.normalize(torch.randn(queue_size, dim)))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, keys) of the last forward
+        self._arange: dict[int, torch.Tensor] = {}
+        # a saved state holds the pending keys; a loaded one replaces them
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_())
+        self.register_load_state_dict_pre_hook(lambda module, *args: setattr(module, "_pending", None))
+
+    def _defer_enqueue(self, k: torch.Tensor) -> None:
+        """Reserves the ring's next slots for k, written by the next flush_."""
+        slots, keys = self._reserve(k)
+        # a copy of the B keys (never of the queue): the caller may refill k's storage before the
+        # next step (a static input buffer under CUDA graphs)
+        self._pending = slots, keys.to(self.queue.dtype, copy=True)
+
+    def flush_(self) -> None:
+        """Writes the keys of the last forward into the slots reserved for them (a no-op when
+        there are none); forward and state_dict call it."""
+        if self._pending is not None:
+            slots, k = self._pending
+            self._pending = None
+            self._write(slots, k)  # no grad needed: k was detached and copied at forward
+
+    @torch.no_grad()
+    def enqueue_(self, k: torch.Tensor) -> None:
+        """Writes the keys k [B, dim] into the ring at `ptr` (wrapping) now and advances `ptr`."""
+        self._check_keys(k)
+        self.flush_()
+        self._write(*self._reserve(k))
+
+    def _check_keys(self, k: torch.Tensor) -> None:
+        if not isinstance(k, torch.Tensor) or k.dim() != 2 or k.shape[1] != self.queue.shape[1]:
+            shape = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+            raise ValueError(f"k must have shape [batch, {self.queue.shape[1]}], got {shape}")
+
+    def _reserve(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ring slots for k's rows, the rows to write there), advancing `ptr` past them."""
+        size = self.queue.shape[0]
+        k = k.detach()
+        b = k.shape[0]
+        if b > size:  # only the newest queue_size keys survive one pass around the ring
+            self.ptr.add_(b - size).remainder_(size)
+            k, b = k[b - size:], size
+        slots = torch.add(self.ptr, self._offsets(b)).remainder_(size)
+        self.ptr.add_(b).remainder_(size)
+        return slots, k
+
+    def _offsets(self, b: int) -> torch.Tensor:
+        """arange(b) on the queue's device, kept for the batch sizes seen (one operation less per
+        step; a training loop sees one or two sizes)."""
+        offsets = self._arange.get(b)
+        if offsets is None or offsets.device != self.queue.device:
+            if len(self._arange) >= 8:
+                self._arange.clear()
+            offsets = self._arange[b] = torch.arange(b, device=self.queue.device)
+        return offsets
+
+    def _write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
+        if k.dtype != self.queue.dtype:
+            k = k.to(self.queue.dtype)
+        # A key holding NaN or Inf would poison every later loss until the ring came round: its
+        # slot keeps the key it held instead (decided on the device, no host synchronisation).
+        finite = torch.isfinite(k).all(dim=1, keepdim=True)
+        self.queue.index_copy_(0, slots, torch.where(finite, k, self.queue.index_select(0, slots)))
+
+
+class MoCoLoss(_KeyQueue, torch.nn.Module):
     """MoCo InfoNCE against a queue of past keys that this module owns; see `ops.info_nce_queue`.
 
     The queue [queue_size, dim] is a buffer initialised with random unit rows (as in MoCo) and used
@@ -161,13 +237,7 @@ class MoCoLoss(torch.nn.Module):
         self.temperature = check_temperature(temperature)
         self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
-        self.register_buffer("queue", reference.normalize(torch.randn(queue_size, dim)))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (slots, keys) of the last forward
-        self._arange: dict[int, torch.Tensor] = {}
-        # a saved state holds the pending keys; a loaded one replaces them
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_())
-        self.register_load_state_dict_pre_hook(lambda module, *args: setattr(module, "_pending", None))
+        self._init_queue(dim, queue_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
@@ -181,10 +251,7 @@ class MoCoLoss(torch.nn.Module):
         out = ops.info_nce_queue(q, k, self.queue, self.temperature, normalize=self.normalize,
                                  reduction=self.reduction, index=index, tracker=tracker, scores=scores,
                                  return_cos=return_cos, validate=validate)
-        slots, keys = self._reserve(enqueued)
-        # a copy of the B keys (never of the queue): the caller may refill k's storage before the
-        # next step (a static input buffer under CUDA graphs)
-        self._pending = slots, keys.to(self.queue.dtype, copy=True)
+        self._defer_enqueue(enqueued)
         return out
 
     def _gathered_keys(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -206,56 +273,6 @@ class MoCoLoss(torch.nn.Module):
             distributed.broadcast_(self.ptr)
             self._queue_shared = True
         return keys
-
-    def flush_(self) -> None:
-        """Writes the keys of the last forward into the slots reserved for them (a no-op when
-        there are none); forward and state_dict call it."""
-        if self._pending is not None:
-            slots, k = self._pending
-            self._pending = None
-            self._write(slots, k)  # no grad needed: k was detached and copied at forward
-
-    @torch.no_grad()
-    def enqueue_(self, k: torch.Tensor) -> None:
-        """Writes the keys k [B, dim] into the ring at `ptr` (wrapping) now and advances `ptr`."""
-        self._check_keys(k)
-        self.flush_()
-        self._write(*self._reserve(k))
-
-    def _check_keys(self, k: torch.Tensor) -> None:
-        if not isinstance(k, torch.Tensor) or k.dim() != 2 or k.shape[1] != self.queue.shape[1]:
-            shape = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
-            raise ValueError(f"k must have shape [batch, {self.queue.shape[1]}], got {shape}")
-
-    def _reserve(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the ring slots for k's rows, the rows to write there), advancing `ptr` past them."""
-        size = self.queue.shape[0]
-        k = k.detach()
-        b = k.shape[0]
-        if b > size:  # only the newest queue_size keys survive one pass around the ring
-            self.ptr.add_(b - size).remainder_(size)
-            k, b = k[b - size:], size
-        slots = torch.add(self.ptr, self._offsets(b)).remainder_(size)
-        self.ptr.add_(b).remainder_(size)
-        return slots, k
-
-    def _offsets(self, b: int) -> torch.Tensor:
-        """arange(b) on the queue's device, kept for the batch sizes seen (one operation less per
-        step; a training loop sees one or two sizes)."""
-        offsets = self._arange.get(b)
-        if offsets is None or offsets.device != self.queue.device:
-            if len(self._arange) >= 8:
-                self._arange.clear()
-            offsets = self._arange[b] = torch.arange(b, device=self.queue.device)
-        return offsets
-
-    def _write(self, slots: torch.Tensor, k: torch.Tensor) -> None:
-        if k.dtype != self.queue.dtype:
-            k = k.to(self.queue.dtype)
-        # A key holding NaN or Inf would poison every later loss until the ring came round: its
-        # slot keeps the key it held instead (decided on the device, no host synchronisation).
-        finite = torch.isfinite(k).all(dim=1, keepdim=True)
-        self.queue.index_copy_(0, slots, torch.where(finite, k, self.queue.index_select(0, slots)))
 
     def extra_repr(self) -> str:
         extra = ", gather_distributed=True" if self.gather_distributed else ""
