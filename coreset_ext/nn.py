@@ -19,9 +19,10 @@ import torch
 from coreset_ext import distributed, ops, reference
 from coreset_ext._validation import (POSITIVE_INT, REDUCTIONS, check, check_per_row, check_temperature, check_tensor,
                                      describe)
+from coreset_ext.ops.mining import check_options as check_mining_options
 from coreset_ext.ops.scatter import INDEX_DTYPES
 
-__all__ = ["NTXentLoss", "MoCoLoss"]
+__all__ = ["NTXentLoss", "MoCoLoss", "PotentialMiningLoss"]
 
 
 class NTXentLoss(torch.nn.Module):
@@ -277,3 +278,71 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
     def extra_repr(self) -> str:
         extra = ", gather_distributed=True" if self.gather_distributed else ""
         return f"dim={self.queue.shape[1]}, queue_size={self.queue.shape[0]}, temperature={self.temperature}{extra}"
+
+
+class PotentialMiningLoss(_KeyQueue, torch.nn.Module):
+    """Contrastive learning with mined potential samples (METHODS.md section 4); see
+    `ops.potential_mining` for the loss, its settings and their defaults.
+
+    SimCLR form (`queue_size` None, the default): `forward(z1, z2)` over the batch, temperature 0.5
+    by default. MoCo form (`dim` and `queue_size` given): `forward(q, k)` against a queue of past
+    keys that this module owns and advances exactly as `MoCoLoss` does (the same ring: keys
+    enqueued after the loss, written at the next forward or `state_dict()`; one forward per
+    step, backward before the next), temperature 0.2 by default; `n_mined` is at most
+    `queue_size`. Scores (`index`/`tracker`, `return_cos`) as in NTXentLoss and MoCoLoss.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> criterion = cx.nn.PotentialMiningLoss(n_mined=2)
+        >>> z1, z2 = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+        >>> criterion(z1, z2).backward()
+        >>> moco = cx.nn.PotentialMiningLoss(dim=16, queue_size=64, weighting="top1")
+        >>> q, k = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16)
+        >>> moco(q, k).backward()
+        >>> int(moco.ptr)
+        8
+    """
+
+    def __init__(self, temperature: float | None = None, *, dim: int | None = None, queue_size: int | None = None,
+                 n_mined: int = reference.MINING_K, weighting: str = reference.MINING_WEIGHTING,
+                 weight_temperature: float = reference.MINING_WEIGHT_TEMPERATURE,
+                 threshold: float = reference.MINING_THRESHOLD, mined_weight: float = reference.MINING_MINED_WEIGHT,
+                 band: tuple[float, float] = reference.MINING_BAND, reduction: str = "mean") -> None:
+        super().__init__()
+        if (dim is None) != (queue_size is None):
+            raise ValueError("dim and queue_size must be given together (the MoCo form's queue), or neither (the "
+                             "SimCLR form)")
+        self.moco = queue_size is not None
+        self.temperature = check_temperature((0.2 if self.moco else 0.5) if temperature is None else temperature)
+        self.reduction = check("reduction", reduction, REDUCTIONS)
+        self.n_mined = check("n_mined", n_mined, POSITIVE_INT)
+        weighting, weight_temperature, threshold, mined_weight, lower, upper = check_mining_options(
+            weighting, weight_temperature, threshold, mined_weight, band)
+        self.options = {"n_mined": self.n_mined, "weighting": weighting, "weight_temperature": weight_temperature,
+                        "threshold": threshold, "mined_weight": mined_weight, "band": (lower, upper)}
+        if self.moco:
+            dim = check("dim", dim, POSITIVE_INT)
+            queue_size = check("queue_size", queue_size, POSITIVE_INT)
+            if self.n_mined > queue_size:
+                raise ValueError(f"n_mined must be at most queue_size ({queue_size}), got {self.n_mined}")
+            self._init_queue(dim, queue_size)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
+                scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
+        """The loss of `ops.potential_mining` (z1, z2 for the SimCLR form; q, k against the queue
+        for the MoCo form); `index`/`tracker`, `scores`, `return_cos`, `validate` as there."""
+        if not self.moco:
+            return ops.potential_mining(q, k, None, self.temperature, reduction=self.reduction, index=index,
+                                        tracker=tracker, scores=scores, return_cos=return_cos, validate=validate,
+                                        **self.options)
+        self._check_keys(k)
+        self.flush_()
+        out = ops.potential_mining(q, k, self.queue, self.temperature, reduction=self.reduction, index=index,
+                                   tracker=tracker, scores=scores, return_cos=return_cos, validate=validate,
+                                   **self.options)
+        self._defer_enqueue(k)
+        return out
+
+    def extra_repr(self) -> str:
+        form = (f"dim={self.queue.shape[1]}, queue_size={self.queue.shape[0]}, " if self.moco else "")
+        return form + f"temperature={self.temperature}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

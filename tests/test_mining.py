@@ -345,3 +345,54 @@ def test_triton_through_the_op(gen):
     want.backward()
     assert rel_err(loss, want) < 2e-5 and rel_err(cos, R.pair_cosine(z1, z2)) < 2e-5
     assert rel_err(x.grad, a.grad) < 2e-5 and rel_err(y.grad, b.grad) < 2e-5
+
+
+# ------------------------------------------------------------------------------- the module
+
+
+def test_module_simclr_form_is_the_op(gen):
+    import coreset_ext as cx
+
+    z1, z2, _ = _inputs(6, 8, gen)
+    crit = cx.nn.PotentialMiningLoss(0.3, n_mined=2, weighting="threshold", threshold=0.0, band=(0.1, 0.9))
+    tracker = cx.ScoreTracker(6)
+    loss = crit(z1.float(), z2.float(), index=torch.arange(6), tracker=tracker)
+    want = ops.potential_mining(z1.float(), z2.float(), None, 0.3, n_mined=2, weighting="threshold", threshold=0.0,
+                                band=(0.1, 0.9))
+    assert torch.equal(loss, want)
+    assert rel_err(tracker.sums["css"], R.pair_cosine(z1, z2)) < 1e-6
+    assert "queue" not in crit.state_dict()
+
+
+def test_module_moco_form_owns_its_queue_like_mocoloss(gen):
+    import coreset_ext as cx
+
+    mining = cx.nn.PotentialMiningLoss(dim=5, queue_size=7, n_mined=3)
+    moco = cx.nn.MoCoLoss(dim=5, queue_size=7)
+    moco.queue.copy_(mining.queue)
+    for step in range(3):  # 3 x 4 keys wrap around the 7-row ring
+        q, k = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+        before = mining.queue.clone()
+        loss = mining(q, k)
+        assert torch.equal(loss, ops.potential_mining(q, k, before, 0.2, n_mined=3))
+        moco(q, k)
+        assert torch.equal(mining.state_dict()["queue"], moco.state_dict()["queue"])
+        assert int(mining.ptr) == int(moco.ptr) == (4 * (step + 1)) % 7
+    fresh = cx.nn.PotentialMiningLoss(dim=5, queue_size=7, n_mined=3)
+    fresh.load_state_dict(mining.state_dict())
+    assert torch.equal(fresh.queue, mining.queue) and int(fresh.ptr) == int(mining.ptr)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dim": 4}, "dim and queue_size must be given together"),
+    ({"dim": 4, "queue_size": 3, "n_mined": 4}, "n_mined must be at most queue_size"),
+    ({"n_mined": 0}, "n_mined must be an int >= 1"),
+    ({"band": (0.9, 0.1)}, "band is inverted"),
+    ({"weighting": "soft-ish"}, "weighting must be one of"),
+    ({"temperature": -1.0}, "temperature"),
+])
+def test_module_refuses_bad_settings(kwargs, match):
+    import coreset_ext as cx
+
+    with pytest.raises(ValueError, match=match):
+        cx.nn.PotentialMiningLoss(**kwargs)

@@ -105,7 +105,7 @@ def potential_mining(
         n_candidates, what = queue.shape[0], "the rows of the queue"
     if not is_int(n_mined) or not 1 <= n_mined <= n_candidates:
         raise ValueError(f"n_mined must be an int between 1 and {n_candidates} ({what}), got {n_mined!r}")
-    options = _check_options(weighting, weight_temperature, threshold, mined_weight, band)
+    options = check_options(weighting, weight_temperature, threshold, mined_weight, band)
     t = _check_loss_args(q, temperature, reduction, index, tracker, scores)
     chosen = _choose_backend("potential_mining", q, backend)
     if chosen == "triton" and n_mined + 1 > TOPK_TRITON_MAX_K:  # the SimCLR form mines one more (see kernels)
@@ -121,8 +121,10 @@ def potential_mining(
     return _finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
-def _check_options(weighting, weight_temperature, threshold, mined_weight, band) -> tuple:
-    """(weighting, weight_temperature, threshold, mined_weight, lower, upper), checked."""
+def check_options(weighting, weight_temperature, threshold, mined_weight, band) -> tuple:
+    """(weighting, weight_temperature, threshold, mined_weight, lower, upper), checked as
+    `potential_mining` checks them (ValueError naming the argument); nn.PotentialMiningLoss checks
+    its settings with it when built."""
     weighting = check("weighting", weighting, WEIGHTINGS)
     weight_temperature = finite_float("weight_temperature", weight_temperature)
     if weight_temperature <= 0:
