@@ -24,5 +24,5 @@ from coreset_ext.train.data import with_index  # noqa: E402
 from coreset_ext.train.embed import score  # noqa: E402
 from coreset_ext import active  # noqa: E402  (active learning in realistic pools: cx.active.ActiveLearner)
 
-__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "active", "distributed", "nn", "ops", "reference", "score",
-           "select", "with_index", "__version__"]
+__all__ = ["KMeans", "ScoreTracker", "Selection", "TrainingDynamics", "active", "distributed", "nn", "ops",
+           "reference", "score", "select", "with_index", "__version__"]
