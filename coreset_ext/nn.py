@@ -289,7 +289,9 @@ class PotentialMiningLoss(_KeyQueue, torch.nn.Module):
     keys that this module owns and advances exactly as `MoCoLoss` does (the same ring: keys
     enqueued after the loss, written at the next forward or `state_dict()`; one forward per
     step, backward before the next), temperature 0.2 by default; `n_mined` is at most
-    `queue_size`. Scores (`index`/`tracker`, `return_cos`) as in NTXentLoss and MoCoLoss.
+    `queue_size`. In the SimCLR form a batch too small for `n_mined` (fewer than n_mined + 1
+    examples, e.g. a data set's short last batch) mines the 2B - 2 candidates it has. Scores
+    (`index`/`tracker`, `return_cos`) as in NTXentLoss and MoCoLoss.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -332,9 +334,12 @@ class PotentialMiningLoss(_KeyQueue, torch.nn.Module):
         """The loss of `ops.potential_mining` (z1, z2 for the SimCLR form; q, k against the queue
         for the MoCo form); `index`/`tracker`, `scores`, `return_cos`, `validate` as there."""
         if not self.moco:
+            options = self.options
+            if 2 <= q.shape[0] and 2 * q.shape[0] - 2 < self.n_mined:  # a short last batch mines what it has
+                options = {**options, "n_mined": 2 * q.shape[0] - 2}
             return ops.potential_mining(q, k, None, self.temperature, reduction=self.reduction, index=index,
                                         tracker=tracker, scores=scores, return_cos=return_cos, validate=validate,
-                                        **self.options)
+                                        **options)
         self._check_keys(k)
         self.flush_()
         out = ops.potential_mining(q, k, self.queue, self.temperature, reduction=self.reduction, index=index,

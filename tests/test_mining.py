@@ -396,3 +396,11 @@ def test_module_refuses_bad_settings(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         cx.nn.PotentialMiningLoss(**kwargs)
+
+
+def test_module_short_batch_mines_what_it_has(gen):
+    import coreset_ext as cx
+
+    z1, z2, _ = _inputs(2, 5, gen)  # 2 candidates per anchor, n_mined 4
+    loss = cx.nn.PotentialMiningLoss()(z1, z2)
+    assert torch.equal(loss, ops.potential_mining(z1, z2, n_mined=2))
