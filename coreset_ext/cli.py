@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from coreset_ext import _backend
+from coreset_ext import _backend, distributed
 from coreset_ext.select import Selection, available_methods, needs_labels, select, supervised_methods
 from coreset_ext.select.registry import method_options, parse_option
 from coreset_ext.train import TrainConfig
@@ -212,7 +212,8 @@ def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
                        width=args.width, proj_dim=args.proj_dim, proj_hidden=args.proj_hidden,
                        momentum=args.momentum, amp=None if args.amp == "auto" else args.amp,
                        checkpoint_every=args.checkpoint_every, lr_schedule=args.lr_schedule,
-                       warmup_epochs=args.warmup_epochs, pretrained=args.pretrained)
+                       warmup_epochs=args.warmup_epochs, pretrained=args.pretrained,
+                       sync_bn=getattr(args, "sync_bn", False))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -220,8 +221,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args, args.method)
     train_ds = load_dataset(args.data, split="train", data_dir=args.data_dir)
     test_ds = load_dataset(args.data, split="test", data_dir=args.data_dir)
-    out = train_and_embed(cfg, train_ds, test_ds, args.out, resume=not args.no_resume,
-                          source={"data": args.data, "data_dir": args.data_dir})
+    started = distributed.init_from_env(cfg.device)  # under torchrun: one process per GPU, DDP
+    try:
+        out = train_and_embed(cfg, train_ds, test_ds, args.out, resume=not args.no_resume,
+                              source={"data": args.data, "data_dir": args.data_dir})
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+    if "train" not in out:
+        return 0  # a rank other than 0 under torchrun: rank 0 wrote the embeddings and reports
     s = out["scores"]
     print(f"trained {cfg.method} on {train_ds.name} ({len(train_ds)} examples) for {cfg.epochs} epochs; "
           f"CSS mean {float(s.nanmean()):.4f}; wrote {args.out}/config.json, metrics.csv, scores.npz, "
@@ -396,6 +404,8 @@ def _add_main_job_commands(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT has a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, GPUs only)")
 
     p = _add_job_command(sub, "select", _cmd_select, help="select a coreset from a training run's scores/embeddings",
                          description="Select examples with a registered method using RUN's CSS scores and backbone "

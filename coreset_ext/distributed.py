@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_initialized", "world_size", "rank", "require_process_group", "agree", "all_gather_rows",
+__all__ = ["is_initialized", "world_size", "rank", "init_from_env", "require_process_group", "agree", "all_gather_rows",
            "sum_in_rank_order", "any_rank", "broadcast_"]
 
 # dtypes a header can name (by position); anything else is refused before a collective
@@ -70,6 +70,21 @@ def world_size(group=None) -> int:
 def rank(group=None) -> int:
     """This process's rank in `group` (0 without a process group)."""
     return dist.get_rank(group) if is_initialized() else 0
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Initialises the default process group from torchrun's environment (WORLD_SIZE > 1, RANK,
+    MASTER_ADDR, ...) unless one exists; returns whether it did (the caller then destroys it).
+    NCCL when the run uses CUDA (`device` "auto" with a GPU, or "cuda..."), gloo otherwise."""
+    import os
+
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available() and (device == "auto" or str(device).startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def require_process_group(argument: str) -> None:

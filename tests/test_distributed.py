@@ -170,12 +170,35 @@ def _loss_job(rank, world, seed, sizes, d, t):
     return out
 
 
-@pytest.fixture(scope="module", params=[(2, [3, 3]), (3, [2, 4, 1])], ids=["2ranks", "3ranks-uneven"])
+def _job(rank, world, seed, sizes, d, t):
+    """Everything one spawned run checks: the losses on both runs; the trackers and k-means on the
+    3-rank run, training on the 2-rank one (a process start costs seconds on a shared CPU)."""
+    out = _loss_job(rank, world, seed, sizes, d, t)
+    if world == 3:
+        out.update(_tracker_job(rank, world, seed, TRACKER_N))
+    else:
+        out["train"] = _train_part(seed)
+    return out
+
+
+RUNS: dict = {}
+TRACKER_N = 12
+
+
+def _run(world: int) -> dict:
+    """The spawned run of `world` ranks (once per module)."""
+    if world not in RUNS:
+        sizes = {2: [3, 3], 3: [2, 4, 1]}[world]
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        d, t = 5, 0.3
+        RUNS[world] = {"world": world, "sizes": sizes, "seed": seed, "d": d, "t": t, "n": TRACKER_N,
+                       "ranks": _spawn(_job, world, seed, sizes, d, t)}
+    return RUNS[world]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks-uneven"])
 def loss_run(request):
-    world, sizes = request.param
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    d, t = 5, 0.3
-    return {"world": world, "sizes": sizes, "seed": seed, "d": d, "t": t, "ranks": _spawn(_loss_job, world, seed, sizes, d, t)}
+    return _run(request.param)
 
 
 def test_gathered_nt_xent_equals_single_process(loss_run):
@@ -357,8 +380,7 @@ def _kmeans_part(rank, world, seed):
 
 @pytest.fixture(scope="module")
 def tracker_run():
-    seed, n, world = int(torch.randint(0, 2**31 - 1, ()).item()), 12, 3
-    return {"seed": seed, "n": n, "world": world, "ranks": _spawn(_tracker_job, world, seed, n)}
+    return _run(3)
 
 
 def test_tracker_sync_equals_a_single_process_tracker(tracker_run):
@@ -427,3 +449,78 @@ def test_sharded_kmeans_bad_input_raises_on_every_rank(tracker_run):
         assert "n_samples=6 should be >= n_clusters=7" in errors["err_k"]
     with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed"):
         cx.KMeans(n_clusters=2, distributed=True).fit(torch.randn(5, 2))
+
+
+# ---------------------------------------------------------------- training
+
+
+def _plain_model() -> torch.nn.Module:
+    """A model without BatchNorm: with it each rank would normalise its slice by its own statistics
+    (SyncBatchNorm is GPU-only), the one documented difference from a single process."""
+    from coreset_ext.train.models import ContrastiveModel, ProjectionHead
+
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 24), torch.nn.ReLU())
+    return ContrastiveModel(encoder, ProjectionHead(24, 24, 8, norm=False))
+
+
+def _train_runs(seed: int):
+    """(method, the Trainer's result) for SimCLR and MoCo, one epoch of digits each."""
+    from coreset_ext.train import TrainConfig, Trainer, load_dataset
+
+    data = load_dataset("digits")
+    for method in ("simclr", "moco"):
+        cfg = TrainConfig(method=method, epochs=1, batch_size=240, proj_dim=8, queue_size=300, device="cpu",
+                          progress=False, seed=seed % 1000, amp="off")
+        torch.manual_seed(seed)
+        yield method, Trainer(cfg, data, model=_plain_model()).fit()
+
+
+def _train_part(seed: int) -> dict:
+    return {method: {"loss": [h["loss"] for h in r.history], "css_mean": [h["css_mean"] for h in r.history],
+                     "params": [p.detach().clone() for p in r.model.parameters()],
+                     "sums": r.tracker.sums["css"].clone(), "counts": r.tracker.counts["css"].clone()}
+            for method, r in _train_runs(seed)}
+
+
+def test_ddp_training_equals_the_single_process_run():
+    run = _run(2)
+    for method, single in _train_runs(run["seed"]):
+        for r, res in enumerate(run["ranks"]):
+            got = res["train"][method]
+            assert got["loss"] == pytest.approx([h["loss"] for h in single.history], rel=1e-5), (method, r)
+            assert got["css_mean"] == pytest.approx([h["css_mean"] for h in single.history], rel=1e-5)
+            for p, q in zip(got["params"], single.model.parameters()):
+                assert torch.allclose(p, q.detach(), atol=1e-5), (method, r)
+            assert torch.equal(got["counts"], single.tracker.counts["css"])  # every example once, synced
+            assert torch.allclose(got["sums"], single.tracker.sums["css"], atol=1e-5)
+
+
+def test_torchrun_train_command_writes_once_and_resumes(tmp_path):
+    import subprocess
+    import sys
+
+    from coreset_ext.cli import main
+
+    out = tmp_path / "run"
+    flags = ["--data", "digits", "--batch-size", "200", "--width", "4", "--proj-dim", "8", "--proj-hidden", "16",
+             "--device", "cpu", "--no-progress", "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "coreset_ext",
+           "train", "--epochs", "1", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOIN_TIMEOUT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained simclr") == 1  # rank 0 reports
+    scores = cx.ScoreTracker.load(out / "scores.npz")
+    assert torch.equal(scores.counts["css"], torch.ones(scores.num_samples))  # each example once, on one rank
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "embeddings.npz").is_file()
+    # the checkpoint rank 0 wrote resumes on one process: the batch is global, so any number of ranks may
+    assert main(["train", "--epochs", "2", *flags]) == 0
+    assert torch.equal(cx.ScoreTracker.load(out / "scores.npz").counts["css"], torch.full((scores.num_samples,), 2.0))
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_distributed_training_settings_are_checked():
+    from coreset_ext.train import TrainConfig
+
+    with pytest.raises(ValueError, match="sync_bn"):
+        TrainConfig(sync_bn="yes")

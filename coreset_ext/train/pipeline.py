@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from coreset_ext import distributed
 from coreset_ext._validation import FRACTION, Options, check
 from coreset_ext.io import atomic_write_bytes, load_npz
 from coreset_ext.scores import ScoreTracker
@@ -80,6 +81,8 @@ def train_and_embed(config: TrainConfig, train_ds: ArrayDataset, test_ds: ArrayD
     features. `source` (where the data came from) is recorded in config.json."""
     out_dir = Path(out_dir)
     result = Trainer(config, train_ds, out_dir, source=source).fit(resume=resume)
+    if distributed.rank() > 0:  # under torchrun the embeddings (and what reads them) are rank 0's, once
+        return {"scores": result.scores(), "history": result.history}
     device = resolve_device(config.device)
     enc = result.model.encoder
     feats = {"train": extract_features(enc, train_ds, device=device),

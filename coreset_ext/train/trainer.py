@@ -21,6 +21,19 @@ warning): generator states do not carry over between CPU and CUDA. A run over a 
 DataLoader takes its batches in the loader's own order: resumed, it continues with the loader's
 next order, not the one an uninterrupted run would have drawn.
 
+Several processes (torch.distributed initialised, e.g. `torchrun --nproc_per_node N -m
+coreset_ext train ...`): the model trains under DistributedDataParallel, `batch_size` is the
+global batch, and every rank draws the same permutation and the same augmentations for the whole
+global batch and keeps its slice (`tensor_split`: sizes differ by at most one where N does not
+divide the batch), so the examples, their views and their data set indices are the
+single-process run's; the loss is gathered (`NTXentLoss(gather_distributed=True)`, MoCo's queue
+takes every rank's keys), so loss and gradients are the single-process ones as well, except that
+BatchNorm normalises each rank's slice by its own statistics unless `sync_bn` (SyncBatchNorm,
+GPUs only). Each rank records its examples' scores and the tracker is synced at the end of every
+epoch; rank 0 alone writes config.json, metrics, checkpoints and scores (the run directory must
+be one every rank reads: all of them resume from it). A user DataLoader must use a
+`DistributedSampler` over `with_index(dataset)` (its batches are then per rank).
+
 Resume means resume: a run directory is only continued with the settings it was trained with
 (the device, `epochs` raised, and the progress bar may change; anything else is refused with one
 error naming every changed field), checkpoints carry a sha256 checked on load, and nothing in the
@@ -44,6 +57,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -53,6 +67,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from coreset_ext import distributed
 from coreset_ext import nn as cxnn
 from coreset_ext._validation import NONNEGATIVE_INT, POSITIVE_INT, Interval, Options, check, check_temperature
 from coreset_ext.io import atomic_write_bytes
@@ -82,7 +97,7 @@ TRAIN_SEED = Interval(int, 0, 2**32, closed="left")  # the trainer seeds generat
 
 # TrainConfig fields a run may be resumed with changed: they change where and how long it runs,
 # or what it prints, never what one epoch trains (`epochs` may not drop below the epochs done).
-RESUMABLE_CHANGES = ("epochs", "device", "amp", "checkpoint_every", "progress")
+RESUMABLE_CHANGES = ("epochs", "device", "amp", "checkpoint_every", "progress", "sync_bn")
 # (a cosine schedule's length is `epochs`: raising it on resume changes the rates from then on)
 
 
@@ -97,6 +112,8 @@ class TrainConfig:
     (torchvision's, CIFAR stem), "mlp", "torchvision:<name>" or "timm:<name>"; `pretrained` a
     local state dict for it (.pt/.pth/.safetensors).
     lr_schedule: "constant", or "cosine" (to 0 at the last epoch) after `warmup_epochs` of linear warm-up.
+    sync_bn: under torch.distributed, BatchNorm statistics over the global batch (SyncBatchNorm;
+    GPUs only); without it each rank normalises its own slice.
     """
 
     method: str = "simclr"
@@ -120,6 +137,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_epochs: int = 0
     pretrained: str | None = None
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         check("method", self.method, METHODS)
@@ -149,6 +167,7 @@ class TrainConfig:
             self.amp = "bf16" if self.amp else "off"
         check("amp", self.amp, None, AMP)
         check("progress", self.progress, bool)
+        check("sync_bn", self.sync_bn, bool)
         if self.temperature is None:
             self.temperature = 0.5 if self.method == "simclr" else 0.2
         self.temperature = check_temperature(self.temperature)
@@ -320,6 +339,9 @@ class Trainer:
         if n < 2:  # a contrastive batch needs negatives, and BatchNorm two examples per batch
             raise ValueError(f"dataset: contrastive training needs at least 2 examples (a batch of one has no "
                              f"negatives, and BatchNorm needs two per batch), got {n}")
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        if self.world > 1:
+            self._join_ranks(n)
         self.amp = (self.device.type == "cuda") if config.amp is None else config.amp == "bf16"
         self.augment = augment
         if augment is None and not self.data.makes_views:
@@ -333,16 +355,22 @@ class Trainer:
                    if model is None else as_encoder(model, probe))
             model = ContrastiveModel(enc, ProjectionHead(enc.out_dim, config.proj_hidden, config.proj_dim))
         self.model = model.to(self.device)
+        if self.world > 1 and config.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # what the training step calls: DDP averages the ranks' gradients in the backward
+        self.forward_model = self.model if self.world == 1 else nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.key_model = None
         if config.method == "moco":
             self.key_model = copy.deepcopy(self.model).requires_grad_(False)
             g = torch.Generator().manual_seed(config.seed + 1)
-            self.criterion = cxnn.MoCoLoss(config.proj_dim, config.queue_size, config.temperature)
+            self.criterion = cxnn.MoCoLoss(config.proj_dim, config.queue_size, config.temperature,
+                                           gather_distributed=self.world > 1)
             with torch.no_grad():  # the queue's first keys: seeded apart from the model's initialisation
                 self.criterion.queue.copy_(torch.nn.functional.normalize(
                     torch.randn(config.queue_size, config.proj_dim, generator=g), dim=1))
         else:
-            self.criterion = cxnn.NTXentLoss(config.temperature)
+            self.criterion = cxnn.NTXentLoss(config.temperature, gather_distributed=self.world > 1)
         self.criterion.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.tracker = ScoreTracker(n, ("css",), device=self.device, fingerprint=self.data.fingerprint)
@@ -350,6 +378,22 @@ class Trainer:
         self.aug_gen = torch.Generator(device=self.device).manual_seed(config.seed + 2)
         self.epoch = 0
         self.history: list[dict] = []
+
+    def _join_ranks(self, n: int) -> None:
+        """Under torch.distributed: this rank's GPU (torchrun's LOCAL_RANK) and what a run on
+        several processes needs (every rank checks the same settings, so all raise together)."""
+        if self.device.type == "cuda" and self.device.index is None:
+            local = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        if self.loader is None and min(self.config.batch_size, n) < 2 * self.world:
+            raise ValueError(f"batch_size: {self.config.batch_size} is the global batch, split over {self.world} "
+                             f"processes that need 2 examples each: give {2 * self.world} or more")
+        if self.loader is not None and not isinstance(self.loader.sampler, torch.utils.data.DistributedSampler):
+            raise ValueError("data: under torch.distributed a DataLoader must sample with a DistributedSampler over "
+                             "cx.with_index(dataset), so that each process takes its own examples")
+        if self.config.sync_bn and self.device.type != "cuda":
+            raise ValueError(f"sync_bn: SyncBatchNorm runs on GPUs only, and this run is on {self.device}")
 
     def _probe_batch(self) -> torch.Tensor:
         """Two examples as the model will see them (views where the data make them): for the dry
@@ -445,7 +489,20 @@ class Trainer:
         removed when starting afresh, and its scores and embeddings (which describe the run as it
         ended, and the pipeline writes embeddings.npz after `fit`) are removed before training
         changes the run, so a directory never pairs this config.json with another run's outputs.
+        Under torch.distributed every rank reads the directory, then rank 0 alone writes.
         """
+        problem = resuming = None
+        try:
+            resuming = self._read_run_dir(resume)
+        except Exception as e:  # noqa: BLE001  (re-raised by agree, on every rank)
+            problem = e
+        distributed.agree(problem)  # every rank has read the directory (or every rank raises)
+        if self.rank == 0:
+            self._write_run_dir(resuming)
+        distributed.agree(None)  # and no rank trains before rank 0 has written
+
+    def _read_run_dir(self, resume: bool) -> bool:
+        """The checks of `_open_run_dir`, and the checkpoint loaded when resuming: whether it was."""
         resuming = resume and self.checkpoint_path.exists()  # a folder there is an unreadable checkpoint
         if resuming:
             self.load_checkpoint(self.checkpoint_path)
@@ -460,6 +517,10 @@ class Trainer:
                 raise ValueError(f"resume: {self.config_path} is not a training run's config.json; use another "
                                  "output directory, or --no-resume (resume=False) to replace what is there")
             self.check_resumable(stored, 0, self.config_path)
+        return resuming
+
+    def _write_run_dir(self, resuming: bool) -> None:
+        """`_open_run_dir`'s writes, once its checks passed."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stale = ["scores.npz", "embeddings.npz"] + ([] if resuming else ["checkpoints/last.pt",
                                                                        "checkpoints/encoder.safetensors", "metrics.csv"])
@@ -474,6 +535,8 @@ class Trainer:
     def _batches(self):
         """This epoch's batches: (index, x, views), x the clean batch or None where views are given."""
         if self.loader is not None:
+            if hasattr(self.loader.sampler, "set_epoch"):  # a DistributedSampler's order per epoch
+                self.loader.sampler.set_epoch(self.epoch)
             for batch in self.loader:
                 index, x = batch[0], batch[1]
                 if isinstance(x, (list, tuple)):
@@ -484,7 +547,8 @@ class Trainer:
         n, b = len(self.data), self.config.batch_size
         perm = torch.randperm(n, generator=self.shuffle_gen)
         batches = list(perm.split(b))
-        if len(batches) > 1 and batches[-1].numel() < 2:  # a 1-example batch has no negatives
+        # a 1-example batch has no negatives (and under torch.distributed every rank needs 2)
+        if len(batches) > 1 and batches[-1].numel() < 2 * self.world:
             batches[-2] = torch.cat([batches[-2], batches.pop()])
         for index in batches:
             views = self.data.views(index, self.device)
@@ -494,7 +558,7 @@ class Trainer:
         if self.loader is not None:
             return len(self.loader)
         n, b = len(self.data), self.config.batch_size
-        return max(1, n // b + (1 if n % b >= 2 else 0)) if n > b else 1
+        return max(1, n // b + (1 if n % b >= 2 * self.world else 0)) if n > b else 1
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
@@ -519,12 +583,17 @@ class Trainer:
                     views = (self.augment(x, self.aug_gen), self.augment(x, self.aug_gen))
         v1, v2 = views
         index = index.to(self.device)
+        if self.world > 1 and self.loader is None:  # this rank's slice of the global batch
+            b = v1.shape[0]
+            start = self.rank * (b // self.world) + min(self.rank, b % self.world)  # as tensor_split
+            mine = slice(start, start + b // self.world + (self.rank < b % self.world))
+            v1, v2, index = v1[mine], v2[mine], index[mine]
         if v1.shape[0] < 2:
             raise ValueError(f"data: a batch of {v1.shape[0]} example has no negatives; use batches of 2 or more")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            h1, p1 = self.model(v1)
+            h1, p1 = self.forward_model(v1)
             if cfg.method == "simclr":
-                h2, p2 = self.model(v2)
+                h2, p2 = self.forward_model(v2)
             else:
                 self._momentum_update()
                 with torch.no_grad():
@@ -567,7 +636,7 @@ class Trainer:
 
         steps = self._steps_per_epoch()
         last = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, self.epoch + stop_after_epochs)
-        bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, disable=not cfg.progress,
+        bar = tqdm(total=cfg.epochs * steps, initial=self.epoch * steps, disable=not cfg.progress or self.rank > 0,
                    desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         self.model.train()
         while self.epoch < last:
@@ -576,19 +645,24 @@ class Trainer:
             for k, (index, x, views) in enumerate(self._batches()):
                 lr = self._set_lr(self.epoch + k / steps)
                 loss, cos = self.step(index, x, views)
-                seen += index.numel()
-                total += loss * index.numel()
+                seen += cos.numel()  # this rank's examples
+                total += loss * cos.numel()
                 css += cos.detach().float().sum()
                 bar.update(1)
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.3f}",
                                 ex_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
             self.epoch += 1
+            if self.world > 1:  # every rank's examples: the epoch's figures and the scores
+                totals = torch.tensor([total, float(css), seen], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(totals)
+                total, css, seen = totals.tolist()
+                self.tracker.sync()
             seconds, css = time.perf_counter() - t0, float(css)
             self.history.append({"epoch": self.epoch, "loss": total / seen, "lr": lr,
                                  "throughput": seen / max(seconds, 1e-9), "css_mean": css / seen, "seconds": seconds})
             logger.debug("%s epoch %d/%d: loss %.4f, lr %.3g, %.0f examples/s, CSS mean %.4f", cfg.method, self.epoch,
                         cfg.epochs, total / seen, lr, self.history[-1]["throughput"], css / seen)
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.rank == 0:
                 self.write_metrics()
                 if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
                     self.save_checkpoint()
