@@ -13,6 +13,7 @@ import coreset_ext.active as al
 from coreset_ext.active.acquire import RoundInputs, acquire, id_probability
 from coreset_ext.active.benchmark import summarize_active
 from coreset_ext.cli import main
+from coreset_ext.cluster import KMeans
 from coreset_ext.train.data import ArrayDataset, load_tensor_file, with_index
 
 pytest.importorskip("sklearn")
@@ -74,8 +75,16 @@ def test_pool_reads_tensor_files_and_any_indexed_dataset(tmp_path, seed):
     path = tmp_path / "pool.npz"
     np.savez(path, images=data.data.numpy(), labels=data.labels.numpy())
     dataset = torch.utils.data.TensorDataset(data.data, data.labels)
+
+    class Triples(torch.utils.data.Dataset):  # a user's data set yielding (index, x, label)
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return i, data.data[i], int(data.labels[i])
+
     pools = [al.make_realistic_pool(d, [0, 1, 2], [4, 5], 0.2, 0.2, seed=3)
-             for d in (data, load_tensor_file(path), with_index(dataset), dataset)]
+             for d in (data, load_tensor_file(path), with_index(dataset), dataset, Triples())]
     for p in pools[1:]:
         assert torch.equal(p.dataset.data, pools[0].dataset.data)
         assert torch.equal(p.oracle.kinds, pools[0].oracle.kinds)
@@ -241,3 +250,46 @@ def test_cli_active_writes_tables_and_resumes(tmp_path, capsys):
     assert main(["active", "--out", str(tmp_path / "c"), "--id-classes", "0-5", "--ood-classes", "5-9",
                  "--no-progress"]) == 2
     assert "in both" in capsys.readouterr().err
+
+
+def reference_contrastive(f, queried, is_id, budget, clusters, aware, tau=0.1, prior_weight=1.0, k_nn=20):
+    """The documented greedy (acquire's module docstring) written with plain loops in float64."""
+    x = f.double().numpy()
+    n, q = len(x), queried.tolist()
+    prior = (int(is_id.sum()) + 1) / (len(q) + 2)
+    p = np.ones(n)
+    if aware:
+        for i in range(n):
+            w = [math.exp((x[i] @ x[j] - 1) / tau) for j in q]
+            p[i] = (sum(wj for wj, y in zip(w, is_id.tolist()) if y) + prior_weight * prior) / (sum(w) + prior_weight)
+    free = [i for i in range(n) if i not in q]
+    covered = {c: sum(1 for j in q if clusters[j] == c) for c in set(clusters)}
+    picks = []
+    for _ in range(budget):
+        gains = {c: sum(p[i] for i in free if clusters[i] == c) / (1 + covered[c])
+                 for c in sorted({clusters[i] for i in free})}
+        c = max(gains, key=lambda c: (gains[c], -c))
+        members = [i for i in free if clusters[i] == c]
+        kk = min(max(1, min(k_nn, len(members) // 2)), len(members) - 1)
+        best, best_score = None, -1.0
+        for i in members:
+            d2 = sorted(float(((x[i] - x[j]) ** 2).sum()) for j in members if j != i)[:kk]
+            t = 1 / (sum(d2) / kk + 1e-5) if kk else 1e5
+            if t * p[i] > best_score:
+                best, best_score = i, t * p[i]
+        picks.append(best)
+        free.remove(best)
+        covered[c] += 1
+    return picks
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_contrastive_acquire_matches_the_documented_rule(gen, aware):
+    f = torch.nn.functional.normalize(torch.randn(70, 6, generator=gen), dim=1)
+    queried = torch.randperm(70, generator=gen)[:10]
+    kinds = (torch.rand(10, generator=gen) < 0.4).long() * 2  # ambiguous or id
+    labels = torch.where(kinds == 0, torch.randint(0, 3, (10,), generator=gen), torch.tensor(-1))
+    inputs = RoundInputs(70, f, queried, labels, kinds, 3, seed=5)
+    got = acquire("contrastive" if aware else "contrastive-ood-unaware", 8, inputs)
+    clusters = KMeans(18, seed=5).fit(f).labels_.tolist()  # the clustering is KMeans' own (tested elsewhere)
+    assert got.tolist() == reference_contrastive(f, queried, kinds == 0, 8, clusters, aware)

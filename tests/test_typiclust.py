@@ -9,8 +9,8 @@ import coreset_ext as cx
 from coreset_ext.select import available_methods, honours_already_selected
 
 pytest.importorskip("sklearn")
-from sklearn.cluster import KMeans as SklearnKMeans  # noqa: E402
-from sklearn.neighbors import NearestNeighbors  # noqa: E402
+from sklearn.cluster import KMeans as SklearnKMeans
+from sklearn.neighbors import NearestNeighbors
 
 
 def blobs(rng: np.random.Generator, sizes: list[int], d: int = 5) -> np.ndarray:

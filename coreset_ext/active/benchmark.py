@@ -123,14 +123,13 @@ def summarize_active(rows: list[dict]) -> list[dict]:
         accs = [r["accuracy"] for r in runs if not math.isnan(r["accuracy"])]
         mean = sum(accs) / len(accs) if accs else math.nan
         std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
-
-        def avg(key: str) -> float:
-            return sum(r[key] for r in runs) / len(runs)
-
-        out.append({"method": m, "round": rnd, "labels_spent": round(avg("labels_spent")), "accuracy_mean": mean,
-                    "accuracy_std": std, "wasted_mean": avg("picked_ood") + avg("picked_ambiguous"),
-                    "wasted_total_mean": avg("ood_total") + avg("ambiguous_total"), "ood_total_mean": avg("ood_total"),
-                    "ambiguous_total_mean": avg("ambiguous_total"), "seeds": len(runs)})
+        avg = {key: sum(r[key] for r in runs) / len(runs) for key in
+               ("labels_spent", "picked_ood", "picked_ambiguous", "ood_total", "ambiguous_total")}
+        out.append({"method": m, "round": rnd, "labels_spent": round(avg["labels_spent"]), "accuracy_mean": mean,
+                    "accuracy_std": std, "wasted_mean": avg["picked_ood"] + avg["picked_ambiguous"],
+                    "wasted_total_mean": avg["ood_total"] + avg["ambiguous_total"],
+                    "ood_total_mean": avg["ood_total"], "ambiguous_total_mean": avg["ambiguous_total"],
+                    "seeds": len(runs)})
     return out
 
 
@@ -143,14 +142,14 @@ def active_markdown(summary: list[dict]) -> str:
     seeds = sorted({s["seeds"] for s in summary})
     seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     head = "| method | " + " | ".join(str(n) for n in spent) + " |\n| --- |" + " --- |" * len(spent)
-    lines = [f"Test accuracy on the ID classes (%, mean ± std over {seed_text} seeds) against labels spent "
-             "(every query costs a label, OOD and ambiguous ones included)", "", head]
+    lines = [(f"Test accuracy on the ID classes (%, mean ± std over {seed_text} seeds) against labels spent "
+              "(every query costs a label, OOD and ambiguous ones included)"), "", head]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(
             f"{100 * cell[(m, n)]['accuracy_mean']:.1f} ± {100 * cell[(m, n)]['accuracy_std']:.1f}"
             if (m, n) in cell else "" for n in spent) + " |")
-    lines += ["", "Wasted picks (OOD + ambiguous) summed over the rounds so far (mean over seeds); last column: "
-                  "of which OOD / ambiguous", "", head.replace(" |\n", " | OOD / ambiguous |\n", 1) + " --- |"]
+    lines += ["", ("Wasted picks (OOD + ambiguous) summed over the rounds so far (mean over seeds); last column: "
+                   "of which OOD / ambiguous"), "", head.replace(" |\n", " | OOD / ambiguous |\n", 1) + " --- |"]
     for m in methods:
         last = cell[(m, max(n for (mm, n) in cell if mm == m))]
         lines.append(f"| {m} | " + " | ".join(f"{cell[(m, n)]['wasted_total_mean']:.1f}" if (m, n) in cell else ""

@@ -23,7 +23,12 @@ import torch
 
 from coreset_ext._validation import POSITIVE_INT, SEED, check
 from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire
-from coreset_ext.active.features import ContrastiveFeatures, FeatureConfig, fit_classifier, json_ready
+from coreset_ext.active.features import (
+    ContrastiveFeatures,
+    FeatureConfig,
+    fit_classifier,
+    json_ready,
+)
 from coreset_ext.active.pool import ID, KINDS, kind_codes
 from coreset_ext.io import load_npz, save_npz
 from coreset_ext.train.data import as_data

@@ -1,8 +1,8 @@
 """Realistic unlabelled pools (METHODS.md, method 5): in-distribution (ID) examples, out-of-distribution
 (OOD) ones from held-out classes, and ambiguous ones, each with a hidden kind only the oracle reads.
 
-`make_realistic_pool` builds one from any labelled data set (digits, a tensor file, any Dataset
-yielding (index, x, label), read through `train.data.as_data`):
+`make_realistic_pool` builds one from any labelled data set: digits, a tensor file, a Dataset
+yielding (index, x, label), `with_index(d)`, or any Dataset `train.data.as_data` reads:
 - ID: examples of `id_classes`, their labels renumbered 0..len(id_classes)-1 (the oracle's answer);
 - OOD: examples of `ood_classes` (disjoint from the ID classes): the oracle answers "ood";
 - ambiguous: made from ID examples held back from the pool (never in it themselves): a blend
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from coreset_ext._validation import Interval, Options, check, is_int
-from coreset_ext.train.data import ArrayDataset, as_data
+from coreset_ext.train.data import ArrayDataset, IndexedDataset, as_data
 
 KINDS = ("id", "ood", "ambiguous")  # kind codes 0, 1, 2
 ID, OOD, AMBIGUOUS = 0, 1, 2
@@ -62,6 +62,31 @@ def kind_codes(kinds, n: int, where: str = "kinds") -> torch.Tensor:
         else:
             raise ValueError(f"{where} must be 'id', 'ood' or 'ambiguous' (or 0, 1, 2), got {v!r}")
     return torch.tensor(out, dtype=torch.long)
+
+
+class _WithoutIndex(torch.utils.data.Dataset):
+    """A data set yielding (index, x, label) read as one yielding (x, label)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return tuple(self.dataset[i])[1:]
+
+
+def _yields_index(dataset) -> bool:
+    """Whether a plain Dataset's items are (index, x, label) triples (their first entry is the index)."""
+    if isinstance(dataset, (ArrayDataset, IndexedDataset)) or not isinstance(dataset, torch.utils.data.Dataset):
+        return False  # read as they are by as_data
+    try:
+        ends = [dataset[i] for i in (0, len(dataset) - 1)]
+    except (TypeError, IndexError, KeyError):
+        return False
+    return all(isinstance(item, (tuple, list)) and len(item) == 3 and is_int(item[0]) and item[0] == i
+               for item, i in zip(ends, (0, len(dataset) - 1)))
 
 
 def _classes(name: str, classes) -> tuple[int, ...]:
@@ -133,7 +158,7 @@ def _pool_sizes(n_id: int, n_ood: int, ambiguous_fraction: float, ood_fraction: 
     size = n_id / per_example
     if ood_fraction > 0:
         size = min(size, n_ood / ood_fraction)
-    size = int(math.floor(size + 1e-9))
+    size = math.floor(size + 1e-9)
     while size > 0:
         n_amb, n_out = round(ambiguous_fraction * size), round(ood_fraction * size)
         blends = (n_amb + 1) // 2 if style == "mixed" else n_amb if style == "blend" else 0
@@ -177,7 +202,7 @@ def make_realistic_pool(dataset, id_classes, ood_classes, ambiguous_fraction: fl
     check("noise_std", noise_std, Interval(float, 0, None))
     check("seed", seed, Interval(int, 0, 2**63 - 1))
 
-    data = as_data(dataset)
+    data = as_data(_WithoutIndex(dataset) if _yields_index(dataset) else dataset)
     labels = data.labels
     if not data.has_labels:
         raise ValueError("dataset: a realistic pool is made from a labelled data set (it has no labels)")
