@@ -180,6 +180,10 @@ def test_bad_input_to_the_learner(tmp_path, seed):
         al.ActiveLearner(pool.dataset, method="kcenter", seed=0, state_path=tmp_path / "s.npz")
     with pytest.raises(ValueError, match="method must be one of"):
         al.ActiveLearner(pool.dataset, method="nope")
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        al.ActiveLearner(pool.dataset, seed=-1)
+    with pytest.raises(ValueError, match="options: method 'random' takes none"):
+        al.ActiveLearner(pool.dataset, method="random", tau=0.2)
 
 
 def test_id_probability_matches_a_plain_loop(gen):
@@ -232,6 +236,9 @@ def test_summary_of_rounds():
 
 
 def test_cli_active_writes_tables_and_resumes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["active", "--help"])
+    assert e.value.code == 0 and "usage: coreset-ext active" in capsys.readouterr().out
     argv = ["active", "--out", str(tmp_path / "al"), "--rounds", "2", "--budget", "8", "--seeds", "1",
             "--method", "contrastive", "random", "--epochs-first", "1", "--epochs", "1", "--width", "8",
             "--no-progress"]

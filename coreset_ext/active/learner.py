@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coreset_ext._validation import POSITIVE_INT, SEED, check
+from coreset_ext._validation import POSITIVE_INT, Interval, check
 from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire
 from coreset_ext.active.features import (
     ContrastiveFeatures,
@@ -34,6 +34,7 @@ from coreset_ext.io import load_npz, save_npz
 from coreset_ext.train.data import as_data
 
 STATE_KIND = "ActiveLearnerState"
+LOOP_SEED = Interval(int, 0, 2**31 - 1)  # the features train with seed + round, the trainer's seeds are < 2**32
 
 
 def round_seed(seed: int, rnd: int) -> int:
@@ -71,7 +72,7 @@ class ActiveLearner:
                  progress: bool = False, **options) -> None:
         self.data = as_data(dataset)
         self.method = check("method", method, METHODS)
-        self.seed = check("seed", seed, SEED)
+        self.seed = check("seed", seed, LOOP_SEED)
         self.num_classes = check("num_classes", self.data.num_classes if num_classes is None else num_classes,
                                  POSITIVE_INT)
         if options and not method.startswith("contrastive"):
