@@ -48,8 +48,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_initialized", "world_size", "rank", "init_from_env", "require_process_group", "agree", "all_gather_rows",
-           "sum_in_rank_order", "any_rank", "broadcast_"]
+__all__ = ["agree", "all_gather_rows", "any_rank", "broadcast_", "init_from_env", "is_initialized", "rank",
+           "require_process_group", "sum_in_rank_order", "world_size"]
 
 # dtypes a header can name (by position); anything else is refused before a collective
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,

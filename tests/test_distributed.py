@@ -175,7 +175,7 @@ def _job(rank, world, seed, sizes, d, t):
     3-rank run, training on the 2-rank one (a process start costs seconds on a shared CPU)."""
     out = _loss_job(rank, world, seed, sizes, d, t)
     if world == 3:
-        out.update(_tracker_job(rank, world, seed, TRACKER_N))
+        out["tracker"] = _tracker_job(rank, world, seed, TRACKER_N)
     else:
         out["train"] = _train_part(seed)
     return out
@@ -350,9 +350,9 @@ def _tracker_job(rank, world, seed, n):
 
 
 KMEANS_CASES = {  # name: (KMeans arguments, rows per rank, features)
-    "kmeans++ on a sample": (dict(n_clusters=4, init_sample_size=50), 40, 3),
-    "random init, cosine": (dict(n_clusters=3, init="random", metric="cosine"), 30, 4),
-    "empty clusters re-seeded": (dict(n_clusters=4, init=[[0.0, 0.0], [0.5, 0.5], [1e3, 1e3], [-1e3, 1e3]]), 25, 2),
+    "kmeans++ on a sample": ({"n_clusters": 4, "init_sample_size": 50}, 40, 3),
+    "random init, cosine": ({"n_clusters": 3, "init": "random", "metric": "cosine"}, 30, 4),
+    "empty clusters re-seeded": ({"n_clusters": 4, "init": [[0.0, 0.0], [0.5, 0.5], [1e3, 1e3], [-1e3, 1e3]]}, 25, 2),
 }
 
 
@@ -380,7 +380,8 @@ def _kmeans_part(rank, world, seed):
 
 @pytest.fixture(scope="module")
 def tracker_run():
-    return _run(3)
+    run = _run(3)
+    return {**run, "ranks": [res["tracker"] for res in run["ranks"]]}
 
 
 def test_tracker_sync_equals_a_single_process_tracker(tracker_run):
@@ -507,7 +508,7 @@ def test_torchrun_train_command_writes_once_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "coreset_ext",
            "train", "--epochs", "1", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOIN_TIMEOUT, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOIN_TIMEOUT, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained simclr") == 1  # rank 0 reports
     scores = cx.ScoreTracker.load(out / "scores.npz")
@@ -524,3 +525,45 @@ def test_distributed_training_settings_are_checked():
 
     with pytest.raises(ValueError, match="sync_bn"):
         TrainConfig(sync_bn="yes")
+
+
+# ---------------------------------------------------------------- NCCL (the same code on GPUs)
+
+
+def _nccl_job(rank, world, seed):
+    dev = torch.device("cuda", rank)
+    g = torch.Generator().manual_seed(seed)
+    n, d = 6 * world, 16
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    x = _kmeans_data(seed, world, 30, 4)
+    mine = _shards(n, world)[rank]
+    a, b = z1[mine].to(dev).requires_grad_(), z2[mine].to(dev).requires_grad_()
+    tracker = cx.ScoreTracker(n, device=dev)
+    loss = cx.nn.NTXentLoss(0.3, gather_distributed=True)(a, b, index=torch.arange(n, device=dev)[mine],
+                                                           tracker=tracker)
+    loss.backward()
+    tracker.sync()
+    km = cx.KMeans(3, random_state=0, max_iter=20, distributed=True).fit(x[rank * 30 : (rank + 1) * 30].to(dev))
+    return {"loss": loss.item(), "g1": a.grad.cpu(), "g2": b.grad.cpu(), "counts": tracker.counts["css"].cpu(),
+            "centers": km.cluster_centers_.cpu(), "labels": km.labels_.cpu()}
+
+
+@pytest.mark.cuda
+def test_nccl_gather_loss_tracker_and_kmeans():
+    world = min(2, torch.cuda.device_count())
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    ranks = _spawn(_nccl_job, world, seed, backend="nccl")
+    g = torch.Generator().manual_seed(seed)
+    n, d = 6 * world, 16
+    z1 = torch.randn(n, d, generator=g).double().requires_grad_()
+    z2 = torch.randn(n, d, generator=g).double().requires_grad_()
+    ref = naive_nt_xent(z1, z2, 0.3)
+    ref.backward()
+    x = _kmeans_data(seed, world, 30, 4).cuda()
+    single = cx.KMeans(3, random_state=0, max_iter=20, batch_size=30).fit(x)
+    for r, (res, mine) in enumerate(zip(ranks, _shards(n, world))):
+        assert abs(res["loss"] - ref.item()) < 1e-4 * abs(ref.item())
+        assert _rel(res["g1"], world * z1.grad[mine]) < 1e-4 and _rel(res["g2"], world * z2.grad[mine]) < 1e-4
+        assert torch.equal(res["counts"], torch.ones(n))
+        assert torch.allclose(res["centers"], single.cluster_centers_.cpu(), atol=1e-5)
+        assert torch.equal(res["labels"], single.labels_.cpu()[r * 30 : (r + 1) * 30])
