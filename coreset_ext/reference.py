@@ -229,6 +229,27 @@ def cosine_rowsum(
     return torch.cat(parts) if parts else xn.new_zeros(0)
 
 
+def top_k_rows(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of sim: (values, column indices) [rows, k], ordered by
+    value descending, then index ascending; of several equal values at the k-th place the lowest
+    indices are kept."""
+    v, i = torch.topk(sim, k, dim=1)
+    # torch.topk does not say which of several equal values at the k-th place it keeps. Rows
+    # with more copies of their k-th value than were returned are redone with a stable sort,
+    # which keeps the lowest indices (rare: ties need exactly equal similarities).
+    kth = v[:, -1:]
+    tied = (sim == kth).sum(dim=1) > (v == kth).sum(dim=1)
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
+        v[rows], i[rows] = sv[:, :k], si[:, :k]
+    # Order within the row: value descending, then index ascending.
+    i, order = torch.sort(i, dim=1)
+    v = v.gather(1, order)
+    v, order = torch.sort(v, dim=1, descending=True, stable=True)
+    return v, i.gather(1, order)
+
+
 def cosine_topk(
     x: torch.Tensor, k: int, *, y: torch.Tensor | None = None, exclude_self: bool = True,
     chunk_size: int = CHUNK_SIZE,
@@ -247,22 +268,9 @@ def cosine_topk(
         if exclude_self and y is None:
             ar = torch.arange(sim.shape[0], device=sim.device)
             sim[ar, s + ar] = float("-inf")
-        v, i = torch.topk(sim, k, dim=1)
-        # torch.topk does not say which of several equal values at the k-th place it keeps. Rows
-        # with more copies of their k-th value than were returned are redone with a stable sort,
-        # which keeps the lowest indices (rare: ties need exactly equal similarities).
-        kth = v[:, -1:]
-        tied = (sim == kth).sum(dim=1) > (v == kth).sum(dim=1)
-        if bool(tied.any()):
-            rows = tied.nonzero()[:, 0]
-            sv, si = torch.sort(sim[rows], dim=1, descending=True, stable=True)
-            v[rows], i[rows] = sv[:, :k], si[:, :k]
-        # Order within the row: value descending, then index ascending.
-        i, order = torch.sort(i, dim=1)
-        v = v.gather(1, order)
-        v, order = torch.sort(v, dim=1, descending=True, stable=True)
+        v, i = top_k_rows(sim, k)
         vals.append(v)
-        idxs.append(i.gather(1, order))
+        idxs.append(i)
     if not vals:
         return xn.new_zeros(0, k), torch.zeros(0, k, dtype=torch.int64, device=x.device)
     return torch.cat(vals), torch.cat(idxs)
@@ -542,9 +550,9 @@ def mine_potential_samples(
             excluded = _candidate_mask(s, sim.shape[0], cand.shape[0], paired, sim.device)
             if excluded is not None:
                 sim = sim.masked_fill(excluded, float("-inf"))
-            v, i = torch.sort(sim, dim=1, descending=True, stable=True)  # ties: lower index first
-            vals.append(v[:, :n_mined])
-            idx.append(i[:, :n_mined])
+            v, i = top_k_rows(sim, n_mined)  # ties: lower index first
+            vals.append(v)
+            idx.append(i)
         index, mined_cos = torch.cat(idx), torch.cat(vals)
         alpha = mining_weights(mined_cos, weighting, weight_temperature, threshold, mined_weight)
         lo, hi = mining_band(torch.linalg.vecdot(anchors, views), band)
