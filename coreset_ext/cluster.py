@@ -305,23 +305,27 @@ class KMeans:
                     xc = xc - self._shift.to(xc.dtype)
             yield s, xc
 
-    def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool, weights: torch.Tensor | None = None):
+    def _pass(self, x: torch.Tensor, centers: torch.Tensor, update: bool, weights: torch.Tensor | None = None,
+              distance: bool = True):
         """One assignment pass over x (and the update sums when `update`).
 
         Returns labels [n] and distances [n] on x's device, and sums [k, d] and counts [k] on
         the compute device (None without update). With `weights` (on the compute device, in
         memory: [n]), sums and counts are weighted: sum of w_i x_i and of w_i per cluster.
+        An update pass with `distance=False` returns no distances (None; the CPU kernel then
+        skips them, as a Lloyd iteration needs only labels, sums and counts).
         """
+        distance = distance or not update
         whole = self.batch_size is None
         labels = dist = sums = counts = None
         k = centers.shape[0]
         if not whole:
             labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-            dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+            dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device) if distance else None
         for s, xc in self._chunks(x):
             # x was checked finite once (fit/predict), not once per iteration
             if update and weights is None:
-                lab, dst, sc, cc = ops.kmeans_lloyd_step(xc, centers, metric=self.metric)
+                lab, dst, sc, cc = ops.kmeans_lloyd_step(xc, centers, metric=self.metric, distance=distance)
             elif update:
                 # weighted: the same kernels, the update summing rows scaled by their weights
                 w = weights[s : s + xc.shape[0]]
@@ -334,10 +338,11 @@ class KMeans:
                 # chunk sums are added in chunk order: deterministic
                 sums, counts = (sc, cc) if sums is None else (sums + sc, counts + cc)
             if whole:
-                labels, dist = lab, dst
+                labels, dist = lab, dst if distance else None
             else:
                 labels[s : s + xc.shape[0]].copy_(lab)
-                dist[s : s + xc.shape[0]].copy_(dst)
+                if distance:
+                    dist[s : s + xc.shape[0]].copy_(dst)
         if update and self._shards is not None:  # the ranks' sums and counts, added in rank order
             sums, counts = self._shards.sum(sums), self._shards.sum(counts)
         return labels, dist, sums, counts
@@ -423,7 +428,8 @@ class KMeans:
         strict = False
         it = 0
         for it in range(self.max_iter):
-            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights)
+            # distances only where this iteration reads them (verbose; re-seeding computes its own)
+            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights, distance=bar is not None)
             new = self._means(centers, sums, counts)
             # The iteration's three decisions (empty clusters? how far did the centroids move?
             # did any label change?) cross to the host together: one synchronisation, not three.
@@ -435,6 +441,8 @@ class KMeans:
                 (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
                 moved.to(counts.device, torch.float64)]).tolist()
             if n_empty:
+                if dist is None:
+                    dist = self._pass(x, centers, update=False)[1]
                 new = self._reseed_empty(x, centers, labels, dist, sums, counts, weights)
                 shift = float(((new - centers) ** 2).sum())
             centers = new
@@ -447,7 +455,7 @@ class KMeans:
             if shift <= tol:
                 break
             labels_old = labels
-        if not strict:
+        if not strict or dist is None:
             # assign against the final centroids so labels_ and inertia_ match cluster_centers_
             labels, dist, _, _ = self._pass(x, centers, update=False)
         if bar is not None:

@@ -48,9 +48,9 @@ TORCH_LIBRARY(coreset_ext, m) {
   // CPU backend of the Python custom op coreset_ext::kmeans_assign (ops/kmeans.py): x float32/float64,
   // centroids prepared by the caller (normalised for cosine). -> (labels int64, distance float32).
   m.def("kmeans_assign_cpu(Tensor x, Tensor centroids, bool cosine) -> (Tensor, Tensor)");
-  // The same fused with kmeans_update (one pass over x): -> (labels, distance, sums, counts);
-  // sums bit-identical to kmeans_update's. Used by KMeans on the CPU.
-  m.def("kmeans_lloyd_step_cpu(Tensor x, Tensor centroids, bool cosine) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same fused with kmeans_update (one pass over x): -> (labels, distance, sums, counts); the
+  // distance only if asked (else empty), sums in x's dtype. Used by KMeans on the CPU.
+  m.def("kmeans_lloyd_step_cpu(Tensor x, Tensor centroids, bool cosine, bool distance) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace coreset_ext

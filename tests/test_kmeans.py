@@ -183,15 +183,80 @@ def test_update_deterministic_and_noncontiguous():
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("n", [300, 20_000])
-def test_fused_cpu_step_equals_assign_then_update(metric, n):
+def test_fused_cpu_step_matches_assign_then_update(metric, n):
+    """The fused CPU pass: kmeans_assign's labels and distances exactly, counts exactly, sums (x's
+    dtype per range of rows, merged in float64) within float32 rounding of the float64 sums."""
     x, c = _data(n, 33, 30), _data(17, 33, 31)
     if not _backend.has_extension():
         pytest.skip("coreset_ext._C not built")
-    fused = ops.kmeans_lloyd_step(x, c, metric=metric)
-    labels, dist = ops.kmeans_assign(x, c, metric=metric)
-    sums, counts = ops.kmeans_update(x, labels, 17)
-    for got, want in zip(fused, (labels, dist, sums, counts)):
+    labels, dist, sums, counts = ops.kmeans_lloyd_step(x, c, metric=metric)
+    want_labels, want_dist = ops.kmeans_assign(x, c, metric=metric)
+    assert torch.equal(labels, want_labels) and torch.equal(dist, want_dist)
+    assert torch.equal(counts, torch.bincount(want_labels, minlength=17))
+    want_sums = torch.zeros(17, 33, dtype=torch.float64).index_add_(0, want_labels, x.double())
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-5, atol=1e-4)
+    # without distances: the same labels, sums and counts, bit for bit
+    no_dist = ops.kmeans_lloyd_step(x, c, metric=metric, distance=False)
+    assert no_dist[1] is None
+    for got, want in zip(no_dist[::2] + no_dist[3:], (labels, sums, counts)):
         assert torch.equal(got, want)
+
+
+def _numpy_lloyd(x: np.ndarray, c: np.ndarray, iters: int):
+    """An independent Lloyd loop in float64 numpy: full distance matrix, first argmin, means (an
+    empty cluster keeps its centroid)."""
+    x, c = x.astype(np.float64), c.astype(np.float64).copy()
+    for _ in range(iters):
+        d2 = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]
+        labels = d2.argmin(1)
+        for j in range(c.shape[0]):
+            rows = x[labels == j]
+            if len(rows):
+                c[j] = rows.mean(0)
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,d,k", [(1, 3, 1), (257, 7, 15), (1031, 16, 16), (999, 5, 17), (777, 33, 32),
+                                   (2049, 19, 33), (1500, 64, 600), (700, 3, 513)])
+def test_fused_cpu_step_against_numpy_lloyd(n, d, k, dtype):
+    """Lloyd iterations from the fused CPU step (both of its product paths: k <= 32 in registers,
+    above through BLAS; k beyond the 512-row block) against an independent float64 numpy loop from
+    the same initial centroids on fresh random data (odd n, d, k; data centred as KMeans does)."""
+    if not _backend.has_extension():
+        pytest.skip("coreset_ext._C not built")
+    rng = np.random.default_rng([n, d, k])
+    centres = rng.normal(size=(k, d)) * 3
+    x = centres[rng.integers(k, size=n)] + rng.normal(size=(n, d))
+    x = x - x.mean(0)
+    c0 = x[rng.choice(n, size=k, replace=False)]
+    xt, c = torch.from_numpy(x).to(dtype), torch.from_numpy(c0).to(dtype)
+    iters = 3
+    for _ in range(iters):
+        labels, dist, sums, counts = ops.kmeans_lloyd_step(xt, c, distance=False)
+        assert dist is None and int(counts.sum()) == n
+        assert torch.equal(counts, torch.bincount(labels, minlength=k))
+        c = torch.where((counts > 0)[:, None], (sums.double() / counts.clamp_min(1)[:, None]).to(dtype), c)
+    want = _numpy_lloyd(x, c0, iters)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    np.testing.assert_allclose(c.double().numpy(), want, rtol=tol, atol=tol)
+
+
+def test_fused_cpu_step_same_whatever_the_threads():
+    """Sums come from fixed ranges of rows merged in order: bit-identical for 1 and 2 threads."""
+    if not _backend.has_extension():
+        pytest.skip("coreset_ext._C not built")
+    x, c = _data(30_011, 24, 40), _data(100, 24, 41)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.kmeans_lloyd_step(x, c)
+        torch.set_num_threads(2)
+        two = ops.kmeans_lloyd_step(x, c)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
 
 
 def test_update_bounds():

@@ -174,14 +174,18 @@ def _(x, labels, k):
 
 
 def kmeans_lloyd_step(
-    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", distance: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One Lloyd pass, unchecked: (labels, distance) of `kmeans_assign` and (sums, counts) of
-    `kmeans_update` for those labels, equal to calling the two.
+    `kmeans_update` for those labels. `distance=False` leaves the distance out (None): a Lloyd
+    iteration needs only labels, sums and counts, and the exact winner distance costs a pass over
+    each row's features.
 
     For callers that validated x and the centroids themselves (KMeans, once per fit). On the CPU
-    with `_C` and float32/float64 x, one C++ pass over the rows does both; elsewhere the two ops
-    run one after the other, without their host-side checks.
+    with `_C` and float32/float64 x, one C++ pass over the rows does both, with the labels of
+    `kmeans_assign` and the sums accumulated in x's dtype per fixed range of rows, merged in
+    float64 (deterministic whatever the thread count; within float32 rounding of `kmeans_update`'s);
+    elsewhere the two ops run one after the other, without their host-side checks.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -191,11 +195,12 @@ def kmeans_lloyd_step(
         ([0, 1, 0], [2, 1])
     """
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and _backend.has_extension():
-        return torch.ops.coreset_ext.kmeans_lloyd_step_cpu(x, _prepared(centroids, x.dtype, metric),
-                                                           metric == "cosine")
+        labels, dist, sums, counts = torch.ops.coreset_ext.kmeans_lloyd_step_cpu(
+            x, _prepared(centroids, x.dtype, metric), metric == "cosine", distance)
+        return labels, dist if distance else None, sums, counts
     labels, dist = kmeans_assign(x, centroids, metric=metric, validate=False)
     sums, counts = kmeans_update(x, labels, centroids.shape[0], validate=False)
-    return labels, dist, sums, counts
+    return labels, dist if distance else None, sums, counts
 
 
 def _prepared(centroids: torch.Tensor, dtype: torch.dtype, metric: str) -> torch.Tensor:

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -34,6 +35,12 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0: the global setting): our GEMMs run
+// inside our own parallel region and must stay on their thread. MKL keeps nested calls sequential
+// by itself unless the thread count was set explicitly (mkl_set_num_threads, e.g. by
+// threadpoolctl's threadpool_limits), when each call would start MKL threads of its own on cores
+// that our threads already hold: measured 3-4x slower fits on 2 cores.
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 namespace coreset_ext {
@@ -43,19 +50,19 @@ constexpr double kEps = 1e-6;           // as coreset_ext.reference.EPS
 
 namespace {
 
-// Up to this many centroids the products come from our own register-tiled loop (small_products:
-// centroids laid out [d, k_pad], vectorised over centroids), not a BLAS call: MKL's sgemm spends
-// more on a 512 x 10 x 16 product than the loop does. Above it the two measured alike on this
-// AMD EPYC (k = 100 and 1000, d = 64 and 256, one thread), and MKL is the one tuned elsewhere.
-constexpr int kTileRows = 4;   // the products' register tile (see small_products)
-constexpr int kTileCols = 32;
+// Up to this many centroids the scores come from our own register-tiled loop (small_block:
+// vectorised over centroids, scores never leave the registers), not a BLAS call: at 512 x 10 x 16
+// the call and the score matrix's round trip through memory cost more than the products. Above it
+// BLAS (MKL's sgemm in torch's x86 builds).
 constexpr int64_t kSmallK = 32;
+constexpr int64_t kVecBytes = 64;  // small_block's vector: 16 floats, 8 doubles (one AVX-512 register)
 
 struct Prepared {
   at::Tensor xc, c, c_sq, shift;
-  at::Tensor c_t_pad;  // small k: the centroids [d, k_pad], zero-padded to whole AVX-512 registers
+  at::Tensor c_sq_pad;  // c_sq padded with +inf to k_pad: the argmin runs over whole vectors
+  at::Tensor c_t_pad;   // small k: alpha * the centroids [d, k_pad] (see small_block)
   int64_t n, d, k;
-  int64_t k_pad;       // score row stride: k, or k rounded up to 16 for small k (c_sq padded with +inf)
+  int64_t k_pad;        // k rounded up to whole 64-byte vectors: the score row stride
   double alpha;
   bool shifted;  // rows are copied minus `shift` before the products (see prepare)
 };
@@ -98,13 +105,14 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
   p.n = x.size(0);
   p.d = x.size(1);
   p.k = c.size(0);
-  p.k_pad = p.k;
+  // alpha is -2 or -1: the scaling is exact
+  const int64_t lanes = kVecBytes / static_cast<int64_t>(c.element_size());
+  p.k_pad = (p.k + lanes - 1) / lanes * lanes;
+  p.c_sq_pad = at::cat({p.c_sq, at::full({p.k_pad - p.k}, std::numeric_limits<double>::infinity(), c.options())});
   if (p.k <= kSmallK) {
-    // padded centroids score +inf: never the (strict) minimum
-    p.k_pad = (p.k + kTileCols - 1) / kTileCols * kTileCols;
+    // alpha is -2 or -1: the scaling is exact
     p.c_t_pad = at::zeros({p.d, p.k_pad}, c.options());
-    p.c_t_pad.narrow(1, 0, p.k).copy_(p.c.t());
-    p.c_sq = at::cat({p.c_sq, at::full({p.k_pad - p.k}, std::numeric_limits<double>::infinity(), c.options())});
+    p.c_t_pad.narrow(1, 0, p.k).copy_(p.c.t() * (cosine ? -1.0 : -2.0));
   }
   p.alpha = cosine ? -1.0 : -2.0;
   return p;
@@ -114,7 +122,7 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
 struct Scratch {
   at::Tensor rows, dots, c_t;
   Scratch(const Prepared& p)
-      : rows(at::empty({kRowsPerBlock, p.d}, p.xc.options())), dots(at::empty({kRowsPerBlock, p.k_pad}, p.xc.options())),
+      : rows(at::empty({kRowsPerBlock, p.d}, p.xc.options())), dots(at::zeros({kRowsPerBlock, p.k_pad}, p.xc.options())),
         c_t(p.c.t()) {}
 };
 
@@ -155,110 +163,194 @@ KMEANS_INLINE scalar_t sum_sq(const scalar_t* __restrict a, const scalar_t* __re
   return ((part[0] + part[2]) + (part[1] + part[3]));
 }
 
-// Index of the first minimum of bias[j] + a * row[j], in one pass: each of kLanes lanes keeps its
-// first minimum (strict <), then the lowest index among the lanes holding the overall minimum wins,
-// and the tail (indices above every lane's) replaces it only when strictly smaller. Lowest index
+// One row's work once its label `arg` and score `best` are known (`row`: as in the products,
+// `xi`: the raw row).
+template <typename scalar_t>
+KMEANS_INLINE void row_tail(int64_t arg, scalar_t best, const scalar_t* row, const scalar_t* c, const scalar_t* xi,
+                            int64_t d, bool cosine, float* dst_i, scalar_t* sums, int64_t* cnt) {
+  if (sums != nullptr) {
+    add_row(sums + arg * d, xi, d);
+    ++cnt[arg];
+  }
+  if (dst_i == nullptr) return;
+  double out_d;
+  if (cosine) {
+    const double x_norm = std::sqrt(static_cast<double>(sum_sq<scalar_t, false>(row, nullptr, d)));
+    out_d = 1.0 + static_cast<double>(best) / std::max(x_norm, kEps);
+  } else {
+    out_d = static_cast<double>(sum_sq<scalar_t, true>(row, c + arg * d, d));
+  }
+  *dst_i = static_cast<float>(out_d);
+}
+
+// Small k (at most kSmallK centroids): the products, the argmin and the row's tail in one pass, the
+// scores of a tile of rows held in registers, never written out. GCC vector extensions (64-byte
+// vectors: one AVX-512 register, two AVX2 ones) so that the one source serves every target_clones
+// variant. score[j] = c_sq[j] + sum_t x[t] * ct[t, j], ct = alpha * c^T padded to whole vectors with
+// zeros (their c_sq is +inf: never the minimum). Ties go to the lowest index, as first_argmin.
+template <typename scalar_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef int32_t index_t;
+  // lane i ^ s for s = 8, 4, 2, 1: the butterfly of a lane-wise minimum (constant masks, so that
+  // each step is one permute)
+  static constexpr I swap[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7},
+                                {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11},
+                                {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13},
+                                {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}};
+  static constexpr int steps = 4;
+  static constexpr I iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+};
+template <>
+struct VecOf<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t I __attribute__((vector_size(64)));
+  typedef int64_t index_t;
+  static constexpr I swap[3] = {{4, 5, 6, 7, 0, 1, 2, 3}, {2, 3, 0, 1, 6, 7, 4, 5}, {1, 0, 3, 2, 5, 4, 7, 6}};
+  static constexpr int steps = 3;
+  static constexpr I iota = {0, 1, 2, 3, 4, 5, 6, 7};
+};
+
+// Every lane = the minimum over the lanes.
+template <typename scalar_t, typename W>
+KMEANS_INLINE W lanes_min(W a) {
+  using Vec = VecOf<scalar_t>;
+  if constexpr (Vec::steps == 4) {
+    W b = __builtin_shuffle(a, Vec::swap[0]); a = b < a ? b : a;
+    b = __builtin_shuffle(a, Vec::swap[1]); a = b < a ? b : a;
+    b = __builtin_shuffle(a, Vec::swap[2]); a = b < a ? b : a;
+    b = __builtin_shuffle(a, Vec::swap[3]); a = b < a ? b : a;
+  } else {
+    W b = __builtin_shuffle(a, Vec::swap[0]); a = b < a ? b : a;
+    b = __builtin_shuffle(a, Vec::swap[1]); a = b < a ? b : a;
+    b = __builtin_shuffle(a, Vec::swap[2]); a = b < a ? b : a;
+  }
+  return a;
+}
+
+// Index of the first minimum of bias[j] + a * row[j] over k_pad (a whole number of vectors; padded
+// entries have bias +inf and a finite row value: never the minimum): lane-wise minima and their
+// first indices (strict <), then the overall minimum and the lowest index holding it. Lowest index
 // wins ties, as the other backends. k < 2^31 (checked in prepare).
 template <typename scalar_t>
-KMEANS_INLINE int64_t first_argmin(const scalar_t* bias, scalar_t a, const scalar_t* row, int64_t k, scalar_t* best_out) {
-  scalar_t lane_best[kLanes];
-  int32_t lane_arg[kLanes];
-  for (int u = 0; u < kLanes; ++u) {
-    lane_best[u] = std::numeric_limits<scalar_t>::infinity();
-    lane_arg[u] = 0;
+KMEANS_INLINE int64_t first_argmin(const scalar_t* bias, scalar_t a, const scalar_t* row, int64_t k_pad,
+                                   scalar_t* best_out) {
+  using V = typename VecOf<scalar_t>::V;
+  using I = typename VecOf<scalar_t>::I;
+  constexpr int L = 64 / sizeof(scalar_t);
+  V best = V{} + std::numeric_limits<scalar_t>::infinity();
+  I arg = I{};
+  I idx = VecOf<scalar_t>::iota;
+  for (int64_t j = 0; j < k_pad; j += L, idx += L) {
+    V b, r;
+    std::memcpy(&b, bias + j, sizeof(V));
+    std::memcpy(&r, row + j, sizeof(V));
+    const V v = b + a * r;
+    const I less = v < best;
+    best = less ? v : best;
+    arg = less ? idx : arg;
   }
-  int32_t j = 0;
-  const int32_t k32 = static_cast<int32_t>(k);
-  for (; j + kLanes <= k32; j += kLanes) {
-    for (int u = 0; u < kLanes; ++u) {
-      const scalar_t v = bias[j + u] + a * row[j + u];
-      const bool less = v < lane_best[u];
-      lane_best[u] = less ? v : lane_best[u];
-      lane_arg[u] = less ? j + u : lane_arg[u];
-    }
-  }
-  // branch-free (vectorisable) reductions: the minimum, then the lowest index holding it
-  scalar_t best = lane_best[0];
-  for (int u = 1; u < kLanes; ++u) best = lane_best[u] < best ? lane_best[u] : best;
-  int32_t arg = std::numeric_limits<int32_t>::max();
-  for (int u = 0; u < kLanes; ++u) arg = (lane_best[u] == best && lane_arg[u] < arg) ? lane_arg[u] : arg;
-  if (arg == std::numeric_limits<int32_t>::max()) arg = 0;  // no full group of kLanes (k < kLanes)
-  for (; j < k32; ++j) {
-    const scalar_t v = bias[j] + a * row[j];
-    if (v < best) {
-      best = v;
-      arg = j;
-    }
-  }
-  *best_out = best;
-  return arg;
+  const V m = lanes_min<scalar_t>(best);
+  arg = best == m ? arg : I{} + static_cast<typename VecOf<scalar_t>::index_t>(k_pad);
+  arg = lanes_min<scalar_t>(arg);
+  *best_out = m[0];
+  return arg[0];
 }
 
-// A block of m rows after its GEMM: per row the first argmin of c_sq + alpha * scores, the distance
-// (euclidean: from the difference to the winner itself, not the expanded form; cosine: 1 - cos), and,
-// when `sums` is given, the raw row x added to its cluster's double sums [k, d].
+// A block of m rows after its GEMM: per row the first argmin of c_sq + alpha * scores; when `dst` is
+// given, the distance (euclidean: from the difference to the winner itself, not the expanded form;
+// cosine: 1 - cos); when `sums` is given, the raw row x added to its cluster's sums [k, d] (x's
+// dtype: a range's partial sums, see kmeans_ranges.h) and counted in `cnt`.
 template <typename scalar_t>
 KMEANS_INLINE void finish_block_impl(const scalar_t* scores, const scalar_t* c_sq, scalar_t alpha, const scalar_t* rows,
-                                     const scalar_t* c, const scalar_t* x, int64_t m, int64_t k, int64_t d, bool cosine,
-                                     int64_t* lab, float* dst, double* sums) {
+                                     const scalar_t* c, const scalar_t* x, int64_t m, int64_t k_pad, int64_t d,
+                                     bool cosine, int64_t* lab, float* dst, scalar_t* sums, int64_t* cnt) {
   for (int64_t i = 0; i < m; ++i) {
     scalar_t best;
-    const int64_t arg = first_argmin(c_sq, alpha, scores + i * k, k, &best);  // k: the score row stride
-    double out_d;
-    if (cosine) {
-      const double x_norm = std::sqrt(static_cast<double>(sum_sq<scalar_t, false>(rows + i * d, nullptr, d)));
-      out_d = 1.0 + static_cast<double>(best) / std::max(x_norm, kEps);
-    } else {
-      out_d = static_cast<double>(sum_sq<scalar_t, true>(rows + i * d, c + arg * d, d));
-    }
+    const int64_t arg = first_argmin(c_sq, alpha, scores + i * k_pad, k_pad, &best);
     lab[i] = arg;
-    dst[i] = static_cast<float>(out_d);
-    if (sums != nullptr) {
-      double* acc = sums + arg * d;
-      const scalar_t* xi = x + i * d;
-      for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(xi[j]);
-    }
+    row_tail(arg, best, rows + i * d, c, x + i * d, d, cosine, dst == nullptr ? nullptr : dst + i, sums, cnt);
   }
 }
 
-// scores [m, k_pad] = rows [m, d] . c_t_pad [d, k_pad] (k_pad a multiple of kTileCols): tiles of
-// kTileRows rows x kTileCols centroids whose accumulators stay in registers while t runs over d.
-template <typename scalar_t, int R>
-KMEANS_INLINE void product_tile(const scalar_t* rows, const scalar_t* c_t, int64_t d, int64_t k_pad, scalar_t* scores) {
-  for (int64_t j0 = 0; j0 < k_pad; j0 += kTileCols) {
-    scalar_t acc[R][kTileCols] = {};
-    for (int64_t t = 0; t < d; ++t) {
-      const scalar_t* ct = c_t + t * k_pad + j0;
-      for (int r = 0; r < R; ++r) {
-        const scalar_t xv = rows[r * d + t];
-        for (int u = 0; u < kTileCols; ++u) acc[r][u] += xv * ct[u];
-      }
+template <typename scalar_t, int NV, int RT>
+KMEANS_INLINE void small_tile(const scalar_t* rows, const scalar_t* ct, const scalar_t* c_sq, int64_t d, int64_t* lab,
+                              scalar_t* best) {
+  using V = typename VecOf<scalar_t>::V;
+  using I = typename VecOf<scalar_t>::I;
+  constexpr int L = 64 / sizeof(scalar_t);
+  V acc[RT][NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    V b;
+    std::memcpy(&b, c_sq + v * L, sizeof(V));
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r) acc[r][v] = b;
+  }
+  for (int64_t t = 0; t < d; ++t) {
+    V cv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) std::memcpy(&cv[v], ct + (t * NV + v) * L, sizeof(V));
+#pragma GCC unroll 8
+    for (int r = 0; r < RT; ++r) {
+      const scalar_t xr = rows[r * d + t];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += xr * cv[v];
     }
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < kTileCols; ++u) scores[r * k_pad + j0 + u] = acc[r][u];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RT; ++r) {
+    V m = acc[r][0];
+#pragma GCC unroll 4
+    for (int v = 1; v < NV; ++v) m = acc[r][v] < m ? acc[r][v] : m;
+    m = lanes_min<scalar_t>(m);
+    I arg = VecOf<scalar_t>::iota + L * NV;  // above every index
+#pragma GCC unroll 4
+    for (int v = NV - 1; v >= 0; --v) arg = acc[r][v] == m ? VecOf<scalar_t>::iota + v * L : arg;  // lowest v wins
+    arg = lanes_min<scalar_t>(arg);
+    lab[r] = arg[0];
+    best[r] = m[0];
   }
 }
-template <typename scalar_t>
-KMEANS_INLINE void small_products_impl(const scalar_t* rows, const scalar_t* c_t, int64_t m, int64_t d, int64_t k_pad,
-                                       scalar_t* scores) {
+
+template <typename scalar_t, int NV>
+KMEANS_INLINE void small_block_nv(const scalar_t* rows, const scalar_t* ct, const scalar_t* c_sq, int64_t m, int64_t d,
+                                  int64_t* lab, scalar_t* best) {
+  constexpr int RT = NV == 1 ? 8 : 4;  // RT x NV accumulators, at most 8 registers
   int64_t i = 0;
-  for (; i + kTileRows <= m; i += kTileRows)
-    product_tile<scalar_t, kTileRows>(rows + i * d, c_t, d, k_pad, scores + i * k_pad);
-  for (; i < m; ++i) product_tile<scalar_t, 1>(rows + i * d, c_t, d, k_pad, scores + i * k_pad);
+  for (; i + RT <= m; i += RT) small_tile<scalar_t, NV, RT>(rows + i * d, ct, c_sq, d, lab + i, best + i);
+  for (; i < m; ++i) small_tile<scalar_t, NV, 1>(rows + i * d, ct, c_sq, d, lab + i, best + i);
 }
-#define KMEANS_SMALL_PRODUCTS(scalar_t)                                                                      \
-  KMEANS_CLONES void small_products(const scalar_t* rows, const scalar_t* c_t, int64_t m, int64_t d, int64_t k_pad, \
-                                    scalar_t* scores) {                                                      \
-    small_products_impl<scalar_t>(rows, c_t, m, d, k_pad, scores);                                          \
-  }
-KMEANS_SMALL_PRODUCTS(float)
-KMEANS_SMALL_PRODUCTS(double)
 
+template <typename scalar_t>
+KMEANS_INLINE void small_block_impl(const scalar_t* ct, const scalar_t* c_sq, int64_t nv, const scalar_t* rows,
+                                    const scalar_t* c, const scalar_t* x, int64_t m, int64_t d, bool cosine,
+                                    int64_t* lab, scalar_t* best, float* dst, scalar_t* sums, int64_t* cnt) {
+  switch (nv) {
+    case 1: small_block_nv<scalar_t, 1>(rows, ct, c_sq, m, d, lab, best); break;
+    case 2: small_block_nv<scalar_t, 2>(rows, ct, c_sq, m, d, lab, best); break;
+    case 3: small_block_nv<scalar_t, 3>(rows, ct, c_sq, m, d, lab, best); break;
+    default: small_block_nv<scalar_t, 4>(rows, ct, c_sq, m, d, lab, best); break;
+  }
+  for (int64_t i = 0; i < m; ++i)
+    row_tail(lab[i], best[i], rows + i * d, c, x + i * d, d, cosine, dst == nullptr ? nullptr : dst + i, sums, cnt);
+}
+#define KMEANS_SMALL_BLOCK(scalar_t)                                                                             \
+  KMEANS_CLONES void small_block(const scalar_t* ct, const scalar_t* c_sq, int64_t nv, const scalar_t* rows,     \
+                                 const scalar_t* c, const scalar_t* x, int64_t m, int64_t d, bool cosine,         \
+                                 int64_t* lab, scalar_t* best, float* dst, scalar_t* sums, int64_t* cnt) {        \
+    small_block_impl<scalar_t>(ct, c_sq, nv, rows, c, x, m, d, cosine, lab, best, dst, sums, cnt);               \
+  }
+KMEANS_SMALL_BLOCK(float)
+KMEANS_SMALL_BLOCK(double)
 #define KMEANS_FINISH_BLOCK(scalar_t)                                                                            \
   KMEANS_CLONES void finish_block(const scalar_t* scores, const scalar_t* c_sq, scalar_t alpha, const scalar_t* rows, \
                                   const scalar_t* c, const scalar_t* x, int64_t m, int64_t k, int64_t d, bool cosine,  \
-                                  int64_t* lab, float* dst, double* sums) {                                        \
-    finish_block_impl<scalar_t>(scores, c_sq, alpha, rows, c, x, m, k, d, cosine, lab, dst, sums);                \
+                                  int64_t* lab, float* dst, scalar_t* sums, int64_t* cnt) {                        \
+    finish_block_impl<scalar_t>(scores, c_sq, alpha, rows, c, x, m, k, d, cosine, lab, dst, sums, cnt);           \
   }
 KMEANS_FINISH_BLOCK(float)
 KMEANS_FINISH_BLOCK(double)
@@ -277,32 +369,33 @@ KMEANS_SHIFTED(double)
 // bookkeeping cost more than the product itself at small k * d. Where torch exports no BLAS
 // symbols, at::mm_out serves. BLAS is column-major: dots^T [k, m] = (c' as [d, k])^T . (rows as [d, m]).
 template <typename scalar_t>
-void block_products(const scalar_t* c, const scalar_t* rows, int64_t m, int64_t k, int64_t d, scalar_t* dots,
-                    const at::Tensor& rows_t, Scratch& scratch) {
+void block_products(const scalar_t* c, const scalar_t* rows, int64_t m, int64_t k, int64_t k_pad, int64_t d,
+                    scalar_t* dots, const at::Tensor& rows_t, Scratch& scratch) {
   const int bm = static_cast<int>(m), bk = static_cast<int>(k), bd = static_cast<int>(d);
+  const int ldc = static_cast<int>(k_pad);
   const char trans = 'T', plain = 'N';
   const scalar_t one = 1, zero = 0;
-  const bool small = k <= INT32_MAX && d <= INT32_MAX;  // m <= kRowsPerBlock
+  const bool small = k_pad <= INT32_MAX && d <= INT32_MAX;  // m <= kRowsPerBlock
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (sgemm_ != nullptr && small) {
-      sgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &bk);
+      sgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &ldc);
       return;
     }
   } else {
     if (dgemm_ != nullptr && small) {
-      dgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &bk);
+      dgemm_(&trans, &plain, &bk, &bm, &bd, &one, c, &bd, rows, &bd, &zero, dots, &ldc);
       return;
     }
   }
-  at::Tensor out = scratch.dots.narrow(0, 0, m);
+  at::Tensor out = scratch.dots.narrow(0, 0, m).narrow(1, 0, k);
   at::mm_out(out, rows_t, scratch.c_t);
 }
 
-// Labels and distances of rows [s, e) (e - s <= kRowsPerBlock); with `sums` ([k, d] doubles), the
-// rows are also added to their clusters' sums, in row order.
+// Labels and (with `dst`) distances of rows [s, e) (e - s <= kRowsPerBlock); with `sums` ([k, d])
+// and `cnt` ([k]), the rows are also added to their clusters' sums and counts, in row order.
 template <typename scalar_t>
 void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& scratch, int64_t* lab, float* dst,
-                 double* sums = nullptr) {
+                 scalar_t* sums = nullptr, int64_t* cnt = nullptr) {
   const int64_t k = p.k, d = p.d, m = e - s;
   const scalar_t* xp = p.xc.data_ptr<scalar_t>() + s * d;
   const scalar_t* rp = xp;  // the block's rows, in place unless shifted
@@ -313,15 +406,17 @@ void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& 
   }
   scalar_t* sp = scratch.dots.data_ptr<scalar_t>();
   const scalar_t* cp = p.c.data_ptr<scalar_t>();
-  if (p.k_pad != k || k <= kSmallK) {
-    small_products(rp, p.c_t_pad.data_ptr<scalar_t>(), m, d, p.k_pad, sp);
-  } else {
-    block_products<scalar_t>(cp, rp, m, k, d, sp, p.shifted ? scratch.rows.narrow(0, 0, m) : p.xc.narrow(0, s, m),
-                             scratch);
+  if (k <= kSmallK) {
+    // the block's best scores go where the scores would
+    small_block(p.c_t_pad.data_ptr<scalar_t>(), p.c_sq_pad.data_ptr<scalar_t>(), p.c_t_pad.size(1) * p.c_t_pad.element_size() / kVecBytes,
+                rp, cp, xp, m, d, cosine, lab + s, sp, dst == nullptr ? nullptr : dst + s, sums, cnt);
+    return;
   }
-  // padded centroids (small k) score +inf: argmin over k_pad returns an index below k
-  finish_block(sp, p.c_sq.data_ptr<scalar_t>(), static_cast<scalar_t>(p.alpha), rp, cp, xp, m, p.k_pad, d, cosine,
-               lab + s, dst + s, sums);
+  block_products<scalar_t>(cp, rp, m, k, p.k_pad, d, sp, p.shifted ? scratch.rows.narrow(0, 0, m) : p.xc.narrow(0, s, m),
+                           scratch);
+  // the padded score columns stay 0 (never written): +inf + alpha * 0 is never the minimum
+  finish_block(sp, p.c_sq_pad.data_ptr<scalar_t>(), static_cast<scalar_t>(p.alpha), rp, cp, xp, m, p.k_pad, d, cosine,
+               lab + s, dst == nullptr ? nullptr : dst + s, sums, cnt);
 }
 
 // Runs fn(task, scratch) for every task in [0, tasks), handed to the threads one at a time as they
@@ -332,8 +427,10 @@ void for_each_task(const Prepared& p, int64_t tasks, bool parallel, const Fn& fn
   std::atomic<int64_t> next{0};
   const int64_t threads = parallel ? std::min<int64_t>(tasks, at::get_num_threads()) : 1;
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const int mkl_threads = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
     Scratch scratch(p);
     for (int64_t t = next++; t < tasks; t = next++) fn(t, scratch);
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_threads);
   });
 }
 
@@ -358,30 +455,29 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kmeans_lloyd_step_cpu(
-    const at::Tensor& x, const at::Tensor& centroids, bool cosine) {
+    const at::Tensor& x, const at::Tensor& centroids, bool cosine, bool distance) {
   const Prepared p = prepare(x, centroids, cosine, "kmeans_lloyd_step_cpu");
   const int64_t n = p.n, d = p.d, k = p.k;
   at::Tensor labels = at::empty({n}, x.options().dtype(at::kLong));
-  at::Tensor dist = at::empty({n}, x.options().dtype(at::kFloat));
+  at::Tensor dist = at::empty({distance ? n : 0}, x.options().dtype(at::kFloat));
   int64_t* lab = labels.data_ptr<int64_t>();
-  float* dst = dist.data_ptr<float>();
-  RowRanges ranges(n, k, d);
+  float* dst = distance ? dist.data_ptr<float>() : nullptr;
   at::Tensor sums = at::empty({k, d}, x.options());
+  at::Tensor counts = at::empty({k}, x.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(p.xc.scalar_type(), "kmeans_lloyd_step_cpu", [&] {
-    const scalar_t* xp = p.xc.data_ptr<scalar_t>();
+    RowRanges<scalar_t> ranges(n, k, d);
     for_each_task(p, ranges.count, ranges.count > 1, [&](int64_t r, Scratch& scratch) {
+      scalar_t* acc = ranges.start(r, d);
+      int64_t* cnt = ranges.range_counts(r);
       const int64_t end = std::min(n, (r + 1) * ranges.per);
       for (int64_t s = r * ranges.per; s < end; s += kRowsPerBlock) {
         const int64_t e = std::min(end, s + kRowsPerBlock);
         // labels are in [0, k) by construction
-        assign_rows<scalar_t>(p, cosine, s, e, scratch, lab, dst, ranges.range_sums(r, k, d));
+        assign_rows<scalar_t>(p, cosine, s, e, scratch, lab, dst, acc, cnt);
       }
     });
-    ranges.merge(k, d, sums.data_ptr<scalar_t>());
+    ranges.merge(d, sums.data_ptr<scalar_t>(), counts.data_ptr<int64_t>());
   });
-  at::Tensor counts = at::zeros({k}, x.options().dtype(at::kLong));
-  int64_t* cnt = counts.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) ++cnt[lab[i]];
   return {labels, dist, sums, counts};
 }
 

@@ -17,14 +17,15 @@ namespace coreset_ext {
 template <typename scalar_t, typename out_t>
 static void kmeans_update_kernel(const scalar_t* x, int64_t n, int64_t d, const int64_t* labels,
                                  int64_t k, out_t* sums) {
-  RowRanges ranges(n, k, d);
+  RowRanges<double> ranges(n, k, d);
   at::parallel_for(0, ranges.count, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
+      double* acc = ranges.start(r, d);
       const int64_t end = std::min(n, (r + 1) * ranges.per);
-      for (int64_t i = r * ranges.per; i < end; ++i) ranges.add(r, labels[i], x + i * d, k, d);
+      for (int64_t i = r * ranges.per; i < end; ++i) add_row(acc + labels[i] * d, x + i * d, d);
     }
   });
-  ranges.merge(k, d, sums);
+  ranges.merge(d, sums);
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x, const at::Tensor& labels,
