@@ -24,7 +24,7 @@ from coreset_ext.train.evaluate import EVALUATORS, evaluate_ssl, write_results
 from coreset_ext.train.models import ENCODERS, PREFIXES
 from coreset_ext.train.pipeline import (DEFAULT_METHODS, MethodSpec, evaluate_selections, load_run, run_pipeline,
                                         train_and_embed)
-from coreset_ext.train.trainer import AMP, CSS_ON, LR_SCHEDULES, METHODS
+from coreset_ext.train.trainer import AMP, BASES, CSS_ON, LR_SCHEDULES, METHODS
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -206,7 +206,7 @@ def read_train_config(path: str) -> dict:
 
 
 def _train_config(args: argparse.Namespace, method: str) -> TrainConfig:
-    return TrainConfig(method=method, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size,
+    return TrainConfig(method=method, base=args.base, encoder=args.encoder, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, temperature=args.temperature, css_on=args.css_on,
                        seed=args.seed, device=args.device, progress=not args.no_progress, queue_size=args.queue_size,
                        width=args.width, proj_dim=args.proj_dim, proj_hidden=args.proj_hidden,
@@ -377,7 +377,11 @@ def _add_main_job_commands(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=_path, help="run directory")
     p.add_argument("--config", default=None, type=_path, metavar="FILE",
                    help="settings from a .json/.yaml file, e.g. a run's config.json (flags given override them)")
-    p.add_argument("--method", default="simclr", choices=METHODS.values)
+    p.add_argument("--method", default="simclr", choices=METHODS.values,
+                   help="mining: contrastive learning with mined potential samples (cx.nn.PotentialMiningLoss)")
+    p.add_argument("--base", default=None, choices=BASES.values,
+                   help="--method mining only: its SimCLR form (the batch; default) or MoCo form (momentum encoder, "
+                        "queue)")
     p.add_argument("--encoder", default="auto", type=_encoder,
                    help=f"{', '.join(ENCODERS.values)}, torchvision:<name> (e.g. torchvision:resnet18) or "
                         "timm:<name> (when timm is installed); auto: small_cnn for images and signals, mlp for vectors")

@@ -404,3 +404,43 @@ def test_module_short_batch_mines_what_it_has(gen):
     z1, z2, _ = _inputs(2, 5, gen)  # 2 candidates per anchor, n_mined 4
     loss = cx.nn.PotentialMiningLoss()(z1, z2)
     assert torch.equal(loss, ops.potential_mining(z1, z2, n_mined=2))
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+@pytest.mark.parametrize("base", ["simclr", "moco"])
+def test_trainer_mining_resumes_to_the_same_scores(tmp_path, base):
+    from coreset_ext.train import TrainConfig, Trainer, load_dataset
+    from coreset_ext.train.data import ArrayDataset
+
+    full = load_dataset("digits")
+    ds = ArrayDataset(full.data[:40].clone(), full.labels[:40].clone(), name="digits/slice", num_classes=10)
+    cfg = {"method": "mining", "base": base, "epochs": 2, "batch_size": 16, "queue_size": 32, "width": 8,
+           "proj_dim": 16, "progress": False, "device": "cpu"}
+    whole_trainer = Trainer(TrainConfig(**cfg), ds, tmp_path / "whole")
+    whole = whole_trainer.fit()
+    Trainer(TrainConfig(**cfg), ds, tmp_path / "cut").fit(stop_after_epochs=1)
+    resumed = Trainer(TrainConfig(**cfg), ds, tmp_path / "cut")
+    assert isinstance(resumed.criterion, __import__("coreset_ext").nn.PotentialMiningLoss)
+    assert (resumed.key_model is not None) == (base == "moco")
+    result = resumed.fit()
+    assert torch.equal(whole.tracker.sums["css"], result.tracker.sums["css"])
+    assert torch.equal(whole.tracker.counts["css"], result.tracker.counts["css"])  # every example, every epoch
+    assert int(result.tracker.counts["css"].min()) == 2
+    # the MoCo form's queue went through the checkpoint: the same keys in the same slots
+    assert all(torch.equal(v, result_v) for v, result_v in
+               zip(whole_trainer.criterion.state_dict().values(), resumed.criterion.state_dict().values()))
+    assert ("queue" in resumed.criterion.state_dict()) == (base == "moco")
+
+
+def test_train_config_base():
+    from coreset_ext.train import TrainConfig
+
+    assert TrainConfig(method="mining").base == "simclr" and TrainConfig(method="mining").temperature == 0.5
+    assert TrainConfig(method="mining", base="moco").temperature == 0.2
+    assert TrainConfig(method="moco").base is None  # old run records (no base) still compare equal
+    with pytest.raises(ValueError, match="base applies to method 'mining' only"):
+        TrainConfig(method="simclr", base="moco")
+    with pytest.raises(ValueError, match="base must be one of"):
+        TrainConfig(method="mining", base="byol")

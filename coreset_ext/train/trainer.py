@@ -81,7 +81,8 @@ logger = logging.getLogger(__name__)
 
 # 2: a sha256 of the state, and the run's record; 3: the loss module's state (MoCoLoss's queue)
 CHECKPOINT_VERSION = 3
-METHODS = Options("simclr", "moco")
+METHODS = Options("simclr", "moco", "mining")
+BASES = Options("simclr", "moco")  # the forms of the mining loss (METHODS.md section 4)
 CSS_ON = Options("projection", "backbone")
 AMP = Options("bf16", "off")
 LR_SCHEDULES = Options("constant", "cosine")
@@ -106,6 +107,9 @@ class TrainConfig:
     """Everything that determines a training run (saved as JSON with the run).
 
     temperature None picks the method's usual value (SimCLR 0.5, MoCo v2 0.2).
+    method "mining": contrastive learning with mined potential samples (`cx.nn.PotentialMiningLoss`,
+    its default settings) in the form `base` names: "simclr" (default: the batch, one encoder) or
+    "moco" (a momentum encoder and the queue); `base` is None for the other methods.
     amp: "bf16" (autocast, the CPU's too), "off", or None: bf16 on CUDA, off on the CPU (True and
     False read as "bf16" and "off").
     encoder: "auto" (small_cnn for images and signals, mlp for vectors), "small_cnn", "resnet18"
@@ -117,6 +121,7 @@ class TrainConfig:
     """
 
     method: str = "simclr"
+    base: str | None = None
     encoder: str = "auto"
     width: int = 32
     epochs: int = 20
@@ -141,6 +146,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check("method", self.method, METHODS)
+        if self.method == "mining":
+            self.base = check("base", "simclr" if self.base is None else self.base, BASES)
+        elif self.base is not None:
+            raise ValueError(f"base applies to method 'mining' only (its form), got base={self.base!r} with "
+                             f"method={self.method!r}")
         check("css_on", self.css_on, CSS_ON)
         check("encoder", self.encoder, str)
         if not self.encoder.startswith(PREFIXES):
@@ -169,7 +179,7 @@ class TrainConfig:
         check("progress", self.progress, bool)
         check("sync_bn", self.sync_bn, bool)
         if self.temperature is None:
-            self.temperature = 0.5 if self.method == "simclr" else 0.2
+            self.temperature = 0.5 if "simclr" in (self.method, self.base) else 0.2
         self.temperature = check_temperature(self.temperature)
 
     def to_dict(self) -> dict:
@@ -361,16 +371,21 @@ class Trainer:
         self.forward_model = self.model if self.world == 1 else nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.key_model = None
-        if config.method == "moco":
+        if config.method == "mining" and self.world > 1:
+            raise ValueError("method: 'mining' does not run under torch.distributed yet (its loss gathers nothing)")
+        if "moco" in (config.method, config.base):
             self.key_model = copy.deepcopy(self.model).requires_grad_(False)
             g = torch.Generator().manual_seed(config.seed + 1)
-            self.criterion = cxnn.MoCoLoss(config.proj_dim, config.queue_size, config.temperature,
-                                           gather_distributed=self.world > 1)
+            self.criterion = (cxnn.MoCoLoss(config.proj_dim, config.queue_size, config.temperature,
+                                            gather_distributed=self.world > 1) if config.method == "moco" else
+                              cxnn.PotentialMiningLoss(config.temperature, dim=config.proj_dim,
+                                                       queue_size=config.queue_size))
             with torch.no_grad():  # the queue's first keys: seeded apart from the model's initialisation
                 self.criterion.queue.copy_(torch.nn.functional.normalize(
                     torch.randn(config.queue_size, config.proj_dim, generator=g), dim=1))
         else:
-            self.criterion = cxnn.NTXentLoss(config.temperature, gather_distributed=self.world > 1)
+            self.criterion = (cxnn.NTXentLoss(config.temperature, gather_distributed=self.world > 1)
+                              if config.method == "simclr" else cxnn.PotentialMiningLoss(config.temperature))
         self.criterion.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.tracker = ScoreTracker(n, ("css",), device=self.device, fingerprint=self.data.fingerprint)
@@ -592,7 +607,7 @@ class Trainer:
             raise ValueError(f"data: a batch of {v1.shape[0]} example has no negatives; use batches of 2 or more")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             h1, p1 = self.forward_model(v1)
-            if cfg.method == "simclr":
+            if self.key_model is None:  # SimCLR, or the mining loss in its SimCLR form
                 h2, p2 = self.forward_model(v2)
             else:
                 self._momentum_update()
