@@ -222,7 +222,7 @@ def test_kmeans_cpu_grid(benchmark, n, d, k):
         benchmark.extra_info[f"metric_{key}"] = row[key]
 
 
-def grid_table(rows: list[dict], command: str, device: str) -> str:
+def grid_table(rows: list[dict], command: str, device: str, repeats: int = GRID_REPEATS) -> str:
     """The Markdown results table of the CPU grid: one row per cell, ratio = ours / scikit-learn."""
     done = [r for r in rows if "ratio" in r]
     lines = [
@@ -230,7 +230,7 @@ def grid_table(rows: list[dict], command: str, device: str) -> str:
         "",
         f"Device: {device}; torch {torch.__version__}; both with the same thread count. Same data (a Gaussian",
         "mixture), same initial centroids, a fixed number of Lloyd iterations (tol=0; fewer on the biggest",
-        f"cells), timed interleaved in one process, median of {GRID_REPEATS}. ratio = ours / scikit-learn",
+        f"cells), timed interleaved in one process, median of {repeats}. ratio = ours / scikit-learn",
         "(below 1: ours is faster). The CPU was shared with other work while this ran: ratios are the",
         "comparison, absolute times are noisy.",
         "",
@@ -400,6 +400,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--grid", action="store_true", required=True)
     parser.add_argument("--out", default="benchmarks/results/cpu-kmeans-grid.md")
+    parser.add_argument("--json", default="benchmarks/results/parts/cpu-kmeans-grid.json",
+                        help="the rows as measured (seconds per iteration), for later comparison")
+    parser.add_argument("--repeats", type=int, default=GRID_REPEATS, help="timed fits per side and cell (median)")
     parser.add_argument("--n", type=int, nargs="*", default=GRID_NS)
     parser.add_argument("--d", type=int, nargs="*", default=GRID_DS)
     parser.add_argument("--k", type=int, nargs="*", default=GRID_KS)
@@ -408,12 +411,14 @@ def main() -> None:
     grid_cell(2000, 16, 10, repeats=1)  # warm-up: first calls load the kernels
     rows = []
     for n, d, k in tqdm(cells, desc="k-means CPU grid"):
-        rows.append(grid_cell(n, d, k))
+        rows.append(grid_cell(n, d, k, repeats=args.repeats))
         tqdm.write(json.dumps(rows[-1]))
     command = "python -m benchmarks.bench_kmeans " + " ".join(sys.argv[1:])
     with open(args.out, "w") as f:
-        f.write(grid_table(rows, command, device_name(False)))
-    print(f"wrote {args.out}")
+        f.write(grid_table(rows, command, device_name(False), args.repeats))
+    with open(args.json, "w") as f:
+        json.dump({"command": command, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out} and {args.json}")
 
 
 if __name__ == "__main__":
