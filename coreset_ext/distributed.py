@@ -48,8 +48,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "all_gather_rows", "any_rank", "broadcast_", "init_from_env", "is_initialized", "rank",
-           "require_process_group", "sum_in_rank_order", "world_size"]
+__all__ = ["agree", "all_gather_rows", "any_rank", "broadcast_", "global_sum", "init_from_env", "is_initialized",
+           "rank", "require_process_group", "sum_in_rank_order", "world_size"]
 
 # dtypes a header can name (by position); anything else is refused before a collective
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -247,6 +247,26 @@ class _GatherRows(torch.autograd.Function):
             _reduce_scatter_single(own, padded, ctx.group)
             out.append(own[:mine])
         return (None, None, *out)
+
+
+def global_sum(local: torch.Tensor, *, group=None) -> torch.Tensor:
+    """The sum over ranks of a scalar `local` (one all-reduce), the same value on every rank; its
+    gradient reaches this rank's `local` as world_size x 1, the gradient of the sum of the ranks'
+    (identical) results, as through `all_gather_rows`. Without a process group: `local`.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> x = torch.tensor(2.0, requires_grad=True)
+        >>> cx.distributed.global_sum(x * 3)
+        tensor(6., grad_fn=<MulBackward0>)
+    """
+    if not is_initialized():
+        return local
+    w = world_size(group)
+    total = local.detach().clone()
+    dist.all_reduce(total, group=group)
+    # the value of the total, the gradient of w x local: no communication in the backward
+    return w * local + (total - w * local).detach()
 
 
 def sum_in_rank_order(t: torch.Tensor, *, group=None) -> torch.Tensor:

@@ -207,11 +207,13 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
     rank, so the ranks share one queue of the global batches' keys (as MoCo's own code does;
     without it each rank's queue holds only its own keys, lightly's issue 1018). The first
     gathered forward copies rank 0's queue and pointer to every rank, so the queues are identical
-    from then on. The loss itself needs nothing from the other ranks: it is this rank's queries'
-    mean, and DDP's average over ranks makes it the global mean. Cost per step: one all-gather of
-    B x dim key elements per rank (each rank receives G x dim, G the global batch) plus a header;
-    memory O(queue_size x dim + G x dim); nothing in the backward. A global batch larger than the
-    queue keeps its newest queue_size keys, as on one process.
+    from then on. "mean" ("sum") is over every rank's queries, the same value on every rank, and
+    each rank's queries receive world_size x its gradient, as in NTXentLoss: DDP's average is then
+    the single-process gradient, whatever the ranks' batch sizes; "none" gives this rank's rows.
+    Cost per step: one all-gather of B x dim key elements per rank (each rank receives G x dim,
+    G the global batch) plus a header, and one all-reduce of a scalar; memory O(queue_size x dim
+    + G x dim); nothing in the backward. A global batch larger than the queue keeps its newest
+    queue_size keys, as on one process.
 
     Example:
         >>> import torch, coreset_ext as cx
@@ -249,9 +251,14 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
             self._check_keys(k)
             enqueued = k
         self.flush_()
+        gathered = self.gather_distributed and self.reduction != "none"
         out = ops.info_nce_queue(q, k, self.queue, self.temperature, normalize=self.normalize,
-                                 reduction=self.reduction, index=index, tracker=tracker, scores=scores,
-                                 return_cos=return_cos, validate=validate)
+                                 reduction="sum" if gathered else self.reduction, index=index, tracker=tracker,
+                                 scores=scores, return_cos=return_cos, validate=validate)
+        if gathered:  # the global sum or mean over every rank's queries
+            loss = distributed.global_sum(out[0] if return_cos else out)
+            loss = loss / enqueued.shape[0] if self.reduction == "mean" else loss
+            out = (loss, out[1]) if return_cos else loss
         self._defer_enqueue(enqueued)
         return out
 

@@ -276,8 +276,8 @@ def test_moco_enqueues_the_gathered_keys(loss_run):
         qn, kn, un = (torch.nn.functional.normalize(x, dim=1) for x in (queries, keys, queue))
         logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ un.T], dim=1) / t
         rows = torch.nn.functional.cross_entropy(logits, torch.zeros(n, dtype=torch.long), reduction="none")
-        for r, mine in enumerate(_shards(n, world, loss_run["sizes"])):
-            assert abs(float(ranks[r]["moco_losses"][step]) - float(rows[mine].mean())) < 1e-5
+        for r in range(world):
+            assert abs(float(ranks[r]["moco_losses"][step]) - float(rows.mean())) < 1e-5  # the global mean
         slots = (ptr + torch.arange(n)) % queue.shape[0]
         queue = queue.clone()
         queue[slots] = keys
@@ -470,17 +470,30 @@ def _train_runs(seed: int):
 
     data = load_dataset("digits")
     for method in ("simclr", "moco"):
-        cfg = TrainConfig(method=method, epochs=1, batch_size=240, proj_dim=8, queue_size=300, device="cpu",
+        # 241 over 2 ranks: slices of 121 and 120 (the world size need not divide the batch)
+        cfg = TrainConfig(method=method, epochs=1, batch_size=241, proj_dim=8, queue_size=300, device="cpu",
                           progress=False, seed=seed % 1000, amp="off")
         torch.manual_seed(seed)
         yield method, Trainer(cfg, data, model=_plain_model()).fit()
 
 
 def _train_part(seed: int) -> dict:
-    return {method: {"loss": [h["loss"] for h in r.history], "css_mean": [h["css_mean"] for h in r.history],
-                     "params": [p.detach().clone() for p in r.model.parameters()],
-                     "sums": r.tracker.sums["css"].clone(), "counts": r.tracker.counts["css"].clone()}
-            for method, r in _train_runs(seed)}
+    from coreset_ext.train import TrainConfig, Trainer, load_dataset
+
+    out = {method: {"loss": [h["loss"] for h in r.history], "css_mean": [h["css_mean"] for h in r.history],
+                    "params": [p.detach().clone() for p in r.model.parameters()],
+                    "sums": r.tracker.sums["css"].clone(), "counts": r.tracker.counts["css"].clone()}
+           for method, r in _train_runs(seed)}
+    # a user DataLoader: its DistributedSampler gives each rank its own examples, indices kept
+    images = load_dataset("digits").batch(torch.arange(1438))
+    data = cx.with_index(torch.utils.data.TensorDataset(images))
+    cfg = TrainConfig(epochs=1, proj_dim=8, device="cpu", progress=False, amp="off")
+    sampler = torch.utils.data.DistributedSampler(data, seed=seed % 1000)
+    loader = torch.utils.data.DataLoader(data, batch_size=120, sampler=sampler)
+    out["loader_counts"] = Trainer(cfg, loader, model=_plain_model()).fit().tracker.counts["css"].clone()
+    plain = torch.utils.data.DataLoader(data, batch_size=120, shuffle=True)
+    out["loader_error"] = _error(lambda: Trainer(cfg, plain, model=_plain_model()))
+    return out
 
 
 def test_ddp_training_equals_the_single_process_run():
@@ -494,6 +507,12 @@ def test_ddp_training_equals_the_single_process_run():
                 assert torch.allclose(p, q.detach(), atol=1e-5), (method, r)
             assert torch.equal(got["counts"], single.tracker.counts["css"])  # every example once, synced
             assert torch.allclose(got["sums"], single.tracker.sums["css"], atol=1e-5)
+
+
+def test_ddp_training_from_a_user_dataloader_with_a_distributed_sampler():
+    for res in _run(2)["ranks"]:
+        assert torch.equal(res["train"]["loader_counts"], torch.ones(1438))  # each example once, synced
+        assert "DistributedSampler" in res["train"]["loader_error"]
 
 
 def test_torchrun_train_command_writes_once_and_resumes(tmp_path):
