@@ -15,8 +15,9 @@ B x K (MoCo, the queue) matrix:
   their logits, the terms of mined positives outside the band, and their gradients.
 
 Columns are split across grid axis 1 where the row tiles alone are too few for the GPU; each
-split writes its own (max, sum) or gradient slot and the wrapper adds the splits in order, so
-the result does not depend on scheduling. Logits and their scaling come from the shared tile
+split writes its own (max, sum) or gradient slot and the wrapper adds the splits in order (no
+float atomics in the kernels; the positives' scatter is torch's index_add_, deterministic under
+torch.use_deterministic_algorithms). Logits and their scaling come from the shared tile
 helpers (_tiles.py), tiles and input precision from contrastive.py's per-architecture tables (the
 same operand shapes as its row-streaming kernels); sizes are runtime arguments that are not
 specialised on. The launch configuration (`tiles`, `column_splits`) is public, for tools.
