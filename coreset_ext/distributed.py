@@ -167,6 +167,13 @@ def all_gather_rows(
     as many backward.
 
     Without a process group it returns the tensors themselves.
+
+    Example (one process; under torchrun every rank gets every rank's rows):
+        >>> import torch, coreset_ext as cx
+        >>> z = torch.randn(4, 8, requires_grad=True)
+        >>> (everyone,), rows_per_rank = cx.distributed.all_gather_rows(z, names=("z",))
+        >>> everyone.shape, rows_per_rank
+        (torch.Size([4, 8]), [4])
     """
     names = list(names) if names is not None else [f"tensor {i}" for i in range(len(tensors))]
     if problem is None:
@@ -273,7 +280,13 @@ def sum_in_rank_order(t: torch.Tensor, *, group=None) -> torch.Tensor:
     """The sum over ranks of `t` (same shape and dtype on every rank: agree on them first), added
     in rank order ((t_0 + t_1) + t_2 ...), so that every rank gets the same bits, and the bits a
     single process gets adding the ranks' parts in that order. One all-gather of world_size x
-    t.numel() elements. Without a process group: `t`."""
+    t.numel() elements. Without a process group: `t`.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> cx.distributed.sum_in_rank_order(torch.tensor([1.0, 2.0]))
+        tensor([1., 2.])
+    """
     w = world_size(group)
     if w == 1:
         return t

@@ -166,6 +166,15 @@ class PerExampleState:
         those buffers (one more float32 array per buffer) to tell new contributions from synced
         ones. Without a process group it only runs `check`.
         Communication: one all-reduce of N float64 values per additive buffer.
+
+        Example (one process: nothing to combine, so it only checks; under torchrun every rank
+        calls it, e.g. at the end of each epoch):
+            >>> import torch, coreset_ext as cx
+            >>> tracker = cx.ScoreTracker(4)
+            >>> tracker.record(torch.tensor([1, 1]), css=torch.tensor([0.5, 0.25]))
+            >>> tracker.sync()
+            >>> tracker.sums["css"].tolist(), tracker.counts["css"].tolist()
+            ([0.0, 0.75, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0])
         """
         problem = None
         try:

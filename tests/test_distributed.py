@@ -586,3 +586,23 @@ def test_nccl_gather_loss_tracker_and_kmeans():
         assert torch.equal(res["counts"], torch.ones(n))
         assert torch.allclose(res["centers"], single.cluster_centers_.cpu(), atol=1e-5)
         assert torch.equal(res["labels"], single.labels_.cpu()[r * 30 : (r + 1) * 30])
+
+
+def _sync_bn_job(rank, world, seed):
+    from coreset_ext.train import TrainConfig, Trainer, load_dataset
+
+    cfg = TrainConfig(epochs=1, batch_size=256, width=8, proj_dim=16, device="cuda", progress=False, seed=seed % 1000,
+                      sync_bn=True)
+    trainer = Trainer(cfg, load_dataset("digits"))
+    result = trainer.fit()
+    return {"counts": result.tracker.counts["css"].cpu(), "loss": result.history[-1]["loss"],
+            "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())}
+
+
+@pytest.mark.cuda
+def test_nccl_training_with_sync_batchnorm():
+    world = min(2, torch.cuda.device_count())
+    ranks = _spawn(_sync_bn_job, world, int(torch.randint(0, 2**31 - 1, ()).item()), backend="nccl")
+    for res in ranks:
+        assert res["sync_bn"] and math.isfinite(res["loss"]) and res["loss"] == ranks[0]["loss"]
+        assert torch.equal(res["counts"], torch.ones(1438))
