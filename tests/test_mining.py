@@ -444,3 +444,17 @@ def test_train_config_base():
         TrainConfig(method="simclr", base="moco")
     with pytest.raises(ValueError, match="base must be one of"):
         TrainConfig(method="mining", base="byol")
+
+
+def test_readme_training_loop_runs():
+    # the README's example (the block after `<!-- readme-mining -->`) runs as written
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- readme-mining -->\n```python\n(.*?)```", text, re.DOTALL)
+    assert block is not None, "README.md lost its mining example"
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md mining example", "exec"), namespace)  # noqa: S102 -- our own README
+    assert namespace["css"].shape == (512,) and bool(torch.isfinite(namespace["css"]).all())
+    assert bool(torch.isfinite(namespace["loss"]))
