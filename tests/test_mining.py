@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 from _utils import rel_err, views
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fuzz import FLOATS, LOSS_VALUES, anything, finite, fuzz, outcome, tensors
 
 from coreset_ext import ops
 from coreset_ext import reference as R
@@ -458,3 +461,39 @@ def test_readme_training_loop_runs():
     exec(compile(block.group(1), "README.md mining example", "exec"), namespace)  # noqa: S102 -- our own README
     assert namespace["css"].shape == (512,) and bool(torch.isfinite(namespace["css"]).all())
     assert bool(torch.isfinite(namespace["loss"]))
+
+
+# ------------------------------------------------------------------------------------- fuzz
+
+@fuzz
+@given(q=tensors(dims=st.just(2), dtypes=st.sampled_from(FLOATS), values=LOSS_VALUES),
+       queue=st.one_of(st.none(), anything()), n_mined=st.one_of(st.integers(-1, 9), anything()),
+       band=st.one_of(st.tuples(st.floats(-0.5, 1.5), st.floats(-0.5, 1.5)), anything()),
+       weighting=st.sampled_from(["soft", "threshold", "top1", "x"]), well_formed=st.booleans())
+def test_fuzz(q, queue, n_mined, band, weighting, well_formed):
+    # a result equal to the reference in the op's accumulation dtype (the same selection), or a
+    # ValueError naming the argument at fault
+    k = q.flip(0) + 0.5
+    if well_formed and q.dim() == 2 and q.shape[0] >= 2 and q.shape[1] > 0:  # reach the loss itself
+        queue = torch.randn(6, q.shape[1], dtype=torch.float64).to(q.dtype) if q.shape[0] % 2 else None
+        n_mined, band = 2, (0.2, 0.9)
+    names = ("q", "k", "queue", "n_mined", "band", "weighting", "temperature")
+    out = outcome(lambda: ops.potential_mining(q, k, queue, 0.3, n_mined=n_mined, band=band, weighting=weighting),
+                  *names)
+    if out is None:
+        return
+    acc = R.accumulation_dtype(q)
+    want = R.potential_mining_loss(q.to(acc), k.to(acc), None if queue is None else queue.to(acc), 0.3,
+                                   n_mined=n_mined, band=tuple(band), weighting=weighting)
+    if finite(q, k, want):
+        assert rel_err(out, want) < 1e-6
+        REACHED.append(1)
+
+
+REACHED: list = []  # examples of test_fuzz that got past validation (checked below: the fuzz reaches the loss)
+
+
+def test_fuzz_reaches_the_loss():
+    if not REACHED:
+        test_fuzz()
+    assert REACHED
