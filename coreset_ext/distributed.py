@@ -48,8 +48,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["agree", "all_gather_rows", "any_rank", "broadcast_", "global_sum", "init_from_env", "is_initialized",
-           "rank", "require_process_group", "sum_in_rank_order", "world_size"]
+__all__ = ["agree", "all_gather_rows", "all_reduce_", "any_rank", "broadcast_", "global_sum", "init_from_env",
+           "is_initialized", "rank", "require_process_group", "sum_in_rank_order", "world_size"]
 
 # dtypes a header can name (by position); anything else is refused before a collective
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -101,13 +101,43 @@ def _header_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def _through_group_device(collective, group, *tensors: torch.Tensor) -> None:
+    """Runs `collective(*tensors)`, which writes into its first tensor, on copies on the group's
+    device when NCCL would be handed CPU tensors (a CPU tracker or CPU k-means shards under a
+    GPU run's group), writing the result back."""
+    device = _header_device(group)
+    if device.type == "cpu" or all(t.device.type != "cpu" for t in tensors):
+        collective(*tensors)
+        return
+    moved = [t.to(device) for t in tensors]
+    collective(*moved)
+    tensors[0].copy_(moved[0])
+
+
 def _gather_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
     # all_gather_single is the newer name of all_gather_into_tensor (which now warns)
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, inp, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _through_group_device(lambda o, i: gather(o, i, group=group), group, out, inp)
 
 
 def _reduce_scatter_single(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, inp, group=group)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    _through_group_device(lambda o, i: scatter(o, i, group=group), group, out, inp)
+
+
+def all_reduce_(t: torch.Tensor, *, op: str = "sum", group=None) -> torch.Tensor:
+    """All-reduces `t` in place ("sum" or "max"; through the group's device if NCCL would be
+    handed a CPU tensor); returns t. Without a process group: t.
+
+    Example:
+        >>> import torch, coreset_ext as cx
+        >>> cx.distributed.all_reduce_(torch.tensor([1.0, 2.0]))
+        tensor([1., 2.])
+    """
+    if is_initialized():
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        _through_group_device(lambda x: dist.all_reduce(x, op=reduce_op, group=group), group, t)
+    return t
 
 
 def agree(problem: BaseException | None, header: Sequence[int] = (), *, group=None) -> torch.Tensor:
@@ -270,8 +300,7 @@ def global_sum(local: torch.Tensor, *, group=None) -> torch.Tensor:
     if not is_initialized():
         return local
     w = world_size(group)
-    total = local.detach().clone()
-    dist.all_reduce(total, group=group)
+    total = all_reduce_(local.detach().clone(), group=group)
     # the value of the total, the gradient of w x local: no communication in the backward
     return w * local + (total - w * local).detach()
 
@@ -303,17 +332,11 @@ def any_rank(flag: bool | torch.Tensor, *, group=None) -> bool:
     if not is_initialized():
         return bool(flag)
     t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_header_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    return bool(all_reduce_(t, op="max", group=group).item())
 
 
 def broadcast_(t: torch.Tensor, src: int = 0, *, group=None) -> torch.Tensor:
     """Overwrites `t` on every rank with rank `src`'s (in place; returns t). Without a group: t."""
     if is_initialized():
-        if t.device.type == "cpu" and _header_device(group).type == "cuda":
-            moved = t.to(_header_device(group))
-            dist.broadcast(moved, src, group=group)
-            t.copy_(moved)
-        else:
-            dist.broadcast(t, src, group=group)
+        _through_group_device(lambda x: dist.broadcast(x, src, group=group), group, t)
     return t

@@ -193,7 +193,7 @@ class PerExampleState:
         before = self._at_sync or {k: torch.zeros_like(self.buffers[k]) for k in additive}
         gained = torch.stack([self.buffers[k].double() - before[k].double() for k in additive])
         self._sync_not_additive({k: gained[i] for i, k in enumerate(additive)}, group)
-        torch.distributed.all_reduce(gained, group=group)
+        distributed.all_reduce_(gained, group=group)
         for i, k in enumerate(additive):
             self.buffers[k].copy_(before[k].double() + gained[i])
         self._at_sync = {k: self.buffers[k].clone() for k in additive}
@@ -553,9 +553,9 @@ class TrainingDynamics(PerExampleState):
         seen_here = gained["seen"] > 0
         me = distributed.rank(group) + 1
         winner = torch.where(seen_here, me, 0).to(torch.int64)
-        torch.distributed.all_reduce(winner, op=torch.distributed.ReduceOp.MAX, group=group)
+        distributed.all_reduce_(winner, op="max", group=group)
         value = torch.where(winner == me, self.last_correct.to(torch.int64) + 2, 0)
-        torch.distributed.all_reduce(value, group=group)
+        distributed.all_reduce_(value, group=group)
         self.last_correct.copy_(torch.where(winner > 0, value - 2, self.last_correct.to(torch.int64)))
 
     def _require_steps(self) -> None:
