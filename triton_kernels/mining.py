@@ -12,7 +12,11 @@ B x K (MoCo, the queue) matrix:
   lse and applies the same masks, both the row's and, for SimCLR (the candidates are the rows),
   the column's: w_ij = g_i p_ij [j in band_i] + g_j p_ji [i in band_j], acc_i = sum_j w_ij chat_j;
 - the positives (the view and k mined per row) are O(n k d) gathers in torch around the launches:
-  their logits, the terms of mined positives outside the band, and their gradients.
+  their logits, the terms of mined positives outside the band, and their gradients. Whether a
+  mined positive lies in the band is decided twice, in the tile and from the gather, on the same
+  input values in two fp32 summation orders: they can disagree only for a cosine within about
+  1e-7 of a band edge (the term is then counted twice or not at all, a jump no larger than the
+  band edge itself makes).
 
 Columns are split across grid axis 1 where the row tiles alone are too few for the GPU; each
 split writes its own (max, sum) or gradient slot and the wrapper adds the splits in order (no
