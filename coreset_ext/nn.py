@@ -79,7 +79,7 @@ class NTXentLoss(torch.nn.Module):
         start = sum(sizes[: distributed.rank()])
         cos = cos[start : start + z1.shape[0]]  # this rank's pairs, in the order of its index
         if tracker is not None:
-            tracker.record(index, **{ops.contrastive.SCORE_METRIC: cos})
+            tracker.record(index, **{ops.loss_family.SCORE_METRIC: cos})
         elif scores is not None:
             ops.score_scatter_add_(scores, index, cos, validate=validate)
         return (loss, cos) if return_cos else loss
@@ -94,7 +94,7 @@ def _batch_problem(z1, z2, index, tracker, scores) -> ValueError | None:
     gather, so that every rank raises together instead of the others waiting in the collective."""
     try:
         for name, z in (("z1", z1), ("z2", z2)):
-            check_tensor(name, z, dim=2, dtypes=ops.contrastive.LOSS_DTYPES, what="[batch, dim]")
+            check_tensor(name, z, dim=2, dtypes=ops.loss_family.LOSS_DTYPES, what="[batch, dim]")
         if z1.shape != z2.shape or z1.dtype != z2.dtype:
             raise ValueError(f"z1 and z2 must have the same shape and dtype, got {tuple(z1.shape)} {z1.dtype} and "
                              f"{tuple(z2.shape)} {z2.dtype}")

@@ -32,49 +32,13 @@ import functools
 import torch
 
 from coreset_ext import _backend, reference
-from coreset_ext._validation import (  # noqa: F401  (MIN_TEMPERATURE: public here, where it applies)
-    MIN_TEMPERATURE, check_per_row, check_reduction, check_same_device, check_tensor, check_temperature,
+from coreset_ext._validation import MIN_TEMPERATURE, check_same_device  # noqa: F401  (MIN_TEMPERATURE: public here)
+from coreset_ext.ops.loss_family import (
+    as_dtype, check_alike, check_loss_args, check_rows, choose_backend, eager_function, finish, run_loss, unaliased,
 )
-from coreset_ext.ops.scatter import INDEX_DTYPES, score_scatter_add_
 
 __all__ = ["nt_xent", "info_nce_queue", "pair_cosine", "MIN_TEMPERATURE"]
 
-LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-TRITON_MAX_D = 256  # = triton_kernels.contrastive.MAX_D (not imported: Triton may be absent)
-# Widest d the loss kernels take when Triton is requested by name: beyond it their tiles need more
-# shared memory than a GPU has (fp32, d = 1024: 196,608 bytes; an A100 has 166,912) and spill
-# kilobytes of registers per thread (tools/triton_aot.py).
-TRITON_MAX_D_REQUESTED = 512
-SCORE_METRIC = "css"  # the tracker metric the positive-pair cosines are recorded under (METHODS.md)
-
-
-def _eager_function(name: str, fwd, setup, backward, bwd, *, reduces: bool) -> type[torch.autograd.Function]:
-    """The eager path of an op: a plain torch.autograd.Function whose forward is the op's
-    implementation `fwd` followed by the custom op's `setup`, and whose backward is the custom
-    op's formula `backward` calling the implementation `bwd` instead of the backward custom op.
-    One contract, two entry points; this one skips the dispatcher. With `reduces`, the last
-    argument is the loss reduction, applied to output 0 inside the node ("none": the rows): a
-    separate mean would be a second autograd node, measured at about 30 us per step on the CPU.
-    (forward takes ctx rather than a separate setup_context: measured, about 40 us less.)"""
-
-    def forward(ctx, *args):
-        inputs, reduction = (args[:-1], args[-1]) if reduces else (args, "none")
-        output = fwd(*inputs)
-        setup(ctx, inputs, output)
-        if reduction == "none":
-            ctx.reduction = None
-            return output
-        ctx.reduction, ctx.rows = reduction, output[0].shape[0]
-        return (reference.reduce_loss(output[0], reduction), *output[1:])
-
-    def backward_(ctx, grad, *grads):
-        if grad is not None and ctx.reduction is not None:  # the reduction's gradient, per row
-            grad = (grad / ctx.rows if ctx.reduction == "mean" else grad).expand(ctx.rows)
-        out = backward(ctx, grad, *grads, bwd=bwd)
-        return (*out, None) if reduces else out
-
-    return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
 # ------------------------------------------------------------------------------------ nt_xent
@@ -116,12 +80,12 @@ def nt_xent(
         >>> z1.grad.shape, int(tracker.counts["css"].sum())
         (torch.Size([8, 16]), 8)
     """
-    _check_rows(z1=z1, z2=z2)
-    _check_alike("z1", z1, "z2", z2)
-    t = _check_loss_args(z1, temperature, reduction, index, tracker, scores)
-    args = (z1, z2, t, bool(normalize), _choose_backend("nt_xent", z1, backend))
-    loss, cos = _loss(torch.ops.coreset_ext.nt_xent_rows, _NTXentRows, args, reduction)
-    return _finish(loss, cos, index, tracker, scores, validate, return_cos)
+    check_rows(z1=z1, z2=z2)
+    check_alike("z1", z1, "z2", z2)
+    t = check_loss_args(z1, temperature, reduction, index, tracker, scores)
+    args = (z1, z2, t, bool(normalize), choose_backend("nt_xent", z1, backend))
+    loss, cos = run_loss(torch.ops.coreset_ext.nt_xent_rows, _NTXentRows, args, reduction)
+    return finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
 def _nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normalize: bool, backend: str):
@@ -132,7 +96,7 @@ def _nt_xent_fwd(z1: torch.Tensor, z2: torch.Tensor, temperature: float, normali
         if backend == "cpp":
             return _cpp("nt_xent_cpu")(z1, z2, temperature, normalize, reference.EPS)
         acc = reference.accumulation_dtype(z1)
-        return reference.nt_xent_forward(_as(z1, acc), _as(z2, acc), temperature, normalize_input=normalize)
+        return reference.nt_xent_forward(as_dtype(z1, acc), as_dtype(z2, acc), temperature, normalize_input=normalize)
 
 
 def _nt_xent_bwd(grad_rows, z1, z2, lse, temperature: float, normalize: bool, backend: str):
@@ -143,9 +107,9 @@ def _nt_xent_bwd(grad_rows, z1, z2, lse, temperature: float, normalize: bool, ba
         if backend == "cpp":  # two separate buffers
             return _cpp("nt_xent_backward_cpu")(grad_rows, z1, z2, lse, temperature, normalize, reference.EPS)
         acc = reference.accumulation_dtype(z1)
-        g1, g2 = reference.nt_xent_rows_backward(_as(grad_rows, acc), _as(z1, acc), _as(z2, acc), temperature,
-                                                normalize_input=normalize, lse=_as(lse, acc))
-        return _as(g1, z1.dtype), _as(g2, z2.dtype)
+        g1, g2 = reference.nt_xent_rows_backward(as_dtype(grad_rows, acc), as_dtype(z1, acc), as_dtype(z2, acc), temperature,
+                                                normalize_input=normalize, lse=as_dtype(lse, acc))
+        return as_dtype(g1, z1.dtype), as_dtype(g2, z2.dtype)
 
 
 @torch.library.custom_op("coreset_ext::nt_xent_rows", mutates_args=())
@@ -167,7 +131,7 @@ def _nt_xent_rows_backward_op(
     grad_rows: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse: torch.Tensor, temperature: float,
     normalize: bool, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unaliased(_nt_xent_bwd(grad_rows, z1, z2, lse, temperature, normalize, backend))
+    return unaliased(_nt_xent_bwd(grad_rows, z1, z2, lse, temperature, normalize, backend))
 
 
 @_nt_xent_rows_backward_op.register_fake
@@ -197,7 +161,7 @@ _nt_xent_rows_op.register_autograd(_nt_xent_backward, setup_context=_nt_xent_set
 
 
 # The eager path: the custom op's implementation, setup and formula as one plain Function node.
-_NTXentRows = _eager_function("_NTXentRows", _nt_xent_fwd, _nt_xent_setup, _nt_xent_backward, _nt_xent_bwd,
+_NTXentRows = eager_function("_NTXentRows", _nt_xent_fwd, _nt_xent_setup, _nt_xent_backward, _nt_xent_bwd,
                               reduces=True)
 
 
@@ -228,16 +192,16 @@ def info_nce_queue(
         >>> q.grad.shape
         torch.Size([4, 8])
     """
-    _check_rows(q=q, k=k, queue=queue)
+    check_rows(q=q, k=k, queue=queue)
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if queue.shape[1] != q.shape[1]:
         raise ValueError(f"queue must have q's dimension {q.shape[1]}, got shape {tuple(queue.shape)}")
     check_same_device(q=q, k=k, queue=queue)
-    t = _check_loss_args(q, temperature, reduction, index, tracker, scores)
-    args = (q, k, queue, t, bool(normalize), _choose_backend("info_nce_queue", q, backend))
-    loss, cos = _loss(torch.ops.coreset_ext.info_nce_queue_rows, _InfoNCEQueueRows, args, reduction)
-    return _finish(loss, cos, index, tracker, scores, validate, return_cos)
+    t = check_loss_args(q, temperature, reduction, index, tracker, scores)
+    args = (q, k, queue, t, bool(normalize), choose_backend("info_nce_queue", q, backend))
+    loss, cos = run_loss(torch.ops.coreset_ext.info_nce_queue_rows, _InfoNCEQueueRows, args, reduction)
+    return finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
 def _info_nce_fwd(q, k, queue, temperature: float, normalize: bool, backend: str):
@@ -249,7 +213,7 @@ def _info_nce_fwd(q, k, queue, temperature: float, normalize: bool, backend: str
         if backend == "cpp":
             return _cpp("info_nce_queue_cpu")(q, k, queue, temperature, normalize, reference.EPS)
         acc = reference.accumulation_dtype(q)
-        return reference.info_nce_queue_forward(_as(q, acc), _as(k, acc), _as(queue, acc), temperature,
+        return reference.info_nce_queue_forward(as_dtype(q, acc), as_dtype(k, acc), as_dtype(queue, acc), temperature,
                                                 normalize_input=normalize)
 
 
@@ -264,9 +228,9 @@ def _info_nce_bwd(grad_rows, q, k, queue, lse, temperature: float, normalize: bo
             return _cpp("info_nce_queue_backward_cpu")(grad_rows, q, k, queue, lse, temperature, normalize,
                                                        reference.EPS)
         acc = reference.accumulation_dtype(q)
-        gq = reference.info_nce_queue_rows_backward(_as(grad_rows, acc), _as(q, acc), _as(k, acc), _as(queue, acc),
-                                                    temperature, normalize_input=normalize, lse=_as(lse, acc))
-        return _as(gq, q.dtype)
+        gq = reference.info_nce_queue_rows_backward(as_dtype(grad_rows, acc), as_dtype(q, acc), as_dtype(k, acc), as_dtype(queue, acc),
+                                                    temperature, normalize_input=normalize, lse=as_dtype(lse, acc))
+        return as_dtype(gq, q.dtype)
 
 
 @torch.library.custom_op("coreset_ext::info_nce_queue_rows", mutates_args=())
@@ -288,7 +252,7 @@ def _info_nce_queue_rows_backward_op(
     grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, lse: torch.Tensor,
     temperature: float, normalize: bool, backend: str,
 ) -> torch.Tensor:
-    return _unaliased((_info_nce_bwd(grad_rows, q, k, queue, lse, temperature, normalize, backend),))[0]
+    return unaliased((_info_nce_bwd(grad_rows, q, k, queue, lse, temperature, normalize, backend),))[0]
 
 
 @_info_nce_queue_rows_backward_op.register_fake
@@ -317,7 +281,7 @@ def _info_nce_backward(ctx, grad_rows, grad_lse, grad_cos, bwd=_info_nce_queue_r
 _info_nce_queue_rows_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
 
 
-_InfoNCEQueueRows = _eager_function("_InfoNCEQueueRows", _info_nce_fwd, _info_nce_setup, _info_nce_backward,
+_InfoNCEQueueRows = eager_function("_InfoNCEQueueRows", _info_nce_fwd, _info_nce_setup, _info_nce_backward,
                                     _info_nce_bwd, reduces=True)
 
 
@@ -334,9 +298,9 @@ def pair_cosine(a: torch.Tensor, b: torch.Tensor, *, backend: str | None = None)
         >>> cx.ops.pair_cosine(a, torch.tensor([[1.0, 1.0], [0.0, -1.0]]))
         tensor([ 0.7071, -1.0000])
     """
-    _check_rows(a=a, b=b)
-    _check_alike("a", a, "b", b)
-    args = (a, b, _choose_backend("pair_cosine", a, backend))
+    check_rows(a=a, b=b)
+    check_alike("a", a, "b", b)
+    args = (a, b, choose_backend("pair_cosine", a, backend))
     if torch.compiler.is_compiling():
         return torch.ops.coreset_ext.pair_cosine(*args)
     return _PairCosine.apply(*args)
@@ -349,7 +313,7 @@ def _pair_cosine_fwd(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Te
         if backend == "cpp":
             return _cpp("pair_cosine_cpu")(a, b, reference.EPS)
         acc = reference.accumulation_dtype(a)
-        return reference.pair_cosine(_as(a, acc), _as(b, acc))
+        return reference.pair_cosine(as_dtype(a, acc), as_dtype(b, acc))
 
 
 def _pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str):
@@ -359,8 +323,8 @@ def _pair_cosine_bwd(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backe
         if backend == "cpp":
             return _cpp("pair_cosine_backward_cpu")(grad, a, b, reference.EPS)
         acc = reference.accumulation_dtype(a)
-        ga, gb = reference.pair_cosine_backward(_as(grad, acc), _as(a, acc), _as(b, acc))
-        return _as(ga, a.dtype), _as(gb, b.dtype)
+        ga, gb = reference.pair_cosine_backward(as_dtype(grad, acc), as_dtype(a, acc), as_dtype(b, acc))
+        return as_dtype(ga, a.dtype), as_dtype(gb, b.dtype)
 
 
 @torch.library.custom_op("coreset_ext::pair_cosine", mutates_args=())
@@ -377,7 +341,7 @@ def _(a, b, backend):
 def _pair_cosine_backward_op(
     grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unaliased(_pair_cosine_bwd(grad, a, b, backend))
+    return unaliased(_pair_cosine_bwd(grad, a, b, backend))
 
 
 @_pair_cosine_backward_op.register_fake
@@ -400,7 +364,7 @@ def _pair_cosine_backward(ctx, grad, bwd=_pair_cosine_backward_op):
 _pair_cosine_op.register_autograd(_pair_cosine_backward, setup_context=_pair_cosine_setup)
 
 
-_PairCosine = _eager_function("_PairCosine", _pair_cosine_fwd, _pair_cosine_setup, _pair_cosine_backward,
+_PairCosine = eager_function("_PairCosine", _pair_cosine_fwd, _pair_cosine_setup, _pair_cosine_backward,
                               _pair_cosine_bwd, reduces=False)
 
 for _op in ("nt_xent", "info_nce_queue", "pair_cosine"):
@@ -408,94 +372,6 @@ for _op in ("nt_xent", "info_nce_queue", "pair_cosine"):
 
 
 # ------------------------------------------------------------------------ shared by the family
-
-
-def _check_rows(**inputs) -> None:
-    """Each input a non-empty [batch, dim] tensor of a loss dtype."""
-    for name, x in inputs.items():
-        check_tensor(name, x, dim=2, dtypes=LOSS_DTYPES, what="[batch, dim]")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
-
-
-def _check_alike(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """The two views of one batch: same shape, dtype and device."""
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != b.dtype:
-        raise ValueError(f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        check_same_device(**{name_a: a, name_b: b})
-
-
-def _check_loss_args(x: torch.Tensor, temperature, reduction, index, tracker, scores) -> float:
-    """The arguments every loss takes beside its inputs; returns the temperature as a float."""
-    t = check_temperature(temperature)
-    check_reduction(reduction)
-    if tracker is not None and scores is not None:
-        raise ValueError("pass tracker or scores, not both (tracker: sums and counts; scores: a raw buffer)")
-    if (index is None) != (tracker is None and scores is None):
-        raise ValueError("index and tracker must be given together (index: dataset indices of the batch, "
-                         "tracker: the ScoreTracker to record the positive cosines in)")
-    if tracker is not None and not callable(getattr(tracker, "record", None)):
-        raise ValueError(f"tracker must have a record(index, **values) method (a ScoreTracker), got "
-                         f"{type(tracker).__name__}")
-    if index is not None:
-        check_per_row("index", index, "the batch", x, dtypes=INDEX_DTYPES)
-    return t
-
-
-def _choose_backend(op: str, x: torch.Tensor, requested: str | None) -> str:
-    """The backend that runs: Triton has no float64 path, so float64 goes to the reference, and
-    its tiles are sized for d <= 256 (projection heads), so wider inputs do too unless Triton was
-    requested by name."""
-    d = x.shape[-1]
-    if requested == "triton" and op != "pair_cosine" and d > TRITON_MAX_D_REQUESTED:
-        raise ValueError(f"backend='triton' takes feature dimensions up to {TRITON_MAX_D_REQUESTED} for "
-                         f"{op}, got d = {d}; leave backend=None to use the reference")
-    chosen = _backend.resolve(op, x.device.type, requested or "")
-    if chosen == "triton" and x.dtype == torch.float64:
-        if requested:
-            raise ValueError("backend='triton' has no float64 path; use float32/float16/bfloat16")
-        return "reference"
-    if chosen == "triton" and not requested and d > TRITON_MAX_D:
-        return "reference"
-    return chosen
-
-
-def _loss(custom_op, eager: type[torch.autograd.Function], args: tuple, reduction: str):
-    """(loss, positive cosines) of a loss op: its custom op under torch.compile, which traces it
-    through the fake kernel, and otherwise its eager Function, which reduces inside the node."""
-    if torch.compiler.is_compiling():
-        rows, _, cos = custom_op(*args)
-        return reference.reduce_loss(rows, reduction), cos
-    loss, _, cos = eager.apply(*args, reduction)
-    return loss, cos
-
-
-def _finish(loss, cos, index, tracker, scores, validate, return_cos: bool):
-    """The loss as asked for, after recording the positive cosines at `index`."""
-    if tracker is not None:
-        tracker.record(index, **{SCORE_METRIC: cos})
-    elif scores is not None:
-        score_scatter_add_(scores, index, cos, validate=validate)
-    return (loss, cos) if return_cos else loss
-
-
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in `dtype`; x itself when it is already (skips a call per tensor on the hot path)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-def _unaliased(outputs: tuple) -> tuple:
-    """A custom op's outputs may not share memory with each other: copy those that do (the
-    reference's gradient halves are views of one buffer). The eager path keeps the views."""
-    seen, out = set(), []
-    for o in outputs:
-        ptr = o.untyped_storage().data_ptr()
-        out.append(o.clone() if ptr in seen else o)
-        seen.add(ptr)
-    return tuple(out)
 
 
 @functools.cache

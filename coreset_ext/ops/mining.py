@@ -30,15 +30,8 @@ from coreset_ext._validation import (
     is_int,
     is_real,
 )
-from coreset_ext.ops.contrastive import (  # the loss family's shared machinery (see the docstring)
-    _as,
-    _check_alike,
-    _check_loss_args,
-    _check_rows,
-    _choose_backend,
-    _eager_function,
-    _finish,
-    _unaliased,
+from coreset_ext.ops.loss_family import (
+    as_dtype, check_alike, check_loss_args, check_rows, choose_backend, eager_function, finish, unaliased,
 )
 from coreset_ext.ops.similarity import TOPK_TRITON_MAX_K
 
@@ -90,8 +83,8 @@ def potential_mining(
         >>> q, queue = torch.randn(4, 16, requires_grad=True), torch.randn(32, 16)
         >>> cx.ops.potential_mining(q, torch.randn(4, 16), queue, 0.2, weighting="top1").backward()
     """
-    _check_rows(q=q, k=k, **({} if queue is None else {"queue": queue}))
-    _check_alike("q", q, "k", k)
+    check_rows(q=q, k=k, **({} if queue is None else {"queue": queue}))
+    check_alike("q", q, "k", k)
     if queue is None:
         if q.shape[0] < 2:
             raise ValueError(f"q must hold at least 2 rows (a batch of {q.shape[0]} has no candidates to mine or "
@@ -101,13 +94,13 @@ def potential_mining(
         if queue.shape[1] != q.shape[1]:
             raise ValueError(f"queue must have q's dimension {q.shape[1]}, got shape {tuple(queue.shape)}")
         check_same_device(q=q, queue=queue)
-        queue = _as(queue, q.dtype)  # the queue is a buffer of the module's own dtype
+        queue = as_dtype(queue, q.dtype)  # the queue is a buffer of the module's own dtype
         n_candidates, what = queue.shape[0], "the rows of the queue"
     if not is_int(n_mined) or not 1 <= n_mined <= n_candidates:
         raise ValueError(f"n_mined must be an int between 1 and {n_candidates} ({what}), got {n_mined!r}")
     options = check_options(weighting, weight_temperature, threshold, mined_weight, band)
-    t = _check_loss_args(q, temperature, reduction, index, tracker, scores)
-    chosen = _choose_backend("potential_mining", q, backend)
+    t = check_loss_args(q, temperature, reduction, index, tracker, scores)
+    chosen = choose_backend("potential_mining", q, backend)
     if chosen == "triton" and n_mined + 1 > TOPK_TRITON_MAX_K:  # the SimCLR form mines one more (see kernels)
         if backend is not None:
             raise ValueError(f"n_mined={n_mined} is above {TOPK_TRITON_MAX_K - 1}, the most backend='triton' serves")
@@ -118,7 +111,7 @@ def potential_mining(
         loss = reference.reduce_loss(rows, reduction)
     else:
         loss, _, cos, *_ = _PotentialMiningRows.apply(*args, reduction)
-    return _finish(loss, cos, index, tracker, scores, validate, return_cos)
+    return finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
 def check_options(weighting, weight_temperature, threshold, mined_weight, band) -> tuple:
@@ -157,8 +150,8 @@ def _mining_fwd(q, k, queue, temperature: float, n_mined: int, weighting: str, w
             return mining.potential_mining_fwd(q, k, queue, temperature, n_mined, weighting, weight_temperature,
                                                threshold, mined_weight, lower, upper, reference.EPS)
         acc = reference.accumulation_dtype(q)
-        q, k = _as(q, acc), _as(k, acc)
-        queue = None if queue is None else _as(queue, acc)
+        q, k = as_dtype(q, acc), as_dtype(k, acc)
+        queue = None if queue is None else as_dtype(queue, acc)
         selection = _select(q, k, queue, n_mined, weighting, weight_temperature, threshold, mined_weight, lower,
                             upper)
         return (*reference.potential_mining_forward(q, k, queue, temperature, selection), *selection)
@@ -174,12 +167,12 @@ def _mining_bwd(grad_rows, q, k, queue, lse, index, alpha, edges, temperature: f
                                                  reference.EPS)
         else:
             acc = reference.accumulation_dtype(q)
-            queue_acc = None if queue is None else _as(queue, acc)
+            queue_acc = None if queue is None else as_dtype(queue, acc)
             gq, gk = reference.potential_mining_rows_backward(
-                _as(grad_rows, acc), _as(q, acc), _as(k, acc), queue_acc, temperature,
-                (index, _as(alpha, acc), _as(edges, acc)), _as(lse, acc))
-        gq = _as(gq, q.dtype)
-        return gq, (q.new_empty(0) if gk is None else _as(gk, k.dtype))
+                as_dtype(grad_rows, acc), as_dtype(q, acc), as_dtype(k, acc), queue_acc, temperature,
+                (index, as_dtype(alpha, acc), as_dtype(edges, acc)), as_dtype(lse, acc))
+        gq = as_dtype(gq, q.dtype)
+        return gq, (q.new_empty(0) if gk is None else as_dtype(gk, k.dtype))
 
 
 @torch.library.custom_op("coreset_ext::potential_mining_rows", mutates_args=())
@@ -187,7 +180,7 @@ def _potential_mining_rows_op(
     q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float, n_mined: int, weighting: str,
     weight_temperature: float, threshold: float, mined_weight: float, lower: float, upper: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _unaliased(_mining_fwd(q, k, queue, temperature, n_mined, weighting, weight_temperature, threshold,
+    return unaliased(_mining_fwd(q, k, queue, temperature, n_mined, weighting, weight_temperature, threshold,
                                   mined_weight, lower, upper, backend))
 
 
@@ -206,7 +199,7 @@ def _potential_mining_rows_backward_op(
     grad_rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, lse: torch.Tensor,
     index: torch.Tensor, alpha: torch.Tensor, edges: torch.Tensor, temperature: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unaliased(_mining_bwd(grad_rows, q, k, queue, lse, index, alpha, edges, temperature, backend))
+    return unaliased(_mining_bwd(grad_rows, q, k, queue, lse, index, alpha, edges, temperature, backend))
 
 
 @_potential_mining_rows_backward_op.register_fake
@@ -236,7 +229,7 @@ def _mining_backward(ctx, grad_rows, *grads, bwd=_potential_mining_rows_backward
 
 _potential_mining_rows_op.register_autograd(_mining_backward, setup_context=_mining_setup)
 
-_PotentialMiningRows = _eager_function("_PotentialMiningRows", _mining_fwd, _mining_setup, _mining_backward,
+_PotentialMiningRows = eager_function("_PotentialMiningRows", _mining_fwd, _mining_setup, _mining_backward,
                                        _mining_bwd, reduces=True)
 
 _backend.register_op("potential_mining", gpu=("triton",), cpu=("reference",))
