@@ -20,6 +20,10 @@
 #   kmeans-table   issue 15's GPU table (test_kmeans_gpu: n = 1M and 10M, k = 1000 and 65,536,
 #                  with flash-kmeans, fastkmeans and fast-pytorch-kmeans) within 4 minutes
 #   similarity     cosine row sums and top-k
+#   mining         issue 18: the mining kernels' CUDA tests (B = 1000 and 4099, 257 queries against
+#                  65,536 keys; fp32/fp16/bf16) and its loss rows against the plain losses
+#   distributed    issue 20: the NCCL tests of tests/test_distributed.py (gathered loss and gradients,
+#                  tracker sync, sharded KMeans, the trainer with SyncBatchNorm; one GPU, 2 ranks)
 # Peers come from wheels in .whl/ (carried to the machine; see the device README for how to fetch
 # them): they are installed into /tmp/site. Each benchmark step writes $OUT/parts/<step>.json;
 # merge them here with `python benchmarks/run.py --merge <files> --out benchmarks/results`.
@@ -72,6 +76,16 @@ for step in "$@"; do
     losses-fp32) bench losses-fp32 540 "(nt_xent or info_nce) and fp32" ;;
     scatter) bench scatter 300 "scatter" ;;
     similarity) bench similarity 400 "similarity or rowsum or topk" ;;
+    mining)
+      echo "== mining tests" | tee -a "$LOG"
+      timeout 120 python3 -m pytest -q -m cuda tests/test_mining.py -p no:cacheprovider -rfE > "$OUT/mining-tests.txt" 2>&1
+      echo "mining tests: rc=$?; $(tail -n 1 "$OUT/mining-tests.txt")" | tee -a "$LOG"
+      bench mining 120 "test_potential_mining" ;;
+    distributed)
+      echo "== distributed tests" | tee -a "$LOG"
+      timeout 150 python3 -m pytest -q -m cuda tests/test_distributed.py -p no:cacheprovider -rfE \
+        > "$OUT/distributed-tests.txt" 2>&1
+      echo "distributed tests: rc=$?; $(tail -n 1 "$OUT/distributed-tests.txt")" | tee -a "$LOG" ;;
     *) echo "unknown step: $step"; exit 2 ;;
   esac
 done
