@@ -199,6 +199,9 @@ class Contract:
     layout_exact: outputs are bit-identical whatever the layout of the inputs.
     deterministic(kind, **variant.call): whether the op promises bit-identical results there
         under torch.use_deterministic_algorithms(True).
+    no_gradcheck(**variant.call): None, or why float64 gradcheck of the whole function does not
+        apply to these arguments (the test is skipped with this reason; the gradients are still
+        checked against autograd through the reference).
     """
 
     name: str
@@ -217,6 +220,7 @@ class Contract:
     contiguous: tuple[str, ...] = ()
     layout_exact: bool = False
     deterministic: Callable[..., bool] = lambda kind, **call: True
+    no_gradcheck: Callable[..., str | None] = lambda **call: None
 
     def tolerance(self, kind: str, dtype: torch.dtype, variant: Variant, grad: bool = False):
         if variant.tol is not None and not grad:
@@ -439,6 +443,71 @@ def _pair_cosine_overloads(inputs, backend):
     ]
 
 
+def _mining_make(gen, dtype, device, small=False, queue=False):
+    # SimCLR: 2B = 42 rows, two ragged tiles of 32 in the interpreter; MoCo: 37 queries, 53 keys
+    b, kq, d = ((5, 7, 6) if small else (21, 53, 20)) if not queue else ((4, 7, 5) if small else (37, 53, 20))
+    q, k = views(b, d, gen=gen)
+    qu = torch.randn(kq, d, generator=gen, dtype=torch.float64).to(device, dtype) if queue else None
+    return {"q": q.to(device, dtype), "k": k.to(device, dtype), "queue": qu}
+
+
+def _mining_call(inputs, backend, temperature, **options):
+    return tuple(ops.potential_mining(inputs["q"], inputs["k"], inputs["queue"], temperature, reduction="none",
+                                      return_cos=True, backend=backend, **options))
+
+
+def _mining_reference(inputs, temperature, **options):
+    return tuple(reference.potential_mining_rows(inputs["q"], inputs["k"], inputs["queue"], temperature, **options))
+
+
+def _mining_args(temperature, n_mined=reference.MINING_K, weighting=reference.MINING_WEIGHTING,
+                 weight_temperature=reference.MINING_WEIGHT_TEMPERATURE, threshold=reference.MINING_THRESHOLD,
+                 mined_weight=reference.MINING_MINED_WEIGHT, band=reference.MINING_BAND):
+    """The custom op's scalar arguments after q, k, queue (as ops.potential_mining passes them)."""
+    return (temperature, n_mined, weighting, weight_temperature, threshold, mined_weight, *band)
+
+
+def _mining_overloads(inputs, backend, temperature, **options):
+    q, k, queue = inputs["q"], inputs["k"], inputs["queue"]
+    args = _mining_args(temperature, **options)
+    rows, lse, _, index, alpha, edges = torch.ops.coreset_ext.potential_mining_rows(q, k, queue, *args, backend)
+    grad_rows = torch.rand(rows.shape[0], device=q.device)
+    # SimCLR: both views learn; MoCo: the queries alone (k and the queue are constants)
+    k_in = k if queue is not None else _needs_grad(k)
+    return [
+        (torch.ops.coreset_ext.potential_mining_rows.default, (_needs_grad(q), k_in, queue, *args, backend)),
+        (torch.ops.coreset_ext.potential_mining_rows_backward.default,
+         (grad_rows, q, k, queue, lse, index, alpha, edges, temperature, backend)),
+    ]
+
+
+def _mining_variants(temperature, n_mined):
+    """Each switch of the op in one form: its defaults at the form's default `temperature`, the
+    threshold weighting with `n_mined` neighbours (some pass, some not) and a narrower band, top1
+    at t = 0.01, and a band with lo = hi that keeps no negative (each row its positives alone)."""
+    return (
+        Variant("defaults", call=dict(temperature=temperature)),
+        Variant("threshold-band", call=dict(temperature=0.3, n_mined=n_mined, weighting="threshold", threshold=0.4,
+                                            mined_weight=0.5, band=(0.1, 0.9))),
+        Variant("top1-t0.01", call=dict(temperature=0.01, weighting="top1", band=(0.0, 1.0))),
+        Variant("empty-band", call=dict(temperature=0.2, n_mined=2, weighting="top1", mined_weight=2.0,
+                                        band=(0.5, 0.5))),
+    )
+
+
+def _mining_no_gradcheck(temperature, weighting=reference.MINING_WEIGHTING, **options):
+    # SimCLR form: the soft weights are smooth functions of z1, z2 (the cosines of each view to
+    # its mined neighbours) that the loss holds constant (the selection carries no gradient, by
+    # the op's definition, issue 18): finite differences see them move, the analytic gradient by
+    # design does not. The threshold and top1 variants, whose selection is locally constant, are
+    # gradchecked; soft's gradients are checked against autograd through the reference, which
+    # holds the selection constant too. (MoCo form: the weights come from k and the queue, which
+    # get no gradient, so its soft variant is gradchecked.)
+    if weighting == "soft":
+        return "soft mining weights are constants of the loss (no gradient through the selection)"
+    return None
+
+
 # Tolerances (rel_err) follow DESIGN.md, "Testing": well under 1e-4 on the CPU and in the
 # interpreter; the GPU's are those of the GPU tests (TF32 products in the similarity kernels).
 # Low-precision inputs are compared with the reference on the same rounded inputs, so what is
@@ -533,6 +602,21 @@ CONTRACTS: tuple[Contract, ...] = (
         ),
         tol=LOSS_TOL, grads=("q",), grad_tol=LOSS_GRAD_TOL, backend_op="info_nce_queue", triton=True,
         backends=(None, "reference"),
+    ),
+    Contract(
+        name="potential_mining",  # the SimCLR form: the 2B rows [z1; z2] mine among each other
+        make=_mining_make, call=_mining_call, reference=_mining_reference, overloads=_mining_overloads,
+        variants=_mining_variants(temperature=0.5, n_mined=3),
+        # backends: the default (None), the reference being the only CPU backend
+        tol=LOSS_TOL, grads=("q", "k"), grad_tol=LOSS_GRAD_TOL, backend_op="potential_mining", triton=True,
+        no_gradcheck=_mining_no_gradcheck,
+    ),
+    Contract(
+        name="potential_mining_queue",  # the MoCo form: the queries mine the queue; only q learns
+        make=lambda gen, dtype, device, small=False: _mining_make(gen, dtype, device, small, queue=True),
+        call=_mining_call, reference=_mining_reference, overloads=_mining_overloads,
+        variants=_mining_variants(temperature=0.2, n_mined=5),
+        tol=LOSS_TOL, grads=("q",), grad_tol=LOSS_GRAD_TOL, backend_op="potential_mining", triton=True,
     ),
     Contract(
         name="pair_cosine",
