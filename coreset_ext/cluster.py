@@ -426,10 +426,13 @@ class KMeans:
             bar = tqdm(total=self.max_iter, desc=f"KMeans run {run}", leave=True)
         labels_old = None
         strict = False
+        emptied = False  # did the last iteration leave a cluster empty?
         it = 0
         for it in range(self.max_iter):
-            # distances only where this iteration reads them (verbose; re-seeding computes its own)
-            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights, distance=bar is not None)
+            # distances only where this iteration may read them: verbose, or re-seeding, which tends
+            # to recur (else it takes them in a pass of its own)
+            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights,
+                                                    distance=bar is not None or emptied)
             new = self._means(centers, sums, counts)
             # The iteration's three decisions (empty clusters? how far did the centroids move?
             # did any label change?) cross to the host together: one synchronisation, not three.
@@ -440,6 +443,7 @@ class KMeans:
             n_empty, shift, changed = torch.stack([
                 (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
                 moved.to(counts.device, torch.float64)]).tolist()
+            emptied = n_empty > 0
             if n_empty:
                 if dist is None:
                     dist = self._pass(x, centers, update=False)[1]
