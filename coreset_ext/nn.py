@@ -342,7 +342,8 @@ class PotentialMiningLoss(_KeyQueue, torch.nn.Module):
         for the MoCo form); `index`/`tracker`, `scores`, `return_cos`, `validate` as there."""
         if not self.moco:
             options = self.options
-            if 2 <= q.shape[0] and 2 * q.shape[0] - 2 < self.n_mined:  # a short last batch mines what it has
+            rows = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 2 else 0  # (else the op says why)
+            if 2 <= rows and 2 * rows - 2 < self.n_mined:  # a short last batch mines what it has
                 options = {**options, "n_mined": 2 * q.shape[0] - 2}
             return ops.potential_mining(q, k, None, self.temperature, reduction=self.reduction, index=index,
                                         tracker=tracker, scores=scores, return_cos=return_cos, validate=validate,

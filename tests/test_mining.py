@@ -234,10 +234,12 @@ def _bad(**change):
     (_bad(queue=torch.randn(5, 2)), "queue must have q's dimension"),
     (_bad(q=torch.randn(1, 3), k=torch.randn(1, 3)), "q must hold at least 2 rows"),
     (_bad(weighting="hard"), "weighting must be one of"),
-    (_bad(weight_temperature=0.0), "weight_temperature must be a real number > 0"),
+    (_bad(weight_temperature=0.0), "weight_temperature must be a real number >= 0.0001"),
+    (_bad(weight_temperature=1e-40), "weight_temperature must be a real number >= 0.0001"),  # was a NaN loss
     (_bad(threshold=1.5), "threshold must be a real number in"),
-    (_bad(mined_weight=-1.0), "mined_weight must be a real number >= 0"),
+    (_bad(mined_weight=-1.0), r"mined_weight must be a real number in \[0, "),
     (_bad(mined_weight=float("nan")), "mined_weight must be a real number"),
+    (_bad(mined_weight=1e39), r"mined_weight must be a real number in \[0, 1e\+30\]"),  # Inf in float32: NaN
     (_bad(temperature=0.0), "temperature"),
     (_bad(k=torch.randn(4, 2)), "q and k must have the same shape"),
 ])
@@ -436,6 +438,25 @@ def test_module_refuses_bad_settings(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         cx.nn.PotentialMiningLoss(**kwargs)
+
+
+def test_module_refuses_what_is_not_a_batch():
+    import coreset_ext as cx
+
+    with pytest.raises(ValueError, match="q must be a 2-D"):  # was an AttributeError on q.shape
+        cx.nn.PotentialMiningLoss()([[1.0, 0.0]] * 3, [[0.0, 1.0]] * 3)
+
+
+def test_op_extreme_weight_settings_stay_finite(gen):
+    # the bounds' other side: the smallest weight_temperature and the largest mined_weight accepted
+    # give a finite float32 loss, the reference's in float32 (as in test_fuzz: at t = 1e-4 the soft
+    # weights follow float32's cosines, not float64's)
+    z1, z2, _ = _inputs(5, 4, gen)
+    x1, x2 = z1.float(), z2.float()
+    for opts in ({"weight_temperature": 1e-4}, {"mined_weight": 1e30}):
+        got = ops.potential_mining(x1, x2, n_mined=3, **opts)
+        want = R.potential_mining_loss(x1, x2, None, 0.5, n_mined=3, **opts)
+        assert torch.isfinite(got) and rel_err(got, want) < 1e-6
 
 
 def test_module_short_batch_mines_what_it_has(gen):

@@ -22,6 +22,7 @@ import torch
 
 from coreset_ext import _backend, reference
 from coreset_ext._validation import (
+    MIN_TEMPERATURE,
     Interval,
     Options,
     check,
@@ -39,6 +40,7 @@ __all__ = ["potential_mining"]
 
 WEIGHTINGS = Options(*reference.MINING_WEIGHTINGS)
 COSINE = Interval(float, -1, 1)
+MAX_MINED_WEIGHT = 1e30
 
 
 def potential_mining(
@@ -119,13 +121,17 @@ def check_options(weighting, weight_temperature, threshold, mined_weight, band) 
     `potential_mining` checks them (ValueError naming the argument); nn.PotentialMiningLoss checks
     its settings with it when built."""
     weighting = check("weighting", weighting, WEIGHTINGS)
+    # the soft weights are softmax(cos / weight_temperature) in float32: a tiny weight_temperature
+    # (1e-40) overflows it to Inf and makes every weight NaN; MIN_TEMPERATURE bounds it as for the loss's
     weight_temperature = finite_float("weight_temperature", weight_temperature)
-    if weight_temperature <= 0:
-        raise ValueError(f"weight_temperature must be a real number > 0, got {weight_temperature!r}")
+    if weight_temperature < MIN_TEMPERATURE:
+        raise ValueError(f"weight_temperature must be a real number >= {MIN_TEMPERATURE}, got {weight_temperature!r}")
     threshold = check("threshold", threshold, COSINE)
+    # mined_weight scales float32 weights: past MAX_MINED_WEIGHT (below float32's 3.4e38) it is Inf
+    # there and the loss NaN
     mined_weight = finite_float("mined_weight", mined_weight)
-    if mined_weight < 0:
-        raise ValueError(f"mined_weight must be a real number >= 0, got {mined_weight!r}")
+    if not 0 <= mined_weight <= MAX_MINED_WEIGHT:
+        raise ValueError(f"mined_weight must be a real number in [0, {MAX_MINED_WEIGHT:g}], got {mined_weight!r}")
     if not (isinstance(band, (tuple, list)) and len(band) == 2 and all(is_real(e) for e in band)
             and all(0 <= e <= 1 for e in band)):
         raise ValueError(f"band must be two edges (lower, upper) in [0, 1], got {band!r}")
