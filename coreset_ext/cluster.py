@@ -437,7 +437,12 @@ class KMeans:
             # The iteration's three decisions (empty clusters? how far did the centroids move?
             # did any label change?) cross to the host together: one synchronisation, not three.
             # (labels live on x's device, which streaming with batch_size leaves on the CPU)
-            moved = labels.ne(labels_old).any() if labels_old is not None else torch.ones((), dtype=torch.bool)
+            if labels_old is None:
+                moved = torch.ones((), dtype=torch.bool)
+            elif labels.device.type == "cpu":  # one pass, no [n] temporary: half the time of ne().any()
+                moved = torch.tensor(not torch.equal(labels, labels_old))
+            else:
+                moved = labels.ne(labels_old).any()
             if self._shards is not None:
                 moved = torch.tensor(self._shards.any(moved))  # a label changed on some rank
             n_empty, shift, changed = torch.stack([
@@ -472,13 +477,16 @@ class KMeans:
     def _column_sums(self, x: torch.Tensor, squares: bool) -> tuple[torch.Tensor, int]:
         """Per-feature sums of x's (prepared) chunks, of squares if `squares`: float64 [d], and n.
 
-        Blocks of 65536 rows are summed in x's dtype (torch's float32 column sums are ~15x faster
-        than its float64 or Welford ones) and the block sums added in float64."""
+        Blocks of 65536 rows are summed in x's dtype, as a product with a row of ones (a BLAS
+        matrix-vector product: ~30x faster than torch's column sums at d = 16 on the CPU, which took
+        a fifth of a 5-iteration fit at n = 1M), and the block sums added in float64."""
         total, n = None, 0
         for _, chunk in self._chunks(x):
             for b in range(0, chunk.shape[0], 1 << 16):
                 block = chunk[b : b + (1 << 16)].to(self._cdtype)
-                part = (block * block if squares else block).sum(dim=0).double()
+                ones = torch.ones(1, block.shape[0], dtype=block.dtype, device=block.device)
+                with torch.autocast(block.device.type, enabled=False):  # the sums' precision is ours
+                    part = (ones @ (block * block if squares else block))[0].double()
                 total = part if total is None else total + part
                 n += block.shape[0]
         if self._shards is not None:
