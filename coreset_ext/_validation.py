@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -224,6 +225,37 @@ def check_per_row(name: str, t, of: str, rows_of: torch.Tensor, *, dtypes: Itera
         raise ValueError(f"{name} has {t.shape[0]} {entries} but {of} has {rows_of.shape[0]} rows")
     check_same_device(**{of: rows_of, name: t})
     return t
+
+
+def check_indices(name: str, value, *, what: str = "indices") -> torch.Tensor:
+    """`value` (a tensor, numpy array or sequence of ints) as a 1-D int64 CPU tensor of `what`.
+    Floats, bools, strings, ints beyond int64 and anything not 1-D are a ValueError naming `name`:
+    an index is never truncated (1.5 is not 1) nor a mask read as indices.
+
+    Example:
+        >>> check_indices("picks", [3, 1])
+        tensor([3, 1])
+        >>> check_indices("picks", [1.5])
+        Traceback (most recent call last):
+        ...
+        ValueError: picks must be a 1-D sequence of integer indices, got float64 of shape (1,)
+    """
+    if not isinstance(value, torch.Tensor):
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError):  # ragged nesting
+            raise ValueError(f"{name} must be a 1-D sequence of integer {what}, got {value!r:.80}") from None
+        if array.size == 0:
+            array = array.astype(np.int64)  # [] reads as float
+        too_big = array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max
+        if array.dtype.kind not in "iu" or too_big or array.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of integer {what}, got {array.dtype} of shape "
+                             f"{array.shape}")  # object dtype: ints beyond int64, a set, a generator
+        return torch.from_numpy(array.astype(np.int64))
+    if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        dtype = str(value.dtype).replace("torch.", "")
+        raise ValueError(f"{name} must be a 1-D sequence of integer {what}, got {dtype} of shape {tuple(value.shape)}")
+    return value.long().cpu()
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

@@ -172,6 +172,19 @@ def test_bad_input_to_the_learner(tmp_path, seed):
         learner.update(picks, [0, 1, 2, -1], ["id", "id", "id", "alien"])
     with pytest.raises(ValueError, match="await update"):
         learner.query(5)
+    # indices and labels are whole numbers, never truncated (picks + 0.4 was read as picks), and
+    # what is not a list of numbers is a ValueError naming the argument (it was torch's TypeError)
+    with pytest.raises(ValueError, match="indices must be a 1-D sequence of integer indices, got float64"):
+        learner.update(picks.double() + 0.4, [0, 1, 2, -1], ["id", "id", "id", "ambiguous"])
+    with pytest.raises(ValueError, match="indices must be a 1-D sequence of integer indices, got float64"):
+        learner.update([float(i) + 0.4 for i in picks.tolist()], [0, 1, 2, -1], ["id", "id", "id", "ambiguous"])
+    with pytest.raises(ValueError, match="indices must be a 1-D sequence of integer indices, got object"):
+        learner.update([2**70] * 4, [0, 1, 2, -1], ["id", "id", "id", "ambiguous"])
+    for labels, got in ((None, "object"), (["a"] * 4, "<U1"), ([0.0, 1.0, 2.0, -1.0], "float64")):
+        with pytest.raises(ValueError, match=f"labels must be a 1-D sequence of integer labels, got {got}"):
+            learner.update(picks, labels, ["id", "id", "id", "ambiguous"])
+    with pytest.raises(ValueError, match="indices must be a 1-D sequence of integer indices, got float"):
+        pool.oracle.label([0.5])  # was read as example 0
     learner.update(picks, [0, 1, 2, -1], ["id", "id", "id", "ambiguous"])
     other = tiny_pool(seed % 1000 + 1)
     with pytest.raises(ValueError, match="resume: .* belongs to another pool"):

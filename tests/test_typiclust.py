@@ -90,7 +90,12 @@ def test_already_selected_every_method():
     with pytest.raises(ValueError, match="budget: 41 is larger than the 40 examples not already selected"):
         cx.select("random", budget=41, dataset_size=n, already_selected=done)
     for bad, message in (([0, 0], "distinct"), ([n], r"in \[0, 60\)"), ([-1], r"in \[0, 60\)"),
-                         ([0.5], "integer indices"), ([[1]], "1-D")):
+                         ([0.5], "integer indices"), ([[1]], "1-D"),
+                         # these were TypeErrors from torch.as_tensor naming no argument
+                         ([2**70], "already_selected must be a 1-D sequence of integer indices, got object"),
+                         (["1"], "already_selected must be a 1-D sequence of integer indices"),
+                         ({1, 2}, "already_selected must be a 1-D sequence of integer indices"),
+                         ([[1, 2], [3]], "already_selected must be a 1-D sequence of integer indices")):
         with pytest.raises(ValueError, match=message):
             cx.select("random", budget=1, dataset_size=n, already_selected=bad)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from coreset_ext._validation import POSITIVE_INT, Interval, check
+from coreset_ext._validation import POSITIVE_INT, Interval, check, check_indices
 from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire
 from coreset_ext.active.features import (
     ContrastiveFeatures,
@@ -119,8 +119,7 @@ class ActiveLearner:
         0..num_classes-1 for ID examples, -1 for the others) and `kinds` ("id", "ood", "ambiguous"
         or 0, 1, 2; None: all "id"). Indices never queried, answers missing, repeated or out of
         range are a ValueError naming them; nothing is recorded then."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64) if not isinstance(indices, torch.Tensor)
-                              else indices).long().reshape(-1).cpu()
+        idx = check_indices("indices", indices)
         if self.pending is None:
             raise ValueError(f"indices: {idx[:5].tolist()} were never queried (nothing awaits an answer); call "
                              "query() first: labels for never-queried indices are refused")
@@ -135,11 +134,9 @@ class ActiveLearner:
             raise ValueError(f"indices: queried examples {missing[:5].tolist()} have no answer; answer all "
                              f"{self.pending.numel()} of this round at once")
         k = kind_codes(["id"] * idx.numel() if kinds is None else kinds, idx.numel())
-        y = torch.as_tensor(np.asarray(labels)).reshape(-1)
-        if y.numel() != idx.numel() or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"labels: {idx.numel()} whole-number labels are needed (one per index), got "
-                             f"{y.dtype} of shape {tuple(y.shape)}")
-        y = y.long()
+        y = check_indices("labels", labels, what="labels")  # integers, never truncated
+        if y.numel() != idx.numel():
+            raise ValueError(f"labels: {idx.numel()} labels are needed (one per index), got {y.numel()}")
         bad = (k == ID) & ((y < 0) | (y >= self.num_classes))
         if bool(bad.any()):
             raise ValueError(f"labels: ID examples need a class in 0..{self.num_classes - 1}, got "

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coreset_ext._validation import Interval, Options, check, is_int
+from coreset_ext._validation import Interval, Options, check, check_indices, is_int
 from coreset_ext.train.data import ArrayDataset, IndexedDataset, as_data
 
 KINDS = ("id", "ood", "ambiguous")  # kind codes 0, 1, 2
@@ -112,7 +112,7 @@ class Oracle:
     def label(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(labels, kinds) of the examples at `indices`: int64 [n] each; labels -1 for OOD and
         ambiguous examples (the annotator gives them no class, only the kind)."""
-        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        idx = check_indices("indices", indices)
         n = self.kinds.numel()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise ValueError(f"indices must be in [0, {n}) (the pool size), got {idx.min()}..{idx.max()}")

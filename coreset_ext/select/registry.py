@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from coreset_ext._validation import FRACTION, POSITIVE_INT, SEED, check
+from coreset_ext._validation import FRACTION, POSITIVE_INT, SEED, check, check_indices
 from coreset_ext.select.pruning import budget_size
 from coreset_ext.select.selection import Selection
 
@@ -278,14 +278,7 @@ def _already_selected(method: str, value, n: int, budget: int) -> torch.Tensor |
     checked against the method and the budget."""
     if value is None:
         return None
-    if not isinstance(value, torch.Tensor):
-        value = np.asarray(value)
-        value = torch.as_tensor(value.astype(np.int64) if value.size == 0 else value)  # [] reads as float
-    t = value.cpu()
-    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise ValueError(f"already_selected must be a 1-D sequence of integer indices, got {t.dtype} of shape "
-                         f"{tuple(t.shape)}")
-    t = t.long()
+    t = check_indices("already_selected", value)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n):
         raise ValueError(f"already_selected must hold indices in [0, {n}) (the pool size), got "
                          f"{int(t.min())}..{int(t.max())}")
