@@ -199,6 +199,48 @@ def test_bad_input_to_the_learner(tmp_path, seed):
         al.ActiveLearner(pool.dataset, method="random", tau=0.2)
 
 
+def _edited_state(tmp_path, pool, edit):
+    """A learner's saved state after one answered round, rewritten by `edit(arrays, meta)`."""
+    from coreset_ext.io import load_npz, save_npz
+
+    path = tmp_path / "edited.npz"
+    path.unlink(missing_ok=True)
+    learner = al.ActiveLearner(pool.dataset, method="random", seed=0, state_path=path)
+    picks = learner.query(5)
+    learner.update(picks, *pool.oracle.label(picks))
+    arrays, meta = load_npz(path)
+    edit(arrays, meta)
+    save_npz(path, arrays, meta)
+    return path
+
+
+def _set(key, value, where="arrays"):
+    return lambda arrays, meta: {"arrays": arrays, "meta": meta}[where].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    # each was resumed as if sound (labels truncated or out of range, round True) or failed with a
+    # KeyError, AttributeError or TypeError naming nothing
+    (_set("labels", np.full(5, 0.5)), "labels must be a 1-D sequence of integer values, got float64"),
+    (_set("queried", np.arange(5) + 0.5), "queried must be a 1-D sequence of integer values, got float64"),
+    (_set("labels", np.full(5, 9)), r"labels: ID examples need a class in 0..3|take label -1"),
+    (_set("kinds", np.full(5, 1)), "OOD and ambiguous examples take label -1"),
+    (_set("round", True, "meta"), "round and history disagree"),
+    (_set("history", [5], "meta"), "round and history disagree"),
+    (_set("rounds", np.full(5, 3)), r"rounds must be in 0..0"),
+    (lambda arrays, meta: meta.pop("features"), r"unusable state \('features'\)"),
+    (_set("features", None, "meta"), "features must be a record with rounds_trained"),
+    (_set("pool", "elsewhere", "meta"), "belongs to another pool"),
+    (lambda arrays, meta: arrays.__setitem__(next(k for k in arrays if k.startswith("model/")), np.array(["x"])),
+     "holds weights of another model"),
+])
+def test_a_corrupt_state_is_refused_naming_what(tmp_path, seed, edit, message):
+    pool = tiny_pool(seed % 1000)
+    path = _edited_state(tmp_path, pool, edit)
+    with pytest.raises(ValueError, match=message):
+        al.ActiveLearner(pool.dataset, method="random", seed=0, state_path=path)
+
+
 def test_id_probability_matches_a_plain_loop(gen):
     f = torch.nn.functional.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=1)
     queried = torch.randperm(30, generator=gen)[:9]

@@ -110,10 +110,10 @@ class ContrastiveFeatures:
         theirs = {"seed": record.get("seed"), "features": record.get("features")}
         if json_ready(theirs) != json_ready(mine):
             raise ValueError(f"resume: {where} was trained with features {theirs}, not {mine}")
-        weights = {k[len("model/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model/")}
         try:
+            weights = {k[len("model/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("model/")}
             self.model.load_state_dict(weights)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:  # TypeError: an array torch has no dtype for (strings)
             raise ValueError(f"resume: {where} holds weights of another model ({str(e).splitlines()[0]})") from None
         self.rounds_trained = int(record["rounds_trained"])
         self._cache.clear()

@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from coreset_ext._validation import POSITIVE_INT, Interval, check, check_indices
+from coreset_ext._validation import POSITIVE_INT, Interval, check, check_indices, is_int
 from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire
 from coreset_ext.active.features import (
     ContrastiveFeatures,
@@ -137,12 +136,7 @@ class ActiveLearner:
         y = check_indices("labels", labels, what="labels")  # integers, never truncated
         if y.numel() != idx.numel():
             raise ValueError(f"labels: {idx.numel()} labels are needed (one per index), got {y.numel()}")
-        bad = (k == ID) & ((y < 0) | (y >= self.num_classes))
-        if bool(bad.any()):
-            raise ValueError(f"labels: ID examples need a class in 0..{self.num_classes - 1}, got "
-                             f"{y[bad][:5].tolist()} for indices {idx[bad][:5].tolist()}")
-        if bool(((k != ID) & (y != -1)).any()):
-            raise ValueError("labels: OOD and ambiguous examples take label -1 (they have no class)")
+        self._check_labels(idx, y, k)
         self.queried = torch.cat([self.queried, idx])
         self.labels = torch.cat([self.labels, y])
         self.kinds = torch.cat([self.kinds, k])
@@ -152,6 +146,15 @@ class ActiveLearner:
         self.round += 1
         self.pending = None
         self.save()
+
+    def _check_labels(self, idx: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> None:
+        """ID examples have a class in 0..num_classes-1, the others label -1."""
+        bad = (k == ID) & ((y < 0) | (y >= self.num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"labels: ID examples need a class in 0..{self.num_classes - 1}, got "
+                             f"{y[bad][:5].tolist()} for indices {idx[bad][:5].tolist()}")
+        if bool(((k != ID) & (y != -1)).any()):
+            raise ValueError("labels: OOD and ambiguous examples take label -1 (they have no class)")
 
     def counts(self) -> dict[str, int]:
         """How many answers of each kind so far."""
@@ -196,7 +199,7 @@ class ActiveLearner:
 
     def _load(self, path: Path) -> None:
         arrays, meta = load_npz(path, kind=STATE_KIND)
-        pool = meta.get("pool") or {}
+        pool = meta.get("pool") if isinstance(meta.get("pool"), dict) else {}
         if pool.get("fingerprint") != self.data.fingerprint or pool.get("size") != len(self.data):
             raise ValueError(f"resume: {path} belongs to another pool ({pool.get('size')} examples, fingerprint "
                              f"{pool.get('fingerprint')}); this pool has {len(self.data)}, fingerprint "
@@ -208,29 +211,35 @@ class ActiveLearner:
         if changed:
             raise ValueError(f"resume: {path} was made with other settings: {'; '.join(changed)}")
         try:
+            record = meta["features"]
+            if not isinstance(record, dict) or not is_int(record.get("rounds_trained")):
+                raise ValueError(f"features must be a record with rounds_trained (an int), got {record!r:.80}")
             self._restore(arrays, meta)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"resume: {path} holds an unusable state ({e})") from None
-        record = meta["features"]
-        if record.get("rounds_trained", -1) >= self.features.rounds_trained:  # a shared featurizer may be ahead
+        if record["rounds_trained"] >= self.features.rounds_trained:  # a shared featurizer may be ahead
             self.features.load_state(arrays, record, str(path))
 
     def _restore(self, arrays: dict, meta: dict) -> None:
-        fields = {name: torch.from_numpy(np.asarray(arrays[name], dtype=np.int64)) for name in
-                  ("queried", "labels", "kinds", "rounds")}
+        fields = {name: check_indices(name, arrays[name], what="values") for name in ("queried", "labels", "kinds",
+                                                                                       "rounds")}
         n = fields["queried"].numel()
-        if any(t.dim() != 1 or t.numel() != n for t in fields.values()):
+        if any(t.numel() != n for t in fields.values()):
             raise ValueError("queried, labels, kinds and rounds must be 1-D arrays of one length")
-        pending = torch.from_numpy(np.asarray(arrays["pending"], dtype=np.int64)) if "pending" in arrays else None
+        pending = check_indices("pending", arrays["pending"]) if "pending" in arrays else None
         everything = torch.cat([fields["queried"]] + ([pending] if pending is not None else []))
         if everything.numel() and (int(everything.min()) < 0 or int(everything.max()) >= len(self.data)
                                    or torch.unique(everything).numel() != everything.numel()):
             raise ValueError("queried/pending must be distinct indices of the pool")
         if bool(((fields["kinds"] < 0) | (fields["kinds"] >= len(KINDS))).any()):
             raise ValueError("kinds must be codes 0, 1, 2")
-        rnd = meta["round"]
-        if not isinstance(rnd, int) or rnd < 0 or not isinstance(meta["history"], list) or len(meta["history"]) != rnd:
+        self._check_labels(fields["queried"], fields["labels"], fields["kinds"])
+        rnd, history = meta["round"], meta["history"]
+        if (not is_int(rnd) or rnd < 0 or not isinstance(history, list) or len(history) != rnd
+                or not all(isinstance(h, dict) for h in history)):
             raise ValueError("round and history disagree")
+        if bool(((fields["rounds"] < 0) | (fields["rounds"] >= rnd)).any()):
+            raise ValueError(f"rounds must be in 0..{rnd - 1}, the rounds answered")
         self.queried, self.labels, self.kinds, self.rounds = (fields[k] for k in ("queried", "labels", "kinds",
                                                                                   "rounds"))
         self.pending, self.round, self.history = pending, rnd, meta["history"]
