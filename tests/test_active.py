@@ -197,6 +197,12 @@ def test_bad_input_to_the_learner(tmp_path, seed):
         al.ActiveLearner(pool.dataset, seed=-1)
     with pytest.raises(ValueError, match="options: method 'random' takes none"):
         al.ActiveLearner(pool.dataset, method="random", tau=0.2)
+    # the contrastive methods' options are checked when the learner is made, not at the first
+    # query after its features have trained (a misspelled one was a TypeError there)
+    for options, message in (({"tau": -1.0}, "tau must be a real number > 0"), ({"taus": 0.2}, r"\['taus'\] unknown"),
+                             ({"k_neighbors": True}, "k_neighbors must be an int >= 1")):
+        with pytest.raises(ValueError, match=message):
+            al.ActiveLearner(pool.dataset, method="contrastive", features=TINY, **options)
 
 
 def _edited_state(tmp_path, pool, edit):

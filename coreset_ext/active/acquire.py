@@ -84,12 +84,25 @@ def id_probability(features: torch.Tensor, queried: torch.Tensor, is_id: torch.T
     return torch.cat(out)
 
 
+def check_acquire_options(method: str, options: dict) -> None:
+    """`options` of `method` as `acquire` takes them (the contrastive methods': tau, prior_weight,
+    k_neighbors; the others' none), checked before any round trains: a ValueError naming the option."""
+    if options and not method.startswith("contrastive"):
+        raise ValueError(f"options: method {method!r} takes none, got {sorted(options)}")
+    unknown = sorted(set(options) - {"tau", "prior_weight", "k_neighbors"})
+    if unknown:
+        raise ValueError(f"options: {unknown} unknown; method {method!r} takes tau, prior_weight, k_neighbors")
+    for name, rule in (("tau", Interval(float, 0, None, closed="neither")),
+                       ("prior_weight", Interval(float, 0, None, closed="neither")),
+                       ("k_neighbors", Interval(int, 1, None))):
+        if name in options:
+            check(name, options[name], rule)
+
+
 def contrastive_acquire(budget: int, inputs: RoundInputs, *, ood_aware: bool = True, tau: float = 0.1,
                         prior_weight: float = 1.0, k_neighbors: int = 20) -> torch.Tensor:
     """The contrastive method's picks (the module docstring); `ood_aware=False` is its ablation."""
-    check("tau", tau, Interval(float, 0, None, closed="neither"))
-    check("prior_weight", prior_weight, Interval(float, 0, None, closed="neither"))
-    check("k_neighbors", k_neighbors, Interval(int, 1, None))
+    check_acquire_options("contrastive", {"tau": tau, "prior_weight": prior_weight, "k_neighbors": k_neighbors})
     f, n = inputs.features, inputs.n
     queried = inputs.queried
     p = (id_probability(f, queried, inputs.kinds == ID, tau=tau, prior_weight=prior_weight) if ood_aware
@@ -147,8 +160,7 @@ def acquire(method: str, budget: int, inputs: RoundInputs, **options) -> torch.T
     """`budget` new indices chosen by `method` (METHODS) from `inputs`; `options` go to the
     contrastive methods (tau, prior_weight, k_neighbors)."""
     check("method", method, METHODS)
-    if options and not method.startswith("contrastive"):
-        raise ValueError(f"options: method {method!r} takes none, got {sorted(options)}")
+    check_acquire_options(method, options)
     if method.startswith("contrastive"):
         return contrastive_acquire(budget, inputs, ood_aware=method == "contrastive", **options)
     if method in ("entropy", "margin"):

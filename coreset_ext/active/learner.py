@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from coreset_ext._validation import POSITIVE_INT, Interval, check, check_indices, is_int
-from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire
+from coreset_ext.active.acquire import METHODS, USES_FEATURES, RoundInputs, acquire, check_acquire_options
 from coreset_ext.active.features import (
     ContrastiveFeatures,
     FeatureConfig,
@@ -74,8 +74,7 @@ class ActiveLearner:
         self.seed = check("seed", seed, LOOP_SEED)
         self.num_classes = check("num_classes", self.data.num_classes if num_classes is None else num_classes,
                                  POSITIVE_INT)
-        if options and not method.startswith("contrastive"):
-            raise ValueError(f"options: method {method!r} takes none, got {sorted(options)}")
+        check_acquire_options(method, options)  # now, not after the first round's training
         self.options = json_ready(options)
         if isinstance(features, ContrastiveFeatures):
             if features.data.fingerprint != self.data.fingerprint:
