@@ -112,3 +112,14 @@ def test_kcenter_given_centres_matches_a_naive_greedy():
         picks.append(int(d.argmax()))
         centres.append(picks[-1])
     assert sel.indices.tolist() == picks
+
+
+@pytest.mark.parametrize("method", ["typiclust", "kcenter"])
+def test_rows_too_large_for_float32_norms_are_refused(method):
+    # rows of magnitude 1e20 overflowed their float32 norms: every row became 0 and the picks were
+    # 0, 1, 2 whatever the data; the same rows scaled into range are served
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(40, 4, generator=g)
+    with pytest.raises(ValueError, match="embeddings has entries of magnitude .* their squares overflow float32"):
+        cx.select(method, budget=3, embeddings=x * 1e20, already_selected=[5])
+    assert len(cx.select(method, budget=3, embeddings=x * 1e16, already_selected=[5])) == 3

@@ -22,7 +22,8 @@ def kcenter(budget: int, *, n: int, embeddings=None, seed: int = 0, already_sele
             chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "kcenter").float()
     chunk_size = check("chunk_size", chunk_size, POSITIVE_INT)
-    check_finite("embeddings", x)  # NaN distances would make argmax pick centres twice
+    # NaN distances would make argmax pick centres twice; rows past 1e17 overflow their float32 norms
+    check_finite("embeddings", x, float32_squares=True)
     if normalize:
         x = reference.normalize(x)
     mind = torch.full((n,), float("inf"), device=x.device)

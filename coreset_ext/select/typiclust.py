@@ -82,7 +82,7 @@ def typiclust(budget: int, *, n: int, embeddings=None, seed: int = 0, already_se
               n_clusters: int | None = None, max_clusters: int = MAX_CLUSTERS, k_neighbors: int = 20,
               min_cluster_size: int = 5, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     x = require("embeddings", embeddings, "typiclust").float()
-    check_finite("embeddings", x)
+    check_finite("embeddings", x, float32_squares=True)  # rows past 1e17 overflow their float32 norms
     check("max_clusters", max_clusters, POSITIVE_INT)
     check("k_neighbors", k_neighbors, POSITIVE_INT)
     check("min_cluster_size", min_cluster_size, NONNEGATIVE_INT)
