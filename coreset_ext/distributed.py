@@ -48,6 +48,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from coreset_ext._validation import Options, check
+
 __all__ = ["agree", "all_gather_rows", "all_reduce_", "any_rank", "broadcast_", "global_sum", "init_from_env",
            "is_initialized", "rank", "require_process_group", "sum_in_rank_order", "world_size"]
 
@@ -134,6 +136,7 @@ def all_reduce_(t: torch.Tensor, *, op: str = "sum", group=None) -> torch.Tensor
         >>> cx.distributed.all_reduce_(torch.tensor([1.0, 2.0]))
         tensor([1., 2.])
     """
+    check("op", op, Options("sum", "max"))  # with or without a process group: the same contract
     if is_initialized():
         reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
         _through_group_device(lambda x: dist.all_reduce(x, op=reduce_op, group=group), group, t)
@@ -206,6 +209,9 @@ def all_gather_rows(
         (torch.Size([4, 8]), [4])
     """
     names = list(names) if names is not None else [f"tensor {i}" for i in range(len(tensors))]
+    if not tensors or len(names) != len(tensors):  # under a process group: an IndexError, a negative size
+        raise ValueError(f"names: one per tensor, and at least one tensor; got {len(names)} name(s) for "
+                         f"{len(tensors)} tensor(s)")
     if problem is None:
         problem = _local_problem(tensors, names)
     if not is_initialized():

@@ -62,7 +62,7 @@ class NTXentLoss(torch.nn.Module):
         self.temperature = check_temperature(temperature)
         self.reduction = check("reduction", reduction, REDUCTIONS)
         self.normalize = bool(normalize)
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check("gather_distributed", gather_distributed, bool)  # "no" is not False
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor | None = None, tracker=None,
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
@@ -233,7 +233,7 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
     def __init__(self, dim: int, queue_size: int = 65536, temperature: float = 0.2, normalize: bool = True,
                  reduction: str = "mean", gather_distributed: bool = False) -> None:
         super().__init__()
-        self.gather_distributed = bool(gather_distributed)
+        self.gather_distributed = check("gather_distributed", gather_distributed, bool)  # "no" is not False
         self._queue_shared = False  # rank 0's queue copied to every rank (at the first gathered forward)
         dim = check("dim", dim, POSITIVE_INT)
         queue_size = check("queue_size", queue_size, POSITIVE_INT)

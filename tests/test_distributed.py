@@ -298,6 +298,21 @@ def test_gather_distributed_without_a_process_group_is_an_error():
     assert distributed.sum_in_rank_order(t) is t
 
 
+def test_settings_that_would_fail_only_under_a_process_group_are_refused_without_one():
+    # each passed silently here and failed once launched: "no" read as True, op="mean" a KeyError,
+    # names that miss a tensor a negative-size RuntimeError, no tensor an IndexError
+    for make in (lambda: cx.nn.NTXentLoss(gather_distributed="no"),
+                 lambda: cx.nn.MoCoLoss(dim=3, queue_size=8, gather_distributed=1)):
+        with pytest.raises(ValueError, match="gather_distributed must be a bool"):
+            make()
+    with pytest.raises(ValueError, match="op must be one of 'sum', 'max', got 'mean'"):
+        distributed.all_reduce_(torch.ones(2), op="mean")
+    with pytest.raises(ValueError, match=r"names: one per tensor, .* got 1 name\(s\) for 2 tensor\(s\)"):
+        distributed.all_gather_rows(torch.ones(2, 3), torch.ones(2, 3), names=("a",))
+    with pytest.raises(ValueError, match="at least one tensor"):
+        distributed.all_gather_rows()
+
+
 # ---------------------------------------------------------------- trackers
 
 
