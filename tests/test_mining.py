@@ -505,6 +505,12 @@ def test_train_config_base():
         TrainConfig(method="simclr", base="moco")
     with pytest.raises(ValueError, match="base must be one of"):
         TrainConfig(method="mining", base="byol")
+    # a queue smaller than the keys each query mines: said by the config, naming queue_size (it was
+    # the loss's "n_mined must be at most queue_size", raised by the trainer after loading the data)
+    with pytest.raises(ValueError, match=f"queue_size must be at least {R.MINING_K} for method 'mining'"):
+        TrainConfig(method="mining", base="moco", queue_size=R.MINING_K - 1)
+    assert TrainConfig(method="mining", base="moco", queue_size=R.MINING_K).queue_size == R.MINING_K
+    assert TrainConfig(method="mining", queue_size=1).queue_size == 1  # the SimCLR form has no queue
 
 
 def test_readme_training_loop_runs():

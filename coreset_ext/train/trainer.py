@@ -71,7 +71,7 @@ from coreset_ext import distributed
 from coreset_ext import nn as cxnn
 from coreset_ext._validation import NONNEGATIVE_INT, POSITIVE_INT, Interval, Options, check, check_temperature
 from coreset_ext.io import atomic_write_bytes
-from coreset_ext.reference import pair_cosine
+from coreset_ext.reference import MINING_K, pair_cosine
 from coreset_ext.scores import ScoreTracker
 from coreset_ext.train.augment import Augment
 from coreset_ext.train.data import IndexedDataset, as_data
@@ -164,6 +164,10 @@ class TrainConfig:
         for name, high in (("width", MAX_WIDTH), ("proj_dim", MAX_HEAD), ("proj_hidden", MAX_HEAD),
                            ("queue_size", MAX_QUEUE)):
             setattr(self, name, check(name, getattr(self, name), Interval(int, 1, high)))
+        if self.method == "mining" and self.base == "moco" and self.queue_size < MINING_K:
+            # said here, not by the loss once the data are loaded (as "n_mined", a setting not given)
+            raise ValueError(f"queue_size must be at least {MINING_K} for method 'mining' with base 'moco' (each "
+                             f"query mines {MINING_K} keys of the queue), got {self.queue_size}")
         # a contrastive batch needs negatives: two examples at least
         self.batch_size = check("batch_size", self.batch_size, Interval(int, 2, MAX_BATCH))
         self.seed = check("seed", self.seed, TRAIN_SEED)
