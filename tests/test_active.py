@@ -100,6 +100,10 @@ def test_pool_reads_tensor_files_and_any_indexed_dataset(tmp_path, seed):
     ({"id_classes": [0], "ood_classes": [5]}, "blends need two ID classes"),
     ({"id_classes": [0, 1], "ood_classes": []}, "no OOD class is given"),
     ({"id_classes": [0, 0], "ood_classes": [5]}, "id_classes must be distinct"),
+    # these were an unpacking error and a TypeError naming nothing, and a pool built from inf noise
+    ({"id_classes": [0, 1], "ood_classes": [5], "blend_range": (0.1, 0.2, 0.3)}, r"blend_range must be \(low, high\)"),
+    ({"id_classes": [0, 1], "ood_classes": [5], "blend_range": 0.5}, r"blend_range must be \(low, high\)"),
+    ({"id_classes": [0, 1], "ood_classes": [5], "noise_std": math.inf}, "noise_std must be a finite real number"),
 ])
 def test_pool_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -197,6 +201,8 @@ def test_bad_input_to_the_learner(tmp_path, seed):
         al.ActiveLearner(pool.dataset, seed=-1)
     with pytest.raises(ValueError, match="options: method 'random' takes none"):
         al.ActiveLearner(pool.dataset, method="random", tau=0.2)
+    with pytest.raises(ValueError, match="features must be None or a FeatureConfig or a ContrastiveFeatures"):
+        al.ActiveLearner(pool.dataset, method="random", features="tiny")  # was an AttributeError
     # the contrastive methods' options are checked when the learner is made, not at the first
     # query after its features have trained (a misspelled one was a TypeError there)
     for options, message in (({"tau": -1.0}, "tau must be a real number > 0"), ({"taus": 0.2}, r"\['taus'\] unknown"),

@@ -76,6 +76,7 @@ class ActiveLearner:
                                  POSITIVE_INT)
         check_acquire_options(method, options)  # now, not after the first round's training
         self.options = json_ready(options)
+        check("features", features, None, FeatureConfig, ContrastiveFeatures)
         if isinstance(features, ContrastiveFeatures):
             if features.data.fingerprint != self.data.fingerprint:
                 raise ValueError("features: they were made for another pool")

@@ -196,10 +196,13 @@ def make_realistic_pool(dataset, id_classes, ood_classes, ambiguous_fraction: fl
         raise ValueError(f"ood_classes: ood_fraction={ood_fraction} asks for OOD examples, but no OOD class is given")
     if ambiguous_fraction > 0 and ambiguous != "noise" and len(id_classes) < 2:
         raise ValueError(f"id_classes: blends need two ID classes, got {list(id_classes)}; use ambiguous='noise'")
+    if not (isinstance(blend_range, (tuple, list)) and len(blend_range) == 2):
+        raise ValueError(f"blend_range must be (low, high) in [0, 1], got {blend_range!r}")
     lo, hi = (check("blend_range", v, Interval(float, 0, 1)) for v in blend_range)
     if lo > hi:
         raise ValueError(f"blend_range must be (low, high) with low <= high, got {blend_range!r}")
-    check("noise_std", noise_std, Interval(float, 0, None))
+    if not math.isfinite(check("noise_std", noise_std, Interval(float, 0, None))):  # inf: copies at the ends
+        raise ValueError(f"noise_std must be a finite real number >= 0, got {noise_std!r}")
     check("seed", seed, Interval(int, 0, 2**63 - 1))
 
     data = as_data(_WithoutIndex(dataset) if _yields_index(dataset) else dataset)
