@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import distributed, ops, reference
-from coreset_ext._validation import (POSITIVE_INT, REDUCTIONS, check, check_per_row, check_temperature, check_tensor,
-                                     describe)
+from coreset_ext._validation import (POSITIVE_INT, REDUCTIONS, Options, check, check_per_row, check_temperature,
+                                     check_tensor)
 from coreset_ext.ops.mining import check_options as check_mining_options
 from coreset_ext.ops.scatter import INDEX_DTYPES
 
@@ -72,7 +72,7 @@ class NTXentLoss(torch.nn.Module):
                                index=index, tracker=tracker, scores=scores, return_cos=return_cos,
                                validate=validate)
         distributed.require_process_group("gather_distributed")
-        problem = _batch_problem(z1, z2, index, tracker, scores)  # checked before the gather: all ranks stop
+        problem = _batch_problem(z1, z2, index, tracker, scores, validate)  # before the gather: all ranks stop
         (g1, g2), sizes = distributed.all_gather_rows(z1, z2, names=("z1", "z2"), problem=problem)
         loss, cos = ops.nt_xent(g1, g2, self.temperature, normalize=self.normalize, reduction=self.reduction,
                                 return_cos=True, validate=validate)
@@ -89,15 +89,16 @@ class NTXentLoss(torch.nn.Module):
         return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}{extra}"
 
 
-def _batch_problem(z1, z2, index, tracker, scores) -> ValueError | None:
-    """What `ops.nt_xent` would refuse in this rank's own batch (None if nothing): found before a
-    gather, so that every rank raises together instead of the others waiting in the collective."""
+def _batch_problem(z1, z2, index, tracker, scores, validate, names=("z1", "z2")) -> ValueError | None:
+    """What the loss op, or recording its scores, would refuse in this rank's own batch (None if
+    nothing): found before a gather, so that every rank raises together instead of the others
+    waiting in the next collective (the gather's backward, a global sum). `names`: the inputs'."""
     try:
-        for name, z in (("z1", z1), ("z2", z2)):
+        for name, z in zip(names, (z1, z2)):
             check_tensor(name, z, dim=2, dtypes=ops.loss_family.LOSS_DTYPES, what="[batch, dim]")
         if z1.shape != z2.shape or z1.dtype != z2.dtype:
-            raise ValueError(f"z1 and z2 must have the same shape and dtype, got {tuple(z1.shape)} {z1.dtype} and "
-                             f"{tuple(z2.shape)} {z2.dtype}")
+            raise ValueError(f"{names[0]} and {names[1]} must have the same shape and dtype, got {tuple(z1.shape)} "
+                             f"{z1.dtype} and {tuple(z2.shape)} {z2.dtype}")
         if tracker is not None and scores is not None:
             raise ValueError("pass tracker or scores, not both (tracker: sums and counts; scores: a raw buffer)")
         if (index is None) != (tracker is None and scores is None):
@@ -105,6 +106,13 @@ def _batch_problem(z1, z2, index, tracker, scores) -> ValueError | None:
                              "tracker: the ScoreTracker to record the positive cosines in)")
         if index is not None:
             check_per_row("index", index, "the batch", z1, dtypes=INDEX_DTYPES)
+        check("validate", validate, bool, Options("device"))
+        if scores is not None:  # what score_scatter_add_ refuses once the loss is computed
+            check_tensor("scores", scores, dim=1, dtypes=(torch.float32,))
+            if not scores.is_contiguous() or scores.requires_grad:
+                raise ValueError("scores must be a contiguous buffer that does not require grad")
+            if validate is True and index.numel() and not 0 <= int(index.min()) <= int(index.max()) < len(scores):
+                raise ValueError(f"index holds entries out of range for scores of size {len(scores)}")
     except ValueError as e:
         return e
     return None
@@ -246,7 +254,7 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
                 scores: torch.Tensor | None = None, return_cos: bool = False, validate: bool | str = "device"):
         """The loss of `ops.info_nce_queue` against the queue; `index`/`tracker` etc. as there."""
         if self.gather_distributed:
-            enqueued = self._gathered_keys(q, k)
+            enqueued = self._gathered_keys(q, k, index, tracker, scores, validate)
         else:
             self._check_keys(k)
             enqueued = k
@@ -262,20 +270,24 @@ class MoCoLoss(_KeyQueue, torch.nn.Module):
         self._defer_enqueue(enqueued)
         return out
 
-    def _gathered_keys(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _gathered_keys(self, q: torch.Tensor, k: torch.Tensor, index, tracker, scores, validate) -> torch.Tensor:
         """Every rank's keys in rank order (this rank's input checked first, so that bad input on
         any rank raises on all of them); shares rank 0's queue the first time."""
         distributed.require_process_group("gather_distributed")
         problem = None
         try:
             self._check_keys(k)
-            if not isinstance(q, torch.Tensor) or q.shape != k.shape:
-                raise ValueError(f"q and k must have the same shape, got {describe(q)} and {tuple(k.shape)}")
         except ValueError as e:
             problem = e
+        # q as k (whose dtype the gather makes the same on every rank): a q of another dtype on one
+        # rank gave a loss of another dtype, and the global sum of mismatched sizes aborted gloo
+        problem = problem or _batch_problem(q, k, index, tracker, scores, validate, names=("q", "k"))
         (keys,), _ = distributed.all_gather_rows(k.detach() if problem is None else k, names=("k",),
                                                  problem=problem)
         if not self._queue_shared:
+            shapes = distributed.agree(None, list(self.queue.shape)).tolist()
+            if any(shape != shapes[0] for shape in shapes):  # the same table on every rank: all raise
+                raise ValueError(f"queue_size and dim must be the same on every rank, got the queue shapes {shapes}")
             self.flush_()
             distributed.broadcast_(self.queue)
             distributed.broadcast_(self.ptr)

@@ -152,6 +152,17 @@ def _loss_job(rank, world, seed, sizes, d, t):
                                                tracker=cx.ScoreTracker(8)))
     errors["dtype"] = _error(lambda: criterion(torch.randn(2, d, dtype=torch.float64 if rank else torch.float32),
                                                torch.randn(2, d, dtype=torch.float64 if rank else torch.float32)))
+    # refused only after the gather on one rank, these left the others in the next collective
+    # (scores' dtype: the backward's reduce-scatter; MoCo's q dtype: the global sum, which aborted
+    # gloo) or diverged silently (queues of different sizes, each rank's ring its own)
+    last = rank == world - 1
+    errors["scores"] = _error(lambda: criterion(torch.randn(2, d), torch.randn(2, d), index=torch.arange(2),
+                                                scores=torch.zeros(8, dtype=torch.float64 if last else torch.float32)))
+    q_dtype = torch.float64 if last else torch.float32
+    errors["moco_q"] = _error(lambda: cx.nn.MoCoLoss(dim=d, queue_size=8, gather_distributed=True)(
+        torch.randn(2, d, dtype=q_dtype), torch.randn(2, d)))
+    errors["moco_queue"] = _error(lambda: cx.nn.MoCoLoss(dim=d, queue_size=8 + last, gather_distributed=True)(
+        torch.randn(2, d), torch.randn(2, d)))
     out["errors"] = errors
     out["after"] = criterion(torch.ones(1, d), torch.ones(1, d)).item()
 
@@ -260,6 +271,10 @@ def test_bad_input_on_any_rank_raises_on_every_rank(loss_run):
         else:  # ... the others say which rank refused
             assert f"rank(s) [{world - 1}]" in errors["index"]
         assert "dtype" in errors["dtype"] or "float64" in errors["dtype"]
+        mine = {"scores": "scores must be a 1-D float32 tensor", "moco_q": "q and k must have the same shape and dtype"}
+        for case, message in mine.items():
+            assert message in errors[case] if r == world - 1 else f"rank(s) [{world - 1}]" in errors[case], case
+        assert "queue_size and dim must be the same on every rank" in errors["moco_queue"]
         assert math.isfinite(res["after"])  # the group is still in step after the errors
 
 
