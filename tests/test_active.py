@@ -211,6 +211,24 @@ def test_bad_input_to_the_learner(tmp_path, seed):
             al.ActiveLearner(pool.dataset, method="contrastive", features=TINY, **options)
 
 
+def test_evaluate_refuses_a_test_set_it_cannot_score(seed):
+    # each was scored as if sound: 0.0 for unlabelled or out-of-range labels, and 4x4 images went
+    # through the 8x8 pool's encoder (1.0 on this one-class set)
+    pool = tiny_pool(seed % 1000)
+    learner = al.ActiveLearner(pool.dataset, method="random", seed=0, features=TINY)
+    picks = learner.query(6)
+    learner.update(picks, *pool.oracle.label(picks))
+    x = torch.rand(10, 1, 8, 8)
+    for test, message in ((ArrayDataset(x), "0..3; 10 of 10 are not"),
+                          (ArrayDataset(x, torch.full((10,), 4)), "0..3; 10 of 10 are not"),
+                          (ArrayDataset(x[:0], torch.zeros(0, dtype=torch.long)), "0 of 0 are not"),
+                          (ArrayDataset(torch.rand(10, 1, 4, 4), torch.zeros(10, dtype=torch.long)),
+                           r"examples of shape \(1, 4, 4\), the pool's are \(1, 8, 8\)")):
+        with pytest.raises(ValueError, match=message):
+            learner.evaluate(test)
+    assert 0 <= learner.evaluate(pool.test_set(labelled_images(seed % 1000))) <= 1
+
+
 def _edited_state(tmp_path, pool, edit):
     """A learner's saved state after one answered round, rewritten by `edit(arrays, meta)`."""
     from coreset_ext.io import load_npz, save_npz

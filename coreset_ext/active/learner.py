@@ -167,6 +167,15 @@ class ActiveLearner:
         if not self.history:
             raise ValueError("evaluate: no round has been answered yet")
         test = as_data(test_set)
+        # each was scored as if sound: 0.0 for unlabelled or out-of-range labels, and examples of
+        # another shape went through the encoder (its pooling takes any size)
+        if test.sample_shape != self.data.sample_shape:
+            raise ValueError(f"test_set: examples of shape {test.sample_shape}, the pool's are "
+                             f"{self.data.sample_shape}")
+        bad = (test.labels < 0) | (test.labels >= self.num_classes)
+        if len(test) == 0 or bool(bad.any()):
+            raise ValueError(f"test_set needs examples, each labelled with an ID class in 0..{self.num_classes - 1}; "
+                             f"{int(bad.sum())} of {len(test)} are not (e.g. RealisticPool.test_set(split))")
         is_id = self.kinds == ID
         acc = math.nan
         if bool(is_id.any()):
