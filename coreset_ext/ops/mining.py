@@ -60,9 +60,10 @@ def potential_mining(
 
     - positives: its view (weight 1) and its `n_mined` (k, default 4) candidates most
       cosine-similar to its view, weighted by `weighting`: "soft" (default; softmax of their
-      cosines / `weight_temperature`, default 0.1), "threshold" (equal weights for those with
-      cosine >= `threshold`, default 0.9; none may pass) or "top1" (the nearest alone); the mined
-      weights sum to `mined_weight` (default 1) and all are normalised with the view's 1;
+      cosines / `weight_temperature`, default 0.1, at least 1e-4), "threshold" (equal weights for
+      those with cosine >= `threshold`, default 0.9; none may pass) or "top1" (the nearest alone);
+      the mined weights sum to `mined_weight` (default 1, at most 1e30) and all are normalised
+      with the view's 1;
     - negatives: the candidates whose cosine s to the anchor lies in the band
       -1 + lower (1 + c) <= s <= -1 + upper (1 + c), c the anchor's cosine to its view,
       `band` = (lower, upper) in [0, 1] (default (0.25, 1.0): drop those more similar than the
