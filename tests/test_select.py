@@ -316,3 +316,11 @@ def test_numeric_arguments_accept_numpy_scalars_and_reject_the_rest(pool):
                          ({"budget": 5, "seed": False}, "seed")):
         with pytest.raises(ValueError, match=f"^{name} must be"):
             cx.select("random", dataset_size=n, **kwargs)
+
+
+def test_prototypes_refuses_rows_too_large_for_float32_norms(pool):
+    # rows of magnitude 1e20 normalised to 0 (their float32 norms overflow): one point, any picks
+    x = pool["embeddings"]
+    with pytest.raises(ValueError, match="embeddings has entries of magnitude .* their squares overflow float32"):
+        cx.select("prototypes", budget=5, embeddings=x * 1e20, n_clusters=3)
+    assert len(cx.select("prototypes", budget=5, embeddings=x * 1e15, n_clusters=3)) == 5

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from coreset_ext import reference
-from coreset_ext._validation import Interval, check
+from coreset_ext._validation import Interval, check, check_finite
 from coreset_ext.cluster import KMeans
 from coreset_ext.select import pruning
 from coreset_ext.select.registry import register_method, require
@@ -32,6 +32,8 @@ def prototypes(budget: int, *, n: int, embeddings=None, seed: int = 0, n_cluster
     asked = pruning.sampling_option(sampling, "highest", "keep", keep, KEEP_MEANS)
     pruning.check_sampling(asked, beta=beta, strata=strata)
     check("n_clusters", n_clusters, Interval(int, 1, n))  # at most the data set size
+    # rows past 1e17 overflow their float32 norms: normalised to 0, every row one point
+    check_finite("embeddings", x, float32_squares=True)
     if normalize:
         x = reference.normalize(x)
     km = KMeans(n_clusters, seed=seed).fit(x)
