@@ -218,10 +218,11 @@ def _numpy_lloyd(x: np.ndarray, c: np.ndarray, iters: int):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,d,k", [(1, 3, 1), (257, 7, 15), (1031, 16, 16), (999, 5, 17), (777, 33, 32),
-                                   (2049, 19, 33), (1500, 64, 600), (700, 3, 513)])
+                                   (2049, 19, 33), (800, 11, 64), (801, 12, 65), (1000, 20, 100), (900, 9, 128),
+                                   (901, 10, 129), (1500, 64, 600), (700, 3, 513)])
 def test_fused_cpu_step_against_numpy_lloyd(n, d, k, dtype):
-    """Lloyd iterations from the fused CPU step (both of its product paths: k <= 32 in registers,
-    above through BLAS; k beyond the 512-row block) against an independent float64 numpy loop from
+    """Lloyd iterations from the fused CPU step (both of its product paths: k <= 128 in registers
+    (64 in float64), above through BLAS; k beyond the 512-row block) against an independent float64 numpy loop from
     the same initial centroids on fresh random data (odd n, d, k; data centred as KMeans does)."""
     if not _backend.has_extension():
         pytest.skip("coreset_ext._C not built")

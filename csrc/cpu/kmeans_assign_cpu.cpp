@@ -5,7 +5,7 @@
 // avoids a parallel region per GEMM, which on a small or busy machine costs more than the GEMM
 // itself. Far from the origin the products are taken about the centroids' mean (see prepare), and
 // the winner's distance is always recomputed from the difference itself, so both stay exact there.
-// Up to kSmallK centroids the products come from a register-tiled loop of ours, not BLAS; the
+// Up to 128 centroids (64 in float64) the products come from a register-tiled loop of ours, not BLAS; the
 // argmin, distance and update sums run in one function built for AVX-512/AVX2/baseline. Only a block x k score matrix exists at a time, in a buffer each task reuses. The
 // argmin keeps the first minimum (lowest index wins ties). Centroids arrive prepared by the
 // caller (coreset_ext/ops/kmeans.py): normalised for cosine.
@@ -50,11 +50,12 @@ constexpr double kEps = 1e-6;           // as coreset_ext.reference.EPS
 
 namespace {
 
-// Up to this many centroids the scores come from our own register-tiled loop (small_block:
-// vectorised over centroids, scores never leave the registers), not a BLAS call: at 512 x 10 x 16
-// the call and the score matrix's round trip through memory cost more than the products. Above it
-// BLAS (MKL's sgemm in torch's x86 builds).
-constexpr int64_t kSmallK = 32;
+// Up to this many vectors of centroids the scores come from our own register-tiled loop
+// (small_block: vectorised over centroids, scores never leave the registers), not a BLAS call: at
+// 512 x 10 x 16 the call and the score matrix's round trip through memory cost more than the
+// products, and at k = 100 (d = 16 to 256, one thread) the loop took 0.65-0.9x MKL's sgemm + argmin.
+// Above it BLAS (MKL's sgemm in torch's x86 builds).
+constexpr int64_t kSmallVecs = 8;  // up to 8 vectors of centroids: k <= 128 (float), 64 (double)
 constexpr int64_t kVecBytes = 64;  // small_block's vector: 16 floats, 8 doubles (one AVX-512 register)
 
 struct Prepared {
@@ -105,11 +106,10 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& centroids, bool cosine, 
   p.n = x.size(0);
   p.d = x.size(1);
   p.k = c.size(0);
-  // alpha is -2 or -1: the scaling is exact
   const int64_t lanes = kVecBytes / static_cast<int64_t>(c.element_size());
   p.k_pad = (p.k + lanes - 1) / lanes * lanes;
   p.c_sq_pad = at::cat({p.c_sq, at::full({p.k_pad - p.k}, std::numeric_limits<double>::infinity(), c.options())});
-  if (p.k <= kSmallK) {
+  if (p.k_pad / lanes <= kSmallVecs) {
     // alpha is -2 or -1: the scaling is exact
     p.c_t_pad = at::zeros({p.d, p.k_pad}, c.options());
     p.c_t_pad.narrow(1, 0, p.k).copy_(p.c.t() * (cosine ? -1.0 : -2.0));
@@ -183,7 +183,7 @@ KMEANS_INLINE void row_tail(int64_t arg, scalar_t best, const scalar_t* row, con
   *dst_i = static_cast<float>(out_d);
 }
 
-// Small k (at most kSmallK centroids): the products, the argmin and the row's tail in one pass, the
+// Small k (at most kSmallVecs vectors of centroids): the products, the argmin and the row's tail in one pass, the
 // scores of a tile of rows held in registers, never written out. GCC vector extensions (64-byte
 // vectors: one AVX-512 register, two AVX2 ones) so that the one source serves every target_clones
 // variant. score[j] = c_sq[j] + sum_t x[t] * ct[t, j], ct = alpha * c^T padded to whole vectors with
@@ -283,7 +283,7 @@ KMEANS_INLINE void small_tile(const scalar_t* rows, const scalar_t* ct, const sc
   using I = typename VecOf<scalar_t>::I;
   constexpr int L = 64 / sizeof(scalar_t);
   V acc[RT][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     V b;
     std::memcpy(&b, c_sq + v * L, sizeof(V));
@@ -292,23 +292,23 @@ KMEANS_INLINE void small_tile(const scalar_t* rows, const scalar_t* ct, const sc
   }
   for (int64_t t = 0; t < d; ++t) {
     V cv[NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) std::memcpy(&cv[v], ct + (t * NV + v) * L, sizeof(V));
 #pragma GCC unroll 8
     for (int r = 0; r < RT; ++r) {
       const scalar_t xr = rows[r * d + t];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] += xr * cv[v];
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < RT; ++r) {
     V m = acc[r][0];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 1; v < NV; ++v) m = acc[r][v] < m ? acc[r][v] : m;
     m = lanes_min<scalar_t>(m);
     I arg = VecOf<scalar_t>::iota + L * NV;  // above every index
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = NV - 1; v >= 0; --v) arg = acc[r][v] == m ? VecOf<scalar_t>::iota + v * L : arg;  // lowest v wins
     arg = lanes_min<scalar_t>(arg);
     lab[r] = arg[0];
@@ -319,7 +319,7 @@ KMEANS_INLINE void small_tile(const scalar_t* rows, const scalar_t* ct, const sc
 template <typename scalar_t, int NV>
 KMEANS_INLINE void small_block_nv(const scalar_t* rows, const scalar_t* ct, const scalar_t* c_sq, int64_t m, int64_t d,
                                   int64_t* lab, scalar_t* best) {
-  constexpr int RT = NV == 1 ? 8 : 4;  // RT x NV accumulators, at most 8 registers
+  constexpr int RT = NV == 1 ? 8 : NV <= 4 ? 4 : 2;  // RT x NV accumulators, at most 16 registers
   int64_t i = 0;
   for (; i + RT <= m; i += RT) small_tile<scalar_t, NV, RT>(rows + i * d, ct, c_sq, d, lab + i, best + i);
   for (; i < m; ++i) small_tile<scalar_t, NV, 1>(rows + i * d, ct, c_sq, d, lab + i, best + i);
@@ -333,7 +333,11 @@ KMEANS_INLINE void small_block_impl(const scalar_t* ct, const scalar_t* c_sq, in
     case 1: small_block_nv<scalar_t, 1>(rows, ct, c_sq, m, d, lab, best); break;
     case 2: small_block_nv<scalar_t, 2>(rows, ct, c_sq, m, d, lab, best); break;
     case 3: small_block_nv<scalar_t, 3>(rows, ct, c_sq, m, d, lab, best); break;
-    default: small_block_nv<scalar_t, 4>(rows, ct, c_sq, m, d, lab, best); break;
+    case 4: small_block_nv<scalar_t, 4>(rows, ct, c_sq, m, d, lab, best); break;
+    case 5: small_block_nv<scalar_t, 5>(rows, ct, c_sq, m, d, lab, best); break;
+    case 6: small_block_nv<scalar_t, 6>(rows, ct, c_sq, m, d, lab, best); break;
+    case 7: small_block_nv<scalar_t, 7>(rows, ct, c_sq, m, d, lab, best); break;
+    default: small_block_nv<scalar_t, 8>(rows, ct, c_sq, m, d, lab, best); break;
   }
   for (int64_t i = 0; i < m; ++i)
     row_tail(lab[i], best[i], rows + i * d, c, x + i * d, d, cosine, dst == nullptr ? nullptr : dst + i, sums, cnt);
@@ -406,7 +410,7 @@ void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& 
   }
   scalar_t* sp = scratch.dots.data_ptr<scalar_t>();
   const scalar_t* cp = p.c.data_ptr<scalar_t>();
-  if (k <= kSmallK) {
+  if (p.c_t_pad.defined()) {
     // the block's best scores go where the scores would
     small_block(p.c_t_pad.data_ptr<scalar_t>(), p.c_sq_pad.data_ptr<scalar_t>(), p.c_t_pad.size(1) * p.c_t_pad.element_size() / kVecBytes,
                 rp, cp, xp, m, d, cosine, lab + s, sp, dst == nullptr ? nullptr : dst + s, sums, cnt);
