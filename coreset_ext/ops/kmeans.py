@@ -1,8 +1,9 @@
 """kmeans_assign and kmeans_update, the two halves of a Lloyd iteration (used by KMeans).
 
 kmeans_assign is a Python custom op taking its backend as an argument: Triton on the GPU, the
-C++ kernel on the CPU (blocks of rows in parallel, one single-threaded GEMM + argmin each), the
-chunked reference elsewhere. kmeans_update's schema and kernels are compiled (csrc/ops.cpp) and
+C++ kernel on the CPU (blocks of rows in parallel; per block the scores from a register-tiled
+loop up to k = 128, else one single-threaded GEMM, then the argmin), the chunked reference
+elsewhere. kmeans_update's schema and kernels are compiled (csrc/ops.cpp) and
 dispatched by device, the reference serving where `_C` lacks them. `kmeans_lloyd_step` composes
 the two, fused into one pass over x where a kernel for that exists (the CPU).
 """
@@ -39,7 +40,8 @@ def kmeans_assign(
     the CPU), `centroids` [k, d] any float dtype on the same device. On the GPU a Triton kernel
     serves (fp32 accumulation; fp32 inputs use exact fp32 products unless
     `torch.backends.cuda.matmul.allow_tf32`); on the CPU a C++ kernel (blocks of rows in
-    parallel, one GEMM + argmin each; fp16/bf16 computed in float32).
+    parallel, scores in registers up to k = 128 or one GEMM per block, then the argmin; fp16/bf16
+    computed in float32).
 
     `validate=True` checks that x and the centroids are finite (one host sync on the GPU): a NaN
     row would otherwise get label 0 and distance NaN, silently. `validate=False` skips it, for
