@@ -13,6 +13,7 @@ import inspect
 import math
 import sys
 import warnings
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -541,7 +542,7 @@ class KMeans:
         weighs each point in the means, the inertia and the k-means++ draws. Returns self."""
         self._check_params()
         # sharded: every rank's shard checked, and the ranks agreed, before anything else
-        self._shards = _Shards.join(x, sample_weight) if self.distributed else None
+        self._shards = _Shards.join(x, sample_weight, self.get_params()) if self.distributed else None
         x, as_torch = _as_tensor(x, "x")
         source_device = x.device
         self._start(x)
@@ -712,23 +713,32 @@ class _Shards:
         self.total = sum(sizes)
 
     @classmethod
-    def join(cls, x, sample_weight) -> "_Shards":
+    def join(cls, x, sample_weight, params: dict) -> "_Shards":
         """Checks this rank's shard, then agrees with the other ranks (every rank raises if one
-        shard is bad, or if their widths or dtypes differ)."""
+        shard is bad, or if their widths, dtypes or estimator settings differ: different n_clusters
+        or max_iter would leave the ranks in collectives of different sizes or counts)."""
         dist_helpers.require_process_group("distributed")
-        problem, header = None, [0, 0, 0]
+        # plain values compared as they are, objects (a RandomState, a device) by type alone
+        plain = sorted((k, v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__)
+                       for k, v in params.items())
+        settings = zlib.crc32(repr(plain).encode())
+        problem, header = None, [0, 0, 0, settings]
         try:
             if sample_weight is not None:
                 raise ValueError("sample_weight is not supported with distributed=True")
             t, _ = _as_tensor(x, "x")  # no rows is an error here too: every rank needs a shard
             if not bool(torch.isfinite(t).all()):
                 raise ValueError("x contains NaN or Inf")
-            header = [t.shape[0], t.shape[1], _FLOAT_DTYPES.index(t.dtype)]
+            header = [t.shape[0], t.shape[1], _FLOAT_DTYPES.index(t.dtype), settings]
         except (ValueError, TypeError) as e:
             problem = e
         table = dist_helpers.agree(problem, header).tolist()
-        for r, (_, d, code) in enumerate(table):
-            if (d, code) != tuple(table[0][1:]):
+        odd = next((r for r, row in enumerate(table) if row[3] != settings), None)
+        if odd is not None:
+            raise ValueError(f"KMeans settings (n_clusters, max_iter, init, ...) must be the same on every rank; "
+                             f"rank {odd}'s differ from rank {dist_helpers.rank()}'s")
+        for r, (_, d, code, _) in enumerate(table):
+            if (d, code) != tuple(table[0][1:3]):
                 raise ValueError(f"x must have the same number of features and dtype on every rank, got "
                                  f"{table[0][1]} {_FLOAT_DTYPES[table[0][2]]} on rank 0 and {d} {_FLOAT_DTYPES[code]} "
                                  f"on rank {r}")

@@ -405,6 +405,10 @@ def _kmeans_part(rank, world, seed):
     out["err_empty"] = _error(lambda: km.fit(torch.randn(0 if rank == 2 else 6, 3)))
     out["err_nan"] = _error(lambda: km.fit(torch.full((6, 3), float("nan") if rank == 0 else 1.0)))
     out["err_k"] = _error(lambda: cx.KMeans(n_clusters=7, distributed=True).fit(torch.randn(2, 3)))
+    # settings that differ by rank: collectives of different sizes (k) or counts (max_iter) aborted gloo
+    out["err_settings_k"] = _error(lambda: cx.KMeans(n_clusters=2 + (rank == 1), distributed=True).fit(torch.randn(6, 3)))
+    out["err_settings_iter"] = _error(
+        lambda: cx.KMeans(n_clusters=2, max_iter=5 + 3 * rank, distributed=True).fit(torch.randn(6, 3)))
     return out
 
 
@@ -478,6 +482,8 @@ def test_sharded_kmeans_bad_input_raises_on_every_rank(tracker_run):
         assert r == 2 or "rank(s) [2]" in errors["err_empty"]
         assert ("NaN or Inf" in errors["err_nan"]) == (r == 0)
         assert "n_samples=6 should be >= n_clusters=7" in errors["err_k"]
+        assert "settings" in errors["err_settings_k"] and f"rank {0 if r == 1 else 1}'s" in errors["err_settings_k"]
+        assert "settings" in errors["err_settings_iter"]
     with pytest.raises(ValueError, match="distributed=True needs an initialised torch.distributed"):
         cx.KMeans(n_clusters=2, distributed=True).fit(torch.randn(5, 2))
 
