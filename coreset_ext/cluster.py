@@ -8,6 +8,7 @@ the same full Lloyd iterations, for data larger than device memory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -222,7 +223,7 @@ class KMeans:
 
     @classmethod
     def _param_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return list(_init_param_names(cls))
 
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's arguments by name (scikit-learn's protocol: `sklearn.base.clone`)."""
@@ -395,6 +396,10 @@ class KMeans:
         filled = (counts > 0)[:, None]
         if self.metric == "cosine":
             new = reference.normalize(sums.to(self._cdtype))
+        elif sums.dtype == torch.float32 == self._cdtype and counts.dtype == torch.int64:
+            # unweighted float32 (the CPU kernel's sums): the float32 quotient is the correctly rounded
+            # one, the same bits as the float64 division below rounded to float32, in 3 ops, not 6
+            new = sums / counts.clamp_min(1)[:, None]
         else:
             new = (sums.double() / counts.clamp_min(1e-300)[:, None].double()).to(self._cdtype)
         return torch.where(filled, new, centers)
@@ -439,16 +444,18 @@ class KMeans:
             # did any label change?) cross to the host together: one synchronisation, not three.
             # (labels live on x's device, which streaming with batch_size leaves on the CPU)
             if labels_old is None:
-                moved = torch.ones((), dtype=torch.bool)
+                moved = True
             elif labels.device.type == "cpu":  # one pass, no [n] temporary: half the time of ne().any()
-                moved = torch.tensor(not torch.equal(labels, labels_old))
+                moved = not torch.equal(labels, labels_old)
             else:
                 moved = labels.ne(labels_old).any()
             if self._shards is not None:
-                moved = torch.tensor(self._shards.any(moved))  # a label changed on some rank
-            n_empty, shift, changed = torch.stack([
-                (counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
-                moved.to(counts.device, torch.float64)]).tolist()
+                moved = self._shards.any(moved)  # a label changed on some rank
+            decisions = [(counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64)]
+            if isinstance(moved, bool):  # known on the host already (CPU labels, or the ranks' vote)
+                (n_empty, shift), changed = torch.stack(decisions).tolist(), moved
+            else:
+                n_empty, shift, changed = torch.stack(decisions + [moved.to(counts.device, torch.float64)]).tolist()
             emptied = n_empty > 0
             if n_empty:
                 if dist is None:
@@ -486,7 +493,10 @@ class KMeans:
             for b in range(0, chunk.shape[0], 1 << 16):
                 block = chunk[b : b + (1 << 16)].to(self._cdtype)
                 ones = torch.ones(1, block.shape[0], dtype=block.dtype, device=block.device)
-                with torch.autocast(block.device.type, enabled=False):  # the sums' precision is ours
+                # the sums' precision is ours: autocast off (entered only when on: ~10 us a fit)
+                off = torch.autocast(block.device.type, enabled=False) \
+                    if torch.is_autocast_enabled(block.device.type) else contextlib.nullcontext()
+                with off:
                     part = (ones @ (block * block if squares else block))[0].double()
                 total = part if total is None else total + part
                 n += block.shape[0]
@@ -537,6 +547,16 @@ class KMeans:
 
     # ---------------------------------------------------------------- public API
 
+    def _generator(self) -> torch.Generator:
+        """The fit's generator: seeded by random_state (or seed), else by a draw from torch's global
+        generator; sharded, every rank takes rank 0's seed (the same draws everywhere)."""
+        seed = next((s for s in (self.random_state, self.seed) if s is not None), None)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        if self._shards is not None:
+            seed = int(dist_helpers.broadcast_(torch.tensor([seed], dtype=torch.int64)).item())
+        return torch.Generator().manual_seed(int(seed))
+
     def fit(self, x, y=None, sample_weight=None) -> "KMeans":
         """Clusters x [n, d] (tensor or array-like); `y` is ignored; `sample_weight` [n] (>= 0)
         weighs each point in the means, the inertia and the k-means++ draws. Returns self."""
@@ -556,13 +576,8 @@ class KMeans:
             self._shift = mean.to(self._device)
         x = self._prepare(x)
         tol = self._mean_variance(x) * self.tol if self.tol > 0 else 0.0
-        seed = next((s for s in (self.random_state, self.seed) if s is not None), None)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        if self._shards is not None:  # the same draws on every rank: rank 0's seed
-            seed = int(dist_helpers.broadcast_(torch.tensor([seed], dtype=torch.int64)).item())
-        gen = torch.Generator().manual_seed(int(seed))
         user = not isinstance(self.init, str)
+        gen = None if user else self._generator()  # given centroids draw nothing
         best = None
         for run in range(1 if user else self.n_init):
             centers = self._user_centers(d) if user else self._init_centers(x, gen, weights)
@@ -639,6 +654,13 @@ class KMeans:
     def fit_transform(self, x, y=None, sample_weight=None):
         """fit(x), then transform(x)."""
         return self.fit(x, sample_weight=sample_weight).transform(x)
+
+
+@functools.cache
+def _init_param_names(cls: type) -> tuple[str, ...]:
+    """The constructor's argument names, read once per class (inspect.signature costs ~20 us, and
+    get_params runs twice a fit: the checks in __init__ and in fit)."""
+    return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
 
 
 def _inertia(dist: torch.Tensor, weights: torch.Tensor | None = None) -> float:
