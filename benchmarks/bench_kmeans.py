@@ -172,7 +172,9 @@ def grid_iters(n: int, d: int, k: int) -> int:
 def grid_cell(n: int, d: int, k: int, repeats: int = GRID_REPEATS) -> dict:
     """coreset_ext and scikit-learn (algorithm="lloyd") on the same data from the same initial
     centroids, the same number of Lloyd iterations (tol=0), the same thread count, timed
-    interleaved in this process (the median of `repeats` each). Returns the cell's row."""
+    interleaved in this process (the median of `repeats` each), who goes first alternating by repeat:
+    the two use separate OpenMP pools, and the one just used still spins on the cores when the
+    other starts. Returns the cell's row."""
     import time
 
     from threadpoolctl import threadpool_limits
@@ -186,7 +188,7 @@ def grid_cell(n: int, d: int, k: int, repeats: int = GRID_REPEATS) -> dict:
     fits = {}
     with threadpool_limits(threads):
         for rep in range(repeats):
-            for impl in ("ours", "sklearn"):
+            for impl in ("ours", "sklearn") if rep % 2 == 0 else ("sklearn", "ours"):
                 start = time.perf_counter()
                 if impl == "ours":
                     fits[impl] = cx.KMeans(k, init=c0, max_iter=iters, tol=0.0).fit(x)
@@ -228,7 +230,7 @@ def grid_table(rows: list[dict], command: str, device: str, repeats: int = GRID_
     lines = [
         "# k-means on the CPU: coreset_ext against scikit-learn, per Lloyd iteration",
         "",
-        f"Device: {device}; torch {torch.__version__}; both with the same thread count. Same data (a Gaussian",
+        f"Device: {device}; torch {torch.__version__}; both with {torch.get_num_threads()} thread(s). Same data (a Gaussian",
         "mixture), same initial centroids, a fixed number of Lloyd iterations (tol=0; fewer on the biggest",
         f"cells), timed interleaved in one process, median of {repeats}. ratio = ours / scikit-learn",
         "(below 1: ours is faster). The CPU was shared with other work while this ran: ratios are the",
@@ -388,7 +390,8 @@ def test_kmeans_seeding_gpu(benchmark, n):
 
 
 def main() -> None:
-    """`python -m benchmarks.bench_kmeans --grid [--out FILE] [--n ...]`: the CPU grid as a Markdown table."""
+    """`python -m benchmarks.bench_kmeans --grid [--out FILE] [--n ...] [--cells N,D,K ...]`: the CPU grid as a
+    Markdown table. With --cells, only those cells, printed (written only where --out/--json are given)."""
     import argparse
     import json
     import sys
@@ -399,26 +402,50 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--grid", action="store_true", required=True)
-    parser.add_argument("--out", default="benchmarks/results/cpu-kmeans-grid.md")
-    parser.add_argument("--json", default="benchmarks/results/parts/cpu-kmeans-grid.json",
-                        help="the rows as measured (seconds per iteration), for later comparison")
+    parser.add_argument("--out", help="default: benchmarks/results/cpu-kmeans-grid.md (without --cells)")
+    parser.add_argument("--json", help="the rows as measured (seconds per iteration), for later comparison; "
+                        "default: benchmarks/results/parts/cpu-kmeans-grid.json (without --cells)")
     parser.add_argument("--repeats", type=int, default=GRID_REPEATS, help="timed fits per side and cell (median)")
     parser.add_argument("--n", type=int, nargs="*", default=GRID_NS)
     parser.add_argument("--d", type=int, nargs="*", default=GRID_DS)
     parser.add_argument("--k", type=int, nargs="*", default=GRID_KS)
+    parser.add_argument("--cells", nargs="+", metavar="N,D,K",
+                        help="only these cells (instead of the --n x --d x --k product), e.g. 10000,16,10")
+    parser.add_argument("--threads", type=int, help="threads for both sides (default: torch's, all cores); 1 "
+                        "compares the single-thread paths when other work keeps a core busy")
     args = parser.parse_args()
-    cells = [(n, d, k) for n in args.n for d in args.d for k in args.k]
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.cells:
+        try:
+            cells = [tuple(int(v) for v in c.split(",")) for c in args.cells]
+        except ValueError:
+            parser.error(f"--cells takes N,D,K triples of integers, got {args.cells}")
+        if any(len(c) != 3 or min(c) < 1 for c in cells):
+            parser.error(f"--cells takes N,D,K triples of positive integers, got {args.cells}")
+    else:
+        cells = [(n, d, k) for n in args.n for d in args.d for k in args.k]
+        args.out = args.out or "benchmarks/results/cpu-kmeans-grid.md"
+        args.json = args.json or "benchmarks/results/parts/cpu-kmeans-grid.json"
     grid_cell(2000, 16, 10, repeats=1)  # warm-up: first calls load the kernels
     rows = []
     for n, d, k in tqdm(cells, desc="k-means CPU grid"):
         rows.append(grid_cell(n, d, k, repeats=args.repeats))
         tqdm.write(json.dumps(rows[-1]))
     command = "python -m benchmarks.bench_kmeans " + " ".join(sys.argv[1:])
-    with open(args.out, "w") as f:
-        f.write(grid_table(rows, command, device_name(False), args.repeats))
-    with open(args.json, "w") as f:
-        json.dump({"command": command, "torch": torch.__version__, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out} and {args.json}")
+    table = grid_table(rows, command, device_name(False), args.repeats)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+        print(f"wrote {args.out}")
+    else:
+        print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "torch": torch.__version__, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
