@@ -401,7 +401,7 @@ class KMeans:
             # one, the same bits as the float64 division below rounded to float32, in 3 ops, not 6
             new = sums / counts.clamp_min(1)[:, None]
         else:
-            new = (sums.double() / counts.clamp_min(1e-300)[:, None].double()).to(self._cdtype)
+            new = (sums.double() / counts.double().clamp_min(1e-300)[:, None]).to(self._cdtype)
         return torch.where(filled, new, centers)
 
     def _reseed_empty(self, x, centers, labels, dist, sums, counts, weights):

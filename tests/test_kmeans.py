@@ -580,3 +580,13 @@ def test_no_warning_when_every_cluster_is_found():
         warnings.simplefilter("error", ConvergenceWarning)
         km = cx.KMeans(4, seed=0).fit(x)
     assert torch.unique(km.labels_).numel() == 4
+
+
+def test_float64_means_keep_counts_beyond_float32():
+    # int64 counts went through float32 on the float64 path: 2**24 + 1 points read as 2**24
+    km = cx.KMeans(2)
+    km._cdtype = torch.float64
+    n = 2**24 + 1
+    sums = torch.tensor([[float(n) * 3.0], [5.0]], dtype=torch.float64)
+    means = km._means(torch.zeros(2, 1, dtype=torch.float64), sums, torch.tensor([n, 0]))
+    assert means.tolist() == [[3.0], [0.0]]
