@@ -483,7 +483,8 @@ class KMeans:
         return centers, labels, inertia, it + 1
 
     def _column_sums(self, x: torch.Tensor, squares: bool) -> tuple[torch.Tensor, int]:
-        """Per-feature sums of x's (prepared) chunks, of squares if `squares`: float64 [d], and n.
+        """Per-feature sums of x's (prepared) chunks, float64 [1, d]; with `squares` [2, d], the sums
+        of squares as row 1, taken in the same pass over x; and n.
 
         Blocks of 65536 rows are summed in x's dtype, as a product with a row of ones (a BLAS
         matrix-vector product: ~30x faster than torch's column sums at d = 16 on the CPU, which took
@@ -497,10 +498,13 @@ class KMeans:
                 off = torch.autocast(block.device.type, enabled=False) \
                     if torch.is_autocast_enabled(block.device.type) else contextlib.nullcontext()
                 with off:
-                    part = (ones @ (block * block if squares else block))[0].double()
+                    part = ones @ block
+                    if squares:
+                        part = torch.cat([part, ones @ (block * block)])
+                part = part.double()
                 total = part if total is None else total + part
                 n += block.shape[0]
-        if self._shards is not None:
+        if self._shards is not None:  # one collective for both rows (added elementwise in rank order)
             return self._shards.sum(total), self._shards.total
         return total, n
 
@@ -508,6 +512,7 @@ class KMeans:
         """float64 per-feature mean of raw x, checking on the way that x is finite (a NaN/Inf makes
         a sum non-finite; a non-finite sum of finite values, an overflow, is told apart exactly)."""
         total, n = self._column_sums(x, squares=False)
+        total = total[0]
         if not bool(torch.isfinite(total).all()):
             self._check_finite(x)
         return total / n
@@ -515,8 +520,7 @@ class KMeans:
     def _mean_variance(self, x: torch.Tensor) -> float:
         """Mean per-feature variance of prepared x (centred for euclidean: no cancellation), the
         scale of scikit-learn's tol."""
-        s1, n = self._column_sums(x, squares=False)
-        s2, _ = self._column_sums(x, squares=True)
+        (s1, s2), n = self._column_sums(x, squares=True)
         return float((s2 / n - (s1 / n) ** 2).clamp_min(0).mean())
 
     def _check_finite(self, x: torch.Tensor) -> None:
