@@ -78,11 +78,7 @@ class NTXentLoss(torch.nn.Module):
                                 return_cos=True, validate=validate)
         start = sum(sizes[: distributed.rank()])
         cos = cos[start : start + z1.shape[0]]  # this rank's pairs, in the order of its index
-        if tracker is not None:
-            tracker.record(index, **{ops.loss_family.SCORE_METRIC: cos})
-        elif scores is not None:
-            ops.score_scatter_add_(scores, index, cos, validate=validate)
-        return (loss, cos) if return_cos else loss
+        return ops.loss_family.finish(loss, cos, index, tracker, scores, validate, return_cos)
 
     def extra_repr(self) -> str:
         extra = ", gather_distributed=True" if self.gather_distributed else ""
@@ -356,7 +352,7 @@ class PotentialMiningLoss(_KeyQueue, torch.nn.Module):
             options = self.options
             rows = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 2 else 0  # (else the op says why)
             if 2 <= rows and 2 * rows - 2 < self.n_mined:  # a short last batch mines what it has
-                options = {**options, "n_mined": 2 * q.shape[0] - 2}
+                options = {**options, "n_mined": 2 * rows - 2}
             return ops.potential_mining(q, k, None, self.temperature, reduction=self.reduction, index=index,
                                         tracker=tracker, scores=scores, return_cos=return_cos, validate=validate,
                                         **options)

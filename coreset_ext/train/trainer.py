@@ -673,7 +673,7 @@ class Trainer:
             self.epoch += 1
             if self.world > 1:  # every rank's examples: the epoch's figures and the scores
                 totals = torch.tensor([total, float(css), seen], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(totals)
+                distributed.all_reduce_(totals)
                 total, css, seen = totals.tolist()
                 self.tracker.sync()
             seconds, css = time.perf_counter() - t0, float(css)
