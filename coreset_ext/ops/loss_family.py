@@ -104,12 +104,13 @@ def choose_backend(op: str, x: torch.Tensor, requested: str | None) -> str:
 
 def run_loss(custom_op, eager: type[torch.autograd.Function], args: tuple, reduction: str):
     """(loss, positive cosines) of a loss op: its custom op under torch.compile, which traces it
-    through the fake kernel, and otherwise its eager Function, which reduces inside the node."""
+    through the fake kernel, and otherwise its eager Function, which reduces inside the node.
+    Outputs 0 and 2 are the rows and the cosines; any after them (mining's selection) are dropped."""
     if torch.compiler.is_compiling():
-        rows, _, cos = custom_op(*args)
-        return reference.reduce_loss(rows, reduction), cos
-    loss, _, cos = eager.apply(*args, reduction)
-    return loss, cos
+        out = custom_op(*args)
+        return reference.reduce_loss(out[0], reduction), out[2]
+    out = eager.apply(*args, reduction)
+    return out[0], out[2]
 
 
 def finish(loss, cos, index, tracker, scores, validate, return_cos: bool):

@@ -32,7 +32,7 @@ from coreset_ext._validation import (
     is_real,
 )
 from coreset_ext.ops.loss_family import (
-    as_dtype, check_alike, check_loss_args, check_rows, choose_backend, eager_function, finish, unaliased,
+    as_dtype, check_alike, check_loss_args, check_rows, choose_backend, eager_function, finish, run_loss, unaliased,
 )
 from coreset_ext.ops.similarity import TOPK_TRITON_MAX_K
 
@@ -109,11 +109,7 @@ def potential_mining(
             raise ValueError(f"n_mined={n_mined} is above {TOPK_TRITON_MAX_K - 1}, the most backend='triton' serves")
         chosen = "reference"
     args = (q, k, queue, t, int(n_mined), *options, chosen)
-    if torch.compiler.is_compiling():
-        rows, _, cos, *_ = torch.ops.coreset_ext.potential_mining_rows(*args)
-        loss = reference.reduce_loss(rows, reduction)
-    else:
-        loss, _, cos, *_ = _PotentialMiningRows.apply(*args, reduction)
+    loss, cos = run_loss(torch.ops.coreset_ext.potential_mining_rows, _PotentialMiningRows, args, reduction)
     return finish(loss, cos, index, tracker, scores, validate, return_cos)
 
 
