@@ -197,14 +197,13 @@ def _mined_logits(x, inv, cand, inv_c, index):
     return torch.linalg.vecdot(x.float()[:, None, :], picked) * inv[:, None] * inv_c[index]
 
 
-def _launch(kernel, x, inv, cand, inv_c, n_pairs, paired, args, const, backward=False):
+def _launch(kernel, x, inv, cand, inv_c, paired, args, backward=False):
     n, d = x.shape
     bm, bn, nw, ns = tiles(d, x.device, x.dtype, backward)
     splits = column_splits(n, cand.shape[0], bm, bn, x.device)
     kernel[(cdiv(n, bm), splits)](x, inv, cand, inv_c, *args(splits), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(d),
                                   PAIRED=paired, PRECISION=contrastive.exact_precision(x.dtype, d), num_warps=nw,
-                                  num_stages=ns, **const)
-    return splits
+                                  num_stages=ns)
 
 
 @on_tensor_device
@@ -230,7 +229,7 @@ def potential_mining_fwd(q, k, queue, temperature: float, n_mined: int, weightin
         parts["l"] = torch.empty(splits, n, device=x.device, dtype=torch.float32)
         return lo_u, hi_u, parts["m"], parts["l"], n, b, cand.shape[0], d, x.stride(0), cand.stride(0), 1.0 / temperature
 
-    _launch(_band_lse_kernel, x, inv, cand, inv_c, b, paired, buffers, {})
+    _launch(_band_lse_kernel, x, inv, cand, inv_c, paired, buffers)
     band_lse = torch.logsumexp((parts["m"] + torch.log2(parts["l"])) * LN2.value, dim=0)  # over the splits
     s = _mined_logits(x, inv, cand, inv_c, index)
     outside = (alpha > 0) & ~((s >= lo[:, None]) & (s <= hi[:, None]))  # mined positives the band left out
@@ -260,7 +259,7 @@ def potential_mining_bwd(grad_rows, q, k, queue, lse, index, alpha, edges, tempe
         return (ch, lo_u, hi_u, lse, g, slots["acc"], n, b, cand.shape[0], d, x.stride(0), cand.stride(0),
                 ch.stride(0), inv_t)
 
-    _launch(_band_bwd_kernel, x, inv, cand, inv_c, b, paired, buffers, {}, backward=True)
+    _launch(_band_bwd_kernel, x, inv, cand, inv_c, paired, buffers, backward=True)
     grad = slots["acc"].sum(dim=0)  # the band's sum_j w_ij chat_j, splits added in order
     # the positives: the view's term and the mined positives' (their band terms came from the tiles)
     xh = x.float() * inv[:, None]
