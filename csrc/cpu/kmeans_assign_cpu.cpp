@@ -130,11 +130,7 @@ struct Scratch {
 // function compiled for AVX-512, AVX2 and the x86-64 baseline, the loader picking one for the CPU it
 // runs on (GCC function multiversioning): the wheel stays portable, the loops are not held to SSE2,
 // and the helpers below are inlined into it (no call per row).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define KMEANS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KMEANS_CLONES
-#endif
+// (KMEANS_CLONES: kmeans_ranges.h)
 #define KMEANS_INLINE inline __attribute__((always_inline))
 
 constexpr int kLanes = 16;  // independent accumulators / argmin lanes: one AVX-512 float register
@@ -374,7 +370,7 @@ KMEANS_SHIFTED(double)
 // symbols, at::mm_out serves. BLAS is column-major: dots^T [k, m] = (c' as [d, k])^T . (rows as [d, m]).
 template <typename scalar_t>
 void block_products(const scalar_t* c, const scalar_t* rows, int64_t m, int64_t k, int64_t k_pad, int64_t d,
-                    scalar_t* dots, const at::Tensor& rows_t, Scratch& scratch) {
+                    scalar_t* dots, const at::Tensor& rows_src, int64_t row0, Scratch& scratch) {
   const int bm = static_cast<int>(m), bk = static_cast<int>(k), bd = static_cast<int>(d);
   const int ldc = static_cast<int>(k_pad);
   const char trans = 'T', plain = 'N';
@@ -392,7 +388,7 @@ void block_products(const scalar_t* c, const scalar_t* rows, int64_t m, int64_t 
     }
   }
   at::Tensor out = scratch.dots.narrow(0, 0, m).narrow(1, 0, k);
-  at::mm_out(out, rows_t, scratch.c_t);
+  at::mm_out(out, rows_src.narrow(0, row0, m), scratch.c_t);  // the view only where it is used
 }
 
 // Labels and (with `dst`) distances of rows [s, e) (e - s <= kRowsPerBlock); with `sums` ([k, d])
@@ -416,8 +412,7 @@ void assign_rows(const Prepared& p, bool cosine, int64_t s, int64_t e, Scratch& 
                 rp, cp, xp, m, d, cosine, lab + s, sp, dst == nullptr ? nullptr : dst + s, sums, cnt);
     return;
   }
-  block_products<scalar_t>(cp, rp, m, k, p.k_pad, d, sp, p.shifted ? scratch.rows.narrow(0, 0, m) : p.xc.narrow(0, s, m),
-                           scratch);
+  block_products<scalar_t>(cp, rp, m, k, p.k_pad, d, sp, p.shifted ? scratch.rows : p.xc, p.shifted ? 0 : s, scratch);
   // the padded score columns stay 0 (never written): +inf + alpha * 0 is never the minimum
   finish_block(sp, p.c_sq_pad.data_ptr<scalar_t>(), static_cast<scalar_t>(p.alpha), rp, cp, xp, m, p.k_pad, d, cosine,
                lab + s, dst == nullptr ? nullptr : dst + s, sums, cnt);

@@ -34,18 +34,18 @@ constexpr int64_t kMinRanges = 8;
 // acc += row, in acc's dtype. float and double rows have AVX-512/AVX2/baseline bodies chosen at load
 // time (GCC function multiversioning: the wheel stays portable); float16/bfloat16 rows a plain loop.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define KMEANS_RANGES_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define KMEANS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
-#define KMEANS_RANGES_CLONES
+#define KMEANS_CLONES
 #endif
 template <typename acc_t, typename scalar_t>
 inline void add_row(acc_t* acc, const scalar_t* row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<acc_t>(row[j]);
 }
-KMEANS_RANGES_CLONES static void add_row(double* acc, const float* row, int64_t d) {
+KMEANS_CLONES static void add_row(double* acc, const float* row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
 }
-KMEANS_RANGES_CLONES static void add_row(double* acc, const double* row, int64_t d) {
+KMEANS_CLONES static void add_row(double* acc, const double* row, int64_t d) {
   for (int64_t j = 0; j < d; ++j) acc[j] += row[j];
 }
 

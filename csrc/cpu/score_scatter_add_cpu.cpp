@@ -22,6 +22,14 @@ static void scatter_add_kernel(float* scores, int64_t n, const index_t* index,
   }
 }
 
+// index and values of either kernel: 1-D, equal length, int32/int64 indices.
+static void check_index_values(const char* op, const at::Tensor& index, const at::Tensor& values) {
+  TORCH_CHECK(index.dim() == 1 && values.dim() == 1 && index.numel() == values.numel(), op,
+              ": index and values must be 1-D of equal length, got ", index.sizes(), " and ", values.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, op,
+              ": index must be int32 or int64");
+}
+
 void score_scatter_add_cpu(at::Tensor& scores, const at::Tensor& index, const at::Tensor& values,
                            bool deterministic) {
   (void)deterministic;  // the CPU kernel is always deterministic
@@ -30,11 +38,7 @@ void score_scatter_add_cpu(at::Tensor& scores, const at::Tensor& index, const at
   TORCH_CHECK(scores.scalar_type() == at::kFloat, "score_scatter_add_: scores must be float32");
   TORCH_CHECK(scores.dim() == 1 && scores.is_contiguous(),
               "score_scatter_add_: scores must be a contiguous 1-D tensor");
-  TORCH_CHECK(index.dim() == 1 && values.dim() == 1 && index.numel() == values.numel(),
-              "score_scatter_add_: index and values must be 1-D of equal length, got ",
-              index.sizes(), " and ", values.sizes());
-  TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong,
-              "score_scatter_add_: index must be int32 or int64");
+  check_index_values("score_scatter_add_", index, values);
   const at::Tensor idx = index.contiguous();
   const at::Tensor val = values.contiguous();
   float* out = scores.data_ptr<float>();
@@ -82,11 +86,7 @@ void score_scatter_add_screened_cpu(at::Tensor& scores, const at::Tensor& index,
   TORCH_CHECK(flags.scalar_type() == at::kLong && flags.dim() == 1 && flags.numel() >= 3 &&
                   flags.is_contiguous(),
               "score_scatter_add_screened_cpu: flags must be a contiguous int64 tensor of at least 3");
-  TORCH_CHECK(index.dim() == 1 && values.dim() == 1 && index.numel() == values.numel(),
-              "score_scatter_add_screened_cpu: index and values must be 1-D of equal length, got ",
-              index.sizes(), " and ", values.sizes());
-  TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong,
-              "score_scatter_add_screened_cpu: index must be int32 or int64");
+  check_index_values("score_scatter_add_screened_cpu", index, values);
   const at::Tensor idx = index.contiguous();
   const at::Tensor val = values.contiguous();
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "score_scatter_add_screened_cpu", [&] {
