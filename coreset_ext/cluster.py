@@ -349,6 +349,25 @@ class KMeans:
             sums, counts = self._shards.sum(sums), self._shards.sum(counts)
         return labels, dist, sums, counts
 
+    def _own_distances(self, x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """float32 [n] distance of every row of x to the centroid it was assigned, on x's device: what
+        re-seeding ranks points by. The labels are this pass's nearest centroids, so these are the
+        assignment's distances, in O(n d) instead of a second assignment pass (a GEMM over every
+        centroid: at n = 10k, d = 256, k = 1000 it made a 5-iteration fit 7 passes to scikit-learn's 6)."""
+        dist = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        acc = torch.float64 if self._cdtype == torch.float64 else torch.float32
+        c = centers.to(acc)
+        for s, xc in self._chunks(x):
+            for b in range(0, xc.shape[0], 1 << 16):
+                xb = xc[b : b + (1 << 16)].to(acc)
+                own = c.index_select(0, labels[s + b : s + b + xb.shape[0]].to(c.device))
+                if self.metric == "cosine":  # rows and centroids are unit vectors here
+                    d = 1 - (xb * own).sum(1)
+                else:
+                    d = own.sub_(xb).square_().sum(1)
+                dist[s + b : s + b + xb.shape[0]] = d.to(dist.device, torch.float32)
+        return dist
+
     def _rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x[idx] as rows of the centroid dtype on the compute device, prepared as in memory."""
         rows = x[idx.to(x.device)].to(self._device)
@@ -459,7 +478,7 @@ class KMeans:
             emptied = n_empty > 0
             if n_empty:
                 if dist is None:
-                    dist = self._pass(x, centers, update=False)[1]
+                    dist = self._own_distances(x, centers, labels)
                 new = self._reseed_empty(x, centers, labels, dist, sums, counts, weights)
                 shift = float(((new - centers) ** 2).sum())
             centers = new

@@ -369,6 +369,29 @@ def test_empty_cluster_reseeded_from_farthest_point():
     assert bool((torch.bincount(km.labels_, minlength=4) > 0).all())
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("batch_size", [None, 70])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_several_empty_clusters_take_the_farthest_points(metric, batch_size, weighted):
+    """Three clusters empty after the first assignment take, in index order, the three points
+    farthest from the centroid they were assigned (float64 reference distances), whichever way
+    the fit gets those distances (in memory or streamed, weighted or not)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(400, 5, generator=g) + 0.1  # positive orthant
+    x[:8] *= torch.linspace(2, 9, 8)[:, None]  # a spread of distances, no ties at the top
+    init = x[torch.randperm(400, generator=g)[:7]].clone()
+    empty = [1, 3, 6]
+    init[empty] = -torch.rand(3, 5, generator=g) - 5.0  # no point is nearest to these (cosine < 0 too)
+    w = torch.rand(400, generator=g) + 0.5 if weighted else None
+    km = cx.KMeans(7, init=init, max_iter=1, metric=metric, batch_size=batch_size).fit(x, sample_weight=w)
+    _, dist0 = reference.kmeans_assign(x.double(), init.double(), metric=metric)
+    far = torch.sort(dist0, descending=True, stable=True).indices[:3]
+    want = x[far].double()
+    if metric == "cosine":
+        want = reference.normalize(want)
+    torch.testing.assert_close(km.cluster_centers_[empty].double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
