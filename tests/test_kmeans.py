@@ -392,6 +392,23 @@ def test_several_empty_clusters_take_the_farthest_points(metric, batch_size, wei
     torch.testing.assert_close(km.cluster_centers_[empty].double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("batch_size", [None, 90])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_converged_fit_labels_and_inertia_match_its_centroids(metric, batch_size, weighted):
+    """A fit that stops because no label changed keeps its last labels and takes their distances
+    to the final centroids (no last assignment pass): both must still be exactly what an
+    assignment against cluster_centers_ gives (float64 reference)."""
+    x, _ = _blobs(700, 5, 6, seed=12, spread=3.0, std=1.0)
+    w = torch.rand(700, generator=torch.Generator().manual_seed(3)) + 0.2 if weighted else None
+    km = cx.KMeans(5, metric=metric, seed=2, max_iter=300, tol=0.0, batch_size=batch_size).fit(x, sample_weight=w)
+    assert km.n_iter_ < 300  # stopped on unchanged labels
+    labels, dist = reference.kmeans_assign(x.double(), km.cluster_centers_.double(), metric=metric)
+    assert torch.equal(km.labels_, labels)
+    want = float((dist * (1 if w is None else w.double())).sum())
+    assert km.inertia_ == pytest.approx(want, rel=1e-5)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
