@@ -15,7 +15,7 @@ import math
 import sys
 import warnings
 import zlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -95,6 +95,23 @@ def _output(t: torch.Tensor, as_torch: bool, device: torch.device, dtype: torch.
     return t.cpu().numpy()
 
 
+# Lloyd iterations queued on an accelerator between two reads of their decisions (KMeans._check_every)
+CHECK_EVERY = 4
+
+
+class _LloydStep(NamedTuple):
+    """One queued Lloyd iteration: from `centers`, the pass's labels, distances (or None), sums and
+    counts, the means `new`, and `decisions` [n_empty, shift, changed] (float64, on the device)."""
+
+    centers: torch.Tensor
+    labels: torch.Tensor
+    dist: torch.Tensor | None
+    sums: torch.Tensor
+    counts: torch.Tensor
+    new: torch.Tensor
+    decisions: torch.Tensor
+
+
 class KMeans:
     """k-means clustering (Lloyd) with scikit-learn's estimator API, on torch tensors or numpy arrays.
 
@@ -155,6 +172,12 @@ class KMeans:
     clusters in index order, and are removed from the clusters they came from). Fewer distinct
     points than clusters (e.g. all points identical) is not an error: the fit ends with some
     clusters empty (an identical data set gives one non-empty cluster) and a ConvergenceWarning.
+
+    Synchronisation: on a GPU, in-memory fits queue CHECK_EVERY (4) Lloyd iterations and read
+    their decisions (empty clusters? centroid shift? any label changed?) in one host
+    synchronisation; the iterations queued past the one that stops are dropped, so centroids,
+    labels and n_iter_ are those of reading every iteration. CPU, verbose, distributed and
+    streamed (batch_size) fits read every iteration.
 
     Bad input raises ValueError naming the argument: n_clusters < 1 or > n_samples, NaN/Inf
     entries, no features or no samples, non-2-D input; TypeError for sparse matrices.
@@ -443,54 +466,79 @@ class KMeans:
         # a cluster emptied by giving its only point away keeps its previous centroid
         return self._means(centers, sums, counts)
 
+    def _check_every(self, x: torch.Tensor, verbose: bool) -> int:
+        """Lloyd iterations queued between two reads of their decisions on the host. On an
+        accelerator a read is a synchronisation: the host waits for the device, and the device then
+        idles while the host launches the next iteration; reading every CHECK_EVERY iterations
+        keeps both busy, at the cost of at most CHECK_EVERY - 1 iterations computed past the one
+        that converged (discarded: the result is the same). On the CPU a read costs nothing, and
+        the progress bar, sharded fits (a collective per iteration) and data streamed from the CPU
+        read every iteration."""
+        if x.device.type == "cpu" or verbose or self._shards is not None:
+            return 1
+        return CHECK_EVERY
+
+    def _step(self, x, centers, labels_old, weights, distance: bool) -> "_LloydStep":
+        """One Lloyd iteration on the device, its decisions (empty clusters, squared centroid shift,
+        whether a label changed) left there as one float64 [3] tensor."""
+        labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights, distance=distance)
+        new = self._means(centers, sums, counts)
+        # (labels live on x's device, which streaming with batch_size leaves on the CPU)
+        if labels_old is None:
+            moved = True
+        elif labels.device.type == "cpu":  # one pass, no [n] temporary: half the time of ne().any()
+            moved = not torch.equal(labels, labels_old)
+        else:
+            moved = labels.ne(labels_old).any()
+        if self._shards is not None:
+            moved = self._shards.any(moved)  # a label changed on some rank
+        moved = torch.tensor(float(moved), dtype=torch.float64) if isinstance(moved, bool) else moved
+        decisions = torch.stack([(counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64),
+                                 moved.to(counts.device, torch.float64)])
+        return _LloydStep(centers, labels, dist, sums, counts, new, decisions)
+
     def _lloyd(self, x, centers, tol, run, weights):
         bar = None
         if self.verbose:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_iter, desc=f"KMeans run {run}", leave=True)
-        labels_old = None
-        strict = False
+        check_every = self._check_every(x, bar is not None)
+        labels_old = labels = dist = None
+        strict = stop = False
         emptied = False  # did the last iteration leave a cluster empty?
         it = 0
-        for it in range(self.max_iter):
-            # distances only where this iteration may read them: verbose, or re-seeding, which tends
-            # to recur (else it takes them in a pass of its own)
-            labels, dist, sums, counts = self._pass(x, centers, update=True, weights=weights,
-                                                    distance=bar is not None or emptied)
-            new = self._means(centers, sums, counts)
-            # The iteration's three decisions (empty clusters? how far did the centroids move?
-            # did any label change?) cross to the host together: one synchronisation, not three.
-            # (labels live on x's device, which streaming with batch_size leaves on the CPU)
-            if labels_old is None:
-                moved = True
-            elif labels.device.type == "cpu":  # one pass, no [n] temporary: half the time of ne().any()
-                moved = not torch.equal(labels, labels_old)
-            else:
-                moved = labels.ne(labels_old).any()
-            if self._shards is not None:
-                moved = self._shards.any(moved)  # a label changed on some rank
-            decisions = [(counts == 0).sum().to(torch.float64), ((new - centers) ** 2).sum().to(torch.float64)]
-            if isinstance(moved, bool):  # known on the host already (CPU labels, or the ranks' vote)
-                (n_empty, shift), changed = torch.stack(decisions).tolist(), moved
-            else:
-                n_empty, shift, changed = torch.stack(decisions + [moved.to(counts.device, torch.float64)]).tolist()
-            emptied = n_empty > 0
-            if n_empty:
-                if dist is None:
-                    dist = self._own_distances(x, centers, labels)
-                new = self._reseed_empty(x, centers, labels, dist, sums, counts, weights)
-                shift = float(((new - centers) ** 2).sum())
-            centers = new
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(inertia=f"{_inertia(dist, weights):.6g}", shift=f"{shift:.3g}")
-            if not changed:
-                strict = True  # labels unchanged: the centroids cannot move any more
-                break
-            if shift <= tol:
-                break
-            labels_old = labels
+        while it < self.max_iter and not stop:
+            # queue iterations on the device, each from the last one's centroids
+            steps = []
+            for _ in range(min(check_every, self.max_iter - it)):
+                # distances only where this iteration may read them: verbose, or re-seeding, which
+                # tends to recur (else it takes them in a pass of its own)
+                prev = steps[-1] if steps else None
+                steps.append(self._step(x, centers if prev is None else prev.new,
+                                        labels_old if prev is None else prev.labels, weights,
+                                        distance=bar is not None or emptied))
+            # their decisions cross to the host together: one synchronisation per window
+            for step, (n_empty, shift, changed) in zip(steps, torch.stack([s.decisions for s in steps]).tolist()):
+                it += 1
+                labels, dist, new = step.labels, step.dist, step.new
+                emptied = n_empty > 0
+                if n_empty:
+                    if dist is None:
+                        dist = self._own_distances(x, step.centers, labels)
+                    new = self._reseed_empty(x, step.centers, labels, dist, step.sums, step.counts, weights)
+                    shift = float(((new - step.centers) ** 2).sum())
+                centers = new
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(inertia=f"{_inertia(dist, weights):.6g}", shift=f"{shift:.3g}")
+                if not changed:
+                    strict = stop = True  # labels unchanged: the centroids cannot move any more
+                elif shift <= tol:
+                    stop = True
+                labels_old = labels
+                if stop or n_empty:
+                    break  # the iterations queued after this one started from other centroids: dropped
         if not strict:
             # assign against the final centroids so labels_ and inertia_ match cluster_centers_
             labels, dist, _, _ = self._pass(x, centers, update=False)
@@ -503,7 +551,7 @@ class KMeans:
         inertia = _inertia(dist, weights)
         if self._shards is not None:
             inertia = float(self._shards.sum(torch.tensor(inertia, dtype=torch.float64, device=self._device)))
-        return centers, labels, inertia, it + 1
+        return centers, labels, inertia, it
 
     def _column_sums(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Per-feature sums of x's (prepared) chunks, float64 [d], and n (over every rank, sharded).

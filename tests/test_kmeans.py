@@ -409,6 +409,49 @@ def test_converged_fit_labels_and_inertia_match_its_centroids(metric, batch_size
     assert km.inertia_ == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("case", ["strict", "tol", "max_iter", "empty", "weighted", "cosine", "n_init"])
+def test_queued_iterations_give_the_per_iteration_result(monkeypatch, case):
+    """On an accelerator KMeans queues CHECK_EVERY Lloyd iterations between two reads of their
+    decisions (one host synchronisation per window). Forced here on the CPU with windows of 3:
+    centroids, labels, inertia and n_iter_ must equal, bit for bit, the fit that reads every
+    iteration, whether it stops mid-window (unchanged labels, tol), at max_iter, or re-seeds an
+    empty cluster mid-window; the window queues 3 iterations and drops those past the stop."""
+    x, _ = _blobs(900, 6, 5, seed=21, spread=2.0, std=1.0)
+    params = dict(n_clusters=6, random_state=4, tol=0.0, max_iter=300)
+    fit_kw = {}
+    if case == "tol":
+        params["tol"] = 1e-3
+    elif case == "max_iter":
+        params["max_iter"] = 7
+    elif case == "empty":
+        init = x[:6].clone()
+        init[[1, 4]] = 1e3  # empty from the first iteration: re-seeded mid-window
+        params["init"] = init
+    elif case == "weighted":
+        fit_kw["sample_weight"] = torch.rand(900, generator=torch.Generator().manual_seed(8)) + 0.1
+    elif case == "cosine":
+        params["metric"] = "cosine"
+    elif case == "n_init":
+        params.update(n_init=3, init="random")
+    every = cx.KMeans(**params).fit(x, **fit_kw)
+    steps = []
+    original = cx.KMeans._step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cx.KMeans, "_check_every", lambda self, x, verbose: 3)
+    monkeypatch.setattr(cx.KMeans, "_step", counted)
+    queued = cx.KMeans(**params).fit(x, **fit_kw)
+    assert torch.equal(queued.cluster_centers_, every.cluster_centers_)
+    assert torch.equal(queued.labels_, every.labels_)
+    assert queued.inertia_ == every.inertia_ and queued.n_iter_ == every.n_iter_
+    if case in ("strict", "tol", "max_iter"):
+        window_sizes = [min(3, params["max_iter"] - s) for s in range(0, queued.n_iter_, 3)]
+        assert len(steps) == sum(window_sizes)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
