@@ -71,7 +71,12 @@ def _as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
             arr = arr.astype(np.float64)
         if arr.dtype.kind != "f":
             raise ValueError(f"{name} must hold numbers, got an array of dtype {arr.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        with warnings.catch_warnings():
+            # a read-only array (np.load(mmap_mode="r"), a memmap of embeddings) warns that torch cannot
+            # protect it; KMeans only reads x (centring and normalising write to copies)
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(arr)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {tuple(x.shape)}. Reshape your "
                          "data: x.reshape(-1, 1) for a single feature, x.reshape(1, -1) for a single sample")

@@ -260,3 +260,20 @@ def test_identical_points_one_cluster_and_a_warning(metric):
         km = cx.KMeans(4, random_state=0, metric=metric).fit(x)
     assert np.unique(km.labels_).size == 1
     assert np.isfinite(km.cluster_centers_).all() and km.inertia_ == pytest.approx(0.0, abs=1e-5)
+
+
+def test_read_only_input_is_read_without_a_warning(tmp_path):
+    """Embeddings memory-mapped read-only (np.load(mmap_mode="r")) cluster as the same array in
+    memory, x untouched and no warning from torch about a non-writable array."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, (60, 3)), rng.normal(9, 1, (60, 3))]).astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        km = cx.KMeans(2, random_state=0).fit(mapped)
+        labels = km.predict(mapped)
+    ref = cx.KMeans(2, random_state=0).fit(x.copy())
+    np.testing.assert_array_equal(km.labels_, ref.labels_)
+    np.testing.assert_array_equal(labels, ref.labels_)
+    np.testing.assert_array_equal(np.asarray(mapped), x)
