@@ -361,7 +361,10 @@ class KMeans:
                 w = weights[s : s + xc.shape[0]]
                 lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric, validate=False)
                 sc, _ = ops.kmeans_update(xc * w[:, None].to(xc.dtype), lab, k, validate=False)
-                cc = torch.bincount(lab, weights=w.double(), minlength=k)
+                if lab.device.type == "cpu":
+                    cc = torch.bincount(lab, weights=w.double(), minlength=k)
+                else:  # bincount sizes its output from the labels' maximum: a host synchronisation
+                    cc = ops.kmeans_update(w.double()[:, None], lab, k, validate=False)[0][:, 0]
             else:
                 lab, dst = ops.kmeans_assign(xc, centers, metric=self.metric, validate=False)
             if update:

@@ -615,6 +615,40 @@ def test_kmeans_cuda_seed_stream_and_sklearn(metric):
         assert abs(ours.inertia_ - ref.inertia_) <= 0.01 * ref.inertia_
 
 
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_cuda_queued_iterations_equal_per_iteration(monkeypatch, metric):
+    """On the GPU a fit reads its decisions every CHECK_EVERY iterations: the same centroids,
+    labels and n_iter_ as reading every one, with re-seeding mid-window and a stop mid-window."""
+    x, _ = _blobs(30_000, 24, 16, seed=9, spread=2.0, std=1.0)
+    init = x[:24].clone()
+    init[[3, 11]] = 1e3  # empty after the first iteration
+    x, init = x.cuda(), init.cuda()
+    queued = cx.KMeans(24, init=init, metric=metric, tol=0.0).fit(x)
+    monkeypatch.setattr(cx.KMeans, "_check_every", lambda self, x, verbose: 1)
+    every = cx.KMeans(24, init=init, metric=metric, tol=0.0).fit(x)
+    assert queued.n_iter_ == every.n_iter_
+    assert torch.equal(queued.cluster_centers_, every.cluster_centers_)
+    assert torch.equal(queued.labels_, every.labels_)
+    assert queued.inertia_ == every.inertia_
+
+
+@pytest.mark.cuda
+@cuda
+def test_kmeans_cuda_weighted_matches_cpu():
+    """Weighted fits on the GPU (weights summed per cluster by the deterministic update kernel,
+    not bincount, which synchronises) follow the CPU's from the same centroids."""
+    x, _ = _blobs(20_000, 12, 8, seed=13, spread=3.0, std=1.0)
+    w = torch.rand(20_000, generator=torch.Generator().manual_seed(14)) * 3 + 0.1
+    init = x[:12].clone()
+    cpu = cx.KMeans(12, init=init, max_iter=15, tol=0.0).fit(x, sample_weight=w)
+    gpu = cx.KMeans(12, init=init.cuda(), max_iter=15, tol=0.0).fit(x.cuda(), sample_weight=w.cuda())
+    torch.testing.assert_close(gpu.cluster_centers_.cpu(), cpu.cluster_centers_, rtol=1e-4, atol=1e-4)
+    assert (gpu.labels_.cpu() == cpu.labels_).float().mean() > 0.999
+    assert gpu.inertia_ == pytest.approx(cpu.inertia_, rel=1e-4)
+
+
 # ------------------------------------------------------------------------- degenerate input
 
 def _poison(t, value):
