@@ -636,6 +636,33 @@ def test_kmeans_cuda_queued_iterations_equal_per_iteration(monkeypatch, metric):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_cuda_lloyd_iteration_captures_in_a_cuda_graph(metric):
+    """A queued Lloyd iteration (assignment, deterministic update, means, decisions) issues no
+    host synchronisation: it captures in a CUDA graph, and a replay gives the eager result."""
+    x, _ = _blobs(50_000, 40, 64, seed=15, spread=2.0, std=1.0)
+    x = reference.normalize(x).cuda() if metric == "cosine" else x.cuda()
+    km = cx.KMeans(40, metric=metric)
+    km._start(x)
+    centers = x[:40].clone()
+    labels_old = torch.zeros(x.shape[0], dtype=torch.int64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles and loads every kernel before the capture
+        eager = km._step(x, centers, labels_old, None, distance=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = km._step(x, centers, labels_old, None, distance=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured.labels, eager.labels)
+    assert torch.equal(captured.new, eager.new)
+    assert torch.equal(captured.decisions, eager.decisions)
+
+
+@pytest.mark.cuda
+@cuda
 def test_kmeans_cuda_weighted_matches_cpu():
     """Weighted fits on the GPU (weights summed per cluster by the deterministic update kernel,
     not bincount, which synchronises) follow the CPU's from the same centroids."""
