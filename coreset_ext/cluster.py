@@ -521,11 +521,13 @@ class KMeans:
             steps = []
             for _ in range(min(check_every, self.max_iter - it)):
                 # distances only where this iteration may read them: verbose, or re-seeding, which
-                # tends to recur (else it takes them in a pass of its own)
+                # tends to recur (else it takes them in a pass of its own). A later step of the
+                # window is resolved only if the ones before it emptied nothing, so it takes them
+                # as reading every iteration would (own distances, not the kernel's: other bits)
                 prev = steps[-1] if steps else None
                 steps.append(self._step(x, centers if prev is None else prev.new,
                                         labels_old if prev is None else prev.labels, weights,
-                                        distance=bar is not None or emptied))
+                                        distance=bar is not None or (emptied and prev is None)))
             # their decisions cross to the host together: one synchronisation per window
             for step, (n_empty, shift, changed) in zip(steps, torch.stack([s.decisions for s in steps]).tolist()):
                 it += 1

@@ -409,7 +409,8 @@ def test_converged_fit_labels_and_inertia_match_its_centroids(metric, batch_size
     assert km.inertia_ == pytest.approx(want, rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["strict", "tol", "max_iter", "empty", "weighted", "cosine", "n_init"])
+@pytest.mark.parametrize("case", ["strict", "tol", "max_iter", "empty", "weighted", "cosine", "n_init",
+                                  "empty_then_stop"])
 def test_queued_iterations_give_the_per_iteration_result(monkeypatch, case):
     """On an accelerator KMeans queues CHECK_EVERY Lloyd iterations between two reads of their
     decisions (one host synchronisation per window). Forced here on the CPU with windows of 3:
@@ -433,6 +434,12 @@ def test_queued_iterations_give_the_per_iteration_result(monkeypatch, case):
         params["metric"] = "cosine"
     elif case == "n_init":
         params.update(n_init=3, init="random")
+    elif case == "empty_then_stop":
+        # re-seeded in iteration 1 (which ends its window), labels unchanged in iteration 3 (the
+        # next window's second): that stop takes its distances as reading every iteration does
+        x, truth = _blobs(3000, 5, 8, seed=13, spread=10.0, std=1.0)
+        init = torch.stack([x[truth == j].mean(0) for j in range(5)] + [torch.full((8,), 1e3)]) + 0.3
+        params.update(init=init, metric="cosine")
     every = cx.KMeans(**params).fit(x, **fit_kw)
     steps = []
     original = cx.KMeans._step
