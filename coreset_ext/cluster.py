@@ -181,8 +181,9 @@ class KMeans:
     Synchronisation: on a GPU, in-memory fits queue CHECK_EVERY (4) Lloyd iterations and read
     their decisions (empty clusters? centroid shift? any label changed?) in one host
     synchronisation; the iterations queued past the one that stops are dropped, so centroids,
-    labels and n_iter_ are those of reading every iteration. CPU, verbose, distributed and
-    streamed (batch_size) fits read every iteration.
+    labels and n_iter_ are those of reading every iteration. CPU, verbose, distributed fits and
+    fits streaming CPU data (batch_size) read every iteration (batch_size over data already on
+    the GPU queues as in memory).
 
     Bad input raises ValueError naming the argument: n_clusters < 1 or > n_samples, NaN/Inf
     entries, no features or no samples, non-2-D input; TypeError for sparse matrices.
