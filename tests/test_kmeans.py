@@ -484,6 +484,25 @@ def test_farthest_is_a_stable_descending_sort(m):
     assert torch.equal(cx.cluster._farthest(dist, m), want)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("batch_size", [None, 300])
+def test_tol_scale_is_the_mean_feature_variance(monkeypatch, metric, batch_size):
+    """tol is relative to the mean per-feature variance of the data the fit clusters (scikit-learn's
+    rule), float64 reference: euclidean data far from the origin, and cosine rows that all point
+    one way (their squares' mean and squared mean are ~1 each and cancel if taken apart)."""
+    seen = []
+    original = cx.KMeans._mean_variance
+    monkeypatch.setattr(cx.KMeans, "_mean_variance", lambda self, x: seen.append(original(self, x)) or seen[-1])
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    if metric == "cosine":
+        x = torch.tensor([1.0, 2.0, 2.0, 0.5]) + 1e-3 * torch.randn(1000, 4, generator=g)
+    else:
+        x = 1e4 + 0.5 * torch.randn(1000, 4, generator=g)
+    cx.KMeans(3, metric=metric, tol=1e-4, batch_size=batch_size, random_state=0).fit(x)
+    rows = reference.normalize(x.double()) if metric == "cosine" else x.double()
+    assert seen[0] == pytest.approx(float(rows.var(0, unbiased=False).mean()), rel=1e-2)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
