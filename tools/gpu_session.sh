@@ -19,6 +19,7 @@
 #   kmeans-10m     k-means at n = 10M
 #   kmeans-table   issue 15's GPU table (test_kmeans_gpu: n = 1M and 10M, k = 1000 and 65,536,
 #                  with flash-kmeans, fastkmeans and fast-pytorch-kmeans) within 4 minutes
+#   issue15        k-means' CUDA tests (at most 90 s), then kmeans-table
 #   similarity     cosine row sums and top-k
 #   mining         issue 18: the mining kernels' CUDA tests (B = 1000 and 4099, 257 queries against
 #                  65,536 keys; fp32/fp16/bf16) and its loss rows against the plain losses
@@ -72,6 +73,12 @@ for step in "$@"; do
     kmeans) bench kmeans 500 "kmeans and not 10000000" ;;
     kmeans-10m) bench kmeans-10m 540 "kmeans and 10000000" ;;
     kmeans-table) bench kmeans-table 230 "test_kmeans_gpu" ;;
+    issue15)  # k-means' CUDA tests (queued iterations, CUDA-graph capture, weights, offsets), then the table
+      echo "== issue15 tests" | tee -a "$LOG"
+      timeout 90 python3 -m pytest -q -m cuda tests/test_kmeans.py tests/test_kmeans_estimator.py -p no:cacheprovider \
+        -rfE > "$OUT/issue15-tests.txt" 2>&1
+      echo "issue15 tests: rc=$?; $(tail -n 1 "$OUT/issue15-tests.txt")" | tee -a "$LOG"
+      bench kmeans-table 230 "test_kmeans_gpu" ;;
     losses-bf16) bench losses-bf16 540 "(nt_xent or info_nce) and bf16" ;;
     losses-fp32) bench losses-fp32 540 "(nt_xent or info_nce) and fp32" ;;
     scatter) bench scatter 300 "scatter" ;;
