@@ -463,13 +463,15 @@ class KMeans:
     def _reseed_empty(self, x, centers, labels, dist, sums, counts, weights):
         """Centroids after re-seeding empty clusters with the farthest points (rare: its own syncs)."""
         empty = torch.nonzero(counts == 0).flatten().tolist()
+        w = torch.ones(len(empty), dtype=torch.float64)
         if self._shards is None:
             far = _farthest(dist, len(empty))
             pts = self._rows(x, far)
             old = labels[far].to(self._device)
-        else:  # the globally farthest points, in the single-process order
+            if weights is not None:
+                w = weights[far.to(weights.device)].cpu()
+        else:  # the globally farthest points, in the single-process order (sharded fits take no weights)
             pts, old = self._shards.farthest(self, x, labels, dist, len(empty))
-        w = torch.ones(len(pts), dtype=torch.float64) if weights is None else weights[far.to(weights.device)].cpu()
         sums, counts = sums.clone(), counts.clone()
         for j, c in enumerate(empty):  # a short python loop: no float atomics, fixed order
             wj = float(w[j])
