@@ -503,6 +503,25 @@ def test_tol_scale_is_the_mean_feature_variance(monkeypatch, metric, batch_size)
     assert seen[0] == pytest.approx(float(rows.var(0, unbiased=False).mean()), rel=1e-2)
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("batch_size", [None, 7000])
+def test_tol_scale_of_tight_data_is_not_the_centres_error(monkeypatch, metric, batch_size):
+    """The centre (cosine's column means, euclidean's shift) comes from float32 column sums, off
+    by ~1e-5 of the mean at n = 20k: for rows this tight (spread 1e-4 about one point) its squared
+    error was 4 to 7 times the variance, and tol as many times too loose."""
+    seen = []
+    original = cx.KMeans._mean_variance
+    monkeypatch.setattr(cx.KMeans, "_mean_variance", lambda self, x: seen.append(original(self, x)) or seen[-1])
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.tensor([1.0, 2.0, 2.0, 0.5]) + 1e-4 * torch.randn(20_000, 4, generator=g)
+    if metric == "euclidean":
+        x = 1e4 + 5e3 * x
+    cx.KMeans(3, metric=metric, tol=1e-4, batch_size=batch_size, max_iter=1, n_init=1, init="random",
+              random_state=0).fit(x)
+    rows = reference.normalize(x.double()) if metric == "cosine" else x.double()
+    assert seen[0] == pytest.approx(float(rows.var(0, unbiased=False).mean()), rel=1e-3)
+
+
 def test_duplicate_points_more_clusters_than_distinct():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(2\) found smaller than n_clusters \(3\)"):
