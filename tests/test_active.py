@@ -70,6 +70,37 @@ def test_pool_kinds_oracle_and_what_the_learner_sees(seed):
     assert float(x.min()) >= 0 and float(x.max()) <= 1
 
 
+
+def test_pool_of_unequal_classes_keeps_them_and_blends_across_them_where_it_can(seed, monkeypatch):
+    """ID classes of 900 and 100 examples: the pool's ID part keeps both in the data's
+    proportions (a pairing that took partners first had spent every example of the small class on
+    blends), and the blends pair examples of different classes as often as the held-back
+    examples allow (at most the small class's count among the blend sources)."""
+    from coreset_ext.train.data import ArrayDataset
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.zeros(900), torch.ones(100), torch.full((300,), 2.0)]).long()
+    data = ArrayDataset(torch.rand(1300, 1, 4, 4, generator=g), y)
+    held = []
+    original = al.pool._ambiguous_sources
+
+    def spy(h, labels, n_blend):
+        out = original(h, labels, n_blend)
+        held.append((h, labels, out))
+        return out
+
+    monkeypatch.setattr(al.pool, "_ambiguous_sources", spy)
+    pool = al.make_realistic_pool(data, id_classes=[0, 1], ood_classes=[2], ambiguous_fraction=0.2,
+                                  ood_fraction=0.2, seed=seed)
+    labels, kinds = pool.oracle.label(torch.arange(len(pool.dataset)))
+    share = float((labels[kinds == 0] == 1).float().mean())
+    assert 0.05 <= share <= 0.15
+    (h, lab, (a, b, noise)), = held
+    assert sorted(torch.cat([a, b, noise]).tolist()) == sorted(h.tolist())  # each held example once
+    small = int((lab[torch.cat([a, b])] == 1).sum())
+    assert int((lab[a] != lab[b]).sum()) == min(a.numel(), small)
+
+
 def test_pool_reads_tensor_files_and_any_indexed_dataset(tmp_path, seed):
     data = labelled_images(seed)
     path = tmp_path / "pool.npz"
